@@ -1,0 +1,346 @@
+//! Arbiter: evaluates components on one shard (spec: `specs/arbiter.allium`).
+//!
+//! A sans-IO state machine: messages in ([`Arbiter::handle`]), effects out
+//! ([`Arbiter::drain_effects`]). The shard's IO shell moves messages over channels and
+//! turns effects into Ledger writes and peer messages; the simulator does the same in
+//! one thread with shuffled delivery.
+//!
+//! Ordered messages (pre-warm, run, lend, batch-end) come from the Usher and are
+//! processed strictly in arrival order. A head that cannot run yet (it touches an
+//! entity lent to a cross-shard coordinator, or it coordinates and waits for loans)
+//! holds everything behind it: simple, and it preserves per-entity log order. Control
+//! messages (lent states, write-backs) come from other shards and apply at once.
+//!
+//! No deadlock: a blocked task waits only for work of an earlier component (a
+//! write-back) or for the same component's loans, which sit at the heads of the other
+//! shards' queues once their earlier work is done. Induction on log order finishes it.
+
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
+
+use crate::domain::{Decision, Domain};
+use crate::output::{EncodedOutput, Output, Verdict};
+use crate::registrar::Registrar;
+use crate::router::{Placement, ShardId};
+use crate::usher::Event;
+
+/// Most ordered messages an Arbiter holds while its head is blocked. The IO shell
+/// stops reading its Usher channel while [`Arbiter::is_blocked`], so in practice the
+/// queue holds one batch; the bound turns a protocol bug into a loud failure.
+pub const MAX_QUEUED_MESSAGES: usize = 1 << 20;
+
+/// Owner of an entity.
+pub fn shard_of<D: Domain>(key: &D::EntityKey, shard_count: u16) -> ShardId {
+    (D::affinity_hash(key) % u64::from(shard_count)) as ShardId
+}
+
+/// Names a component: its partition and the offset of its first event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ComponentId {
+    pub partition: u32,
+    pub first_offset: u64,
+}
+
+/// Events of one batch that share entities, in log order.
+#[derive(Debug, Clone)]
+pub struct Component<D: Domain> {
+    pub id: ComponentId,
+    pub placement: Placement,
+    pub events: Vec<Event<D>>,
+}
+
+pub type EntityStates<D> = Vec<(<D as Domain>::EntityKey, <D as Domain>::State)>;
+
+#[derive(Debug, Clone)]
+pub enum ShardMessage<D: Domain> {
+    /// Ordered. Have these entities resident before the batch runs.
+    Prewarm { partition: u32, keys: Vec<D::EntityKey> },
+    /// Ordered. Evaluate the component here (its owner, or its coordinator).
+    Run(Component<D>),
+    /// Ordered. Lend these entities to `coordinator` for `component`.
+    Lend { component: ComponentId, coordinator: ShardId, keys: Vec<D::EntityKey> },
+    /// Control, lender to coordinator: the lent entities' states.
+    Lent { component: ComponentId, states: EntityStates<D> },
+    /// Control, coordinator to lender: the lent entities' states after evaluation.
+    WriteBack { component: ComponentId, states: EntityStates<D> },
+    /// Ordered. Every message of the batch ending at `last_offset` came before this.
+    BatchEnd { partition: u32, last_offset: u64 },
+}
+
+impl<D: Domain> ShardMessage<D> {
+    fn is_control(&self) -> bool {
+        matches!(self, ShardMessage::Lent { .. } | ShardMessage::WriteBack { .. })
+    }
+}
+
+#[derive(Debug)]
+pub enum ShardEffect<D: Domain> {
+    /// Deliver to another shard of this instance.
+    Send { to: ShardId, message: ShardMessage<D> },
+    /// One event's output, with the entity states it left behind (empty unless
+    /// accepted): what the Ledger appends.
+    Output { output: EncodedOutput, changes: EntityStates<D> },
+    /// Every event of `partition` up to `last_offset` has been evaluated on this shard
+    /// and no entity of this shard is out on loan.
+    BatchDone { partition: u32, last_offset: u64 },
+}
+
+/// Loans received by a coordinator for one component.
+struct Loans<D: Domain> {
+    lenders: usize,
+    states: EntityStates<D>,
+}
+
+pub struct Arbiter<D: Domain> {
+    shard: ShardId,
+    shard_count: u16,
+    registrar: Registrar<D>,
+    queue: VecDeque<ShardMessage<D>>,
+    lent_out: HashMap<(u32, D::EntityKey), ComponentId>,
+    loans: HashMap<ComponentId, Loans<D>>,
+    effects: Vec<ShardEffect<D>>,
+    prewarmed_entities: u64,
+    states_scratch: Vec<D::State>,
+    backup_scratch: Vec<D::State>,
+}
+
+impl<D: Domain> Arbiter<D> {
+    pub fn new(shard: ShardId, shard_count: u16) -> Self {
+        assert!(shard < shard_count);
+        Self {
+            shard,
+            shard_count,
+            registrar: Registrar::new(),
+            queue: VecDeque::new(),
+            lent_out: HashMap::new(),
+            loans: HashMap::new(),
+            effects: Vec::new(),
+            prewarmed_entities: 0,
+            states_scratch: Vec::new(),
+            backup_scratch: Vec::new(),
+        }
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    pub fn registrar(&self) -> &Registrar<D> {
+        &self.registrar
+    }
+
+    /// Entities the Usher asked to have resident (the in-memory Registrar always has).
+    pub fn prewarmed_entities(&self) -> u64 {
+        self.prewarmed_entities
+    }
+
+    /// True while the head of the ordered queue waits; the shell stops reading ordered
+    /// messages meanwhile.
+    pub fn is_blocked(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// True when nothing is queued, lent out or awaited.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.lent_out.is_empty() && self.loans.is_empty()
+    }
+
+    pub fn handle(&mut self, message: ShardMessage<D>) {
+        if message.is_control() {
+            self.apply_control(message);
+        } else {
+            assert!(self.queue.len() < MAX_QUEUED_MESSAGES, "shard {} ordered queue overflow", self.shard);
+            self.queue.push_back(message);
+        }
+        self.pump();
+    }
+
+    /// Takes the effects produced so far, in the order they happened.
+    pub fn drain_effects(&mut self) -> std::vec::Drain<'_, ShardEffect<D>> {
+        self.effects.drain(..)
+    }
+
+    fn apply_control(&mut self, message: ShardMessage<D>) {
+        match message {
+            ShardMessage::Lent { component, states } => {
+                let loans = self.loans.entry(component).or_insert_with(|| Loans { lenders: 0, states: Vec::new() });
+                loans.lenders += 1;
+                loans.states.extend(states);
+            }
+            ShardMessage::WriteBack { component, states } => {
+                for (key, state) in states {
+                    let lent_to = self.lent_out.remove(&(component.partition, key.clone()));
+                    assert_eq!(lent_to, Some(component), "write-back of an entity not lent to that component");
+                    self.registrar.set(component.partition, &key, state);
+                }
+            }
+            _ => unreachable!("only control messages reach apply_control"),
+        }
+    }
+
+    fn is_lent(&self, partition: u32, key: &D::EntityKey) -> bool {
+        !self.lent_out.is_empty() && self.lent_out.contains_key(&(partition, key.clone()))
+    }
+
+    fn owns(&self, key: &D::EntityKey) -> bool {
+        shard_of::<D>(key, self.shard_count) == self.shard
+    }
+
+    fn can_run(&self, message: &ShardMessage<D>) -> bool {
+        match message {
+            ShardMessage::Prewarm { .. } => true,
+            ShardMessage::Lend { component, keys, .. } => !keys.iter().any(|k| self.is_lent(component.partition, k)),
+            ShardMessage::Run(component) => {
+                // spec: Arbiter.HoldsLentEntities
+                let free = self.lent_out.is_empty()
+                    || !component.events.iter().flat_map(|e| e.keys.iter()).any(|k| self.is_lent(component.id.partition, k));
+                match component.placement {
+                    Placement::Single(_) => free,
+                    Placement::Cross { shards, .. } => {
+                        free && self.loans.get(&component.id).is_some_and(|l| l.lenders == shards.len() - 1)
+                    }
+                }
+            }
+            // A batch is done on this shard only once its loans are home.
+            ShardMessage::BatchEnd { .. } => self.lent_out.is_empty(),
+            ShardMessage::Lent { .. } | ShardMessage::WriteBack { .. } => unreachable!("control messages are not queued"),
+        }
+    }
+
+    fn pump(&mut self) {
+        while let Some(head) = self.queue.front() {
+            if !self.can_run(head) {
+                return;
+            }
+            let head = self.queue.pop_front().expect("front exists");
+            match head {
+                ShardMessage::Prewarm { keys, .. } => self.prewarmed_entities += keys.len() as u64,
+                ShardMessage::Lend { component, coordinator, keys } => self.lend(component, coordinator, keys),
+                ShardMessage::Run(component) => match component.placement {
+                    Placement::Single(shard) => {
+                        assert_eq!(shard, self.shard, "a single-shard component runs on its owner");
+                        self.run_single(component);
+                    }
+                    Placement::Cross { coordinator, .. } => {
+                        assert_eq!(coordinator, self.shard, "a cross-shard component runs on its coordinator");
+                        self.run_cross(component);
+                    }
+                },
+                ShardMessage::BatchEnd { partition, last_offset } => {
+                    self.effects.push(ShardEffect::BatchDone { partition, last_offset });
+                }
+                ShardMessage::Lent { .. } | ShardMessage::WriteBack { .. } => unreachable!(),
+            }
+        }
+    }
+
+    fn lend(&mut self, component: ComponentId, coordinator: ShardId, keys: Vec<D::EntityKey>) {
+        let mut states = Vec::with_capacity(keys.len());
+        for key in keys {
+            assert!(self.owns(&key), "a shard lends only what it owns");
+            states.push((key.clone(), self.registrar.get(component.partition, &key)));
+            let previous = self.lent_out.insert((component.partition, key), component);
+            assert!(previous.is_none(), "an entity is lent to one component at a time");
+        }
+        self.effects.push(ShardEffect::Send { to: coordinator, message: ShardMessage::Lent { component, states } });
+    }
+
+    fn run_single(&mut self, component: Component<D>) {
+        // spec: Arbiter.EvaluatesInLogOrder
+        let mut states = std::mem::take(&mut self.states_scratch);
+        for event in &component.events {
+            states.clear();
+            states.extend(event.keys.iter().map(|k| self.registrar.get(event.partition, k)));
+            let (output, accepted) = evaluate::<D>(event, &mut states, &mut self.backup_scratch);
+            let mut changes = Vec::new();
+            if accepted {
+                for (key, state) in event.keys.iter().zip(states.iter()) {
+                    self.registrar.set(event.partition, key, *state);
+                    changes.push((key.clone(), *state));
+                }
+            }
+            self.effects.push(ShardEffect::Output { output, changes });
+        }
+        self.states_scratch = states;
+    }
+
+    fn run_cross(&mut self, component: Component<D>) {
+        // spec: Arbiter.CrossShardCoordinator
+        let partition = component.id.partition;
+        let loans = self.loans.remove(&component.id).expect("can_run checked the loans");
+        let mut working: HashMap<D::EntityKey, D::State> = loans.states.into_iter().collect();
+        let mut states = Vec::new();
+        for event in &component.events {
+            states.clear();
+            for key in &event.keys {
+                let state = match working.get(key) {
+                    Some(state) => *state,
+                    None => {
+                        assert!(self.owns(key), "entities of other shards arrive as loans");
+                        let state = self.registrar.get(partition, key);
+                        working.insert(key.clone(), state);
+                        state
+                    }
+                };
+                states.push(state);
+            }
+            let (output, accepted) = evaluate::<D>(event, &mut states, &mut self.backup_scratch);
+            let mut changes = Vec::new();
+            if accepted {
+                for (key, state) in event.keys.iter().zip(states.iter()) {
+                    working.insert(key.clone(), *state);
+                    changes.push((key.clone(), *state));
+                }
+            }
+            self.effects.push(ShardEffect::Output { output, changes });
+        }
+        // Own entities go to the Registrar; loans go home, changed or not, so that every
+        // lender can release them. Sorted, so the messages do not depend on map order.
+        let mut returns: Vec<(ShardId, D::EntityKey, D::State)> =
+            working.into_iter().map(|(k, s)| (shard_of::<D>(&k, self.shard_count), k, s)).collect();
+        returns.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let mut batch: Option<(ShardId, EntityStates<D>)> = None;
+        for (owner, key, state) in returns {
+            if owner == self.shard {
+                self.registrar.set(partition, &key, state);
+                continue;
+            }
+            match &mut batch {
+                Some((to, states)) if *to == owner => states.push((key, state)),
+                _ => {
+                    if let Some((to, states)) = batch.take() {
+                        self.write_back(to, component.id, states);
+                    }
+                    batch = Some((owner, vec![(key, state)]));
+                }
+            }
+        }
+        if let Some((to, states)) = batch {
+            self.write_back(to, component.id, states);
+        }
+    }
+
+    fn write_back(&mut self, to: ShardId, component: ComponentId, states: EntityStates<D>) {
+        self.effects.push(ShardEffect::Send { to, message: ShardMessage::WriteBack { component, states } });
+    }
+}
+
+/// Evaluates one event against `states` (in `event.keys` order). On rejection the
+/// states are restored from `backup`, whatever the domain did to them
+/// (spec: Arbiter.RejectionChangesNothing).
+fn evaluate<D: Domain>(event: &Event<D>, states: &mut [D::State], backup: &mut Vec<D::State>) -> (EncodedOutput, bool) {
+    backup.clear();
+    backup.extend_from_slice(states);
+    let mut body = Vec::new();
+    let decision = D::evaluate(event.version, &event.keys, states, &event.command, event.stream_time_ms, &mut body);
+    let (verdict, accepted) = match decision {
+        Decision::Accepted => (Verdict::Accepted { version: event.version }, true),
+        Decision::Rejected(code) => {
+            states.copy_from_slice(backup);
+            (Verdict::Rejected { version: event.version, code: code.to_string() }, false)
+        }
+    };
+    let output = Output { partition: event.partition, offset: event.offset, verdict, body }.encode();
+    (output, accepted)
+}

@@ -1,0 +1,493 @@
+//! The inventory domain: stock levels per (warehouse, SKU), moved by transfers,
+//! adjustments and kit assemblies. Specified in `specs/inventory.allium`.
+//!
+//! The affinity key is the SKU, so a transfer (one SKU, two warehouses) always lands
+//! on one shard, while a kit assembly (several SKUs) usually spans shards.
+
+use compact_str::CompactString;
+use rkyv::{Archive, Deserialize as RkyvDeserialize, Serialize as RkyvSerialize};
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{affinity_hash, CanonicalHasher};
+use crate::domain::{Decision, Domain, StreamTimeMs, Version};
+
+/// Highest stock level of one (warehouse, SKU). Keeps every sum in `u64` far from
+/// overflow: 16 components x 10^9 units each still fits.
+pub const MAX_STOCK: u64 = 1_000_000_000_000;
+/// Largest quantity one transfer or adjustment moves.
+pub const MAX_MOVEMENT_QTY: u64 = 1_000_000_000;
+/// Largest number of kits assembled by one command.
+pub const MAX_KIT_QTY: u64 = 1_000_000;
+/// Largest number of distinct component SKUs in a kit.
+pub const MAX_KIT_COMPONENTS: usize = 16;
+/// Longest warehouse or SKU identifier, in bytes.
+pub const MAX_NAME_BYTES: usize = 64;
+/// Longest adjustment reason, in bytes.
+pub const MAX_REASON_BYTES: usize = 256;
+
+/// Stable reject codes (they reach HTTP answers and Kafka outputs).
+pub mod reject {
+    pub const INSUFFICIENT_STOCK: &str = "insufficient_stock";
+    pub const SAME_WAREHOUSE: &str = "same_warehouse";
+    pub const STOCK_OVERFLOW: &str = "stock_overflow";
+    pub const REASON_REQUIRED: &str = "reason_required";
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KitComponent {
+    pub sku: CompactString,
+    pub qty_per_kit: u64,
+}
+
+/// A stock movement, as carried in the JSON envelope (`"type": "transfer"`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum InventoryCommand {
+    Transfer {
+        sku: CompactString,
+        from_warehouse: CompactString,
+        to_warehouse: CompactString,
+        qty: u64,
+    },
+    Adjust {
+        sku: CompactString,
+        warehouse: CompactString,
+        delta: i64,
+        #[serde(default)]
+        reason: CompactString,
+    },
+    AssembleKit {
+        warehouse: CompactString,
+        kit_sku: CompactString,
+        qty: u64,
+        components: Vec<KitComponent>,
+    },
+}
+
+/// One entity: the stock level of a SKU in a warehouse.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StockKey {
+    pub sku: CompactString,
+    pub warehouse: CompactString,
+}
+
+impl StockKey {
+    pub fn new(warehouse: &str, sku: &str) -> Self {
+        Self { sku: sku.into(), warehouse: warehouse.into() }
+    }
+}
+
+/// Domain part of an output: the stock levels of every touched entity (after the
+/// command if accepted, unchanged if rejected) and the domain events emitted.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, RkyvSerialize, RkyvDeserialize)]
+#[rkyv(derive(Debug))]
+pub struct InventoryBody {
+    pub levels: Vec<StockLevel>,
+    pub events: Vec<InventoryEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Archive, RkyvSerialize, RkyvDeserialize)]
+#[rkyv(derive(Debug))]
+pub struct StockLevel {
+    pub warehouse: String,
+    pub sku: String,
+    pub qty: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Archive, RkyvSerialize, RkyvDeserialize)]
+#[rkyv(derive(Debug))]
+pub enum InventoryEvent {
+    StockMoved { sku: String, from_warehouse: String, to_warehouse: String, qty: u64 },
+    StockAdjusted { sku: String, warehouse: String, delta: i64, reason: String },
+    KitAssembled { warehouse: String, kit_sku: String, qty: u64 },
+}
+
+impl InventoryBody {
+    /// Decodes and validates a body produced by [`Inventory::evaluate`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, rkyv::rancor::Error> {
+        rkyv::from_bytes::<Self, rkyv::rancor::Error>(bytes)
+    }
+}
+
+/// The inventory domain (see the module docs).
+#[derive(Debug)]
+pub struct Inventory;
+
+fn validate_name(field: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > MAX_NAME_BYTES {
+        return Err(format!("{field} must be 1..={MAX_NAME_BYTES} bytes"));
+    }
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-');
+    if !value.bytes().all(allowed) {
+        return Err(format!("{field} may only contain A-Z a-z 0-9 . _ : -"));
+    }
+    Ok(())
+}
+
+fn validate_range(field: &str, value: u64, max: u64) -> Result<(), String> {
+    if value == 0 || value > max {
+        return Err(format!("{field} must be 1..={max}"));
+    }
+    Ok(())
+}
+
+fn push_level(body: &mut InventoryBody, key: &StockKey, qty: u64) {
+    body.levels.push(StockLevel {
+        warehouse: key.warehouse.to_string(),
+        sku: key.sku.to_string(),
+        qty,
+    });
+}
+
+fn encode_body(body: &InventoryBody, out: &mut Vec<u8>) {
+    let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(body).expect("an in-memory body always encodes");
+    out.extend_from_slice(&bytes);
+}
+
+impl Inventory {
+    fn decide(version: Version, states: &mut [u64], command: &InventoryCommand) -> Decision {
+        match command {
+            InventoryCommand::Transfer { qty, .. } => {
+                // spec: Inventory.TransferMovesStock
+                if states.len() == 1 {
+                    return Decision::Rejected(reject::SAME_WAREHOUSE);
+                }
+                let (from, to) = (states[0], states[1]);
+                if from < *qty {
+                    return Decision::Rejected(reject::INSUFFICIENT_STOCK);
+                }
+                if to + qty > MAX_STOCK {
+                    return Decision::Rejected(reject::STOCK_OVERFLOW);
+                }
+                states[0] = from - qty;
+                states[1] = to + qty;
+            }
+            InventoryCommand::Adjust { delta, reason, .. } => {
+                if version >= 2 && reason.is_empty() {
+                    return Decision::Rejected(reject::REASON_REQUIRED);
+                }
+                let next = i128::from(states[0]) + i128::from(*delta);
+                if next < 0 {
+                    return Decision::Rejected(reject::INSUFFICIENT_STOCK);
+                }
+                if next > i128::from(MAX_STOCK) {
+                    return Decision::Rejected(reject::STOCK_OVERFLOW);
+                }
+                states[0] = u64::try_from(next).expect("0 <= next <= MAX_STOCK");
+            }
+            InventoryCommand::AssembleKit { qty, components, .. } => {
+                // spec: Inventory.AssembleKitAtomic — check every component before changing any.
+                for (i, component) in components.iter().enumerate() {
+                    if states[1 + i] < qty * component.qty_per_kit {
+                        return Decision::Rejected(reject::INSUFFICIENT_STOCK);
+                    }
+                }
+                if states[0] + qty > MAX_STOCK {
+                    return Decision::Rejected(reject::STOCK_OVERFLOW);
+                }
+                for (i, component) in components.iter().enumerate() {
+                    states[1 + i] -= qty * component.qty_per_kit;
+                }
+                states[0] += qty;
+            }
+        }
+        Decision::Accepted
+    }
+
+    fn event(command: &InventoryCommand) -> InventoryEvent {
+        match command {
+            InventoryCommand::Transfer { sku, from_warehouse, to_warehouse, qty } => InventoryEvent::StockMoved {
+                sku: sku.to_string(),
+                from_warehouse: from_warehouse.to_string(),
+                to_warehouse: to_warehouse.to_string(),
+                qty: *qty,
+            },
+            InventoryCommand::Adjust { sku, warehouse, delta, reason } => InventoryEvent::StockAdjusted {
+                sku: sku.to_string(),
+                warehouse: warehouse.to_string(),
+                delta: *delta,
+                reason: reason.to_string(),
+            },
+            InventoryCommand::AssembleKit { warehouse, kit_sku, qty, .. } => InventoryEvent::KitAssembled {
+                warehouse: warehouse.to_string(),
+                kit_sku: kit_sku.to_string(),
+                qty: *qty,
+            },
+        }
+    }
+}
+
+impl Domain for Inventory {
+    type Command = InventoryCommand;
+    type EntityKey = StockKey;
+    type State = u64;
+
+    const SUPPORTED_VERSIONS: &'static [Version] = &[1, 2];
+    const MAX_ENTITIES_PER_COMMAND: usize = 1 + MAX_KIT_COMPONENTS;
+
+    // spec: Inventory.QuantityBounds
+    fn validate(command: &InventoryCommand) -> Result<(), String> {
+        match command {
+            InventoryCommand::Transfer { sku, from_warehouse, to_warehouse, qty } => {
+                validate_name("sku", sku)?;
+                validate_name("from_warehouse", from_warehouse)?;
+                validate_name("to_warehouse", to_warehouse)?;
+                validate_range("qty", *qty, MAX_MOVEMENT_QTY)
+            }
+            InventoryCommand::Adjust { sku, warehouse, delta, reason } => {
+                validate_name("sku", sku)?;
+                validate_name("warehouse", warehouse)?;
+                validate_range("|delta|", delta.unsigned_abs(), MAX_MOVEMENT_QTY)?;
+                if reason.len() > MAX_REASON_BYTES {
+                    return Err(format!("reason must be at most {MAX_REASON_BYTES} bytes"));
+                }
+                Ok(())
+            }
+            InventoryCommand::AssembleKit { warehouse, kit_sku, qty, components } => {
+                validate_name("warehouse", warehouse)?;
+                validate_name("kit_sku", kit_sku)?;
+                validate_range("qty", *qty, MAX_KIT_QTY)?;
+                if components.is_empty() || components.len() > MAX_KIT_COMPONENTS {
+                    return Err(format!("components must have 1..={MAX_KIT_COMPONENTS} entries"));
+                }
+                for (i, component) in components.iter().enumerate() {
+                    validate_name("components[].sku", &component.sku)?;
+                    validate_range("components[].qty_per_kit", component.qty_per_kit, MAX_KIT_QTY)?;
+                    if component.sku == *kit_sku {
+                        return Err("a kit cannot be one of its own components".into());
+                    }
+                    if components[..i].iter().any(|earlier| earlier.sku == component.sku) {
+                        return Err(format!("component sku {} is listed twice", component.sku));
+                    }
+                    if qty * component.qty_per_kit > MAX_MOVEMENT_QTY {
+                        return Err(format!("qty * qty_per_kit must be at most {MAX_MOVEMENT_QTY}"));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn entities(command: &InventoryCommand, out: &mut Vec<StockKey>) {
+        match command {
+            InventoryCommand::Transfer { sku, from_warehouse, to_warehouse, .. } => {
+                out.push(StockKey { sku: sku.clone(), warehouse: from_warehouse.clone() });
+                if to_warehouse != from_warehouse {
+                    out.push(StockKey { sku: sku.clone(), warehouse: to_warehouse.clone() });
+                }
+            }
+            InventoryCommand::Adjust { sku, warehouse, .. } => {
+                out.push(StockKey { sku: sku.clone(), warehouse: warehouse.clone() });
+            }
+            InventoryCommand::AssembleKit { warehouse, kit_sku, components, .. } => {
+                out.push(StockKey { sku: kit_sku.clone(), warehouse: warehouse.clone() });
+                for component in components {
+                    out.push(StockKey { sku: component.sku.clone(), warehouse: warehouse.clone() });
+                }
+            }
+        }
+    }
+
+    // spec: Registrar.OwnershipByAffinity — the SKU is the affinity key.
+    fn affinity_hash(key: &StockKey) -> u64 {
+        affinity_hash(key.sku.as_bytes())
+    }
+
+    fn command_digest(command: &InventoryCommand) -> u64 {
+        let mut h = CanonicalHasher::new();
+        match command {
+            InventoryCommand::Transfer { sku, from_warehouse, to_warehouse, qty } => {
+                h.tag(1).str(sku).str(from_warehouse).str(to_warehouse).u64(*qty);
+            }
+            InventoryCommand::Adjust { sku, warehouse, delta, reason } => {
+                h.tag(2).str(sku).str(warehouse).i64(*delta).str(reason);
+            }
+            InventoryCommand::AssembleKit { warehouse, kit_sku, qty, components } => {
+                h.tag(3).str(warehouse).str(kit_sku).u64(*qty).u64(components.len() as u64);
+                for component in components {
+                    h.str(&component.sku).u64(component.qty_per_kit);
+                }
+            }
+        }
+        h.finish64()
+    }
+
+    // spec: Registrar.AbsentIsZero
+    fn entity_digest(key: &StockKey, qty: &u64) -> u128 {
+        if *qty == 0 {
+            return 0;
+        }
+        CanonicalHasher::new().str(&key.warehouse).str(&key.sku).u64(*qty).finish128()
+    }
+
+    fn evaluate(
+        version: Version,
+        keys: &[StockKey],
+        states: &mut [u64],
+        command: &InventoryCommand,
+        _stream_time_ms: StreamTimeMs,
+        body: &mut Vec<u8>,
+    ) -> Decision {
+        debug_assert_eq!(keys.len(), states.len());
+        let decision = Self::decide(version, states, command);
+        let mut out = InventoryBody { levels: Vec::with_capacity(keys.len()), events: Vec::new() };
+        // On rejection `decide` returned before mutating, so these are the unchanged levels.
+        for (key, qty) in keys.iter().zip(states.iter()) {
+            push_level(&mut out, key, *qty);
+        }
+        if decision == Decision::Accepted {
+            out.events.push(Self::event(command));
+        }
+        encode_body(&out, body);
+        decision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transfer(sku: &str, from: &str, to: &str, qty: u64) -> InventoryCommand {
+        InventoryCommand::Transfer { sku: sku.into(), from_warehouse: from.into(), to_warehouse: to.into(), qty }
+    }
+
+    fn run(version: Version, command: &InventoryCommand, states: &mut Vec<u64>) -> (Decision, InventoryBody) {
+        let mut keys = Vec::new();
+        Inventory::entities(command, &mut keys);
+        states.resize(keys.len(), 0);
+        let mut body = Vec::new();
+        let decision = Inventory::evaluate(version, &keys, states, command, 0, &mut body);
+        (decision, InventoryBody::decode(&body).unwrap())
+    }
+
+    #[test]
+    fn transfer_moves_and_conserves() {
+        // spec: Inventory.TransferMovesStock
+        // spec: Inventory.TransferConservesSku
+        let mut states = vec![10, 5];
+        let (decision, body) = run(1, &transfer("S", "A", "B", 4), &mut states);
+        assert_eq!(decision, Decision::Accepted);
+        assert_eq!(states, vec![6, 9]);
+        assert_eq!(body.levels.iter().map(|l| l.qty).sum::<u64>(), 15);
+        assert_eq!(body.events.len(), 1);
+    }
+
+    #[test]
+    fn transfer_without_stock_is_rejected_and_changes_nothing() {
+        // spec: Inventory.NoNegativeStock
+        let mut states = vec![3, 0];
+        let (decision, body) = run(1, &transfer("S", "A", "B", 4), &mut states);
+        assert_eq!(decision, Decision::Rejected(reject::INSUFFICIENT_STOCK));
+        assert_eq!(states, vec![3, 0]);
+        assert!(body.events.is_empty());
+        assert_eq!(body.levels[0].qty, 3);
+    }
+
+    #[test]
+    fn transfer_to_same_warehouse_is_rejected() {
+        let mut states = vec![3];
+        let (decision, _) = run(1, &transfer("S", "A", "A", 1), &mut states);
+        assert_eq!(decision, Decision::Rejected(reject::SAME_WAREHOUSE));
+    }
+
+    #[test]
+    fn transfer_past_max_stock_is_rejected() {
+        let mut states = vec![10, MAX_STOCK - 5];
+        let (decision, _) = run(1, &transfer("S", "A", "B", 6), &mut states);
+        assert_eq!(decision, Decision::Rejected(reject::STOCK_OVERFLOW));
+        assert_eq!(states, vec![10, MAX_STOCK - 5]);
+    }
+
+    #[test]
+    fn adjust_below_zero_is_rejected() {
+        // spec: Inventory.AdjustAppliesDelta
+        let adjust = |delta| InventoryCommand::Adjust { sku: "S".into(), warehouse: "A".into(), delta, reason: "count".into() };
+        let mut states = vec![5];
+        assert_eq!(run(1, &adjust(-6), &mut states).0, Decision::Rejected(reject::INSUFFICIENT_STOCK));
+        assert_eq!(states, vec![5]);
+        assert_eq!(run(1, &adjust(-5), &mut states).0, Decision::Accepted);
+        assert_eq!(states, vec![0]);
+        assert_eq!(run(1, &adjust(7), &mut states).0, Decision::Accepted);
+        assert_eq!(states, vec![7]);
+    }
+
+    #[test]
+    fn version_2_requires_an_adjust_reason() {
+        // spec: Inventory.ReasonRequiredFromV2
+        let command = InventoryCommand::Adjust { sku: "S".into(), warehouse: "A".into(), delta: 1, reason: "".into() };
+        assert_eq!(run(1, &command, &mut vec![0]).0, Decision::Accepted);
+        assert_eq!(run(2, &command, &mut vec![0]).0, Decision::Rejected(reject::REASON_REQUIRED));
+    }
+
+    #[test]
+    fn kit_assembly_is_all_or_nothing() {
+        // spec: Inventory.AssembleKitAtomic
+        let kit = InventoryCommand::AssembleKit {
+            warehouse: "A".into(),
+            kit_sku: "KIT".into(),
+            qty: 2,
+            components: vec![
+                KitComponent { sku: "C1".into(), qty_per_kit: 1 },
+                KitComponent { sku: "C2".into(), qty_per_kit: 3 },
+            ],
+        };
+        let mut states = vec![0, 2, 5];
+        assert_eq!(run(1, &kit, &mut states).0, Decision::Rejected(reject::INSUFFICIENT_STOCK));
+        assert_eq!(states, vec![0, 2, 5]);
+        let mut states = vec![1, 2, 6];
+        assert_eq!(run(1, &kit, &mut states).0, Decision::Accepted);
+        assert_eq!(states, vec![3, 0, 0]);
+    }
+
+    #[test]
+    fn bounds_are_validated() {
+        // spec: Inventory.QuantityBounds
+        assert!(Inventory::validate(&transfer("S", "A", "B", 0)).is_err());
+        assert!(Inventory::validate(&transfer("S", "A", "B", MAX_MOVEMENT_QTY + 1)).is_err());
+        assert!(Inventory::validate(&transfer("", "A", "B", 1)).is_err());
+        assert!(Inventory::validate(&transfer("S S", "A", "B", 1)).is_err());
+        assert!(Inventory::validate(&transfer(&"x".repeat(65), "A", "B", 1)).is_err());
+        assert!(Inventory::validate(&transfer("S", "A", "B", 1)).is_ok());
+        let kit = |components: Vec<KitComponent>| InventoryCommand::AssembleKit {
+            warehouse: "A".into(),
+            kit_sku: "KIT".into(),
+            qty: 1,
+            components,
+        };
+        let c = |sku: &str| KitComponent { sku: sku.into(), qty_per_kit: 1 };
+        assert!(Inventory::validate(&kit(vec![])).is_err());
+        assert!(Inventory::validate(&kit(vec![c("C1"), c("C1")])).is_err());
+        assert!(Inventory::validate(&kit(vec![c("KIT")])).is_err());
+        assert!(Inventory::validate(&kit((0..17).map(|i| c(&format!("C{i}"))).collect())).is_err());
+        assert!(Inventory::validate(&kit(vec![c("C1"), c("C2")])).is_ok());
+    }
+
+    #[test]
+    fn unknown_pairs_start_at_zero_and_zero_digests_as_absent() {
+        // spec: Inventory.UnknownPairStartsAtZero
+        // spec: Registrar.AbsentIsZero
+        assert_eq!(Inventory::entity_digest(&StockKey::new("A", "S"), &0), 0);
+        assert_ne!(Inventory::entity_digest(&StockKey::new("A", "S"), &1), 0);
+        let mut states = vec![];
+        assert_eq!(run(1, &transfer("S", "A", "B", 1), &mut states).0, Decision::Rejected(reject::INSUFFICIENT_STOCK));
+    }
+
+    #[test]
+    fn command_digest_ignores_json_layout() {
+        let a: InventoryCommand =
+            serde_json::from_str(r#"{"type":"transfer","sku":"S","from_warehouse":"A","to_warehouse":"B","qty":1}"#).unwrap();
+        let b: InventoryCommand =
+            serde_json::from_str(r#"{ "qty": 1, "to_warehouse":"B", "from_warehouse":"A", "sku":"S", "type":"transfer" }"#).unwrap();
+        assert_eq!(Inventory::command_digest(&a), Inventory::command_digest(&b));
+        assert_ne!(Inventory::command_digest(&a), Inventory::command_digest(&transfer("S", "A", "B", 2)));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let r = serde_json::from_str::<InventoryCommand>(
+            r#"{"type":"transfer","sku":"S","from_warehouse":"A","to_warehouse":"B","qty":1,"extra":1}"#,
+        );
+        assert!(r.is_err());
+    }
+}

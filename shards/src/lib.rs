@@ -1,0 +1,18 @@
+//! Tribunal's per-core shard: the deterministic, sans-IO core.
+//!
+//! Every module here is a pure state machine or pure function: no sockets, files,
+//! clocks or executors (DESIGN.md §5). The engine's IO shells drive them; the
+//! [`simulator`] drives them in one thread for tests. See `ARCHITECTURE.md`.
+
+pub mod arbiter;
+pub mod digest;
+pub mod domain;
+pub mod envelope;
+pub mod inventory;
+pub mod output;
+pub mod reference;
+pub mod registrar;
+pub mod router;
+pub mod simulator;
+pub mod usher;
+pub mod warden;

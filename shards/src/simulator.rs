@@ -1,0 +1,174 @@
+//! Deterministic single-thread simulator of one instance: an Usher per partition and
+//! one Arbiter per shard, joined by FIFO channels whose delivery order is shuffled by a
+//! seeded PRNG.
+//!
+//! Real shards run concurrently and their messages interleave arbitrarily; the only
+//! ordering the engine relies on is FIFO per (sender, receiver) channel. The simulator
+//! keeps exactly that and randomises the rest, so a property test that varies the
+//! seed explores thread timings, and a failure replays from its seed.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::arbiter::{Arbiter, ShardEffect, ShardMessage};
+use crate::domain::Domain;
+use crate::output::EncodedOutput;
+use crate::registrar::combine_partition_digests;
+use crate::router::ShardId;
+use crate::usher::{Halted, Record, Usher, UsherConfig};
+use crate::warden::WardenConfig;
+
+/// SplitMix64: tiny, fast, and enough to pick which channel delivers next.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SimulatorConfig {
+    pub shard_count: u16,
+    pub warden: WardenConfig,
+    pub initial_version: u32,
+    /// Seeds the delivery order; 0 delivers in a fixed round-robin-like order too.
+    pub seed: u64,
+}
+
+pub struct Simulator<D: Domain> {
+    config: SimulatorConfig,
+    ushers: BTreeMap<u32, Usher<D>>,
+    arbiters: Vec<Arbiter<D>>,
+    /// `channels[from * n + to]`; sender `n` is the Usher.
+    channels: Vec<VecDeque<ShardMessage<D>>>,
+    rng: SplitMix64,
+    outputs: BTreeMap<(u32, u64), EncodedOutput>,
+    /// Per shard, per partition: the last batch-end marker reached.
+    batch_done: Vec<BTreeMap<u32, u64>>,
+    messages_delivered: u64,
+}
+
+impl<D: Domain> Simulator<D> {
+    pub fn new(config: SimulatorConfig) -> Self {
+        let n = config.shard_count as usize;
+        Self {
+            config,
+            ushers: BTreeMap::new(),
+            arbiters: (0..config.shard_count).map(|s| Arbiter::new(s, config.shard_count)).collect(),
+            channels: (0..(n + 1) * n).map(|_| VecDeque::new()).collect(),
+            rng: SplitMix64(config.seed),
+            outputs: BTreeMap::new(),
+            batch_done: vec![BTreeMap::new(); n],
+            messages_delivered: 0,
+        }
+    }
+
+    fn usher(&mut self, partition: u32) -> &mut Usher<D> {
+        let config = self.config;
+        self.ushers.entry(partition).or_insert_with(|| {
+            Usher::new(UsherConfig {
+                partition,
+                shard_count: config.shard_count,
+                warden: config.warden,
+                initial_version: config.initial_version,
+            })
+        })
+    }
+
+    /// Processes one batch of one partition to completion.
+    pub fn process_batch(&mut self, records: &[Record]) -> Result<(), Halted> {
+        let Some(first) = records.first() else { return Ok(()) };
+        let partition = first.partition;
+        let plan = self.usher(partition).plan(records)?;
+        for output in plan.outputs {
+            self.record_output(output);
+        }
+        let n = self.config.shard_count as usize;
+        for (to, message) in plan.messages {
+            self.channels[n * n + to as usize].push_back(message);
+        }
+        self.deliver_all();
+        if let Some(last) = plan.last_offset {
+            for (shard, done) in self.batch_done.iter().enumerate() {
+                assert_eq!(done.get(&partition), Some(&last), "shard {shard} did not finish the batch");
+            }
+            for offset in records[0].offset..=last {
+                assert!(self.outputs.contains_key(&(partition, offset)), "no output for offset {offset}");
+            }
+        }
+        match plan.halted {
+            Some(halted) => Err(halted),
+            None => Ok(()),
+        }
+    }
+
+    fn record_output(&mut self, output: EncodedOutput) {
+        let previous = self.outputs.insert((output.partition, output.offset), output);
+        assert!(previous.is_none(), "exactly one output per offset");
+    }
+
+    fn deliver_all(&mut self) {
+        let n = self.config.shard_count as usize;
+        let mut ready: Vec<usize> = Vec::new();
+        loop {
+            ready.clear();
+            ready.extend((0..self.channels.len()).filter(|&c| !self.channels[c].is_empty()));
+            if ready.is_empty() {
+                break;
+            }
+            let channel = ready[(self.rng.next() % ready.len() as u64) as usize];
+            let to = channel % n;
+            let message = self.channels[channel].pop_front().expect("ready channel");
+            self.messages_delivered += 1;
+            self.arbiters[to].handle(message);
+            let effects: Vec<_> = self.arbiters[to].drain_effects().collect();
+            for effect in effects {
+                match effect {
+                    ShardEffect::Send { to: dest, message } => self.channels[to * n + dest as usize].push_back(message),
+                    ShardEffect::Output { output, .. } => self.record_output(output),
+                    ShardEffect::BatchDone { partition, last_offset } => {
+                        self.batch_done[to].insert(partition, last_offset);
+                    }
+                }
+            }
+        }
+        for arbiter in &self.arbiters {
+            assert!(arbiter.is_idle(), "shard {} is stuck after delivery", arbiter.shard());
+        }
+    }
+
+    pub fn outputs(&self) -> &BTreeMap<(u32, u64), EncodedOutput> {
+        &self.outputs
+    }
+
+    /// Digest of `partition`'s state: the sum of the shards' digests.
+    pub fn partition_digest(&self, partition: u32) -> u128 {
+        self.arbiters.iter().fold(0u128, |acc, a| acc.wrapping_add(a.registrar().digest(partition)))
+    }
+
+    /// Digest of the whole instance state.
+    pub fn state_digest(&self) -> u128 {
+        let partitions = self.arbiters.iter().map(|a| a.registrar().partition_count()).max().unwrap_or(0);
+        let per: Vec<_> = (0..partitions).map(|p| (p, self.partition_digest(p))).collect();
+        combine_partition_digests(&per)
+    }
+
+    /// All non-default entities of `partition`, sorted.
+    pub fn entities(&self, partition: u32) -> Vec<(D::EntityKey, D::State)> {
+        let mut all: Vec<_> = self.arbiters.iter().flat_map(|a| a.registrar().entities_sorted(partition)).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    pub fn shard_entity_count(&self, shard: ShardId, partition: u32) -> usize {
+        self.arbiters[shard as usize].registrar().entities_sorted(partition).len()
+    }
+
+    pub fn messages_delivered(&self) -> u64 {
+        self.messages_delivered
+    }
+}

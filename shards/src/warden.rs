@@ -1,0 +1,293 @@
+//! Warden: idempotency within a TTL of *stream time* (spec: `specs/warden.allium`).
+//!
+//! One Warden per partition, held by that partition's Usher. It answers, for each
+//! record's idempotency key: new, replay of the original, conflicting reuse, or full.
+//!
+//! Memory is the constraint (about 3,000,000 live keys at 10k/s with a 5-minute TTL),
+//! so an entry is 32 bytes and holds no time: stream time never decreases along the
+//! log, so "recorded more than a TTL ago" is the same as "recorded before a cutoff
+//! offset". A short queue of time points (first offset at which stream time took a
+//! value) turns the TTL into that cutoff. An entry is live iff its offset is at or
+//! above the cutoff; expired entries are removed lazily by a sweep whose timing has
+//! no effect on any answer, so answers are deterministic.
+
+use std::collections::VecDeque;
+
+use hashbrown::HashTable;
+
+use crate::domain::StreamTimeMs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WardenConfig {
+    /// How long, in stream time, a key keeps its answer.
+    pub ttl_ms: u64,
+    /// Most live keys; a new key beyond it gets a deterministic `Full` answer.
+    pub max_entries: u64,
+}
+
+impl Default for WardenConfig {
+    fn default() -> Self {
+        // 3,500,000 keeps 10k/s x 5 min inside 2^22 hash buckets (about 140 MB).
+        Self { ttl_ms: 300_000, max_entries: 3_500_000 }
+    }
+}
+
+/// What the Warden says about one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WardenCheck {
+    /// Unknown or expired key: recorded now; the event proceeds.
+    New,
+    /// Live key, same payload: answer with the output at `original_offset`.
+    Replay { original_offset: u64 },
+    /// Live key, different payload: a conflict; the entry is unchanged.
+    Conflict { original_offset: u64 },
+    /// `max_entries` live keys: nothing recorded.
+    Full,
+}
+
+/// One remembered key. 32 bytes: with hashbrown's control byte and a load factor of
+/// 3,000,000 / 2^22 that is 46 bytes per entry (target: <= 48).
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    key_lo: u64,
+    key_hi: u64,
+    payload_digest: u64,
+    original_offset: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<Entry>() == 32);
+
+impl Entry {
+    fn key(&self) -> u128 {
+        (u128::from(self.key_hi) << 64) | u128::from(self.key_lo)
+    }
+}
+
+/// Records at offsets >= `first_offset` (up to the next point) have stream time
+/// `stream_time_ms`. `inserted_before` counts keys recorded before this point, so
+/// live keys = `inserted_total - front.inserted_before` without a scan.
+#[derive(Debug, Clone, Copy)]
+struct TimePoint {
+    first_offset: u64,
+    stream_time_ms: StreamTimeMs,
+    inserted_before: u64,
+}
+
+pub struct Warden {
+    config: WardenConfig,
+    table: HashTable<Entry>,
+    points: VecDeque<TimePoint>,
+    inserted_total: u64,
+    last_offset: Option<u64>,
+}
+
+impl Warden {
+    pub fn new(config: WardenConfig) -> Self {
+        assert!(config.ttl_ms > 0, "a zero TTL would make every key expire at once");
+        assert!(config.max_entries > 0);
+        Self { config, table: HashTable::new(), points: VecDeque::new(), inserted_total: 0, last_offset: None }
+    }
+
+    pub fn config(&self) -> WardenConfig {
+        self.config
+    }
+
+    /// Moves stream time to `stream_time_ms` at `offset`. Called once per record, in
+    /// offset order, before [`Warden::check`] (spec: Usher.StreamTimeIsMaxTimestamp).
+    pub fn advance(&mut self, offset: u64, stream_time_ms: StreamTimeMs) {
+        if let Some(last) = self.last_offset {
+            assert!(offset > last, "records reach the Warden in offset order");
+        }
+        self.last_offset = Some(offset);
+        match self.points.back_mut() {
+            None => self.points.push_back(TimePoint {
+                first_offset: offset,
+                stream_time_ms,
+                inserted_before: self.inserted_total,
+            }),
+            Some(back) => {
+                assert!(stream_time_ms >= back.stream_time_ms, "stream time never decreases");
+                if stream_time_ms > back.stream_time_ms {
+                    if back.inserted_before == self.inserted_total {
+                        // No key was recorded under `back`: move it rather than add one,
+                        // so there are never more points than live keys + 1.
+                        back.first_offset = offset;
+                        back.stream_time_ms = stream_time_ms;
+                    } else {
+                        self.points.push_back(TimePoint {
+                            first_offset: offset,
+                            stream_time_ms,
+                            inserted_before: self.inserted_total,
+                        });
+                    }
+                }
+            }
+        }
+        // spec: Warden.EntryExpires — expired when stream_time - recorded_at >= ttl.
+        while let Some(front) = self.points.front() {
+            if stream_time_ms - front.stream_time_ms < self.config.ttl_ms {
+                break;
+            }
+            self.points.pop_front();
+        }
+        assert!(!self.points.is_empty(), "the current time point is never expired (ttl > 0)");
+        debug_assert!(self.points.len() as u64 <= self.live_entries() + 1);
+    }
+
+    /// Lowest offset whose entries are still live.
+    fn cutoff_offset(&self) -> u64 {
+        self.points.front().expect("advance() precedes check()").first_offset
+    }
+
+    /// Keys recorded within the TTL.
+    pub fn live_entries(&self) -> u64 {
+        self.points.front().map_or(0, |front| self.inserted_total - front.inserted_before)
+    }
+
+    /// Answers for the record at `offset` (already passed to [`Warden::advance`]) and
+    /// records its key when it is new.
+    pub fn check(&mut self, key_fingerprint: u128, payload_digest: u64, offset: u64) -> WardenCheck {
+        assert_eq!(self.last_offset, Some(offset), "check() follows advance() for the same record");
+        let cutoff = self.cutoff_offset();
+        let hash = key_fingerprint as u64;
+        let at_capacity = self.live_entries() >= self.config.max_entries;
+        let fresh = Entry {
+            key_lo: key_fingerprint as u64,
+            key_hi: (key_fingerprint >> 64) as u64,
+            payload_digest,
+            original_offset: offset,
+        };
+        if let Some(entry) = self.table.find_mut(hash, |e| e.key() == key_fingerprint) {
+            if entry.original_offset >= cutoff {
+                if entry.payload_digest == payload_digest {
+                    // spec: Warden.ReplayReturnsOriginal
+                    return WardenCheck::Replay { original_offset: entry.original_offset };
+                }
+                // spec: Warden.ConflictOnDifferentPayload
+                return WardenCheck::Conflict { original_offset: entry.original_offset };
+            }
+            if at_capacity {
+                // spec: Warden.CapacityBound
+                return WardenCheck::Full;
+            }
+            // spec: Warden.KeyRecorded — an expired key is new again; reuse its slot.
+            *entry = fresh;
+            self.inserted_total += 1;
+            return WardenCheck::New;
+        }
+        if at_capacity {
+            // spec: Warden.CapacityBound
+            return WardenCheck::Full;
+        }
+        self.sweep_if_growing(cutoff);
+        // spec: Warden.KeyRecorded
+        self.table.insert_unique(hash, fresh, |e| e.key_lo);
+        self.inserted_total += 1;
+        WardenCheck::New
+    }
+
+    /// Removes expired entries when the table is about to grow and at least an eighth of
+    /// it is expired, so each sweep pays for itself: amortised O(1) per insert.
+    fn sweep_if_growing(&mut self, cutoff: u64) {
+        let len = self.table.len() as u64;
+        if len == 0 || self.table.len() < self.table.capacity() {
+            return;
+        }
+        let expired = len - self.live_entries();
+        if expired >= len / 8 {
+            self.table.retain(|e| e.original_offset >= cutoff);
+            debug_assert_eq!(self.table.len() as u64, self.live_entries());
+        }
+    }
+
+    /// Bytes the table holds on the heap (for the memory benchmark and metrics).
+    pub fn table_bytes(&self) -> usize {
+        self.table.allocation_size() + self.points.capacity() * std::mem::size_of::<TimePoint>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn warden(ttl_ms: u64, max_entries: u64) -> Warden {
+        Warden::new(WardenConfig { ttl_ms, max_entries })
+    }
+
+    fn at(w: &mut Warden, offset: u64, time: u64, key: u128, payload: u64) -> WardenCheck {
+        w.advance(offset, time);
+        w.check(key, payload, offset)
+    }
+
+    #[test]
+    fn first_use_is_new_and_replay_returns_the_original_offset() {
+        // spec: Warden.KeyRecorded
+        // spec: Warden.ReplayReturnsOriginal
+        let mut w = warden(1_000, 10);
+        assert_eq!(at(&mut w, 0, 0, 7, 1), WardenCheck::New);
+        assert_eq!(at(&mut w, 1, 10, 7, 1), WardenCheck::Replay { original_offset: 0 });
+        assert_eq!(w.live_entries(), 1);
+    }
+
+    #[test]
+    fn different_payload_is_a_conflict_and_keeps_the_entry() {
+        // spec: Warden.ConflictOnDifferentPayload
+        let mut w = warden(1_000, 10);
+        at(&mut w, 0, 0, 7, 1);
+        assert_eq!(at(&mut w, 1, 5, 7, 2), WardenCheck::Conflict { original_offset: 0 });
+        assert_eq!(at(&mut w, 2, 6, 7, 1), WardenCheck::Replay { original_offset: 0 });
+    }
+
+    #[test]
+    fn entry_expires_exactly_at_the_ttl_in_stream_time() {
+        // spec: Warden.EntryExpires
+        let mut w = warden(1_000, 10);
+        at(&mut w, 0, 100, 7, 1);
+        assert_eq!(at(&mut w, 1, 1_099, 7, 1), WardenCheck::Replay { original_offset: 0 });
+        assert_eq!(at(&mut w, 2, 1_100, 7, 2), WardenCheck::New, "stream_time - recorded_at >= ttl");
+        assert_eq!(at(&mut w, 3, 1_101, 7, 1), WardenCheck::Conflict { original_offset: 2 });
+    }
+
+    #[test]
+    fn stream_time_does_not_go_back_with_an_older_timestamp() {
+        // spec: Usher.StreamTimeIsMaxTimestamp — the caller passes max(ts seen), so an
+        // entry does not outlive its TTL because of a late, older record.
+        let mut w = warden(1_000, 10);
+        at(&mut w, 0, 0, 7, 1);
+        w.advance(1, 2_000);
+        assert_eq!(w.check(7, 1, 1), WardenCheck::New);
+    }
+
+    #[test]
+    fn capacity_is_a_deterministic_full_answer() {
+        // spec: Warden.CapacityBound
+        let mut w = warden(1_000, 2);
+        assert_eq!(at(&mut w, 0, 0, 1, 1), WardenCheck::New);
+        assert_eq!(at(&mut w, 1, 0, 2, 1), WardenCheck::New);
+        assert_eq!(at(&mut w, 2, 0, 3, 1), WardenCheck::Full);
+        assert_eq!(at(&mut w, 3, 1, 1, 1), WardenCheck::Replay { original_offset: 0 }, "live keys still answer");
+        assert_eq!(at(&mut w, 4, 1_000, 3, 1), WardenCheck::New, "room again once older keys expire");
+    }
+
+    #[test]
+    fn memory_stays_bounded_by_live_keys_under_churn() {
+        let mut w = warden(100, 1_000_000);
+        for offset in 0..200_000u64 {
+            // 10 keys per ms of stream time, TTL 100 ms: about 1,000 live keys.
+            let key = crate::digest::key_fingerprint(&offset.to_string());
+            assert_eq!(at(&mut w, offset, offset / 10, key, 0), WardenCheck::New);
+        }
+        assert_eq!(w.live_entries(), 1_000);
+        assert!(w.table.len() <= 2_048, "expired entries are swept: {}", w.table.len());
+        assert!(w.points.len() <= 101);
+    }
+
+    #[test]
+    fn expired_key_reuse_keeps_counts_exact() {
+        let mut w = warden(10, 100);
+        at(&mut w, 0, 0, 1, 1);
+        at(&mut w, 1, 20, 1, 2);
+        assert_eq!(w.live_entries(), 1);
+        assert_eq!(w.table.len(), 1);
+    }
+}
