@@ -18,9 +18,10 @@
 use std::collections::VecDeque;
 
 use hashbrown::HashMap;
+use smallvec::SmallVec;
 
 use crate::domain::{Decision, Domain};
-use crate::output::{EncodedOutput, Output, Verdict};
+use crate::output::{encode_output, EncodedOutput, VerdictRef};
 use crate::registrar::Registrar;
 use crate::router::{Placement, ShardId};
 use crate::usher::Event;
@@ -51,6 +52,9 @@ pub struct Component<D: Domain> {
 }
 
 pub type EntityStates<D> = Vec<(<D as Domain>::EntityKey, <D as Domain>::State)>;
+/// Entity states an accepted event left behind; inline for up to two entities, so a
+/// transfer or an adjustment allocates nothing for them.
+pub type Changes<D> = SmallVec<[(<D as Domain>::EntityKey, <D as Domain>::State); 2]>;
 
 #[derive(Debug, Clone)]
 pub enum ShardMessage<D: Domain> {
@@ -80,7 +84,7 @@ pub enum ShardEffect<D: Domain> {
     Send { to: ShardId, message: ShardMessage<D> },
     /// One event's output, with the entity states it left behind (empty unless
     /// accepted): what the Ledger appends.
-    Output { output: EncodedOutput, changes: EntityStates<D> },
+    Output { output: EncodedOutput, changes: Changes<D> },
     /// Every event of `partition` up to `last_offset` has been evaluated on this shard
     /// and no entity of this shard is out on loan.
     BatchDone { partition: u32, last_offset: u64 },
@@ -101,8 +105,7 @@ pub struct Arbiter<D: Domain> {
     loans: HashMap<ComponentId, Loans<D>>,
     effects: Vec<ShardEffect<D>>,
     prewarmed_entities: u64,
-    states_scratch: Vec<D::State>,
-    backup_scratch: Vec<D::State>,
+    scratch: Scratch<D>,
 }
 
 impl<D: Domain> Arbiter<D> {
@@ -117,8 +120,7 @@ impl<D: Domain> Arbiter<D> {
             loans: HashMap::new(),
             effects: Vec::new(),
             prewarmed_entities: 0,
-            states_scratch: Vec::new(),
-            backup_scratch: Vec::new(),
+            scratch: Scratch::new(),
         }
     }
 
@@ -183,6 +185,17 @@ impl<D: Domain> Arbiter<D> {
         !self.lent_out.is_empty() && self.lent_out.contains_key(&(partition, key.clone()))
     }
 
+    /// Whether any event of `component` touches an entity lent out (rare: only while a
+    /// cross-shard component of this shard's entities is in flight).
+    fn touches_lent(&self, component: &Component<D>) -> bool {
+        let mut keys = Vec::new();
+        component.events.iter().any(|event| {
+            keys.clear();
+            D::entities(&event.command, &mut keys);
+            keys.iter().any(|k| self.is_lent(component.id.partition, k))
+        })
+    }
+
     fn owns(&self, key: &D::EntityKey) -> bool {
         shard_of::<D>(key, self.shard_count) == self.shard
     }
@@ -193,8 +206,7 @@ impl<D: Domain> Arbiter<D> {
             ShardMessage::Lend { component, keys, .. } => !keys.iter().any(|k| self.is_lent(component.partition, k)),
             ShardMessage::Run(component) => {
                 // spec: Arbiter.HoldsLentEntities
-                let free = self.lent_out.is_empty()
-                    || !component.events.iter().flat_map(|e| e.keys.iter()).any(|k| self.is_lent(component.id.partition, k));
+                let free = self.lent_out.is_empty() || !self.touches_lent(component);
                 match component.placement {
                     Placement::Single(_) => free,
                     Placement::Cross { shards, .. } => {
@@ -248,21 +260,22 @@ impl<D: Domain> Arbiter<D> {
 
     fn run_single(&mut self, component: Component<D>) {
         // spec: Arbiter.EvaluatesInLogOrder
-        let mut states = std::mem::take(&mut self.states_scratch);
         for event in &component.events {
-            states.clear();
-            states.extend(event.keys.iter().map(|k| self.registrar.get(event.partition, k)));
-            let (output, accepted) = evaluate::<D>(event, &mut states, &mut self.backup_scratch);
-            let mut changes = Vec::new();
+            let scratch = &mut self.scratch;
+            scratch.keys.clear();
+            D::entities(&event.command, &mut scratch.keys);
+            scratch.states.clear();
+            scratch.states.extend(scratch.keys.iter().map(|k| self.registrar.get(event.partition, k)));
+            let (output, accepted) = evaluate::<D>(event, scratch);
+            let mut changes = Changes::<D>::new();
             if accepted {
-                for (key, state) in event.keys.iter().zip(states.iter()) {
+                for (key, state) in scratch.keys.iter().zip(scratch.states.iter()) {
                     self.registrar.set(event.partition, key, *state);
                     changes.push((key.clone(), *state));
                 }
             }
             self.effects.push(ShardEffect::Output { output, changes });
         }
-        self.states_scratch = states;
     }
 
     fn run_cross(&mut self, component: Component<D>) {
@@ -270,25 +283,27 @@ impl<D: Domain> Arbiter<D> {
         let partition = component.id.partition;
         let loans = self.loans.remove(&component.id).expect("can_run checked the loans");
         let mut working: HashMap<D::EntityKey, D::State> = loans.states.into_iter().collect();
-        let mut states = Vec::new();
         for event in &component.events {
-            states.clear();
-            for key in &event.keys {
+            let scratch = &mut self.scratch;
+            scratch.keys.clear();
+            D::entities(&event.command, &mut scratch.keys);
+            scratch.states.clear();
+            for key in &scratch.keys {
                 let state = match working.get(key) {
                     Some(state) => *state,
                     None => {
-                        assert!(self.owns(key), "entities of other shards arrive as loans");
+                        assert_eq!(shard_of::<D>(key, self.shard_count), self.shard, "other shards' entities arrive as loans");
                         let state = self.registrar.get(partition, key);
                         working.insert(key.clone(), state);
                         state
                     }
                 };
-                states.push(state);
+                scratch.states.push(state);
             }
-            let (output, accepted) = evaluate::<D>(event, &mut states, &mut self.backup_scratch);
-            let mut changes = Vec::new();
+            let (output, accepted) = evaluate::<D>(event, scratch);
+            let mut changes = Changes::<D>::new();
             if accepted {
-                for (key, state) in event.keys.iter().zip(states.iter()) {
+                for (key, state) in scratch.keys.iter().zip(scratch.states.iter()) {
                     working.insert(key.clone(), *state);
                     changes.push((key.clone(), *state));
                 }
@@ -326,21 +341,37 @@ impl<D: Domain> Arbiter<D> {
     }
 }
 
-/// Evaluates one event against `states` (in `event.keys` order). On rejection the
-/// states are restored from `backup`, whatever the domain did to them
+/// Buffers reused by every evaluation, so the hot path allocates only what it hands on.
+struct Scratch<D: Domain> {
+    keys: Vec<D::EntityKey>,
+    states: Vec<D::State>,
+    backup: Vec<D::State>,
+    body: Vec<u8>,
+    encoded: Vec<u8>,
+}
+
+impl<D: Domain> Scratch<D> {
+    fn new() -> Self {
+        Self { keys: Vec::new(), states: Vec::new(), backup: Vec::new(), body: Vec::new(), encoded: Vec::new() }
+    }
+}
+
+/// Evaluates one event against `scratch.states` (in `event.keys` order). On rejection
+/// the states are restored, whatever the domain did to them
 /// (spec: Arbiter.RejectionChangesNothing).
-fn evaluate<D: Domain>(event: &Event<D>, states: &mut [D::State], backup: &mut Vec<D::State>) -> (EncodedOutput, bool) {
-    backup.clear();
-    backup.extend_from_slice(states);
-    let mut body = Vec::new();
-    let decision = D::evaluate(event.version, &event.keys, states, &event.command, event.stream_time_ms, &mut body);
+fn evaluate<D: Domain>(event: &Event<D>, scratch: &mut Scratch<D>) -> (EncodedOutput, bool) {
+    scratch.backup.clear();
+    scratch.backup.extend_from_slice(&scratch.states);
+    scratch.body.clear();
+    let decision =
+        D::evaluate(event.version, &scratch.keys, &mut scratch.states, &event.command, event.stream_time_ms, &mut scratch.body);
     let (verdict, accepted) = match decision {
-        Decision::Accepted => (Verdict::Accepted { version: event.version }, true),
+        Decision::Accepted => (VerdictRef::Accepted { version: event.version }, true),
         Decision::Rejected(code) => {
-            states.copy_from_slice(backup);
-            (Verdict::Rejected { version: event.version, code: code.to_string() }, false)
+            scratch.states.copy_from_slice(&scratch.backup);
+            (VerdictRef::Rejected { version: event.version, code }, false)
         }
     };
-    let output = Output { partition: event.partition, offset: event.offset, verdict, body }.encode();
+    let output = encode_output(event.partition, event.offset, verdict, &scratch.body, &mut scratch.encoded);
     (output, accepted)
 }

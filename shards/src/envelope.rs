@@ -26,7 +26,7 @@ pub enum AdminCommand {
     ActivateVersion { version: Version },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Command<D: Domain> {
     Admin(AdminCommand),
     Domain(D::Command),
@@ -42,11 +42,27 @@ impl<D: Domain> PartialEq for Command<D> {
     }
 }
 
+// Manual impls: a derive would demand `D: Clone`, but only `D::Command` is cloned.
+impl<D: Domain> Clone for Command<D> {
+    fn clone(&self) -> Self {
+        match self {
+            Command::Admin(a) => Command::Admin(a.clone()),
+            Command::Domain(c) => Command::Domain(c.clone()),
+        }
+    }
+}
+
 /// A decoded and validated input record.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Envelope<D: Domain> {
     pub key: String,
     pub command: Command<D>,
+}
+
+impl<D: Domain> Clone for Envelope<D> {
+    fn clone(&self) -> Self {
+        Self { key: self.key.clone(), command: self.command.clone() }
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -5,7 +5,9 @@
 //! on one shard, while a kit assembly (several SKUs) usually spans shards.
 
 use compact_str::CompactString;
-use rkyv::{Archive, Deserialize as RkyvDeserialize, Serialize as RkyvSerialize};
+use rkyv::with::InlineAsBox;
+use smallvec::SmallVec;
+use rkyv::{Archive, Serialize as RkyvSerialize};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::{affinity_hash, CanonicalHasher};
@@ -78,35 +80,107 @@ impl StockKey {
     }
 }
 
-/// Domain part of an output: the stock levels of every touched entity (after the
-/// command if accepted, unchanged if rejected) and the domain events emitted.
-#[derive(Debug, Clone, PartialEq, Eq, Archive, RkyvSerialize, RkyvDeserialize)]
-#[rkyv(derive(Debug))]
-pub struct InventoryBody {
-    pub levels: Vec<StockLevel>,
-    pub events: Vec<InventoryEvent>,
+/// Domain part of an output, as serialised: the stock level of every touched entity
+/// (after the command if accepted, unchanged if rejected) and the domain event
+/// emitted, if any. Events refer to levels by index, so names appear once.
+#[derive(Debug, Archive, RkyvSerialize)]
+pub struct InventoryBodyRef<'a> {
+    #[rkyv(with = InlineAsBox)]
+    pub levels: &'a [StockLevelRef<'a>],
+    pub event: Option<InventoryEventRef<'a>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Archive, RkyvSerialize, RkyvDeserialize)]
-#[rkyv(derive(Debug))]
+#[derive(Debug, Archive, RkyvSerialize)]
+pub struct StockLevelRef<'a> {
+    #[rkyv(with = InlineAsBox)]
+    pub warehouse: &'a str,
+    #[rkyv(with = InlineAsBox)]
+    pub sku: &'a str,
+    pub qty: u64,
+}
+
+#[derive(Debug, Archive, RkyvSerialize)]
+pub enum InventoryEventRef<'a> {
+    /// `qty` moved from level `from` to level `to`.
+    StockMoved { from: u8, to: u8, qty: u64 },
+    /// Level `level` changed by `delta`.
+    StockAdjusted {
+        level: u8,
+        delta: i64,
+        #[rkyv(with = InlineAsBox)]
+        reason: &'a str,
+    },
+    /// `qty` kits were added to level `kit`; every other level gave its components.
+    KitAssembled { kit: u8, qty: u64 },
+}
+
+/// Decoded body (owned), for readers: HTTP answers, Kafka JSON, tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InventoryBody {
+    pub levels: Vec<StockLevel>,
+    pub event: Option<InventoryEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StockLevel {
     pub warehouse: String,
     pub sku: String,
     pub qty: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Archive, RkyvSerialize, RkyvDeserialize)]
-#[rkyv(derive(Debug))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum InventoryEvent {
     StockMoved { sku: String, from_warehouse: String, to_warehouse: String, qty: u64 },
     StockAdjusted { sku: String, warehouse: String, delta: i64, reason: String },
     KitAssembled { warehouse: String, kit_sku: String, qty: u64 },
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("inventory body does not decode: {0}")]
+pub struct BodyDecodeError(String);
+
 impl InventoryBody {
-    /// Decodes and validates a body produced by [`Inventory::evaluate`].
-    pub fn decode(bytes: &[u8]) -> Result<Self, rkyv::rancor::Error> {
-        rkyv::from_bytes::<Self, rkyv::rancor::Error>(bytes)
+    /// Decodes and validates a body produced by [`Inventory::evaluate`]; never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Self, BodyDecodeError> {
+        let archived = rkyv::access::<ArchivedInventoryBodyRef<'_>, rkyv::rancor::Error>(bytes)
+            .map_err(|e| BodyDecodeError(e.to_string()))?;
+        let levels: Vec<StockLevel> = archived
+            .levels
+            .iter()
+            .map(|l| StockLevel {
+                warehouse: l.warehouse.as_ref().to_owned(),
+                sku: l.sku.as_ref().to_owned(),
+                qty: l.qty.to_native(),
+            })
+            .collect();
+        let level = |i: u8| levels.get(i as usize).ok_or_else(|| BodyDecodeError(format!("level index {i} out of range")));
+        let event = match archived.event.as_ref() {
+            None => None,
+            Some(ArchivedInventoryEventRef::StockMoved { from, to, qty }) => {
+                let (from, to) = (level(*from)?, level(*to)?);
+                Some(InventoryEvent::StockMoved {
+                    sku: from.sku.clone(),
+                    from_warehouse: from.warehouse.clone(),
+                    to_warehouse: to.warehouse.clone(),
+                    qty: qty.to_native(),
+                })
+            }
+            Some(ArchivedInventoryEventRef::StockAdjusted { level: i, delta, reason }) => {
+                let l = level(*i)?;
+                Some(InventoryEvent::StockAdjusted {
+                    sku: l.sku.clone(),
+                    warehouse: l.warehouse.clone(),
+                    delta: delta.to_native(),
+                    reason: reason.as_ref().to_owned(),
+                })
+            }
+            Some(ArchivedInventoryEventRef::KitAssembled { kit, qty }) => {
+                let l = level(*kit)?;
+                Some(InventoryEvent::KitAssembled { warehouse: l.warehouse.clone(), kit_sku: l.sku.clone(), qty: qty.to_native() })
+            }
+        };
+        Ok(Self { levels, event })
     }
 }
 
@@ -130,19 +204,6 @@ fn validate_range(field: &str, value: u64, max: u64) -> Result<(), String> {
         return Err(format!("{field} must be 1..={max}"));
     }
     Ok(())
-}
-
-fn push_level(body: &mut InventoryBody, key: &StockKey, qty: u64) {
-    body.levels.push(StockLevel {
-        warehouse: key.warehouse.to_string(),
-        sku: key.sku.to_string(),
-        qty,
-    });
-}
-
-fn encode_body(body: &InventoryBody, out: &mut Vec<u8>) {
-    let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(body).expect("an in-memory body always encodes");
-    out.extend_from_slice(&bytes);
 }
 
 impl Inventory {
@@ -193,28 +254,6 @@ impl Inventory {
             }
         }
         Decision::Accepted
-    }
-
-    fn event(command: &InventoryCommand) -> InventoryEvent {
-        match command {
-            InventoryCommand::Transfer { sku, from_warehouse, to_warehouse, qty } => InventoryEvent::StockMoved {
-                sku: sku.to_string(),
-                from_warehouse: from_warehouse.to_string(),
-                to_warehouse: to_warehouse.to_string(),
-                qty: *qty,
-            },
-            InventoryCommand::Adjust { sku, warehouse, delta, reason } => InventoryEvent::StockAdjusted {
-                sku: sku.to_string(),
-                warehouse: warehouse.to_string(),
-                delta: *delta,
-                reason: reason.to_string(),
-            },
-            InventoryCommand::AssembleKit { warehouse, kit_sku, qty, .. } => InventoryEvent::KitAssembled {
-                warehouse: warehouse.to_string(),
-                kit_sku: kit_sku.to_string(),
-                qty: *qty,
-            },
-        }
     }
 }
 
@@ -331,15 +370,29 @@ impl Domain for Inventory {
     ) -> Decision {
         debug_assert_eq!(keys.len(), states.len());
         let decision = Self::decide(version, states, command);
-        let mut out = InventoryBody { levels: Vec::with_capacity(keys.len()), events: Vec::new() };
         // On rejection `decide` returned before mutating, so these are the unchanged levels.
-        for (key, qty) in keys.iter().zip(states.iter()) {
-            push_level(&mut out, key, *qty);
-        }
-        if decision == Decision::Accepted {
-            out.events.push(Self::event(command));
-        }
-        encode_body(&out, body);
+        let levels: SmallVec<[StockLevelRef<'_>; 4]> = keys
+            .iter()
+            .zip(states.iter())
+            .map(|(key, qty)| StockLevelRef { warehouse: &key.warehouse, sku: &key.sku, qty: *qty })
+            .collect();
+        let event = match (decision, command) {
+            (Decision::Rejected(_), _) => None,
+            (Decision::Accepted, InventoryCommand::Transfer { qty, .. }) => {
+                Some(InventoryEventRef::StockMoved { from: 0, to: 1, qty: *qty })
+            }
+            (Decision::Accepted, InventoryCommand::Adjust { delta, reason, .. }) => {
+                Some(InventoryEventRef::StockAdjusted { level: 0, delta: *delta, reason })
+            }
+            (Decision::Accepted, InventoryCommand::AssembleKit { qty, .. }) => {
+                Some(InventoryEventRef::KitAssembled { kit: 0, qty: *qty })
+            }
+        };
+        let record = InventoryBodyRef { levels: &levels, event };
+        rkyv::util::with_arena(|arena| {
+            rkyv::api::low::to_bytes_in_with_alloc::<_, _, rkyv::rancor::Error>(&record, &mut *body, arena.acquire())
+                .expect("an in-memory body always encodes");
+        });
         decision
     }
 }
@@ -370,7 +423,7 @@ mod tests {
         assert_eq!(decision, Decision::Accepted);
         assert_eq!(states, vec![6, 9]);
         assert_eq!(body.levels.iter().map(|l| l.qty).sum::<u64>(), 15);
-        assert_eq!(body.events.len(), 1);
+        assert!(matches!(body.event, Some(InventoryEvent::StockMoved { qty: 4, .. })));
     }
 
     #[test]
@@ -380,7 +433,7 @@ mod tests {
         let (decision, body) = run(1, &transfer("S", "A", "B", 4), &mut states);
         assert_eq!(decision, Decision::Rejected(reject::INSUFFICIENT_STOCK));
         assert_eq!(states, vec![3, 0]);
-        assert!(body.events.is_empty());
+        assert!(body.event.is_none());
         assert_eq!(body.levels[0].qty, 3);
     }
 

@@ -1,17 +1,23 @@
 //! The output of one input record, and its one canonical encoding.
 //!
 //! Instances compare outputs byte for byte (DESIGN.md §2 step 6), so an output has
-//! exactly one encoding: rkyv of [`Output`], whose fields are all owned, sized and free
-//! of floats and maps. Its digest is what peers and the Clerk retain.
+//! exactly one encoding: rkyv (unaligned, little-endian, so no padding and readable
+//! at any offset of a frame) of [`OutputRecord`]. Its digest is what peers and the
+//! Clerk retain.
+//!
+//! Encoding is on the hot path, so it serialises borrowed data ([`VerdictRef`], the
+//! body as a byte slice) into a reused buffer: one allocation per output, for the
+//! bytes themselves. Decoding builds the owned [`Output`].
 
-use rkyv::{Archive, Deserialize, Serialize};
+use rkyv::rancor::Error as RkyvError;
+use rkyv::with::InlineAsBox;
+use rkyv::{Archive, Serialize};
 
 use crate::digest::output_digest;
 use crate::domain::Version;
 
-/// Why the output is what it is.
-#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
-#[rkyv(derive(Debug))]
+/// Why the output is what it is (owned form, for readers).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Evaluated and applied under `version`.
     Accepted { version: Version },
@@ -30,6 +36,37 @@ pub enum Verdict {
     VersionActivated { version: Version },
 }
 
+/// Borrowed verdict: what is actually serialised.
+#[derive(Debug, Clone, Copy, Archive, Serialize)]
+pub enum VerdictRef<'a> {
+    Accepted { version: Version },
+    Rejected {
+        version: Version,
+        #[rkyv(with = InlineAsBox)]
+        code: &'a str,
+    },
+    Replay { original_offset: u64 },
+    Conflict { original_offset: u64 },
+    Malformed {
+        #[rkyv(with = InlineAsBox)]
+        reason: &'a str,
+    },
+    WardenFull,
+    VersionActivated { version: Version },
+}
+
+/// The canonical wire and Ledger form of an output.
+#[derive(Debug, Archive, Serialize)]
+pub struct OutputRecord<'a> {
+    pub partition: u32,
+    pub offset: u64,
+    pub verdict: VerdictRef<'a>,
+    /// The domain's own canonical encoding of its part (levels, events); empty for
+    /// verdicts decided before evaluation.
+    #[rkyv(with = InlineAsBox)]
+    pub body: &'a [u8],
+}
+
 impl Verdict {
     /// Stable short name, for logs, metrics and JSON.
     pub fn name(&self) -> &'static str {
@@ -43,17 +80,42 @@ impl Verdict {
             Verdict::VersionActivated { .. } => "version_activated",
         }
     }
+
+    pub fn as_ref(&self) -> VerdictRef<'_> {
+        match self {
+            Verdict::Accepted { version } => VerdictRef::Accepted { version: *version },
+            Verdict::Rejected { version, code } => VerdictRef::Rejected { version: *version, code },
+            Verdict::Replay { original_offset } => VerdictRef::Replay { original_offset: *original_offset },
+            Verdict::Conflict { original_offset } => VerdictRef::Conflict { original_offset: *original_offset },
+            Verdict::Malformed { reason } => VerdictRef::Malformed { reason },
+            Verdict::WardenFull => VerdictRef::WardenFull,
+            Verdict::VersionActivated { version } => VerdictRef::VersionActivated { version: *version },
+        }
+    }
+
+    fn from_archived(archived: &ArchivedVerdictRef<'_>) -> Self {
+        match archived {
+            ArchivedVerdictRef::Accepted { version } => Verdict::Accepted { version: version.to_native() },
+            ArchivedVerdictRef::Rejected { version, code } => {
+                Verdict::Rejected { version: version.to_native(), code: code.as_ref().to_owned() }
+            }
+            ArchivedVerdictRef::Replay { original_offset } => Verdict::Replay { original_offset: original_offset.to_native() },
+            ArchivedVerdictRef::Conflict { original_offset } => {
+                Verdict::Conflict { original_offset: original_offset.to_native() }
+            }
+            ArchivedVerdictRef::Malformed { reason } => Verdict::Malformed { reason: reason.as_ref().to_owned() },
+            ArchivedVerdictRef::WardenFull => Verdict::WardenFull,
+            ArchivedVerdictRef::VersionActivated { version } => Verdict::VersionActivated { version: version.to_native() },
+        }
+    }
 }
 
-/// The output of the record at (`partition`, `offset`).
-#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
-#[rkyv(derive(Debug))]
+/// The output of the record at (`partition`, `offset`), decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Output {
     pub partition: u32,
     pub offset: u64,
     pub verdict: Verdict,
-    /// The domain's own canonical encoding of its part (levels, events); empty for
-    /// verdicts decided before evaluation.
     pub body: Vec<u8>,
 }
 
@@ -70,18 +132,41 @@ pub struct EncodedOutput {
 #[error("output bytes do not decode: {0}")]
 pub struct OutputDecodeError(String);
 
+/// Encodes an output, using `scratch` as the serialiser's buffer.
+pub fn encode_output(
+    partition: u32,
+    offset: u64,
+    verdict: VerdictRef<'_>,
+    body: &[u8],
+    scratch: &mut Vec<u8>,
+) -> EncodedOutput {
+    let record = OutputRecord { partition, offset, verdict, body };
+    scratch.clear();
+    rkyv::util::with_arena(|arena| {
+        rkyv::api::low::to_bytes_in_with_alloc::<_, _, RkyvError>(&record, &mut *scratch, arena.acquire())
+            .expect("an in-memory output always encodes");
+    });
+    let bytes = scratch.as_slice().to_vec();
+    let digest = output_digest(&bytes);
+    EncodedOutput { partition, offset, bytes, digest }
+}
+
 impl Output {
     pub fn encode(&self) -> EncodedOutput {
-        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(self)
-            .expect("an in-memory output always encodes")
-            .into_vec();
-        let digest = output_digest(&bytes);
-        EncodedOutput { partition: self.partition, offset: self.offset, bytes, digest }
+        encode_output(self.partition, self.offset, self.verdict.as_ref(), &self.body, &mut Vec::new())
     }
 
-    /// Decodes bytes from outside (a peer, the Ledger), validating them first.
+    /// Decodes bytes from outside (a peer, the Ledger), validating them first. Never
+    /// panics, whatever the bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, OutputDecodeError> {
-        rkyv::from_bytes::<Self, rkyv::rancor::Error>(bytes).map_err(|e| OutputDecodeError(e.to_string()))
+        let archived = rkyv::access::<ArchivedOutputRecord<'_>, RkyvError>(bytes)
+            .map_err(|e| OutputDecodeError(e.to_string()))?;
+        Ok(Self {
+            partition: archived.partition.to_native(),
+            offset: archived.offset.to_native(),
+            verdict: Verdict::from_archived(&archived.verdict),
+            body: archived.body.as_ref().to_vec(),
+        })
     }
 }
 
@@ -99,24 +184,47 @@ mod tests {
             body: vec![1, 2, 3],
         };
         let a = output.encode();
-        // Dirty the allocator with other data between the two encodings, so that
-        // uninitialised padding, if rkyv left any, would show up as a difference.
-        let noise: Vec<Vec<u8>> = (0..64).map(|i| vec![0xA5u8 ^ i as u8; 64 + i]).collect();
-        drop(noise);
-        let b = output.clone().encode();
-        assert_eq!(a.bytes, b.bytes);
+        let mut dirty = vec![0xA5u8; 4096];
+        let b = encode_output(3, 99, output.verdict.as_ref(), &output.body, &mut dirty);
+        assert_eq!(a.bytes, b.bytes, "a dirty scratch buffer leaves no trace");
         assert_eq!(a.digest, b.digest);
         assert_eq!(Output::decode(&a.bytes).unwrap(), output);
+        for verdict in [
+            Verdict::Accepted { version: 2 },
+            Verdict::Replay { original_offset: 5 },
+            Verdict::Conflict { original_offset: 6 },
+            Verdict::Malformed { reason: "bad".into() },
+            Verdict::WardenFull,
+            Verdict::VersionActivated { version: 2 },
+        ] {
+            let o = Output { partition: 0, offset: 1, verdict, body: vec![] };
+            assert_eq!(Output::decode(&o.encode().bytes).unwrap(), o);
+        }
+    }
+
+    #[test]
+    fn decodes_at_any_alignment() {
+        let o = Output { partition: 1, offset: 2, verdict: Verdict::Accepted { version: 1 }, body: vec![9; 5] };
+        let bytes = o.encode().bytes;
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&bytes);
+        assert_eq!(Output::decode(&shifted[1..]).unwrap(), o);
     }
 
     #[test]
     fn garbage_bytes_are_an_error_not_a_panic() {
         assert!(Output::decode(&[]).is_err());
         assert!(Output::decode(&[0xFF; 7]).is_err());
-        let mut bytes = Output { partition: 0, offset: 1, verdict: Verdict::WardenFull, body: vec![] }.encode().bytes;
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xFF;
-        // Either it fails validation or it decodes to something else; it never panics.
-        let _ = Output::decode(&bytes);
+        let bytes = Output { partition: 0, offset: 1, verdict: Verdict::Malformed { reason: "x".into() }, body: vec![] }
+            .encode()
+            .bytes;
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut flipped = bytes.clone();
+                flipped[i] ^= 1 << bit;
+                // Either it fails validation or decodes to something else; never a panic.
+                let _ = Output::decode(&flipped);
+            }
+        }
     }
 }

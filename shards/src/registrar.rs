@@ -13,8 +13,16 @@ use crate::domain::Domain;
 /// Most partitions (ordering domains) one instance serves.
 pub const MAX_PARTITIONS: u32 = 1_024;
 
+/// An entity's state and its current contribution to the digest, kept so that a
+/// change hashes only the new state.
+#[derive(Clone, Copy)]
+struct Slot<S> {
+    state: S,
+    digest: u128,
+}
+
 struct PartitionTable<D: Domain> {
-    entities: HashMap<D::EntityKey, D::State>,
+    entities: HashMap<D::EntityKey, Slot<D::State>>,
     digest: u128,
 }
 
@@ -54,27 +62,40 @@ impl<D: Domain> Registrar<D> {
         self.partitions
             .get(partition as usize)
             .and_then(|t| t.entities.get(key))
-            .copied()
-            .unwrap_or_default()
+            .map_or_else(D::State::default, |slot| slot.state)
     }
 
     /// Sets an entity's state and updates the digest in O(1)
     /// (spec: Registrar.StateDigestIncremental). Default states are not stored.
     pub fn set(&mut self, partition: u32, key: &D::EntityKey, state: D::State) {
         let table = self.table_mut(partition);
-        let old = table.entities.get(key).copied().unwrap_or_default();
-        if old == state {
-            return;
-        }
-        table.digest = table
-            .digest
-            .wrapping_sub(D::entity_digest(key, &old))
-            .wrapping_add(D::entity_digest(key, &state));
-        if state == D::State::default() {
-            table.entities.remove(key);
-        } else {
-            table.entities.insert(key.clone(), state);
-        }
+        let is_default = state == D::State::default();
+        let (old_digest, new_digest) = match table.entities.get_mut(key) {
+            Some(slot) => {
+                if slot.state == state {
+                    return;
+                }
+                let old = slot.digest;
+                if is_default {
+                    table.entities.remove(key);
+                    (old, 0)
+                } else {
+                    // Common case: an existing entity changes; one lookup, one hash.
+                    let new = D::entity_digest(key, &state);
+                    *slot = Slot { state, digest: new };
+                    (old, new)
+                }
+            }
+            None => {
+                if is_default {
+                    return;
+                }
+                let new = D::entity_digest(key, &state);
+                table.entities.insert(key.clone(), Slot { state, digest: new });
+                (0, new)
+            }
+        };
+        table.digest = table.digest.wrapping_sub(old_digest).wrapping_add(new_digest);
     }
 
     /// Digest of this shard's part of `partition`'s state.
@@ -92,7 +113,7 @@ impl<D: Domain> Registrar<D> {
         let mut all: Vec<_> = self
             .partitions
             .get(partition as usize)
-            .map(|t| t.entities.iter().map(|(k, s)| (k.clone(), *s)).collect())
+            .map(|t| t.entities.iter().map(|(k, slot)| (k.clone(), slot.state)).collect())
             .unwrap_or_default();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
@@ -101,7 +122,7 @@ impl<D: Domain> Registrar<D> {
     /// Recomputes the digest from scratch; tests compare it with the incremental one.
     pub fn recompute_digest(&self, partition: u32) -> u128 {
         self.partitions.get(partition as usize).map_or(0, |t| {
-            t.entities.iter().fold(0u128, |acc, (k, s)| acc.wrapping_add(D::entity_digest(k, s)))
+            t.entities.iter().fold(0u128, |acc, (k, slot)| acc.wrapping_add(D::entity_digest(k, &slot.state)))
         })
     }
 }

@@ -67,14 +67,34 @@ impl Placement {
     }
 }
 
-/// One component of a batch, by index.
+/// One component of a batch, as spans of the [`Routing`] index arrays.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutedComponent {
-    /// Indices of the batch's events, ascending (log order).
-    pub events: Vec<u32>,
-    /// Router node of each distinct entity, in first-seen order (see [`Router::key`]).
-    pub nodes: Vec<u32>,
+    /// `routing.events[events]`: indices of the batch's events, ascending (log order).
+    pub events: std::ops::Range<u32>,
+    /// `routing.nodes[nodes]`: router node of each distinct entity, in first-seen order
+    /// (see [`Router::key`]).
+    pub nodes: std::ops::Range<u32>,
     pub placement: Placement,
+}
+
+/// The components of one batch. Flat index arrays, reused across batches, so that
+/// routing allocates nothing per event.
+#[derive(Debug, Default)]
+pub struct Routing {
+    pub components: Vec<RoutedComponent>,
+    pub events: Vec<u32>,
+    pub nodes: Vec<u32>,
+}
+
+impl Routing {
+    pub fn events_of(&self, component: &RoutedComponent) -> &[u32] {
+        &self.events[component.events.start as usize..component.events.end as usize]
+    }
+
+    pub fn nodes_of(&self, component: &RoutedComponent) -> &[u32] {
+        &self.nodes[component.nodes.start as usize..component.nodes.end as usize]
+    }
 }
 
 const NO_COMPONENT: u32 = u32::MAX;
@@ -88,6 +108,11 @@ pub struct Router<K> {
     rank: Vec<u8>,
     component_of_root: Vec<u32>,
     first_node_of_event: Vec<u32>,
+    keys_scratch: Vec<K>,
+    counts: Vec<u32>,
+    cursor: Vec<u32>,
+    component_of_event: Vec<u32>,
+    routing: Routing,
 }
 
 impl<K: Clone + Eq + Hash> Default for Router<K> {
@@ -106,7 +131,17 @@ impl<K: Clone + Eq + Hash> Router<K> {
             rank: Vec::new(),
             component_of_root: Vec::new(),
             first_node_of_event: Vec::new(),
+            keys_scratch: Vec::new(),
+            counts: Vec::new(),
+            cursor: Vec::new(),
+            component_of_event: Vec::new(),
+            routing: Routing::default(),
         }
+    }
+
+    /// The components of the last routed batch.
+    pub fn routing(&self) -> &Routing {
+        &self.routing
     }
 
     /// The entity behind a node of the last routed batch.
@@ -132,24 +167,9 @@ impl<K: Clone + Eq + Hash> Router<K> {
         node
     }
 
-    /// Root of `node`, compressing the path behind it.
-    fn find(&mut self, node: u32) -> u32 {
-        let mut root = node;
-        while self.parent[root as usize] != root {
-            root = self.parent[root as usize];
-        }
-        let mut current = node;
-        while self.parent[current as usize] != root {
-            let next = self.parent[current as usize];
-            self.parent[current as usize] = root;
-            current = next;
-        }
-        root
-    }
-
     /// Union by rank.
     fn union(&mut self, a: u32, b: u32) {
-        let (ra, rb) = (self.find(a), self.find(b));
+        let (ra, rb) = (find(&mut self.parent, a), find(&mut self.parent, b));
         if ra == rb {
             return;
         }
@@ -164,16 +184,14 @@ impl<K: Clone + Eq + Hash> Router<K> {
         }
     }
 
-    /// Splits a batch into components. `events` yields each event's entity keys, in log
-    /// order; every event touches at least one entity.
-    pub fn route<'k>(
+    /// Splits a batch of `event_count` events into components. `keys_of(i, out)`
+    /// appends the entity keys of event `i` (at least one); events are in log order.
+    pub fn route(
         &mut self,
-        events: impl IntoIterator<Item = &'k [K]>,
+        event_count: usize,
+        mut keys_of: impl FnMut(usize, &mut Vec<K>),
         shard_of: impl Fn(&K) -> ShardId,
-    ) -> Vec<RoutedComponent>
-    where
-        K: 'k,
-    {
+    ) -> &Routing {
         self.node_of_key.clear();
         self.keys.clear();
         self.shard.clear();
@@ -181,7 +199,10 @@ impl<K: Clone + Eq + Hash> Router<K> {
         self.rank.clear();
         self.first_node_of_event.clear();
 
-        for keys in events {
+        let mut keys = std::mem::take(&mut self.keys_scratch);
+        for event in 0..event_count {
+            keys.clear();
+            keys_of(event, &mut keys);
             let first = keys.first().expect("every event touches at least one entity");
             let first_node = self.intern(first, &shard_of);
             for key in &keys[1..] {
@@ -190,59 +211,133 @@ impl<K: Clone + Eq + Hash> Router<K> {
             }
             self.first_node_of_event.push(first_node);
         }
+        self.keys_scratch = keys;
 
+        // Number components by their first event, then lay events and nodes out
+        // component by component (a counting sort, so both stay in order inside).
+        let routing = &mut self.routing;
+        routing.components.clear();
         self.component_of_root.clear();
         self.component_of_root.resize(self.keys.len(), NO_COMPONENT);
-        let mut components: Vec<RoutedComponent> = Vec::new();
-        for event in 0..self.first_node_of_event.len() {
-            let root = self.find(self.first_node_of_event[event]);
+        self.component_of_event.clear();
+        self.counts.clear();
+        for event in 0..event_count {
+            let root = find(&mut self.parent, self.first_node_of_event[event]);
             let mut component = self.component_of_root[root as usize];
             if component == NO_COMPONENT {
-                component = components.len() as u32;
+                component = self.counts.len() as u32;
                 self.component_of_root[root as usize] = component;
-                components.push(RoutedComponent { events: Vec::new(), nodes: Vec::new(), placement: Placement::Single(0) });
+                self.counts.push(0);
             }
-            components[component as usize].events.push(event as u32);
+            self.component_of_event.push(component);
+            self.counts[component as usize] += 1;
         }
-
-        let mut shards = vec![ShardSet::default(); components.len()];
-        for node in 0..self.keys.len() as u32 {
-            let root = self.find(node);
+        let component_count = self.counts.len();
+        let mut shards = vec![ShardSet::default(); component_count];
+        let mut node_counts = vec![0u32; component_count];
+        for node in 0..self.keys.len() {
+            let root = find(&mut self.parent, node as u32);
             let component = self.component_of_root[root as usize] as usize;
-            components[component].nodes.push(node);
-            shards[component].insert(self.shard[node as usize]);
+            node_counts[component] += 1;
+            shards[component].insert(self.shard[node]);
         }
-        for (component, set) in components.iter_mut().zip(shards) {
+        let (mut event_start, mut node_start) = (0u32, 0u32);
+        self.cursor.clear();
+        for component in 0..component_count {
+            let set = shards[component];
             let lowest = set.lowest().expect("a component owns at least one entity");
-            component.placement =
-                if set.len() == 1 { Placement::Single(lowest) } else { Placement::Cross { coordinator: lowest, shards: set } };
+            routing.components.push(RoutedComponent {
+                events: event_start..event_start + self.counts[component],
+                nodes: node_start..node_start + node_counts[component],
+                placement: if set.len() == 1 {
+                    Placement::Single(lowest)
+                } else {
+                    Placement::Cross { coordinator: lowest, shards: set }
+                },
+            });
+            self.cursor.push(event_start);
+            event_start += self.counts[component];
+            node_start += node_counts[component];
         }
-        components
+        routing.events.clear();
+        routing.events.resize(event_count, 0);
+        for event in 0..event_count {
+            let component = self.component_of_event[event] as usize;
+            routing.events[self.cursor[component] as usize] = event as u32;
+            self.cursor[component] += 1;
+        }
+        for (component, cursor) in self.cursor.iter_mut().enumerate() {
+            *cursor = routing.components[component].nodes.start;
+        }
+        routing.nodes.clear();
+        routing.nodes.resize(self.keys.len(), 0);
+        for node in 0..self.keys.len() {
+            let root = find(&mut self.parent, node as u32);
+            let component = self.component_of_root[root as usize] as usize;
+            routing.nodes[self.cursor[component] as usize] = node as u32;
+            self.cursor[component] += 1;
+        }
+        &self.routing
     }
+}
+
+/// Root of `node`, compressing the path behind it.
+fn find(parent: &mut [u32], node: u32) -> u32 {
+    let mut root = node;
+    while parent[root as usize] != root {
+        root = parent[root as usize];
+    }
+    let mut current = node;
+    while parent[current as usize] != root {
+        let next = parent[current as usize];
+        parent[current as usize] = root;
+        current = next;
+    }
+    root
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn route(events: &[&[u32]], shards: u16) -> Vec<RoutedComponent> {
+    fn route(events: &[&[u32]], shards: u16) -> Vec<(Vec<u32>, Vec<u32>, Placement)> {
         let mut router = Router::<u32>::new();
-        router.route(events.iter().copied(), |k| (*k % u32::from(shards)) as ShardId)
+        let routing = router.route(events.len(), |i, out| out.extend_from_slice(events[i]), |k| (*k % u32::from(shards)) as ShardId);
+        routing
+            .components
+            .iter()
+            .map(|c| {
+                let nodes = routing.nodes_of(c).iter().map(|n| *router_key(events, *n)).collect();
+                (routing.events_of(c).to_vec(), nodes, c.placement)
+            })
+            .collect()
+    }
+
+    /// Node numbers are first-seen order over the batch's keys.
+    fn router_key<'a>(events: &'a [&[u32]], node: u32) -> &'a u32 {
+        let mut seen: Vec<&u32> = Vec::new();
+        for key in events.iter().flat_map(|e| e.iter()) {
+            if !seen.contains(&key) {
+                seen.push(key);
+            }
+        }
+        seen[node as usize]
     }
 
     #[test]
     fn events_sharing_entities_join_one_component_in_log_order() {
         // spec: Usher.ComponentsFromUnionFind
         let components = route(&[&[1, 2], &[3], &[2, 4], &[5], &[4, 6]], 1);
-        let events: Vec<_> = components.iter().map(|c| c.events.clone()).collect();
+        let events: Vec<_> = components.iter().map(|c| c.0.clone()).collect();
         assert_eq!(events, vec![vec![0, 2, 4], vec![1], vec![3]]);
+        assert_eq!(components[0].1, vec![1, 2, 4, 6]);
     }
 
     #[test]
     fn chains_through_later_events_merge_earlier_components() {
         // spec: Usher.ComponentsFromUnionFind
         let components = route(&[&[1], &[2], &[3], &[1, 3]], 1);
-        let events: Vec<_> = components.iter().map(|c| c.events.clone()).collect();
+        let events: Vec<_> = components.iter().map(|c| c.0.clone()).collect();
         assert_eq!(events, vec![vec![0, 2, 3], vec![1]]);
     }
 
@@ -251,21 +346,21 @@ mod tests {
         // spec: Usher.SingleShardComponent
         // spec: Usher.CrossShardComponent
         let components = route(&[&[2, 4], &[3, 6], &[5]], 2);
-        assert_eq!(components[0].placement, Placement::Single(0));
+        assert_eq!(components[0].2, Placement::Single(0));
         let mut both = ShardSet::default();
         both.insert(0);
         both.insert(1);
-        assert_eq!(components[1].placement, Placement::Cross { coordinator: 0, shards: both });
-        assert_eq!(components[2].placement, Placement::Single(1));
+        assert_eq!(components[1].2, Placement::Cross { coordinator: 0, shards: both });
+        assert_eq!(components[2].2, Placement::Single(1));
     }
 
     #[test]
     fn scratch_is_reset_between_batches() {
         let mut router = Router::<u32>::new();
-        let first = router.route([&[1u32, 2][..]], |_| 0);
-        let second = router.route([&[2u32][..], &[3][..]], |_| 0);
-        assert_eq!(first.len(), 1);
-        assert_eq!(second.len(), 2);
-        assert_eq!(router.key(second[1].nodes[0]), &3);
+        assert_eq!(router.route(1, |_, out| out.extend([1u32, 2]), |_| 0).components.len(), 1);
+        let second = router.route(2, |i, out| out.push([2u32, 3][i]), |_| 0);
+        assert_eq!(second.components.len(), 2);
+        let node = second.nodes_of(&second.components[1])[0];
+        assert_eq!(router.key(node), &3);
     }
 }

@@ -10,8 +10,8 @@
 use crate::arbiter::{shard_of, Component, ComponentId, ShardMessage};
 use crate::digest::key_fingerprint;
 use crate::domain::{Domain, StreamTimeMs, Version};
-use crate::envelope::{AdminCommand, Command, Envelope};
-use crate::output::{EncodedOutput, Output, Verdict};
+use crate::envelope::{AdminCommand, Command, DecodeError, Envelope};
+use crate::output::{encode_output, EncodedOutput, Verdict};
 use crate::router::{Placement, Router, ShardId, MAX_SHARDS};
 use crate::warden::{Warden, WardenCheck, WardenConfig};
 
@@ -25,6 +25,13 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
+/// A record after decoding.
+pub struct Decoded<D: Domain> {
+    pub offset: u64,
+    pub timestamp_ms: u64,
+    pub envelope: Result<Envelope<D>, DecodeError>,
+}
+
 /// A new event, ready for evaluation.
 #[derive(Debug, Clone)]
 pub struct Event<D: Domain> {
@@ -33,8 +40,6 @@ pub struct Event<D: Domain> {
     pub stream_time_ms: StreamTimeMs,
     pub version: Version,
     pub command: D::Command,
-    /// `D::entities(command)`, computed once here.
-    pub keys: Vec<D::EntityKey>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,28 +126,42 @@ impl<D: Domain> Usher<D> {
     }
 
     fn usher_output(&self, offset: u64, verdict: Verdict) -> EncodedOutput {
-        Output { partition: self.config.partition, offset, verdict, body: Vec::new() }.encode()
+        encode_output(self.config.partition, offset, verdict.as_ref(), &[], &mut Vec::new())
     }
 
     /// Plans one batch. `records` must continue the partition at `next_offset` with
     /// dense offsets.
     pub fn plan(&mut self, records: &[Record]) -> Result<BatchPlan<D>, Halted> {
+        let partition = self.config.partition;
+        self.plan_decoded(records.iter().map(|record| {
+            assert_eq!(record.partition, partition, "an Usher serves one partition");
+            Decoded {
+                offset: record.offset,
+                timestamp_ms: record.timestamp_ms,
+                envelope: Envelope::<D>::decode(&record.payload),
+            }
+        }))
+    }
+
+    /// Plans one batch of records already decoded (the decode may run elsewhere, or
+    /// be skipped by a benchmark of the core).
+    pub fn plan_decoded(&mut self, records: impl IntoIterator<Item = Decoded<D>>) -> Result<BatchPlan<D>, Halted> {
         if let Some(halted) = &self.halted {
             return Err(halted.clone());
         }
         let partition = self.config.partition;
+        let records = records.into_iter();
         let mut outputs = Vec::new();
-        let mut events: Vec<Event<D>> = Vec::with_capacity(records.len());
+        let mut events: Vec<Event<D>> = Vec::with_capacity(records.size_hint().0);
         let mut last_offset = None;
 
         for record in records {
-            assert_eq!(record.partition, partition, "an Usher serves one partition");
             assert_eq!(record.offset, self.next_offset, "records arrive with dense offsets");
             // spec: Usher.StreamTimeIsMaxTimestamp
             self.stream_time_ms = self.stream_time_ms.max(record.timestamp_ms);
             self.warden.advance(record.offset, self.stream_time_ms);
 
-            let envelope = match Envelope::<D>::decode(&record.payload) {
+            let envelope = match record.envelope {
                 Ok(envelope) => envelope,
                 Err(error) => {
                     // spec: Usher.MalformedRecordRejected
@@ -185,16 +204,12 @@ impl<D: Domain> Usher<D> {
                     outputs.push(self.usher_output(record.offset, Verdict::VersionActivated { version }));
                 }
                 Command::Domain(command) => {
-                    let mut keys = Vec::with_capacity(2);
-                    D::entities(&command, &mut keys);
-                    assert!(!keys.is_empty() && keys.len() <= D::MAX_ENTITIES_PER_COMMAND);
                     events.push(Event {
                         partition,
                         offset: record.offset,
                         stream_time_ms: self.stream_time_ms,
                         version: self.version,
                         command,
-                        keys,
                     });
                 }
             }
@@ -212,15 +227,22 @@ impl<D: Domain> Usher<D> {
     fn dispatch(&mut self, events: Vec<Event<D>>, last_offset: u64) -> Vec<(ShardId, ShardMessage<D>)> {
         let partition = self.config.partition;
         let shard_count = self.config.shard_count;
-        let routed = self.router.route(events.iter().map(|e| e.keys.as_slice()), |k| shard_of::<D>(k, shard_count));
-        let mut messages = Vec::with_capacity(routed.len() + 2 * shard_count as usize);
+        self.router.route(
+            events.len(),
+            |i, out| {
+                D::entities(&events[i].command, out);
+                assert!(!out.is_empty() && out.len() <= D::MAX_ENTITIES_PER_COMMAND);
+            },
+            |k| shard_of::<D>(k, shard_count),
+        );
+        let router = &self.router;
+        let routing = router.routing();
+        let mut messages = Vec::with_capacity(routing.components.len() + 2 * shard_count as usize);
 
         // spec: Usher.PrewarmBeforeDispatch
         let mut prewarm: Vec<Vec<D::EntityKey>> = vec![Vec::new(); shard_count as usize];
-        for component in &routed {
-            for &node in &component.nodes {
-                prewarm[self.router.shard_of(node) as usize].push(self.router.key(node).clone());
-            }
+        for &node in &routing.nodes {
+            prewarm[router.shard_of(node) as usize].push(router.key(node).clone());
         }
         for (shard, keys) in prewarm.into_iter().enumerate() {
             if !keys.is_empty() {
@@ -229,26 +251,26 @@ impl<D: Domain> Usher<D> {
         }
 
         let mut slots: Vec<Option<Event<D>>> = events.into_iter().map(Some).collect();
-        for routed_component in routed {
-            let component_events: Vec<Event<D>> = routed_component
-                .events
+        for routed in &routing.components {
+            let component_events: Vec<Event<D>> = routing
+                .events_of(routed)
                 .iter()
                 .map(|&i| slots[i as usize].take().expect("each event is in exactly one component"))
                 .collect();
             let id = ComponentId { partition, first_offset: component_events[0].offset };
-            if let Placement::Cross { coordinator, shards } = routed_component.placement {
+            if let Placement::Cross { coordinator, shards } = routed.placement {
                 for lender in shards.iter().filter(|s| *s != coordinator) {
-                    let keys: Vec<D::EntityKey> = routed_component
-                        .nodes
+                    let keys: Vec<D::EntityKey> = routing
+                        .nodes_of(routed)
                         .iter()
-                        .filter(|&&n| self.router.shard_of(n) == lender)
-                        .map(|&n| self.router.key(n).clone())
+                        .filter(|&&n| router.shard_of(n) == lender)
+                        .map(|&n| router.key(n).clone())
                         .collect();
                     messages.push((lender, ShardMessage::Lend { component: id, coordinator, keys }));
                 }
             }
-            let evaluator = routed_component.placement.evaluator();
-            let component = Component { id, placement: routed_component.placement, events: component_events };
+            let evaluator = routed.placement.evaluator();
+            let component = Component { id, placement: routed.placement, events: component_events };
             messages.push((evaluator, ShardMessage::Run(component)));
         }
 
