@@ -43,7 +43,12 @@ fn seed_log() -> Vec<Envelope<Inventory>> {
         for w in 0..WAREHOUSES {
             out.push(Envelope::domain(
                 format!("seed-{s}-{w}"),
-                InventoryCommand::Adjust { sku: sku(s).into(), warehouse: warehouse(w).into(), delta: 1_000_000, reason: "seed".into() },
+                InventoryCommand::Adjust {
+                    sku: sku(s).into(),
+                    warehouse: warehouse(w).into(),
+                    delta: 1_000_000,
+                    reason: "seed".into(),
+                },
             ));
         }
     }
@@ -56,10 +61,14 @@ fn workload(kit_share_pct: usize) -> Vec<Envelope<Inventory>> {
         .map(|i| {
             let command = if rng.next(100) < kit_share_pct {
                 let kit = rng.next(SKUS);
-                let components = (1..=3)
-                    .map(|j| KitComponent { sku: sku((kit + j * 7) % SKUS).into(), qty_per_kit: 1 })
-                    .collect();
-                InventoryCommand::AssembleKit { warehouse: warehouse(rng.next(WAREHOUSES)).into(), kit_sku: format!("KIT-{kit}").into(), qty: 1, components }
+                let components =
+                    (1..=3).map(|j| KitComponent { sku: sku((kit + j * 7) % SKUS).into(), qty_per_kit: 1 }).collect();
+                InventoryCommand::AssembleKit {
+                    warehouse: warehouse(rng.next(WAREHOUSES)).into(),
+                    kit_sku: format!("KIT-{kit}").into(),
+                    qty: 1,
+                    components,
+                }
             } else {
                 let from = rng.next(WAREHOUSES);
                 let to = (from + 1 + rng.next(WAREHOUSES - 1)) % WAREHOUSES;
@@ -111,13 +120,21 @@ fn bench(c: &mut Criterion) {
 
     let transfers = workload(0);
     group.bench_function("transfers_decoded", |b| {
-        b.iter_batched(|| (seeded_simulator(1), transfers.clone()), |(mut sim, events)| run_decoded(&mut sim, events), BatchSize::PerIteration)
+        b.iter_batched(
+            || (seeded_simulator(1), transfers.clone()),
+            |(mut sim, events)| run_decoded(&mut sim, events),
+            BatchSize::PerIteration,
+        )
     });
 
     let mix = workload(10);
     for shards in [1u16, 2] {
         group.bench_function(format!("kit_mix_10pct_decoded/{shards}"), |b| {
-            b.iter_batched(|| (seeded_simulator(shards), mix.clone()), |(mut sim, events)| run_decoded(&mut sim, events), BatchSize::PerIteration)
+            b.iter_batched(
+                || (seeded_simulator(shards), mix.clone()),
+                |(mut sim, events)| run_decoded(&mut sim, events),
+                BatchSize::PerIteration,
+            )
         });
     }
 
@@ -125,7 +142,12 @@ fn bench(c: &mut Criterion) {
     let records: Vec<Record> = transfers
         .iter()
         .enumerate()
-        .map(|(i, e)| Record { partition: 0, offset: base + i as u64, timestamp_ms: (i / 10) as u64, payload: e.encode() })
+        .map(|(i, e)| Record {
+            partition: 0,
+            offset: base + i as u64,
+            timestamp_ms: (i / 10) as u64,
+            payload: e.encode(),
+        })
         .collect();
     group.bench_function("transfers_from_json", |b| {
         b.iter_batched(

@@ -5,8 +5,10 @@
 //!    5 min), bytes allocated / live entries;
 //! 2. steady state: 6,000,000 further keys at the same rate, so keys expire and are
 //!    swept as new ones arrive; the peak of bytes / live entries over that run.
+//!
 //! Also prints the allocator's high-water mark (the sweep's transient buffer of live
-//! entries included) and the insert rate. Run with `cargo bench -p tribunal-shards --bench warden_memory`.
+//! entries included) and the insert rate. Run with
+//! `cargo bench -p tribunal-shards --bench warden_memory`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -91,5 +93,7 @@ fn main() {
         2 * FILL,
         2.0 * FILL as f64 / steady_secs / 1e6
     );
-    println!("warden steady state: high-water mark including the sweep's transient buffer {transient:.1} bytes/live entry");
+    println!(
+        "warden steady state: high-water mark including the sweep's transient buffer {transient:.1} bytes/live entry"
+    );
 }

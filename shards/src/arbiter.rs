@@ -216,7 +216,9 @@ impl<D: Domain> Arbiter<D> {
             }
             // A batch is done on this shard only once its loans are home.
             ShardMessage::BatchEnd { .. } => self.lent_out.is_empty(),
-            ShardMessage::Lent { .. } | ShardMessage::WriteBack { .. } => unreachable!("control messages are not queued"),
+            ShardMessage::Lent { .. } | ShardMessage::WriteBack { .. } => {
+                unreachable!("control messages are not queued")
+            }
         }
     }
 
@@ -292,7 +294,11 @@ impl<D: Domain> Arbiter<D> {
                 let state = match working.get(key) {
                     Some(state) => *state,
                     None => {
-                        assert_eq!(shard_of::<D>(key, self.shard_count), self.shard, "other shards' entities arrive as loans");
+                        assert_eq!(
+                            shard_of::<D>(key, self.shard_count),
+                            self.shard,
+                            "other shards' entities arrive as loans"
+                        );
                         let state = self.registrar.get(partition, key);
                         working.insert(key.clone(), state);
                         state
@@ -363,8 +369,14 @@ fn evaluate<D: Domain>(event: &Event<D>, scratch: &mut Scratch<D>) -> (EncodedOu
     scratch.backup.clear();
     scratch.backup.extend_from_slice(&scratch.states);
     scratch.body.clear();
-    let decision =
-        D::evaluate(event.version, &scratch.keys, &mut scratch.states, &event.command, event.stream_time_ms, &mut scratch.body);
+    let decision = D::evaluate(
+        event.version,
+        &scratch.keys,
+        &mut scratch.states,
+        &event.command,
+        event.stream_time_ms,
+        &mut scratch.body,
+    );
     let (verdict, accepted) = match decision {
         Decision::Accepted => (VerdictRef::Accepted { version: event.version }, true),
         Decision::Rejected(code) => {

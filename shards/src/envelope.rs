@@ -155,10 +155,9 @@ impl<D: Domain> Envelope<D> {
     pub fn payload_digest(&self) -> u64 {
         match &self.command {
             Command::Domain(c) => D::command_digest(c),
-            Command::Admin(AdminCommand::ActivateVersion { version }) => crate::digest::CanonicalHasher::new()
-                .tag(0xAD)
-                .u64(u64::from(*version))
-                .finish64(),
+            Command::Admin(AdminCommand::ActivateVersion { version }) => {
+                crate::digest::CanonicalHasher::new().tag(0xAD).u64(u64::from(*version)).finish64()
+            }
         }
     }
 }
@@ -174,7 +173,12 @@ mod tests {
     fn round_trip() {
         let env = Env::domain(
             "k-1",
-            InventoryCommand::Transfer { sku: "S".into(), from_warehouse: "A".into(), to_warehouse: "B".into(), qty: 3 },
+            InventoryCommand::Transfer {
+                sku: "S".into(),
+                from_warehouse: "A".into(),
+                to_warehouse: "B".into(),
+                qty: 3,
+            },
         );
         let bytes = env.encode();
         let back = Env::decode(&bytes).unwrap();

@@ -6,9 +6,9 @@
 
 use compact_str::CompactString;
 use rkyv::with::InlineAsBox;
-use smallvec::SmallVec;
 use rkyv::{Archive, Serialize as RkyvSerialize};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::digest::{affinity_hash, CanonicalHasher};
 use crate::domain::{Decision, Domain, StreamTimeMs, Version};
@@ -154,7 +154,8 @@ impl InventoryBody {
                 qty: l.qty.to_native(),
             })
             .collect();
-        let level = |i: u8| levels.get(i as usize).ok_or_else(|| BodyDecodeError(format!("level index {i} out of range")));
+        let level =
+            |i: u8| levels.get(i as usize).ok_or_else(|| BodyDecodeError(format!("level index {i} out of range")));
         let event = match archived.event.as_ref() {
             None => None,
             Some(ArchivedInventoryEventRef::StockMoved { from, to, qty }) => {
@@ -177,7 +178,11 @@ impl InventoryBody {
             }
             Some(ArchivedInventoryEventRef::KitAssembled { kit, qty }) => {
                 let l = level(*kit)?;
-                Some(InventoryEvent::KitAssembled { warehouse: l.warehouse.clone(), kit_sku: l.sku.clone(), qty: qty.to_native() })
+                Some(InventoryEvent::KitAssembled {
+                    warehouse: l.warehouse.clone(),
+                    kit_sku: l.sku.clone(),
+                    qty: qty.to_native(),
+                })
             }
         };
         Ok(Self { levels, event })
@@ -455,7 +460,8 @@ mod tests {
     #[test]
     fn adjust_below_zero_is_rejected() {
         // spec: Inventory.AdjustAppliesDelta
-        let adjust = |delta| InventoryCommand::Adjust { sku: "S".into(), warehouse: "A".into(), delta, reason: "count".into() };
+        let adjust =
+            |delta| InventoryCommand::Adjust { sku: "S".into(), warehouse: "A".into(), delta, reason: "count".into() };
         let mut states = vec![5];
         assert_eq!(run(1, &adjust(-6), &mut states).0, Decision::Rejected(reject::INSUFFICIENT_STOCK));
         assert_eq!(states, vec![5]);
@@ -529,9 +535,12 @@ mod tests {
     #[test]
     fn command_digest_ignores_json_layout() {
         let a: InventoryCommand =
-            serde_json::from_str(r#"{"type":"transfer","sku":"S","from_warehouse":"A","to_warehouse":"B","qty":1}"#).unwrap();
-        let b: InventoryCommand =
-            serde_json::from_str(r#"{ "qty": 1, "to_warehouse":"B", "from_warehouse":"A", "sku":"S", "type":"transfer" }"#).unwrap();
+            serde_json::from_str(r#"{"type":"transfer","sku":"S","from_warehouse":"A","to_warehouse":"B","qty":1}"#)
+                .unwrap();
+        let b: InventoryCommand = serde_json::from_str(
+            r#"{ "qty": 1, "to_warehouse":"B", "from_warehouse":"A", "sku":"S", "type":"transfer" }"#,
+        )
+        .unwrap();
         assert_eq!(Inventory::command_digest(&a), Inventory::command_digest(&b));
         assert_ne!(Inventory::command_digest(&a), Inventory::command_digest(&transfer("S", "A", "B", 2)));
     }

@@ -39,20 +39,28 @@ pub enum Verdict {
 /// Borrowed verdict: what is actually serialised.
 #[derive(Debug, Clone, Copy, Archive, Serialize)]
 pub enum VerdictRef<'a> {
-    Accepted { version: Version },
+    Accepted {
+        version: Version,
+    },
     Rejected {
         version: Version,
         #[rkyv(with = InlineAsBox)]
         code: &'a str,
     },
-    Replay { original_offset: u64 },
-    Conflict { original_offset: u64 },
+    Replay {
+        original_offset: u64,
+    },
+    Conflict {
+        original_offset: u64,
+    },
     Malformed {
         #[rkyv(with = InlineAsBox)]
         reason: &'a str,
     },
     WardenFull,
-    VersionActivated { version: Version },
+    VersionActivated {
+        version: Version,
+    },
 }
 
 /// The canonical wire and Ledger form of an output.
@@ -99,13 +107,17 @@ impl Verdict {
             ArchivedVerdictRef::Rejected { version, code } => {
                 Verdict::Rejected { version: version.to_native(), code: code.as_ref().to_owned() }
             }
-            ArchivedVerdictRef::Replay { original_offset } => Verdict::Replay { original_offset: original_offset.to_native() },
+            ArchivedVerdictRef::Replay { original_offset } => {
+                Verdict::Replay { original_offset: original_offset.to_native() }
+            }
             ArchivedVerdictRef::Conflict { original_offset } => {
                 Verdict::Conflict { original_offset: original_offset.to_native() }
             }
             ArchivedVerdictRef::Malformed { reason } => Verdict::Malformed { reason: reason.as_ref().to_owned() },
             ArchivedVerdictRef::WardenFull => Verdict::WardenFull,
-            ArchivedVerdictRef::VersionActivated { version } => Verdict::VersionActivated { version: version.to_native() },
+            ArchivedVerdictRef::VersionActivated { version } => {
+                Verdict::VersionActivated { version: version.to_native() }
+            }
         }
     }
 }
@@ -159,8 +171,8 @@ impl Output {
     /// Decodes bytes from outside (a peer, the Ledger), validating them first. Never
     /// panics, whatever the bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, OutputDecodeError> {
-        let archived = rkyv::access::<ArchivedOutputRecord<'_>, RkyvError>(bytes)
-            .map_err(|e| OutputDecodeError(e.to_string()))?;
+        let archived =
+            rkyv::access::<ArchivedOutputRecord<'_>, RkyvError>(bytes).map_err(|e| OutputDecodeError(e.to_string()))?;
         Ok(Self {
             partition: archived.partition.to_native(),
             offset: archived.offset.to_native(),
@@ -215,9 +227,10 @@ mod tests {
     fn garbage_bytes_are_an_error_not_a_panic() {
         assert!(Output::decode(&[]).is_err());
         assert!(Output::decode(&[0xFF; 7]).is_err());
-        let bytes = Output { partition: 0, offset: 1, verdict: Verdict::Malformed { reason: "x".into() }, body: vec![] }
-            .encode()
-            .bytes;
+        let bytes =
+            Output { partition: 0, offset: 1, verdict: Verdict::Malformed { reason: "x".into() }, body: vec![] }
+                .encode()
+                .bytes;
         for i in 0..bytes.len() {
             for bit in 0..8 {
                 let mut flipped = bytes.clone();

@@ -141,9 +141,9 @@ impl<D: Domain> Reference<D> {
     }
 
     pub fn partition_digest(&self, partition: u32) -> u128 {
-        self.partitions.get(&partition).map_or(0, |p| {
-            p.state.iter().fold(0u128, |acc, (k, s)| acc.wrapping_add(D::entity_digest(k, s)))
-        })
+        self.partitions
+            .get(&partition)
+            .map_or(0, |p| p.state.iter().fold(0u128, |acc, (k, s)| acc.wrapping_add(D::entity_digest(k, s))))
     }
 
     pub fn state_digest(&self) -> u128 {

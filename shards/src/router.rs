@@ -302,7 +302,11 @@ mod tests {
 
     fn route(events: &[&[u32]], shards: u16) -> Vec<(Vec<u32>, Vec<u32>, Placement)> {
         let mut router = Router::<u32>::new();
-        let routing = router.route(events.len(), |i, out| out.extend_from_slice(events[i]), |k| (*k % u32::from(shards)) as ShardId);
+        let routing = router.route(
+            events.len(),
+            |i, out| out.extend_from_slice(events[i]),
+            |k| (*k % u32::from(shards)) as ShardId,
+        );
         routing
             .components
             .iter()

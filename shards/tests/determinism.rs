@@ -20,15 +20,39 @@ const SKUS: &[&str] = &["SKU-1", "SKU-2", "SKU-3", "SKU-4", "SKU-5", "SKU-6", "S
 
 #[derive(Debug, Clone)]
 enum Op {
-    Transfer { sku: usize, from: usize, to: usize, qty: u64 },
-    Adjust { sku: usize, wh: usize, delta: i64, empty_reason: bool },
-    Kit { wh: usize, kit: usize, qty: u64, components: Vec<(usize, u64)> },
+    Transfer {
+        sku: usize,
+        from: usize,
+        to: usize,
+        qty: u64,
+    },
+    Adjust {
+        sku: usize,
+        wh: usize,
+        delta: i64,
+        empty_reason: bool,
+    },
+    Kit {
+        wh: usize,
+        kit: usize,
+        qty: u64,
+        components: Vec<(usize, u64)>,
+    },
     /// Resubmit the command of an earlier op with its key (a replay).
-    Replay { back: usize },
+    Replay {
+        back: usize,
+    },
     /// Reuse an earlier op's key with this op's payload (a conflict).
-    Conflict { back: usize, delta: i64 },
-    Activate { version: u32 },
-    Garbage { kind: u8 },
+    Conflict {
+        back: usize,
+        delta: i64,
+    },
+    Activate {
+        version: u32,
+    },
+    Garbage {
+        kind: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -97,9 +121,11 @@ fn command(op: &Op) -> Option<InventoryCommand> {
             let mut seen = Vec::new();
             let components: Vec<KitComponent> = components
                 .iter()
-                .filter(|(c, _)| *c != *kit && !seen.contains(c) && {
-                    seen.push(*c);
-                    true
+                .filter(|(c, _)| {
+                    *c != *kit && !seen.contains(c) && {
+                        seen.push(*c);
+                        true
+                    }
                 })
                 .map(|(c, per)| KitComponent { sku: SKUS[*c].into(), qty_per_kit: *per })
                 .collect();
@@ -212,7 +238,8 @@ fn reference_run(s: &Scenario, logs: &[Vec<Record>]) -> (BTreeMap<(u32, u64), u1
                         }
                         InventoryCommand::AssembleKit { kit_sku, qty, components, .. } => {
                             let diff = |sku: &str| {
-                                after.get(sku).copied().unwrap_or(0) as i128 - before.get(sku).copied().unwrap_or(0) as i128
+                                after.get(sku).copied().unwrap_or(0) as i128
+                                    - before.get(sku).copied().unwrap_or(0) as i128
                             };
                             assert_eq!(diff(&kit_sku), i128::from(qty));
                             for c in &components {
@@ -232,7 +259,8 @@ fn reference_run(s: &Scenario, logs: &[Vec<Record>]) -> (BTreeMap<(u32, u64), u1
 
 fn simulated_run(s: &Scenario, logs: &[Vec<Record>], shard_count: u16) -> (BTreeMap<(u32, u64), u128>, u128) {
     let warden = WardenConfig { ttl_ms: s.ttl_ms, max_entries: s.max_entries };
-    let mut sim = Simulator::<Inventory>::new(SimulatorConfig::new(shard_count, warden, s.seed ^ u64::from(shard_count)));
+    let mut sim =
+        Simulator::<Inventory>::new(SimulatorConfig::new(shard_count, warden, s.seed ^ u64::from(shard_count)));
     // Interleave the partitions' batches: partitions are independent ordering domains.
     let per_partition: Vec<Vec<&[Record]>> = logs.iter().map(|log| batches(log, &s.batch_sizes)).collect();
     let rounds = per_partition.iter().map(Vec::len).max().unwrap_or(0);
@@ -279,7 +307,12 @@ fn kits_spanning_shards_run_through_the_coordinator() {
     let mut log = Vec::new();
     let mut push = |c: InventoryCommand| {
         let offset = log.len() as u64;
-        log.push(Record { partition: 0, offset, timestamp_ms: offset, payload: Envelope::<Inventory>::domain(format!("k{offset}"), c).encode() });
+        log.push(Record {
+            partition: 0,
+            offset,
+            timestamp_ms: offset,
+            payload: Envelope::<Inventory>::domain(format!("k{offset}"), c).encode(),
+        });
     };
     for sku in SKUS {
         push(InventoryCommand::Adjust { sku: (*sku).into(), warehouse: "W".into(), delta: 10, reason: "init".into() });
@@ -292,7 +325,8 @@ fn kits_spanning_shards_run_through_the_coordinator() {
             components: SKUS.iter().map(|s| KitComponent { sku: (*s).into(), qty_per_kit: 2 }).collect(),
         });
     }
-    let s = Scenario { ops: vec![], time_steps: vec![], batch_sizes: vec![5], ttl_ms: 1_000, max_entries: 100, seed: 7 };
+    let s =
+        Scenario { ops: vec![], time_steps: vec![], batch_sizes: vec![5], ttl_ms: 1_000, max_entries: 100, seed: 7 };
     let (reference, digest) = reference_run(&s, std::slice::from_ref(&log));
     let (simulated, sim_digest) = simulated_run(&s, std::slice::from_ref(&log), 4);
     assert_eq!(simulated, reference);
@@ -312,9 +346,17 @@ fn unknown_version_halts_every_engine_at_the_same_offset() {
     // spec: Versioning.UnknownVersionHalts
     let mut log = Vec::new();
     for (i, payload) in [
-        Envelope::<Inventory>::domain("a", InventoryCommand::Adjust { sku: "S".into(), warehouse: "W".into(), delta: 5, reason: "r".into() }).encode(),
+        Envelope::<Inventory>::domain(
+            "a",
+            InventoryCommand::Adjust { sku: "S".into(), warehouse: "W".into(), delta: 5, reason: "r".into() },
+        )
+        .encode(),
         Envelope::<Inventory>::admin("v", AdminCommand::ActivateVersion { version: 9 }).encode(),
-        Envelope::<Inventory>::domain("b", InventoryCommand::Adjust { sku: "S".into(), warehouse: "W".into(), delta: 5, reason: "r".into() }).encode(),
+        Envelope::<Inventory>::domain(
+            "b",
+            InventoryCommand::Adjust { sku: "S".into(), warehouse: "W".into(), delta: 5, reason: "r".into() },
+        )
+        .encode(),
     ]
     .into_iter()
     .enumerate()
@@ -338,10 +380,22 @@ fn activation_switches_logic_at_the_next_offset() {
     // spec: Versioning.ActivateAtNextOffset
     // spec: Inventory.ReasonRequiredFromV2
     let empty_reason = |key: &str| {
-        Envelope::<Inventory>::domain(key, InventoryCommand::Adjust { sku: "S".into(), warehouse: "W".into(), delta: 1, reason: "".into() }).encode()
+        Envelope::<Inventory>::domain(
+            key,
+            InventoryCommand::Adjust { sku: "S".into(), warehouse: "W".into(), delta: 1, reason: "".into() },
+        )
+        .encode()
     };
-    let payloads = [empty_reason("a"), Envelope::<Inventory>::admin("v2", AdminCommand::ActivateVersion { version: 2 }).encode(), empty_reason("b")];
-    let log: Vec<Record> = payloads.into_iter().enumerate().map(|(i, payload)| Record { partition: 0, offset: i as u64, timestamp_ms: 0, payload }).collect();
+    let payloads = [
+        empty_reason("a"),
+        Envelope::<Inventory>::admin("v2", AdminCommand::ActivateVersion { version: 2 }).encode(),
+        empty_reason("b"),
+    ];
+    let log: Vec<Record> = payloads
+        .into_iter()
+        .enumerate()
+        .map(|(i, payload)| Record { partition: 0, offset: i as u64, timestamp_ms: 0, payload })
+        .collect();
     let mut sim = Simulator::<Inventory>::new(SimulatorConfig::new(2, WardenConfig::default(), 3));
     sim.process_batch(&log).unwrap();
     let verdict = |offset| Output::decode(&sim.outputs()[&(0, offset)].bytes).unwrap().verdict;
@@ -353,20 +407,45 @@ fn activation_switches_logic_at_the_next_offset() {
 #[test]
 fn digests_do_not_depend_on_delivery_order() {
     // Same log, many seeds, 4 shards: one digest.
-    let s = Scenario { ops: vec![], time_steps: vec![], batch_sizes: vec![7, 3, 11], ttl_ms: 500, max_entries: 1_000_000, seed: 0 };
+    let s = Scenario {
+        ops: vec![],
+        time_steps: vec![],
+        batch_sizes: vec![7, 3, 11],
+        ttl_ms: 500,
+        max_entries: 1_000_000,
+        seed: 0,
+    };
     let mut log = Vec::new();
     for i in 0..300u64 {
         let c = match i % 3 {
-            0 => InventoryCommand::Adjust { sku: SKUS[(i % 8) as usize].into(), warehouse: WAREHOUSES[(i % 3) as usize].into(), delta: 20, reason: "r".into() },
-            1 => InventoryCommand::Transfer { sku: SKUS[(i % 8) as usize].into(), from_warehouse: WAREHOUSES[0].into(), to_warehouse: WAREHOUSES[1].into(), qty: 3 },
+            0 => InventoryCommand::Adjust {
+                sku: SKUS[(i % 8) as usize].into(),
+                warehouse: WAREHOUSES[(i % 3) as usize].into(),
+                delta: 20,
+                reason: "r".into(),
+            },
+            1 => InventoryCommand::Transfer {
+                sku: SKUS[(i % 8) as usize].into(),
+                from_warehouse: WAREHOUSES[0].into(),
+                to_warehouse: WAREHOUSES[1].into(),
+                qty: 3,
+            },
             _ => InventoryCommand::AssembleKit {
                 warehouse: WAREHOUSES[(i % 3) as usize].into(),
                 kit_sku: "KIT".into(),
                 qty: 1,
-                components: vec![KitComponent { sku: SKUS[(i % 8) as usize].into(), qty_per_kit: 1 }, KitComponent { sku: SKUS[((i + 3) % 8) as usize].into(), qty_per_kit: 2 }],
+                components: vec![
+                    KitComponent { sku: SKUS[(i % 8) as usize].into(), qty_per_kit: 1 },
+                    KitComponent { sku: SKUS[((i + 3) % 8) as usize].into(), qty_per_kit: 2 },
+                ],
             },
         };
-        log.push(Record { partition: 0, offset: i, timestamp_ms: i, payload: Envelope::<Inventory>::domain(format!("k{i}"), c).encode() });
+        log.push(Record {
+            partition: 0,
+            offset: i,
+            timestamp_ms: i,
+            payload: Envelope::<Inventory>::domain(format!("k{i}"), c).encode(),
+        });
     }
     let (reference, digest) = reference_run(&s, std::slice::from_ref(&log));
     for seed in 0..20 {

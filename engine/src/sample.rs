@@ -1,0 +1,122 @@
+//! `tribunal sample`: a deterministic mixed workload (adjustments to stock the
+//! warehouses, then transfers, kit assemblies, duplicate submissions and a few
+//! conflicting key reuses), one JSON envelope per line.
+
+use std::io::{BufWriter, Write};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tribunal_shards::envelope::Envelope;
+use tribunal_shards::inventory::{Inventory, InventoryCommand, KitComponent};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Number of commands to print.
+    #[arg(long, default_value_t = 10_000)]
+    events: u64,
+    /// Number of SKUs.
+    #[arg(long, default_value_t = 200)]
+    skus: u64,
+    /// Number of warehouses.
+    #[arg(long, default_value_t = 5)]
+    warehouses: u64,
+    /// Seed of the workload; the same seed prints the same log.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// SplitMix64, so the workload is the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % bound
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.skus >= 4 && args.warehouses >= 2, "need at least 4 SKUs and 2 warehouses");
+    let mut rng = Rng(args.seed);
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let sku = |i: u64| format!("SKU-{i:05}");
+    let warehouse = |i: u64| format!("WH-{i:02}");
+    // (key, line) of earlier commands, for duplicate submissions and key reuse.
+    let mut previous: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..args.events {
+        let key = format!("sample-{}-{i}", args.seed);
+        let line = if i < args.skus * args.warehouses.min(2) {
+            // Opening stock for the first two warehouses.
+            let command = InventoryCommand::Adjust {
+                sku: sku(i % args.skus).into(),
+                warehouse: warehouse(i / args.skus).into(),
+                delta: 1_000,
+                reason: "opening-stock".into(),
+            };
+            Envelope::<Inventory>::domain(key.clone(), command).encode()
+        } else {
+            match rng.below(100) {
+                // A duplicate submission: same key, same body (a replay).
+                0..=2 if !previous.is_empty() => previous[rng.below(previous.len() as u64) as usize].1.clone(),
+                // A key reused with another body (a conflict).
+                3 if !previous.is_empty() => {
+                    let (reused, _) = &previous[rng.below(previous.len() as u64) as usize];
+                    let command = InventoryCommand::Adjust {
+                        sku: sku(rng.below(args.skus)).into(),
+                        warehouse: warehouse(rng.below(args.warehouses)).into(),
+                        delta: 1,
+                        reason: "reused-key".into(),
+                    };
+                    Envelope::<Inventory>::domain(reused.clone(), command).encode()
+                }
+                4..=12 => {
+                    let kit = rng.below(args.skus);
+                    let components = (1..=3)
+                        .map(|j| KitComponent {
+                            sku: sku((kit + j * 7) % args.skus).into(),
+                            qty_per_kit: 1 + rng.below(2),
+                        })
+                        .collect();
+                    let command = InventoryCommand::AssembleKit {
+                        warehouse: warehouse(rng.below(args.warehouses)).into(),
+                        kit_sku: format!("KIT-{kit:05}").into(),
+                        qty: 1 + rng.below(3),
+                        components,
+                    };
+                    Envelope::<Inventory>::domain(key.clone(), command).encode()
+                }
+                13..=27 => {
+                    let delta = rng.below(41) as i64 - 20;
+                    let command = InventoryCommand::Adjust {
+                        sku: sku(rng.below(args.skus)).into(),
+                        warehouse: warehouse(rng.below(args.warehouses)).into(),
+                        delta: if delta == 0 { 1 } else { delta },
+                        reason: "cycle-count".into(),
+                    };
+                    Envelope::<Inventory>::domain(key.clone(), command).encode()
+                }
+                _ => {
+                    let from = rng.below(args.warehouses);
+                    let to = (from + 1 + rng.below(args.warehouses - 1)) % args.warehouses;
+                    let command = InventoryCommand::Transfer {
+                        sku: sku(rng.below(args.skus)).into(),
+                        from_warehouse: warehouse(from).into(),
+                        to_warehouse: warehouse(to).into(),
+                        qty: 1 + rng.below(20),
+                    };
+                    Envelope::<Inventory>::domain(key.clone(), command).encode()
+                }
+            }
+        };
+        if previous.len() < 1_000 {
+            previous.push((key, line.clone()));
+        }
+        out.write_all(&line).and_then(|_| out.write_all(b"\n")).context("writing to stdout")?;
+    }
+    out.flush().context("writing to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}
