@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use tribunal_shards::envelope::Envelope;
 use tribunal_shards::inventory::{Inventory, InventoryCommand, KitComponent};
 use tribunal_shards::simulator::{Simulator, SimulatorConfig};
-use tribunal_shards::usher::{Decoded, Record};
+use tribunal_shards::usher::{Decoded, Record, Usher, UsherConfig};
 use tribunal_shards::warden::WardenConfig;
 
 const EVENTS: usize = 100_000;
@@ -123,6 +123,36 @@ fn bench(c: &mut Criterion) {
         b.iter_batched(
             || (seeded_simulator(1), transfers.clone()),
             |(mut sim, events)| run_decoded(&mut sim, events),
+            BatchSize::PerIteration,
+        )
+    });
+
+    // Stage breakdown: the Usher's part alone (stream time, Warden, router, dispatch
+    // plan); the messages are dropped instead of evaluated.
+    group.bench_function("usher_only_transfers", |b| {
+        b.iter_batched(
+            || {
+                let usher = Usher::<Inventory>::new(UsherConfig {
+                    partition: 0,
+                    shard_count: 1,
+                    warden: WardenConfig::default(),
+                    initial_version: 1,
+                });
+                (usher, transfers.clone())
+            },
+            |(mut usher, events)| {
+                let mut iter = events.into_iter().enumerate().peekable();
+                let mut messages = 0usize;
+                while iter.peek().is_some() {
+                    let batch: Vec<_> = iter
+                        .by_ref()
+                        .take(BATCH)
+                        .map(|(i, e)| Decoded { offset: i as u64, timestamp_ms: (i / 10) as u64, envelope: Ok(e) })
+                        .collect();
+                    messages += usher.plan_decoded(batch).unwrap().messages.len();
+                }
+                messages
+            },
             BatchSize::PerIteration,
         )
     });

@@ -8,7 +8,9 @@
 
 use std::hash::Hash;
 
-use hashbrown::HashMap;
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 /// Index of a shard (one per core) inside an instance.
 pub type ShardId = u16;
@@ -101,7 +103,10 @@ const NO_COMPONENT: u32 = u32::MAX;
 
 /// Reusable union-find router.
 pub struct Router<K> {
-    node_of_key: HashMap<K, u32>,
+    /// Node index of each key of the batch; the key itself lives in `keys`, so the
+    /// table holds 4 bytes per slot and a key is cloned once.
+    node_of_key: HashTable<u32>,
+    hasher: DefaultHashBuilder,
     keys: Vec<K>,
     shard: Vec<ShardId>,
     parent: Vec<u32>,
@@ -124,7 +129,8 @@ impl<K: Clone + Eq + Hash> Default for Router<K> {
 impl<K: Clone + Eq + Hash> Router<K> {
     pub fn new() -> Self {
         Self {
-            node_of_key: HashMap::new(),
+            node_of_key: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
             keys: Vec::new(),
             shard: Vec::new(),
             parent: Vec::new(),
@@ -155,11 +161,14 @@ impl<K: Clone + Eq + Hash> Router<K> {
     }
 
     fn intern(&mut self, key: &K, shard_of: &impl Fn(&K) -> ShardId) -> u32 {
-        if let Some(node) = self.node_of_key.get(key) {
+        let hash = self.hasher.hash_one(key);
+        let keys = &self.keys;
+        if let Some(node) = self.node_of_key.find(hash, |&node| keys[node as usize] == *key) {
             return *node;
         }
         let node = u32::try_from(self.keys.len()).expect("a batch has far fewer than 2^32 entities");
-        self.node_of_key.insert(key.clone(), node);
+        let (keys, hasher) = (&self.keys, &self.hasher);
+        self.node_of_key.insert_unique(hash, node, |&n| hasher.hash_one(&keys[n as usize]));
         self.keys.push(key.clone());
         self.shard.push(shard_of(key));
         self.parent.push(node);
