@@ -24,7 +24,7 @@ use crate::domain::{Decision, Domain};
 use crate::output::{encode_output, EncodedOutput, VerdictRef};
 use crate::registrar::Registrar;
 use crate::router::{Placement, ShardId};
-use crate::usher::Event;
+use crate::usher::{Event, UsherDelta};
 
 /// Most ordered messages an Arbiter holds while its head is blocked. The IO shell
 /// stops reading its Usher channel while [`Arbiter::is_blocked`], so in practice the
@@ -68,8 +68,13 @@ pub enum ShardMessage<D: Domain> {
     Lent { component: ComponentId, states: EntityStates<D> },
     /// Control, coordinator to lender: the lent entities' states after evaluation.
     WriteBack { component: ComponentId, states: EntityStates<D> },
+    /// Ordered, to the partition's home shard. Outputs the Usher decided itself
+    /// (malformed, replay, conflict, full, version): recorded like any other output.
+    Decided { outputs: Vec<EncodedOutput> },
     /// Ordered. Every message of the batch ending at `last_offset` came before this.
-    BatchEnd { partition: u32, last_offset: u64 },
+    /// The home shard's marker carries the Usher's journal for the batch; `snapshot`
+    /// asks every shard for its entities of the partition as of this marker.
+    BatchEnd { partition: u32, last_offset: u64, usher: Option<UsherDelta>, snapshot: bool },
 }
 
 impl<D: Domain> ShardMessage<D> {
@@ -86,8 +91,16 @@ pub enum ShardEffect<D: Domain> {
     /// accepted): what the Ledger appends.
     Output { output: EncodedOutput, changes: Changes<D> },
     /// Every event of `partition` up to `last_offset` has been evaluated on this shard
-    /// and no entity of this shard is out on loan.
-    BatchDone { partition: u32, last_offset: u64 },
+    /// and no entity of this shard is out on loan: the Ledger appends the batch-end
+    /// marker (with the Usher's journal on the home shard) and commits.
+    BatchDone {
+        partition: u32,
+        last_offset: u64,
+        usher: Option<UsherDelta>,
+        /// This shard's non-default entities of the partition as of the marker, sorted,
+        /// when a snapshot was asked for.
+        snapshot: Option<EntityStates<D>>,
+    },
 }
 
 /// Loans received by a coordinator for one component.
@@ -130,6 +143,13 @@ impl<D: Domain> Arbiter<D> {
 
     pub fn registrar(&self) -> &Registrar<D> {
         &self.registrar
+    }
+
+    /// Sets an entity's state during recovery, before any message is handled.
+    pub fn restore_entity(&mut self, partition: u32, key: &D::EntityKey, state: D::State) {
+        assert!(self.is_idle(), "recovery happens before the shard runs");
+        assert!(self.owns(key), "an entity is restored on the shard that owns it");
+        self.registrar.set(partition, key, state);
     }
 
     /// Entities the Usher asked to have resident (the in-memory Registrar always has).
@@ -202,7 +222,7 @@ impl<D: Domain> Arbiter<D> {
 
     fn can_run(&self, message: &ShardMessage<D>) -> bool {
         match message {
-            ShardMessage::Prewarm { .. } => true,
+            ShardMessage::Prewarm { .. } | ShardMessage::Decided { .. } => true,
             ShardMessage::Lend { component, keys, .. } => !keys.iter().any(|k| self.is_lent(component.partition, k)),
             ShardMessage::Run(component) => {
                 // spec: Arbiter.HoldsLentEntities
@@ -230,6 +250,11 @@ impl<D: Domain> Arbiter<D> {
             let head = self.queue.pop_front().expect("front exists");
             match head {
                 ShardMessage::Prewarm { keys, .. } => self.prewarmed_entities += keys.len() as u64,
+                ShardMessage::Decided { outputs } => {
+                    for output in outputs {
+                        self.effects.push(ShardEffect::Output { output, changes: Changes::<D>::new() });
+                    }
+                }
                 ShardMessage::Lend { component, coordinator, keys } => self.lend(component, coordinator, keys),
                 ShardMessage::Run(component) => match component.placement {
                     Placement::Single(shard) => {
@@ -241,8 +266,9 @@ impl<D: Domain> Arbiter<D> {
                         self.run_cross(component);
                     }
                 },
-                ShardMessage::BatchEnd { partition, last_offset } => {
-                    self.effects.push(ShardEffect::BatchDone { partition, last_offset });
+                ShardMessage::BatchEnd { partition, last_offset, usher, snapshot } => {
+                    let snapshot = snapshot.then(|| self.registrar.entities_sorted(partition));
+                    self.effects.push(ShardEffect::BatchDone { partition, last_offset, usher, snapshot });
                 }
                 ShardMessage::Lent { .. } | ShardMessage::WriteBack { .. } => unreachable!(),
             }

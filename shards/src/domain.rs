@@ -39,10 +39,11 @@ pub trait Domain: Sized + Debug + 'static {
     /// A decoded, validated command. It travels in the JSON envelope, so it is serde.
     type Command: Clone + Debug + PartialEq + Serialize + DeserializeOwned;
     /// Identity of one entity. `Ord` because anything that reaches an output is sorted.
-    type EntityKey: Clone + Debug + Eq + Hash + Ord;
+    /// Serde so the Ledger can store it (postcard).
+    type EntityKey: Clone + Debug + Eq + Hash + Ord + Serialize + DeserializeOwned;
     /// State of one entity. `Default` is the state of an entity never seen, and an entity
     /// whose state returns to the default is indistinguishable from an absent one.
-    type State: Copy + Debug + Eq + Default;
+    type State: Copy + Debug + Eq + Default + Serialize + DeserializeOwned;
 
     /// Versions of the domain logic this binary can evaluate, ascending.
     const SUPPORTED_VERSIONS: &'static [Version];

@@ -70,7 +70,7 @@ pub enum InventoryCommand {
 }
 
 /// One entity: the stock level of a SKU in a warehouse.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct StockKey {
     pub sku: CompactString,
     pub warehouse: CompactString,

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::arbiter::{Arbiter, ShardEffect, ShardMessage};
 use crate::domain::Domain;
+use crate::ledger::{encode_record, LedgerRecord};
 use crate::output::EncodedOutput;
 use crate::registrar::combine_partition_digests;
 use crate::router::ShardId;
@@ -61,6 +62,8 @@ pub struct Simulator<D: Domain> {
     messages_delivered: u64,
     outputs_seen: u64,
     effects_scratch: Vec<ShardEffect<D>>,
+    /// Per shard, the Ledger bytes its effects would have written, when recording.
+    ledgers: Option<Vec<Vec<u8>>>,
 }
 
 impl<D: Domain> Simulator<D> {
@@ -77,7 +80,30 @@ impl<D: Domain> Simulator<D> {
             messages_delivered: 0,
             outputs_seen: 0,
             effects_scratch: Vec::new(),
+            ledgers: None,
         }
+    }
+
+    /// Frames every shard's effects into an in-memory Ledger, exactly as the IO shell
+    /// writes them, so tests can cut it anywhere and recover from it.
+    pub fn with_ledgers(mut self) -> Self {
+        self.ledgers = Some(vec![Vec::new(); self.config.shard_count as usize]);
+        self
+    }
+
+    /// Starts from recovered state (the Ledger, if recording, starts empty: it is
+    /// what is written after the restart).
+    pub fn from_recovered(config: SimulatorConfig, recovered: crate::recovery::Recovered<D>) -> Self {
+        let mut sim = Self::new(config);
+        assert_eq!(recovered.arbiters.len(), config.shard_count as usize);
+        sim.arbiters = recovered.arbiters;
+        sim.ushers = recovered.ushers;
+        sim
+    }
+
+    /// The recorded Ledger bytes of each shard.
+    pub fn ledgers(&self) -> Option<&[Vec<u8>]> {
+        self.ledgers.as_deref()
     }
 
     fn usher(&mut self, partition: u32) -> &mut Usher<D> {
@@ -110,9 +136,6 @@ impl<D: Domain> Simulator<D> {
 
     fn execute(&mut self, plan: BatchPlan<D>, first_offset: u64) -> Result<(), Halted> {
         let partition = plan.partition;
-        for output in plan.outputs {
-            self.record_output(output);
-        }
         let n = self.config.shard_count as usize;
         for (to, message) in plan.messages {
             self.channels[n * n + to as usize].push_back(message);
@@ -167,8 +190,28 @@ impl<D: Domain> Simulator<D> {
             for effect in effects.drain(..) {
                 match effect {
                     ShardEffect::Send { to: dest, message } => self.channels[to * n + dest as usize].push_back(message),
-                    ShardEffect::Output { output, .. } => self.record_output(output),
-                    ShardEffect::BatchDone { partition, last_offset } => {
+                    ShardEffect::Output { output, changes } => {
+                        if let Some(ledgers) = &mut self.ledgers {
+                            let record = LedgerRecord::<D>::Entry {
+                                partition: output.partition,
+                                offset: output.offset,
+                                output: output.bytes.clone(),
+                                deltas: changes.into_vec(),
+                            };
+                            encode_record(&record, &mut ledgers[to]).expect("records fit");
+                        }
+                        self.record_output(output)
+                    }
+                    ShardEffect::BatchDone { partition, last_offset, usher, snapshot } => {
+                        if let Some(ledgers) = &mut self.ledgers {
+                            let record = LedgerRecord::<D>::BatchEnd {
+                                partition,
+                                last_offset,
+                                usher,
+                                snapshot: snapshot.is_some(),
+                            };
+                            encode_record(&record, &mut ledgers[to]).expect("records fit");
+                        }
                         self.batch_done[to].insert(partition, last_offset);
                     }
                 }

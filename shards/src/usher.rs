@@ -13,7 +13,9 @@ use crate::domain::{Domain, StreamTimeMs, Version};
 use crate::envelope::{AdminCommand, Command, DecodeError, Envelope};
 use crate::output::{encode_output, EncodedOutput, Verdict};
 use crate::router::{Placement, Router, ShardId, MAX_SHARDS};
-use crate::warden::{Warden, WardenCheck, WardenConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::warden::{Warden, WardenCheck, WardenConfig, WardenSnapshot};
 
 /// One record of the input log, as the log gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,18 +62,49 @@ pub struct Halted {
     pub reason: String,
 }
 
+/// What one batch did to the Usher's own state: enough to rebuild the Warden,
+/// stream time and version exactly (spec: Recovery.WardenRebuilt). It rides on the
+/// home shard's batch-end marker in the Ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UsherDelta {
+    pub partition: u32,
+    pub first_offset: u64,
+    pub last_offset: u64,
+    /// (offset, stream time) wherever stream time rose.
+    pub time_steps: Vec<(u64, StreamTimeMs)>,
+    /// (offset, key fingerprint, payload digest) of every key the Warden recorded.
+    pub recorded: Vec<(u64, u128, u64)>,
+    pub version_after: Version,
+}
+
+/// The Usher's whole state at a batch-end marker, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsherSnapshot {
+    pub partition: u32,
+    pub next_offset: u64,
+    pub stream_time_ms: StreamTimeMs,
+    pub version: Version,
+    pub warden: WardenSnapshot,
+}
+
 /// What one batch became.
 pub struct BatchPlan<D: Domain> {
     pub partition: u32,
     /// Last offset covered by this plan; `None` if the plan covers nothing (halted on
     /// its first record).
     pub last_offset: Option<u64>,
-    /// Outputs decided by the Usher itself (malformed, replay, conflict, full, version).
-    pub outputs: Vec<EncodedOutput>,
-    /// Messages for the shards, in the order each shard must receive them.
+    /// Messages for the shards, in the order each shard must receive them. The
+    /// outputs the Usher decided itself go to the home shard as `Decided`.
     pub messages: Vec<(ShardId, ShardMessage<D>)>,
+    /// The Usher's state at this batch's marker, when a snapshot was requested.
+    pub snapshot: Option<UsherSnapshot>,
     /// Set when the Usher halted inside this batch; later batches are refused.
     pub halted: Option<Halted>,
+}
+
+/// The shard that holds a partition's Usher, its decided outputs and its journal.
+pub fn home_shard(partition: u32, shard_count: u16) -> ShardId {
+    (partition % u32::from(shard_count)) as ShardId
 }
 
 pub struct Usher<D: Domain> {
@@ -82,6 +115,8 @@ pub struct Usher<D: Domain> {
     version: Version,
     next_offset: u64,
     halted: Option<Halted>,
+    snapshot_requested: bool,
+    delta: UsherDelta,
 }
 
 impl<D: Domain> Usher<D> {
@@ -96,7 +131,63 @@ impl<D: Domain> Usher<D> {
             version: config.initial_version,
             next_offset: 0,
             halted: None,
+            snapshot_requested: false,
+            delta: UsherDelta::default(),
         }
+    }
+
+    /// Asks for a snapshot at the end of the next batch that covers any record.
+    pub fn request_snapshot(&mut self) {
+        self.snapshot_requested = true;
+    }
+
+    pub fn snapshot(&self) -> UsherSnapshot {
+        UsherSnapshot {
+            partition: self.config.partition,
+            next_offset: self.next_offset,
+            stream_time_ms: self.stream_time_ms,
+            version: self.version,
+            warden: self.warden.snapshot(),
+        }
+    }
+
+    /// Restores the state a snapshot captured.
+    pub fn restore(&mut self, snapshot: &UsherSnapshot) {
+        assert_eq!(snapshot.partition, self.config.partition);
+        assert!(D::supports(snapshot.version), "the snapshot's version is supported by this binary");
+        self.next_offset = snapshot.next_offset;
+        self.stream_time_ms = snapshot.stream_time_ms;
+        self.version = snapshot.version;
+        self.warden = Warden::from_snapshot(self.config.warden, &snapshot.warden);
+    }
+
+    /// Replays one batch's journal (spec: Recovery.WardenRebuilt). Deltas are applied in
+    /// order, starting right after the snapshot (or at offset 0).
+    pub fn apply_delta(&mut self, delta: &UsherDelta) {
+        assert_eq!(delta.partition, self.config.partition);
+        assert_eq!(delta.first_offset, self.next_offset, "journals are replayed in order, without gaps");
+        // Advance the Warden at every offset where stream time rose or a key was
+        // recorded, in offset order: the same calls that changed it the first time.
+        let mut steps = delta.time_steps.iter().copied().peekable();
+        let mut recorded = delta.recorded.iter().copied().peekable();
+        loop {
+            let offset = match (steps.peek(), recorded.peek()) {
+                (None, None) => break,
+                (Some(step), None) => step.0,
+                (None, Some(key)) => key.0,
+                (Some(step), Some(key)) => step.0.min(key.0),
+            };
+            if let Some((_, time)) = steps.next_if(|step| step.0 == offset) {
+                self.stream_time_ms = self.stream_time_ms.max(time);
+            }
+            self.warden.advance(offset, self.stream_time_ms);
+            if let Some((_, fingerprint, digest)) = recorded.next_if(|key| key.0 == offset) {
+                let check = self.warden.check(fingerprint, digest, offset);
+                assert_eq!(check, WardenCheck::New, "a journaled key was new when it was recorded");
+            }
+        }
+        self.version = delta.version_after;
+        self.next_offset = delta.last_offset + 1;
     }
 
     /// Resumes at `next_offset` (recovery seeds the Warden and version separately).
@@ -152,13 +243,17 @@ impl<D: Domain> Usher<D> {
         let partition = self.config.partition;
         let records = records.into_iter();
         let mut outputs = Vec::new();
+        self.delta = UsherDelta { partition, first_offset: self.next_offset, ..UsherDelta::default() };
         let mut events: Vec<Event<D>> = Vec::with_capacity(records.size_hint().0);
         let mut last_offset = None;
 
         for record in records {
             assert_eq!(record.offset, self.next_offset, "records arrive with dense offsets");
             // spec: Usher.StreamTimeIsMaxTimestamp
-            self.stream_time_ms = self.stream_time_ms.max(record.timestamp_ms);
+            if record.timestamp_ms > self.stream_time_ms {
+                self.stream_time_ms = self.stream_time_ms.max(record.timestamp_ms);
+                self.delta.time_steps.push((record.offset, self.stream_time_ms));
+            }
             self.warden.advance(record.offset, self.stream_time_ms);
 
             let envelope = match record.envelope {
@@ -171,7 +266,12 @@ impl<D: Domain> Usher<D> {
                     continue;
                 }
             };
-            let check = self.warden.check(key_fingerprint(&envelope.key), envelope.payload_digest(), record.offset);
+            let fingerprint = key_fingerprint(&envelope.key);
+            let payload_digest = envelope.payload_digest();
+            let check = self.warden.check(fingerprint, payload_digest, record.offset);
+            if check == WardenCheck::New {
+                self.delta.recorded.push((record.offset, fingerprint, payload_digest));
+            }
             let verdict = match check {
                 WardenCheck::Replay { original_offset } => Some(Verdict::Replay { original_offset }),
                 WardenCheck::Conflict { original_offset } => Some(Verdict::Conflict { original_offset }),
@@ -217,14 +317,29 @@ impl<D: Domain> Usher<D> {
             last_offset = Some(record.offset);
         }
 
+        self.delta.version_after = self.version;
+        let mut snapshot = None;
         let messages = match last_offset {
-            Some(last) => self.dispatch(events, last),
+            Some(last) => {
+                self.delta.last_offset = last;
+                let take_snapshot = std::mem::take(&mut self.snapshot_requested);
+                if take_snapshot {
+                    snapshot = Some(self.snapshot());
+                }
+                self.dispatch(events, outputs, last, take_snapshot)
+            }
             None => Vec::new(),
         };
-        Ok(BatchPlan { partition, last_offset, outputs, messages, halted: self.halted.clone() })
+        Ok(BatchPlan { partition, last_offset, messages, snapshot, halted: self.halted.clone() })
     }
 
-    fn dispatch(&mut self, events: Vec<Event<D>>, last_offset: u64) -> Vec<(ShardId, ShardMessage<D>)> {
+    fn dispatch(
+        &mut self,
+        events: Vec<Event<D>>,
+        decided: Vec<EncodedOutput>,
+        last_offset: u64,
+        snapshot: bool,
+    ) -> Vec<(ShardId, ShardMessage<D>)> {
         let partition = self.config.partition;
         let shard_count = self.config.shard_count;
         self.router.route(
@@ -274,9 +389,14 @@ impl<D: Domain> Usher<D> {
             messages.push((evaluator, ShardMessage::Run(component)));
         }
 
+        let home = home_shard(partition, shard_count);
+        if !decided.is_empty() {
+            messages.push((home, ShardMessage::Decided { outputs: decided }));
+        }
         // spec: Usher.BatchEndToEveryShard
         for shard in 0..shard_count {
-            messages.push((shard, ShardMessage::BatchEnd { partition, last_offset }));
+            let usher = (shard == home).then(|| std::mem::take(&mut self.delta));
+            messages.push((shard, ShardMessage::BatchEnd { partition, last_offset, usher, snapshot }));
         }
         messages
     }

@@ -95,6 +95,17 @@ struct TimePoint {
     inserted_before: u64,
 }
 
+/// The Warden's live state, for snapshots. Expired entries are left out.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WardenSnapshot {
+    /// (96 key bits, payload digest, original offset) of each live entry.
+    pub entries: Vec<([u32; 3], u64, u64)>,
+    /// (first offset, stream time, keys recorded before) of each time point.
+    pub points: Vec<(u64, StreamTimeMs, u64)>,
+    pub inserted_total: u64,
+    pub last_offset: Option<u64>,
+}
+
 pub struct Warden {
     config: WardenConfig,
     table: HashTable<Entry>,
@@ -112,6 +123,44 @@ impl Warden {
 
     pub fn config(&self) -> WardenConfig {
         self.config
+    }
+
+    pub fn snapshot(&self) -> WardenSnapshot {
+        let cutoff = self.points.front().map_or(0, |p| p.first_offset);
+        WardenSnapshot {
+            entries: self
+                .table
+                .iter()
+                .filter(|e| e.original_offset() >= cutoff)
+                .map(|e| (e.key, e.payload_digest(), e.original_offset()))
+                .collect(),
+            points: self.points.iter().map(|p| (p.first_offset, p.stream_time_ms, p.inserted_before)).collect(),
+            inserted_total: self.inserted_total,
+            last_offset: self.last_offset,
+        }
+    }
+
+    /// Rebuilds a Warden from a snapshot taken with the same configuration.
+    pub fn from_snapshot(config: WardenConfig, snapshot: &WardenSnapshot) -> Self {
+        let mut warden = Self::new(config);
+        warden.table.reserve(snapshot.entries.len(), Entry::hash);
+        for &(key, payload_digest, offset) in &snapshot.entries {
+            let entry = Entry { key, payload_digest: split64(payload_digest), original_offset: split64(offset) };
+            warden.table.insert_unique(entry.hash(), entry, Entry::hash);
+        }
+        warden.points = snapshot
+            .points
+            .iter()
+            .map(|&(first_offset, stream_time_ms, inserted_before)| TimePoint {
+                first_offset,
+                stream_time_ms,
+                inserted_before,
+            })
+            .collect();
+        warden.inserted_total = snapshot.inserted_total;
+        warden.last_offset = snapshot.last_offset;
+        assert_eq!(warden.live_entries(), snapshot.entries.len() as u64, "a snapshot holds exactly the live keys");
+        warden
     }
 
     /// Moves stream time to `stream_time_ms` at `offset`. Called once per record, in
