@@ -7,6 +7,8 @@
 //! the later issues; the help text says only what is here.
 
 mod evaluate;
+mod local_log;
+mod log_cli;
 mod sample;
 
 use std::process::ExitCode;
@@ -35,6 +37,8 @@ enum Command {
     Evaluate(evaluate::Args),
     /// Print a deterministic mixed workload as JSON-lines envelopes.
     Sample(sample::Args),
+    /// Append commands to an input log (`--log local:DIR`), or print its records.
+    Log(log_cli::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Evaluate(args) => evaluate::run(args),
         Command::Sample(args) => sample::run(args),
+        Command::Log(args) => log_cli::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,877 @@
+//! The embedded local log: the single-host input log behind `--log local:DIR`.
+//!
+//! One partition (0), offsets dense from 0. Several processes on the host may append at
+//! once, and readers in other processes tail the log while they do. std IO only: the
+//! engine's Usher polls a [`LocalLogReader`] from its own thread.
+//!
+//! # On disk
+//!
+//! ```text
+//! DIR/lock                       flock(2)ed by an appender for the whole of a batch
+//! DIR/head                       the commit point (below), replaced atomically
+//! DIR/00000000000000000000.seg   segments, named by the offset of their first record
+//! DIR/00000000000000001742.seg
+//! ```
+//!
+//! A segment is a plain sequence of records, with no file header:
+//! `[len: u32 LE][crc32c: u32 LE][timestamp_ms: u64 LE][payload: len bytes]`, the CRC32C
+//! covering the timestamp and the payload. A record's offset is its index in the log, so
+//! it is not stored: it is the segment's first offset plus the record's index in it.
+//!
+//! The head is 44 bytes: `[magic "TRBHEAD1"][next_offset u64][segment_base_offset u64]
+//! [segment_size_bytes u64][last_timestamp_ms u64][crc32c u32]`, all little-endian, the CRC
+//! over the 40 bytes before it. It names the last segment and how many of its bytes are
+//! committed.
+//!
+//! # Why a head file
+//!
+//! The bytes of a segment past its committed length can be anything: a batch being
+//! written right now, or the torn remains of an appender that crashed. A record's CRC
+//! cannot tell "not written yet" from "corrupt", and scanning for the end would make every
+//! appender read the whole last segment. So the commit point is explicit: readers read
+//! the head and never read past its committed length (not even into a read-ahead buffer,
+//! because those bytes may later be truncated and rewritten), and an appender finds the
+//! next offset, the end of the segment and the last timestamp without reading any record.
+//!
+//! # Commit protocol (all of it under the lock)
+//!
+//! 1. Read the head. Repair: truncate the head segment back to its committed length (and
+//!    fsync, since a later reader infers the length of a sealed segment from its file
+//!    size), and delete every segment named after the head segment. Those are the
+//!    uncommitted rolls of a crashed appender; left in place, one could be mistaken for the
+//!    segment holding some offset.
+//! 2. Write the batch after the committed end. A segment rolls when the next record would
+//!    take it past the size bound (a record never spans segments, and a segment is never
+//!    left empty). Each segment written to is fdatasynced; the directory is fsynced if a
+//!    segment was created, so the new names are durable before the head refers to them.
+//! 3. Commit: write `head.tmp`, fsync it, rename it over `head`, fsync the directory. Only
+//!    then are the offsets returned.
+//!
+//! A crash anywhere before the rename leaves the old head, so the batch never happened;
+//! the next appender's repair removes its bytes. Readers take no lock: the rename makes a
+//! head visible whole, and a segment behind the head segment is sealed (never written
+//! again), so its file size is its committed size.
+//!
+//! Timestamps are the appender's wall clock (like Kafka's LogAppendTime), one per batch,
+//! clamped to be no earlier than the previous batch's (kept in the head): the log is the
+//! source of stream time, and stream time must not step back with the clock.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tribunal_shards::envelope::MAX_RECORD_BYTES;
+use tribunal_shards::usher::Record;
+
+/// Where a segment rolls by default (the next record would take it past this size).
+pub const DEFAULT_SEGMENT_MAX_SIZE_BYTES: u64 = 64 * 1024 * 1024;
+/// Allowed segment size bounds. Small ones are for tests.
+pub const SEGMENT_MAX_SIZE_BYTES_RANGE: std::ops::RangeInclusive<u64> = 1024..=(1 << 40);
+/// Largest batch one `append` takes (headers included), so that a batch is bounded in
+/// memory and in the time the lock is held.
+pub const MAX_BATCH_SIZE_BYTES: u64 = 1 << 30;
+/// `len`, `crc32c`, `timestamp_ms`.
+pub const RECORD_HEADER_SIZE_BYTES: u64 = 16;
+
+const HEAD_MAGIC: [u8; 8] = *b"TRBHEAD1";
+const HEAD_SIZE_BYTES: usize = 44;
+const HEAD_FILE: &str = "head";
+const HEAD_TEMP_FILE: &str = "head.tmp";
+const LOCK_FILE: &str = "lock";
+const SEGMENT_SUFFIX: &str = ".seg";
+const SEGMENT_NAME_DIGITS: usize = 20;
+/// An appender writes a segment in chunks of about this size.
+const WRITE_BUFFER_SIZE_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalLogError {
+    #[error("{context} {}", path.display())]
+    Io {
+        context: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("corrupt record at byte {position_bytes} of segment {} (offset {offset}): {reason}", segment.display())]
+    CorruptRecord { segment: PathBuf, position_bytes: u64, offset: u64, reason: String },
+    #[error("corrupt head file {}: {reason}", path.display())]
+    CorruptHead { path: PathBuf, reason: String },
+    /// The files disagree with each other: committed bytes missing, a segment gone, or a
+    /// head that moved backwards (the directory was replaced under a reader).
+    #[error("inconsistent log at {}: {reason}", path.display())]
+    Inconsistent { path: PathBuf, reason: String },
+    #[error("record {index} of the batch is {size_bytes} bytes, more than the {MAX_RECORD_BYTES}-byte limit")]
+    RecordTooLarge { index: usize, size_bytes: usize },
+    #[error("batch is {size_bytes} bytes, more than the {MAX_BATCH_SIZE_BYTES}-byte limit")]
+    BatchTooLarge { size_bytes: u64 },
+    #[error("offset {from_offset} is past the end of the log (next offset {end_offset})")]
+    OffsetOutOfRange { from_offset: u64, end_offset: u64 },
+}
+
+type Result<T, E = LocalLogError> = std::result::Result<T, E>;
+
+fn io_error<'a>(context: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LocalLogError + 'a {
+    move |source| LocalLogError::Io { context, path: path.to_path_buf(), source }
+}
+
+fn inconsistent(path: &Path, reason: String) -> LocalLogError {
+    LocalLogError::Inconsistent { path: path.to_path_buf(), reason }
+}
+
+fn segment_path(dir: &Path, base_offset: u64) -> PathBuf {
+    dir.join(format!("{base_offset:0width$}{SEGMENT_SUFFIX}", width = SEGMENT_NAME_DIGITS))
+}
+
+/// The first offsets of the segment files in `dir`, sorted. Other files are ignored.
+fn list_segments(dir: &Path) -> Result<Vec<u64>> {
+    let mut bases = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_error("listing", dir))? {
+        let entry = entry.map_err(io_error("listing", dir))?;
+        let name = entry.file_name();
+        let Some(digits) = name.to_str().and_then(|name| name.strip_suffix(SEGMENT_SUFFIX)) else { continue };
+        if digits.len() == SEGMENT_NAME_DIGITS && digits.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(base) = digits.parse::<u64>() {
+                bases.push(base);
+            }
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("syncing directory", dir))
+}
+
+fn wall_clock_ms() -> u64 {
+    // A clock before 1970 reads as 0; `append` clamps to the previous timestamp anyway.
+    let elapsed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn record_crc(timestamp_ms: u64, payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&timestamp_ms.to_le_bytes()), payload)
+}
+
+/// The commit point: everything below it is durable and visible, nothing above it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head {
+    /// The offset the next record will get; also the number of records in the log.
+    next_offset: u64,
+    /// First offset of the last segment, the only one that can still grow.
+    segment_base_offset: u64,
+    /// Committed bytes of that segment.
+    segment_size_bytes: u64,
+    /// Timestamp of the last batch, the floor for the next one's.
+    last_timestamp_ms: u64,
+}
+
+impl Head {
+    const EMPTY: Head = Head { next_offset: 0, segment_base_offset: 0, segment_size_bytes: 0, last_timestamp_ms: 0 };
+
+    fn encode(&self) -> [u8; HEAD_SIZE_BYTES] {
+        let mut bytes = [0u8; HEAD_SIZE_BYTES];
+        bytes[0..8].copy_from_slice(&HEAD_MAGIC);
+        bytes[8..16].copy_from_slice(&self.next_offset.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.segment_base_offset.to_le_bytes());
+        bytes[24..32].copy_from_slice(&self.segment_size_bytes.to_le_bytes());
+        bytes[32..40].copy_from_slice(&self.last_timestamp_ms.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[..40]);
+        bytes[40..44].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    fn decode(bytes: &[u8; HEAD_SIZE_BYTES], path: &Path) -> Result<Head> {
+        let corrupt = |reason: String| LocalLogError::CorruptHead { path: path.to_path_buf(), reason };
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8-byte slice"));
+        if bytes[0..8] != HEAD_MAGIC {
+            return Err(corrupt("bad magic (not a Tribunal local log head, or another format version)".into()));
+        }
+        let stored_crc = u32::from_le_bytes(bytes[40..44].try_into().expect("4-byte slice"));
+        let computed_crc = crc32c::crc32c(&bytes[..40]);
+        if stored_crc != computed_crc {
+            return Err(corrupt(format!(
+                "checksum mismatch (stored {stored_crc:#010x}, computed {computed_crc:#010x})"
+            )));
+        }
+        let head = Head {
+            next_offset: u64_at(8),
+            segment_base_offset: u64_at(16),
+            segment_size_bytes: u64_at(24),
+            last_timestamp_ms: u64_at(32),
+        };
+        // A segment holds at least one record unless it is the empty log's first one.
+        let records = head.next_offset.checked_sub(head.segment_base_offset);
+        let plausible = match records {
+            None => false,
+            Some(0) => head.segment_size_bytes == 0,
+            Some(records) => head.segment_size_bytes >= records.saturating_mul(RECORD_HEADER_SIZE_BYTES),
+        };
+        if !plausible {
+            return Err(corrupt(format!("impossible contents {head:?}")));
+        }
+        Ok(head)
+    }
+
+    fn read(dir: &Path) -> Result<Head> {
+        let path = dir.join(HEAD_FILE);
+        let file = File::open(&path).map_err(io_error("opening", &path))?;
+        let size_bytes = file.metadata().map_err(io_error("reading metadata of", &path))?.len();
+        if size_bytes != HEAD_SIZE_BYTES as u64 {
+            let reason = format!("{size_bytes} bytes, expected {HEAD_SIZE_BYTES}");
+            return Err(LocalLogError::CorruptHead { path, reason });
+        }
+        let mut bytes = [0u8; HEAD_SIZE_BYTES];
+        file.read_exact_at(&mut bytes, 0).map_err(io_error("reading", &path))?;
+        Head::decode(&bytes, &path)
+    }
+
+    /// Replaces the head durably and atomically. Only under the append lock.
+    fn write(&self, dir: &Path) -> Result<()> {
+        let temp_path = dir.join(HEAD_TEMP_FILE);
+        let path = dir.join(HEAD_FILE);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temp_path)
+            .map_err(io_error("creating", &temp_path))?;
+        file.write_all_at(&self.encode(), 0).map_err(io_error("writing", &temp_path))?;
+        file.sync_all().map_err(io_error("syncing", &temp_path))?;
+        fs::rename(&temp_path, &path).map_err(io_error("renaming over", &path))?;
+        sync_dir(dir)
+    }
+}
+
+/// A handle on a local log directory, for appending and for creating readers.
+pub struct LocalLog {
+    dir: PathBuf,
+    /// flock(2)ed around each batch. flock belongs to the open file description, so two
+    /// threads of this process sharing it would both get in; the mutex serialises them.
+    lock_file: Mutex<File>,
+    segment_max_size_bytes: u64,
+}
+
+impl LocalLog {
+    /// Opens the log in `dir`, creating the directory and an empty log if needed.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<LocalLog> {
+        Self::open_with(dir, DEFAULT_SEGMENT_MAX_SIZE_BYTES)
+    }
+
+    /// Like [`LocalLog::open`], with the size at which this handle's appends roll a segment.
+    /// Appenders with different bounds may share a log: the bound is not part of the format.
+    pub fn open_with(dir: impl Into<PathBuf>, segment_max_size_bytes: u64) -> Result<LocalLog> {
+        assert!(
+            SEGMENT_MAX_SIZE_BYTES_RANGE.contains(&segment_max_size_bytes),
+            "segment bound {segment_max_size_bytes}"
+        );
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(io_error("creating directory", &dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io_error("opening", &lock_path))?;
+        let log = LocalLog { dir, lock_file: Mutex::new(lock_file), segment_max_size_bytes };
+        if !log.dir.join(HEAD_FILE).exists() {
+            log.locked(|| log.create_if_missing())?;
+        }
+        Ok(log)
+    }
+
+    /// The offset the next appended record will get.
+    pub fn end_offset(&self) -> Result<u64> {
+        Ok(Head::read(&self.dir)?.next_offset)
+    }
+
+    /// Appends `payloads` as one batch: all of them or none, at consecutive offsets, all
+    /// with the same timestamp. Returns their offsets once they are durable.
+    pub fn append(&self, payloads: &[Vec<u8>]) -> Result<Range<u64>> {
+        let mut batch_size_bytes: u64 = 0;
+        for (index, payload) in payloads.iter().enumerate() {
+            if payload.len() > MAX_RECORD_BYTES {
+                return Err(LocalLogError::RecordTooLarge { index, size_bytes: payload.len() });
+            }
+            batch_size_bytes += RECORD_HEADER_SIZE_BYTES + payload.len() as u64;
+        }
+        if batch_size_bytes > MAX_BATCH_SIZE_BYTES {
+            return Err(LocalLogError::BatchTooLarge { size_bytes: batch_size_bytes });
+        }
+        if payloads.is_empty() {
+            let end_offset = self.end_offset()?;
+            return Ok(end_offset..end_offset);
+        }
+        self.locked(|| {
+            let head = Head::read(&self.dir)?;
+            self.repair(&head)?;
+            let timestamp_ms = head.last_timestamp_ms.max(wall_clock_ms());
+            let mut writer = SegmentWriter::open(&self.dir, head)?;
+            for payload in payloads {
+                writer.push(payload, timestamp_ms, self.segment_max_size_bytes)?;
+            }
+            let committed = Head { last_timestamp_ms: timestamp_ms, ..writer.finish()? };
+            assert_eq!(committed.next_offset, head.next_offset + payloads.len() as u64);
+            committed.write(&self.dir)?;
+            Ok(head.next_offset..committed.next_offset)
+        })
+    }
+
+    /// A reader positioned at `from_offset` (at most the current end offset).
+    pub fn reader(&self, from_offset: u64) -> Result<LocalLogReader> {
+        let head = Head::read(&self.dir)?;
+        if from_offset > head.next_offset {
+            return Err(LocalLogError::OffsetOutOfRange { from_offset, end_offset: head.next_offset });
+        }
+        // Segments past the head segment are a crashed appender's leftovers: not ours.
+        let base_offset = list_segments(&self.dir)?
+            .into_iter()
+            .filter(|&base| base <= from_offset && base <= head.segment_base_offset)
+            .max()
+            .ok_or_else(|| inconsistent(&self.dir, format!("no segment file holds offset {from_offset}")))?;
+        let mut reader = LocalLogReader::open_segment(&self.dir, base_offset)?;
+        // Skipping reads headers only: a damaged payload before `from_offset` is not
+        // this reader's concern.
+        while reader.next_offset < from_offset {
+            let Some(limit_bytes) = reader.readable_limit_bytes(&head)? else {
+                let reason = format!("the head commits offset {from_offset} but the segments end before it");
+                return Err(inconsistent(&self.dir, reason));
+            };
+            let (header, _) = reader.read_header(limit_bytes)?;
+            reader.position_bytes += RECORD_HEADER_SIZE_BYTES + u64::from(header.len);
+            reader.next_offset += 1;
+        }
+        Ok(reader)
+    }
+
+    fn locked<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let lock_path = self.dir.join(LOCK_FILE);
+        let file = self.lock_file.lock().unwrap_or_else(PoisonError::into_inner);
+        fs4::fs_std::FileExt::lock_exclusive(&*file).map_err(io_error("locking", &lock_path))?;
+        let result = f();
+        let unlocked = fs4::fs_std::FileExt::unlock(&*file).map_err(io_error("unlocking", &lock_path));
+        let value = result?;
+        unlocked?;
+        Ok(value)
+    }
+
+    /// Under the lock: the first opener writes the empty log.
+    fn create_if_missing(&self) -> Result<()> {
+        if self.dir.join(HEAD_FILE).exists() {
+            return Ok(());
+        }
+        // Without a head, any segment with data is a log that lost its commit point:
+        // starting afresh over it would silently drop records.
+        for base in list_segments(&self.dir)? {
+            let path = segment_path(&self.dir, base);
+            let size_bytes = fs::metadata(&path).map_err(io_error("reading metadata of", &path))?.len();
+            if size_bytes > 0 {
+                return Err(inconsistent(&self.dir, format!("{} has data but there is no head file", path.display())));
+            }
+        }
+        let path = segment_path(&self.dir, 0);
+        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&path);
+        file.and_then(|file| file.sync_all()).map_err(io_error("creating", &path))?;
+        sync_dir(&self.dir)?;
+        Head::EMPTY.write(&self.dir)
+    }
+
+    /// Under the lock: undoes whatever a crashed appender left past the commit point.
+    fn repair(&self, head: &Head) -> Result<()> {
+        let path = segment_path(&self.dir, head.segment_base_offset);
+        let file = OpenOptions::new().write(true).open(&path).map_err(io_error("opening", &path))?;
+        let size_bytes = file.metadata().map_err(io_error("reading metadata of", &path))?.len();
+        if size_bytes < head.segment_size_bytes {
+            let reason = format!("{size_bytes} bytes, but the head commits {} of them", head.segment_size_bytes);
+            return Err(inconsistent(&path, reason));
+        }
+        if size_bytes > head.segment_size_bytes {
+            file.set_len(head.segment_size_bytes).map_err(io_error("truncating the torn tail of", &path))?;
+            file.sync_all().map_err(io_error("syncing", &path))?;
+        }
+        for base in list_segments(&self.dir)? {
+            if base > head.segment_base_offset {
+                let stale = segment_path(&self.dir, base);
+                fs::remove_file(&stale).map_err(io_error("removing uncommitted segment", &stale))?;
+            }
+        }
+        // The removals become durable with the directory sync of the commit that follows.
+        Ok(())
+    }
+}
+
+/// Writes one batch after the committed end, rolling segments as it goes.
+struct SegmentWriter<'a> {
+    dir: &'a Path,
+    path: PathBuf,
+    file: File,
+    /// Where the batch has got to (uncommitted until the head is written).
+    head: Head,
+    /// Encoded records not yet written; they belong at `head.segment_size_bytes - buffer.len()`.
+    buffer: Vec<u8>,
+    created_segment: bool,
+}
+
+impl<'a> SegmentWriter<'a> {
+    fn open(dir: &'a Path, head: Head) -> Result<Self> {
+        let path = segment_path(dir, head.segment_base_offset);
+        let file = OpenOptions::new().write(true).open(&path).map_err(io_error("opening", &path))?;
+        Ok(SegmentWriter {
+            dir,
+            path,
+            file,
+            head,
+            buffer: Vec::with_capacity(WRITE_BUFFER_SIZE_BYTES),
+            created_segment: false,
+        })
+    }
+
+    fn push(&mut self, payload: &[u8], timestamp_ms: u64, segment_max_size_bytes: u64) -> Result<()> {
+        assert!(payload.len() <= MAX_RECORD_BYTES);
+        let record_size_bytes = RECORD_HEADER_SIZE_BYTES + payload.len() as u64;
+        if self.head.segment_size_bytes > 0 && self.head.segment_size_bytes + record_size_bytes > segment_max_size_bytes
+        {
+            self.roll()?;
+        }
+        let len = u32::try_from(payload.len()).expect("bounded by MAX_RECORD_BYTES");
+        self.buffer.extend_from_slice(&len.to_le_bytes());
+        self.buffer.extend_from_slice(&record_crc(timestamp_ms, payload).to_le_bytes());
+        self.buffer.extend_from_slice(&timestamp_ms.to_le_bytes());
+        self.buffer.extend_from_slice(payload);
+        self.head.segment_size_bytes += record_size_bytes;
+        self.head.next_offset += 1;
+        if self.buffer.len() >= WRITE_BUFFER_SIZE_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let position_bytes = self.head.segment_size_bytes - self.buffer.len() as u64;
+        self.file.write_all_at(&self.buffer, position_bytes).map_err(io_error("writing", &self.path))?;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.flush()?;
+        self.file.sync_data().map_err(io_error("syncing", &self.path))
+    }
+
+    /// Seals the current segment (its file size is now its committed size) and starts
+    /// the next one, named by the next offset.
+    fn roll(&mut self) -> Result<()> {
+        self.sync()?;
+        let base_offset = self.head.next_offset;
+        self.path = segment_path(self.dir, base_offset);
+        // `truncate`: an earlier crashed appender may have left a file of this name.
+        self.file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&self.path)
+            .map_err(io_error("creating", &self.path))?;
+        self.head.segment_base_offset = base_offset;
+        self.head.segment_size_bytes = 0;
+        self.created_segment = true;
+        Ok(())
+    }
+
+    /// Makes the written records durable; returns the head that commits them.
+    fn finish(mut self) -> Result<Head> {
+        self.sync()?;
+        if self.created_segment {
+            sync_dir(self.dir)?;
+        }
+        Ok(self.head)
+    }
+}
+
+/// Reads the committed records of a local log in order, from any process. Never blocks:
+/// [`LocalLogReader::poll`] returns what is committed now.
+pub struct LocalLogReader {
+    dir: PathBuf,
+    segment_base_offset: u64,
+    segment_path: PathBuf,
+    segment_file: File,
+    /// Size of the current segment once the head has moved past it; it is sealed then.
+    sealed_size_bytes: Option<u64>,
+    /// Where the next record starts in the current segment.
+    position_bytes: u64,
+    next_offset: u64,
+    previous_timestamp_ms: u64,
+}
+
+impl LocalLogReader {
+    fn open_segment(dir: &Path, base_offset: u64) -> Result<LocalLogReader> {
+        let segment_path = segment_path(dir, base_offset);
+        let segment_file = File::open(&segment_path).map_err(io_error("opening", &segment_path))?;
+        Ok(LocalLogReader {
+            dir: dir.to_path_buf(),
+            segment_base_offset: base_offset,
+            segment_path,
+            segment_file,
+            sealed_size_bytes: None,
+            position_bytes: 0,
+            next_offset: base_offset,
+            previous_timestamp_ms: 0,
+        })
+    }
+
+    /// The offset of the next record this reader returns.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// Appends up to `max_records` committed records to `out` (partition 0) and returns
+    /// how many; 0 when there is nothing new. On an error, `out` keeps the records read
+    /// before it, and the reader stays at the record that failed.
+    pub fn poll(&mut self, max_records: usize, out: &mut Vec<Record>) -> Result<usize> {
+        let head = Head::read(&self.dir)?;
+        let mut count = 0;
+        while count < max_records {
+            let Some(record) = self.read_next(&head)? else { break };
+            out.push(record);
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// The next record committed by `head`, or `None` at its end.
+    fn read_next(&mut self, head: &Head) -> Result<Option<Record>> {
+        match self.readable_limit_bytes(head)? {
+            Some(limit_bytes) => self.read_record(limit_bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Moves on to the next segment as sealed ones are read to their end. Returns the
+    /// current segment's read limit if a record starts at `position_bytes`, or `None` at
+    /// the end of what `head` commits.
+    fn readable_limit_bytes(&mut self, head: &Head) -> Result<Option<u64>> {
+        loop {
+            let limit_bytes = self.limit_bytes(head)?;
+            if self.position_bytes < limit_bytes {
+                return Ok(Some(limit_bytes));
+            }
+            if self.sealed_size_bytes.is_none() {
+                if self.next_offset != head.next_offset {
+                    let reason = format!(
+                        "the head commits offsets up to {} but the segment holds records up to {}",
+                        head.next_offset, self.next_offset
+                    );
+                    return Err(inconsistent(&self.segment_path, reason));
+                }
+                return Ok(None);
+            }
+            // The end of a sealed segment: the next one is named by the next offset.
+            if self.next_offset == self.segment_base_offset {
+                return Err(inconsistent(&self.segment_path, "a sealed segment is empty".into()));
+            }
+            let previous_timestamp_ms = self.previous_timestamp_ms;
+            *self = LocalLogReader::open_segment(&self.dir, self.next_offset)?;
+            self.previous_timestamp_ms = previous_timestamp_ms;
+        }
+    }
+
+    /// How far the current segment may be read: the committed size for the head segment,
+    /// the file size for a sealed one.
+    fn limit_bytes(&mut self, head: &Head) -> Result<u64> {
+        if let Some(size_bytes) = self.sealed_size_bytes {
+            return Ok(size_bytes);
+        }
+        if head.segment_base_offset < self.segment_base_offset || head.next_offset < self.next_offset {
+            let reason = format!(
+                "the head (next offset {}, segment {}) is behind this reader (offset {}, segment {}); was the log replaced?",
+                head.next_offset, head.segment_base_offset, self.next_offset, self.segment_base_offset
+            );
+            return Err(inconsistent(&self.dir, reason));
+        }
+        if head.segment_base_offset == self.segment_base_offset {
+            if head.segment_size_bytes < self.position_bytes {
+                let reason = format!("the head commits {} bytes, less than already read", head.segment_size_bytes);
+                return Err(inconsistent(&self.segment_path, reason));
+            }
+            return Ok(head.segment_size_bytes);
+        }
+        let metadata = self.segment_file.metadata().map_err(io_error("reading metadata of", &self.segment_path))?;
+        self.sealed_size_bytes = Some(metadata.len());
+        Ok(metadata.len())
+    }
+
+    fn corrupt(&self, position_bytes: u64, reason: String) -> LocalLogError {
+        LocalLogError::CorruptRecord {
+            segment: self.segment_path.clone(),
+            position_bytes,
+            offset: self.next_offset,
+            reason,
+        }
+    }
+
+    /// Reads the header of the record at `position_bytes`, which is below `limit_bytes`,
+    /// and checks that the record fits below the limit. Returns it with its size.
+    fn read_header(&self, limit_bytes: u64) -> Result<(RecordHeader, u64)> {
+        assert!(self.position_bytes < limit_bytes);
+        let position_bytes = self.position_bytes;
+        let remaining_bytes = limit_bytes - position_bytes;
+        if remaining_bytes < RECORD_HEADER_SIZE_BYTES {
+            let reason = format!("{remaining_bytes} bytes before the end, too few for a record header");
+            return Err(self.corrupt(position_bytes, reason));
+        }
+        let mut bytes = [0u8; RECORD_HEADER_SIZE_BYTES as usize];
+        self.segment_file.read_exact_at(&mut bytes, position_bytes).map_err(io_error("reading", &self.segment_path))?;
+        let header = RecordHeader {
+            len: u32::from_le_bytes(bytes[0..4].try_into().expect("4-byte slice")),
+            crc: u32::from_le_bytes(bytes[4..8].try_into().expect("4-byte slice")),
+            timestamp_ms: u64::from_le_bytes(bytes[8..16].try_into().expect("8-byte slice")),
+        };
+        if header.len as usize > MAX_RECORD_BYTES {
+            let reason = format!("length {} is more than the {MAX_RECORD_BYTES}-byte limit", header.len);
+            return Err(self.corrupt(position_bytes, reason));
+        }
+        let record_size_bytes = RECORD_HEADER_SIZE_BYTES + u64::from(header.len);
+        if record_size_bytes > remaining_bytes {
+            let reason = format!(
+                "a {record_size_bytes}-byte record runs past the end of the committed data at byte {limit_bytes}"
+            );
+            return Err(self.corrupt(position_bytes, reason));
+        }
+        Ok((header, record_size_bytes))
+    }
+
+    /// Reads and checks the whole record at `position_bytes`, which is below `limit_bytes`.
+    fn read_record(&mut self, limit_bytes: u64) -> Result<Record> {
+        let position_bytes = self.position_bytes;
+        let (header, record_size_bytes) = self.read_header(limit_bytes)?;
+        let mut payload = vec![0u8; header.len as usize];
+        self.segment_file
+            .read_exact_at(&mut payload, position_bytes + RECORD_HEADER_SIZE_BYTES)
+            .map_err(io_error("reading", &self.segment_path))?;
+        let computed_crc = record_crc(header.timestamp_ms, &payload);
+        if computed_crc != header.crc {
+            let reason = format!("checksum mismatch (stored {:#010x}, computed {computed_crc:#010x})", header.crc);
+            return Err(self.corrupt(position_bytes, reason));
+        }
+        if header.timestamp_ms < self.previous_timestamp_ms {
+            let reason = format!(
+                "timestamp {} ms is before the previous record's {} ms",
+                header.timestamp_ms, self.previous_timestamp_ms
+            );
+            return Err(self.corrupt(position_bytes, reason));
+        }
+        let record = Record { partition: 0, offset: self.next_offset, timestamp_ms: header.timestamp_ms, payload };
+        self.position_bytes += record_size_bytes;
+        self.next_offset += 1;
+        self.previous_timestamp_ms = header.timestamp_ms;
+        Ok(record)
+    }
+}
+
+struct RecordHeader {
+    len: u32,
+    crc: u32,
+    timestamp_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payloads(prefix: &str, count: usize) -> Vec<Vec<u8>> {
+        (0..count).map(|i| format!("{prefix}-{i}").into_bytes()).collect()
+    }
+
+    fn read_all(log: &LocalLog, from_offset: u64) -> Vec<Record> {
+        let mut reader = log.reader(from_offset).unwrap();
+        let mut out = Vec::new();
+        while reader.poll(7, &mut out).unwrap() > 0 {}
+        out
+    }
+
+    #[test]
+    fn reader_tails_appends_across_segment_rolls() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LocalLog::open_with(dir.path(), 1024).unwrap();
+        let mut reader = log.reader(0).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(reader.poll(100, &mut out).unwrap(), 0);
+
+        assert_eq!(log.append(&payloads("a", 2)).unwrap(), 0..2);
+        assert_eq!(reader.poll(100, &mut out).unwrap(), 2);
+        assert_eq!(reader.poll(100, &mut out).unwrap(), 0);
+
+        // About 60 bytes a record: 200 records need a dozen 1 KiB segments.
+        let big: Vec<Vec<u8>> = (0..200).map(|i| format!("{i:0>44}").into_bytes()).collect();
+        assert_eq!(log.append(&big).unwrap(), 2..202);
+        assert!(list_segments(dir.path()).unwrap().len() > 10);
+        while reader.poll(13, &mut out).unwrap() > 0 {}
+        assert_eq!(out.len(), 202);
+        for (index, record) in out.iter().enumerate() {
+            assert_eq!(record.offset, index as u64);
+            assert_eq!(record.partition, 0);
+        }
+        assert_eq!(out[2..].iter().map(|r| r.payload.clone()).collect::<Vec<_>>(), big);
+        assert!(out.windows(2).all(|w| w[0].timestamp_ms <= w[1].timestamp_ms));
+        assert_eq!(log.end_offset().unwrap(), 202);
+
+        // Every start offset, including one at a segment boundary and the end.
+        for from_offset in [0, 1, 2, 57, 201, 202] {
+            let tail = read_all(&log, from_offset);
+            assert_eq!(tail.len() as u64, 202 - from_offset);
+            assert!(tail.iter().zip(from_offset..).all(|(record, offset)| record.offset == offset));
+        }
+        for base in list_segments(dir.path()).unwrap() {
+            assert_eq!(read_all(&log, base)[0].offset, base);
+        }
+        assert!(matches!(log.reader(203), Err(LocalLogError::OffsetOutOfRange { from_offset: 203, end_offset: 202 })));
+    }
+
+    #[test]
+    fn timestamps_never_go_back_when_the_clock_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LocalLog::open(dir.path()).unwrap();
+        log.append(&payloads("a", 1)).unwrap();
+        // Pretend an earlier batch was stamped far in the future (a clock stepped back since).
+        let mut head = Head::read(dir.path()).unwrap();
+        let future_ms = wall_clock_ms() + 1_000_000_000;
+        head.last_timestamp_ms = future_ms;
+        head.write(dir.path()).unwrap();
+        log.append(&payloads("b", 2)).unwrap();
+        let records = read_all(&log, 0);
+        assert!(records[0].timestamp_ms < future_ms);
+        assert_eq!(records[1].timestamp_ms, future_ms);
+        assert_eq!(records[2].timestamp_ms, future_ms);
+    }
+
+    #[test]
+    fn an_oversized_record_refuses_the_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LocalLog::open(dir.path()).unwrap();
+        let batch = vec![b"ok".to_vec(), vec![b'x'; MAX_RECORD_BYTES + 1]];
+        let error = log.append(&batch).unwrap_err();
+        assert!(matches!(error, LocalLogError::RecordTooLarge { index: 1, .. }), "{error}");
+        assert_eq!(log.end_offset().unwrap(), 0);
+        // The largest allowed record fits, even in a segment smaller than it.
+        let small = LocalLog::open_with(dir.path(), 1024).unwrap();
+        assert_eq!(small.append(&[vec![b'x'; MAX_RECORD_BYTES], b"y".to_vec()]).unwrap(), 0..2);
+        assert_eq!(read_all(&log, 0)[0].payload.len(), MAX_RECORD_BYTES);
+        assert_eq!(list_segments(dir.path()).unwrap(), vec![0, 1]);
+    }
+
+    #[test]
+    fn uncommitted_bytes_are_never_read_and_the_next_append_removes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LocalLog::open_with(dir.path(), 1024).unwrap();
+        log.append(&payloads("a", 3)).unwrap();
+        let mut reader = log.reader(0).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(reader.poll(100, &mut out).unwrap(), 3);
+
+        // A crashed appender: a well-formed record past the commit point, and a rolled
+        // segment that no head ever named.
+        let segment = segment_path(dir.path(), 0);
+        let committed_size_bytes = fs::metadata(&segment).unwrap().len();
+        let mut bytes = fs::read(&segment).unwrap();
+        bytes.extend_from_within(..19);
+        fs::write(&segment, &bytes).unwrap();
+        fs::write(segment_path(dir.path(), 4), b"stale").unwrap();
+        assert_eq!(reader.poll(100, &mut out).unwrap(), 0);
+        assert_eq!(read_all(&log, 0).len(), 3);
+
+        log.append(&payloads("b", 1)).unwrap();
+        assert!(!segment_path(dir.path(), 4).exists());
+        assert_eq!(fs::metadata(&segment).unwrap().len(), committed_size_bytes + 19);
+        assert_eq!(reader.poll(100, &mut out).unwrap(), 1);
+        assert_eq!(out[3].payload, b"b-0");
+    }
+
+    #[test]
+    fn appenders_in_threads_and_handles_of_one_process_exclude_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = LocalLog::open_with(dir.path(), 2048).unwrap();
+        let ranges = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for thread in 0..4 {
+                let (shared, ranges, dir) = (&shared, &ranges, dir.path());
+                scope.spawn(move || {
+                    // Half the threads share one handle, half open their own.
+                    let own = LocalLog::open_with(dir, 2048).unwrap();
+                    let log = if thread % 2 == 0 { shared } else { &own };
+                    for batch in 0..20 {
+                        let range = log.append(&payloads(&format!("t{thread}-b{batch}"), 3)).unwrap();
+                        ranges.lock().unwrap().push(range);
+                    }
+                });
+            }
+        });
+        let mut ranges = ranges.into_inner().unwrap();
+        ranges.sort_by_key(|range| range.start);
+        assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
+        let records = read_all(&shared, 0);
+        assert_eq!(records.len(), 240);
+        let mut seen: Vec<_> = records.iter().map(|r| r.payload.clone()).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 240);
+    }
+
+    #[test]
+    fn a_reader_tails_while_appenders_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LocalLog::open_with(dir.path(), 1024).unwrap();
+        let mut reader = log.reader(0).unwrap();
+        let mut out = Vec::new();
+        std::thread::scope(|scope| {
+            for thread in 0..3 {
+                let dir = dir.path();
+                scope.spawn(move || {
+                    let log = LocalLog::open_with(dir, 1024).unwrap();
+                    for batch in 0..30 {
+                        log.append(&payloads(&format!("t{thread}-b{batch}"), 2)).unwrap();
+                    }
+                });
+            }
+            while out.len() < 180 {
+                reader.poll(5, &mut out).unwrap();
+                std::thread::yield_now();
+            }
+        });
+        assert_eq!(reader.poll(5, &mut out).unwrap(), 0);
+        assert!(out.iter().zip(0..).all(|(record, offset)| record.offset == offset));
+        assert!(out.windows(2).all(|w| w[0].timestamp_ms <= w[1].timestamp_ms));
+        let mut seen: Vec<_> = out.iter().map(|r| r.payload.clone()).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 180);
+    }
+
+    #[test]
+    fn a_damaged_head_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LocalLog::open(dir.path()).unwrap();
+        log.append(&payloads("a", 1)).unwrap();
+        let path = dir.path().join(HEAD_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[9] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let error = log.append(&payloads("b", 1)).unwrap_err();
+        assert!(error.to_string().contains("checksum mismatch"), "{error}");
+        fs::write(&path, &bytes[..10]).unwrap();
+        assert!(matches!(log.reader(0), Err(LocalLogError::CorruptHead { .. })));
+    }
+
+    #[test]
+    fn a_missing_head_over_existing_data_is_not_silently_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        LocalLog::open(dir.path()).unwrap().append(&payloads("a", 1)).unwrap();
+        fs::remove_file(dir.path().join(HEAD_FILE)).unwrap();
+        let error = LocalLog::open(dir.path()).err().unwrap();
+        assert!(error.to_string().contains("no head file"), "{error}");
+    }
+}
