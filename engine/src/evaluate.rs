@@ -21,8 +21,12 @@ pub struct Args {
     /// JSON-lines file of command envelopes, or `-` for standard input. Blank lines
     /// are skipped; every other line is one log record (a line that does not decode
     /// gets a `malformed` output, like any bad record).
-    #[arg(default_value = "-")]
+    #[arg(default_value = "-", conflicts_with = "log")]
     input: String,
+    /// Read the records, with their timestamps, from an input log (`local:DIR`)
+    /// instead: the reference answer for what `tribunal run` on that log must produce.
+    #[arg(long)]
+    log: Option<String>,
     /// Number of shards (1..=64).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     shards: u16,
@@ -58,6 +62,7 @@ struct Summary {
     state_digest: String,
     reference_agrees: bool,
     first_disagreement_offset: Option<u64>,
+    outputs_digest: String,
     elapsed_ms: u128,
     stock: Vec<StockRow>,
 }
@@ -81,8 +86,28 @@ fn read_records(input: &str, ms_per_record: u64) -> anyhow::Result<Vec<Record>> 
     Ok(records)
 }
 
+fn read_log(spec: &str) -> anyhow::Result<Vec<Record>> {
+    let Some(dir) = spec.strip_prefix("local:") else {
+        anyhow::bail!("--log {spec:?}: only local:DIR is supported");
+    };
+    let log = crate::local_log::LocalLog::open(dir).with_context(|| format!("opening the log {dir}"))?;
+    let end = log.end_offset()?;
+    let mut reader = log.reader(0)?;
+    let mut records = Vec::with_capacity(end as usize);
+    while (records.len() as u64) < end {
+        if reader.poll(65_536, &mut records)? == 0 {
+            break;
+        }
+    }
+    records.truncate(end as usize);
+    Ok(records)
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let records = read_records(&args.input, args.ms_per_record)?;
+    let records = match &args.log {
+        Some(spec) => read_log(spec)?,
+        None => read_records(&args.input, args.ms_per_record)?,
+    };
     let warden = WardenConfig { ttl_ms: args.ttl_ms, ..WardenConfig::default() };
     let started = Instant::now();
     let mut sim = Simulator::<Inventory>::new(SimulatorConfig::new(args.shards, warden, args.seed));
@@ -104,6 +129,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         *verdicts.entry(output.verdict.name()).or_default() += 1;
     }
     let reference_agrees = first_disagreement_offset.is_none() && reference.state_digest() == sim.state_digest();
+    let outputs_digest =
+        tribunal_shards::digest::outputs_digest(sim.outputs().iter().map(|((_, o), out)| (*o, out.digest)));
 
     let stock: Vec<StockRow> = sim
         .entities(0)
@@ -117,6 +144,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         state_digest: format!("{:032x}", sim.state_digest()),
         reference_agrees,
         first_disagreement_offset,
+        outputs_digest: format!("{outputs_digest:032x}"),
         elapsed_ms,
         stock,
     };

@@ -103,6 +103,17 @@ pub fn affinity_hash(bytes: &[u8]) -> u64 {
     xxh3_64(bytes)
 }
 
+/// One digest over a run of outputs, in offset order: what `tribunal inspect` and
+/// `tribunal evaluate` print so that two runs of a log can be compared in one value.
+pub fn outputs_digest(outputs: impl IntoIterator<Item = (u64, u128)>) -> u128 {
+    let mut stream = Xxh3::new();
+    for (offset, digest) in outputs {
+        stream.update(&offset.to_le_bytes());
+        stream.update(&digest.to_le_bytes());
+    }
+    stream.digest128()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,129 @@
+//! `tribunal inspect --data-dir DIR`: the state a restart would recover, offline and
+//! read-only (nothing is cut or written). Tests and operators read state through it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use serde::Serialize;
+use tribunal_shards::digest::{output_digest, outputs_digest};
+use tribunal_shards::inventory::Inventory;
+use tribunal_shards::ledger::LedgerRecord;
+use tribunal_shards::recovery::recover;
+use tribunal_shards::registrar::combine_partition_digests;
+use tribunal_shards::usher::UsherConfig;
+use tribunal_shards::warden::WardenConfig;
+
+use crate::ledger_io::{self, Layout};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The instance's data directory (`tribunal run --data-dir`).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Print JSON (state digest, outputs digest, the whole stock table).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct StockRow {
+    warehouse: String,
+    sku: String,
+    qty: u64,
+}
+
+#[derive(Serialize)]
+struct CutReport {
+    shard: u16,
+    segment: u64,
+    position: usize,
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct Report {
+    shards: u16,
+    durable_watermark: Option<u64>,
+    state_digest: String,
+    outputs: u64,
+    outputs_digest: String,
+    replayed_entries: u64,
+    would_cut: Vec<CutReport>,
+    stock: Vec<StockRow>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let layout = Layout::new(&args.data_dir);
+    let meta = layout
+        .read_meta()?
+        .with_context(|| format!("{} holds no Tribunal data (no meta.json)", args.data_dir.display()))?;
+    let shard_count = meta.shard_count;
+    let logs = ledger_io::read_logs::<Inventory>(&layout, shard_count)?;
+    let mut outputs: BTreeMap<u64, u128> = BTreeMap::new();
+    for log in &logs {
+        for segment in &log.segments {
+            for scanned in &segment.records {
+                if let LedgerRecord::Entry { partition: 0, offset, output, .. } = &scanned.record {
+                    outputs.insert(*offset, output_digest(output));
+                }
+            }
+        }
+    }
+    // The Warden's TTL does not change what is recovered, only what the Usher answers next.
+    let usher = |partition| UsherConfig { partition, shard_count, warden: WardenConfig::default(), initial_version: 1 };
+    let recovered = recover(shard_count, usher, logs, BTreeMap::new()).context("recovering the Ledger")?;
+    let watermark = recovered.watermarks.get(&0).copied();
+    outputs.retain(|offset, _| watermark.is_some_and(|w| *offset <= w));
+
+    let mut stock: Vec<StockRow> = recovered
+        .arbiters
+        .iter()
+        .flat_map(|a| a.registrar().entities_sorted(0))
+        .map(|(key, qty)| StockRow { warehouse: key.warehouse.to_string(), sku: key.sku.to_string(), qty })
+        .collect();
+    stock.sort_by(|a, b| (&a.sku, &a.warehouse).cmp(&(&b.sku, &b.warehouse)));
+    let partition_digest = recovered.arbiters.iter().fold(0u128, |acc, a| acc.wrapping_add(a.registrar().digest(0)));
+    let report = Report {
+        shards: shard_count,
+        durable_watermark: watermark,
+        state_digest: format!("{:032x}", combine_partition_digests(&[(0, partition_digest)])),
+        outputs: outputs.len() as u64,
+        outputs_digest: format!("{:032x}", outputs_digest(outputs.into_iter())),
+        replayed_entries: recovered.replayed_entries,
+        would_cut: recovered
+            .cuts
+            .into_iter()
+            .map(|c| CutReport { shard: c.shard, segment: c.segment, position: c.position, reason: c.reason })
+            .collect(),
+        stock,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("data dir          {}", args.data_dir.display());
+        println!("shards            {}", report.shards);
+        match report.durable_watermark {
+            Some(w) => println!("durable watermark {w}"),
+            None => println!("durable watermark none (nothing durable yet)"),
+        }
+        println!("state digest      {}", report.state_digest);
+        println!("outputs           {} (digest {})", report.outputs, report.outputs_digest);
+        for cut in &report.would_cut {
+            println!(
+                "would cut         shard {} segment {} at byte {}: {}",
+                cut.shard, cut.segment, cut.position, cut.reason
+            );
+        }
+        let total: u128 = report.stock.iter().map(|r| u128::from(r.qty)).sum();
+        println!("stock             {} (warehouse, sku) levels, {} units in all", report.stock.len(), total);
+        for row in report.stock.iter().take(10) {
+            println!("  {:<10} {:<12} {}", row.warehouse, row.sku, row.qty);
+        }
+        if report.stock.len() > 10 {
+            println!("  ... ({} more; --json prints them all)", report.stock.len() - 10);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,496 @@
+//! One running instance: recovery, then one pinned glommio executor per shard.
+//!
+//! Start-up: the data directory is checked, every shard's Ledger is read and
+//! recovered (std IO, before any shard runs), cuts are applied, and only then are the
+//! shards started. Until every shard has started the instance reports `recovering`
+//! in `status.json` (spec: Recovery.RecoveryCompletes; nothing is advertised before).
+//!
+//! Per shard, on its own core:
+//! - one receiver task per inbound channel: `Arbiter::handle`, then effects;
+//! - one sender task per outbound channel, draining a local unbounded queue. Receiver
+//!   tasks never await a bounded send, so two shards with full channels towards each
+//!   other cannot deadlock; the Usher's backpressure bounds what is in flight;
+//! - one Ledger task: whatever records accumulated since its last commit are written
+//!   and made durable with one fdatasync (group commit), then the shard's durable
+//!   watermark advances to the batch-end markers among them;
+//! - on the home shard, the Usher task tails the input log and plans batches.
+//!
+//! Shards talk only through glommio's shared-nothing channels. The durable watermark
+//! of each shard is also published in an atomic, read only for status and shutdown.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
+use glommio::{LocalExecutorBuilder, Placement};
+use serde::Serialize;
+use tracing::{error, info, warn};
+use tribunal_shards::arbiter::{Arbiter, ShardEffect, ShardMessage};
+use tribunal_shards::inventory::Inventory;
+use tribunal_shards::ledger::{encode_record, LedgerRecord};
+use tribunal_shards::recovery::recover;
+use tribunal_shards::router::ShardId;
+use tribunal_shards::usher::{Record, Usher, UsherConfig};
+use tribunal_shards::warden::WardenConfig;
+
+use crate::cores;
+use crate::ledger_io::{self, Layout, SegmentWriter};
+use crate::local_log::LocalLog;
+
+type D = Inventory;
+type Message = ShardMessage<D>;
+
+/// Messages a channel between two shards holds before the sender waits.
+const CHANNEL_CAPACITY: usize = 4_096;
+/// Most records the Usher plans as one batch.
+pub const MAX_BATCH_RECORDS: usize = 4_096;
+/// The Usher stops reading while this many messages it sent are not yet delivered.
+const MAX_IN_FLIGHT_MESSAGES: u64 = 64 * 1_024;
+/// How often `status.json` is rewritten.
+const STATUS_INTERVAL: Duration = Duration::from_millis(200);
+/// How long the Usher waits before polling an idle log again.
+const IDLE_POLL: Duration = Duration::from_millis(1);
+
+pub struct NodeConfig {
+    pub log_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub cores: Vec<usize>,
+    pub warden: WardenConfig,
+    /// Exit once every record in the log when the Usher last found none is durable.
+    pub stop_at_end: bool,
+}
+
+/// `status.json`: what an operator or a test can read while the instance runs.
+#[derive(Debug, Serialize)]
+struct Status {
+    phase: &'static str,
+    shards: u16,
+    /// Highest offset durable on every shard; absent before recovery completes
+    /// (spec: Recovery.NoWatermarkBeforeReady) or while nothing is durable.
+    durable_watermark: Option<u64>,
+    next_offset: Option<u64>,
+    ledger_syncs: u64,
+    uptime_ms: u128,
+}
+
+/// Shared between the executors and the main thread: published watermarks (durable
+/// offset + 1, 0 = none), sync counts and the stop flag.
+struct Shared {
+    durable: Vec<AtomicU64>,
+    syncs: Vec<AtomicU64>,
+    next_offset: AtomicU64,
+    in_flight: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    /// Instance durable watermark (+1): the minimum over shards (spec: Ledger.InstanceDurableWatermark).
+    fn durable_end(&self) -> u64 {
+        self.durable.iter().map(|d| d.load(Ordering::Acquire)).min().unwrap_or(0)
+    }
+}
+
+enum Event {
+    Started,
+    Failed(ShardId, String),
+    Finished,
+}
+
+fn usher_config(shard_count: u16, warden: WardenConfig) -> impl Fn(u32) -> UsherConfig {
+    move |partition| UsherConfig { partition, shard_count, warden, initial_version: 1 }
+}
+
+fn write_status(layout: &Layout, status: &Status) {
+    let bytes = serde_json::to_vec_pretty(status).expect("status serialises");
+    if let Err(e) = ledger_io::write_atomically(&layout.status_path(), &bytes) {
+        warn!("could not write {}: {e}", layout.status_path().display());
+    }
+}
+
+pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let shard_count = config.cores.len() as u16;
+    cores::check_memlock(config.cores.len())?;
+    let layout = Layout::new(&config.data_dir);
+    layout.prepare(shard_count)?;
+    let log =
+        LocalLog::open(&config.log_dir).with_context(|| format!("opening the log {}", config.log_dir.display()))?;
+    write_status(
+        &layout,
+        &Status {
+            phase: "recovering",
+            shards: shard_count,
+            durable_watermark: None,
+            next_offset: None,
+            ledger_syncs: 0,
+            uptime_ms: 0,
+        },
+    );
+
+    // spec: Recovery.RecoveryStarts .. Recovery.WardenRebuilt
+    info!(shards = shard_count, data_dir = %config.data_dir.display(), "recovering");
+    let logs = ledger_io::read_logs::<D>(&layout, shard_count)?;
+    let mut recovered = recover(shard_count, usher_config(shard_count, config.warden), logs, BTreeMap::new())
+        .context("recovering the Ledger")?;
+    for cut in &recovered.cuts {
+        // spec: Recovery.TornTailTruncated
+        warn!(shard = cut.shard, segment = cut.segment, position = cut.position, reason = %cut.reason, "cutting the Ledger");
+        ledger_io::apply_cut(&layout, cut)
+            .with_context(|| format!("cutting shard {} at {}", cut.shard, cut.position))?;
+    }
+    let watermark = recovered.watermarks.get(&0).copied();
+    let usher = recovered.ushers.remove(&0).unwrap_or_else(|| Usher::new(usher_config(shard_count, config.warden)(0)));
+    let resume = watermark.map_or(0, |w| w + 1);
+    assert_eq!(usher.next_offset(), resume, "the Usher resumes right after the durable watermark");
+    info!(
+        durable_watermark = ?watermark,
+        replayed_entries = recovered.replayed_entries,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered; resuming the log at offset {resume}"
+    );
+
+    let shared = Arc::new(Shared {
+        durable: (0..shard_count).map(|_| AtomicU64::new(resume)).collect(),
+        syncs: (0..shard_count).map(|_| AtomicU64::new(0)).collect(),
+        next_offset: AtomicU64::new(resume),
+        in_flight: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+
+    // Channels for every ordered pair of distinct shards.
+    let n = shard_count as usize;
+    let mut senders: Vec<Vec<Option<SharedSender<Message>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+    let mut receivers: Vec<Vec<SharedReceiver<Message>>> = (0..n).map(|_| Vec::new()).collect();
+    for (from, row) in senders.iter_mut().enumerate() {
+        for (to, slot) in row.iter_mut().enumerate() {
+            if from != to {
+                let (tx, rx) = shared_channel::new_bounded(CHANNEL_CAPACITY);
+                *slot = Some(tx);
+                receivers[to].push(rx);
+            }
+        }
+    }
+
+    let (events_tx, events_rx) = mpsc::channel::<Event>();
+    let mut arbiters: Vec<Option<Arbiter<D>>> = recovered.arbiters.into_iter().map(Some).collect();
+    let mut usher = Some(usher);
+    let mut log = Some(log);
+    let mut handles = Vec::new();
+    for (shard, core) in config.cores.iter().copied().enumerate() {
+        let shard = shard as ShardId;
+        let context = ShardContext {
+            shard,
+            layout: layout.clone(),
+            arbiter: arbiters[shard as usize].take().expect("one Arbiter per shard"),
+            outbound: std::mem::take(&mut senders[shard as usize]),
+            inbound: std::mem::take(&mut receivers[shard as usize]),
+            usher: if shard == 0 { usher.take() } else { None },
+            log: if shard == 0 { log.take() } else { None },
+            shared: shared.clone(),
+            events: events_tx.clone(),
+            stop_at_end: config.stop_at_end,
+        };
+        let failed = events_tx.clone();
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(core))
+            .name(&format!("shard-{shard}"))
+            .io_memory(cores::IO_MEMORY_PER_SHARD_BYTES)
+            .spawn(move || async move {
+                if let Err(error) = shard_main(context).await {
+                    let _ = failed.send(Event::Failed(shard, format!("{error:#}")));
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("starting shard {shard} on core {core}: {e}"))?;
+        handles.push(handle);
+    }
+    drop(events_tx);
+
+    // Start-up handshake: a shard that fails to start stops the process.
+    let mut running = 0;
+    while running < n {
+        match events_rx.recv() {
+            Ok(Event::Started) => running += 1,
+            Ok(Event::Failed(shard, error)) => anyhow::bail!("shard {shard} failed to start: {error}"),
+            Ok(Event::Finished) => {}
+            Err(_) => anyhow::bail!("the shards stopped during start-up"),
+        }
+    }
+    info!(cores = ?config.cores, "ready");
+
+    let mut last_status = Instant::now() - STATUS_INTERVAL;
+    loop {
+        if last_status.elapsed() >= STATUS_INTERVAL {
+            let end = shared.durable_end();
+            write_status(
+                &layout,
+                &Status {
+                    phase: "ready",
+                    shards: shard_count,
+                    durable_watermark: end.checked_sub(1),
+                    next_offset: Some(shared.next_offset.load(Ordering::Acquire)),
+                    ledger_syncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
+                    uptime_ms: started.elapsed().as_millis(),
+                },
+            );
+            last_status = Instant::now();
+        }
+        match events_rx.recv_timeout(STATUS_INTERVAL) {
+            Ok(Event::Failed(shard, error)) => {
+                error!(shard, "{error}");
+                anyhow::bail!("shard {shard} failed: {error}");
+            }
+            Ok(Event::Finished) => break,
+            Ok(Event::Started) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("every shard stopped"),
+        }
+    }
+    shared.stop.store(true, Ordering::Release);
+    let end = shared.durable_end();
+    write_status(
+        &layout,
+        &Status {
+            phase: "stopped",
+            shards: shard_count,
+            durable_watermark: end.checked_sub(1),
+            next_offset: Some(shared.next_offset.load(Ordering::Acquire)),
+            ledger_syncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
+            uptime_ms: started.elapsed().as_millis(),
+        },
+    );
+    info!(durable_watermark = ?end.checked_sub(1), elapsed_ms = started.elapsed().as_millis() as u64, "every record is durable; stopping");
+    // Everything is durable; the executors hold nothing that needs a clean shutdown.
+    std::process::exit(0);
+}
+
+struct ShardContext {
+    shard: ShardId,
+    layout: Layout,
+    arbiter: Arbiter<D>,
+    outbound: Vec<Option<SharedSender<Message>>>,
+    inbound: Vec<SharedReceiver<Message>>,
+    usher: Option<Usher<D>>,
+    log: Option<LocalLog>,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    stop_at_end: bool,
+}
+
+/// A shard's state on its executor.
+struct ShardState {
+    shard: ShardId,
+    arbiter: Arbiter<D>,
+    /// Local queues to the sender tasks, one per other shard.
+    outbound: Vec<Option<LocalSender<Message>>>,
+    /// Records encoded since the last commit, and the batch-end markers among them.
+    pending_bytes: Vec<u8>,
+    pending_marks: Vec<(u32, u64)>,
+    doorbell: LocalSender<()>,
+    doorbell_rung: bool,
+    effects: Vec<ShardEffect<D>>,
+    shared: Arc<Shared>,
+}
+
+impl ShardState {
+    /// Hands a message to the Arbiter and turns its effects into Ledger records and
+    /// messages. Never awaits, so it can run from any task of the shard.
+    fn process(&mut self, message: Message) {
+        self.arbiter.handle(message);
+        let mut effects = std::mem::take(&mut self.effects);
+        effects.extend(self.arbiter.drain_effects());
+        for effect in effects.drain(..) {
+            match effect {
+                ShardEffect::Send { to, message } => {
+                    self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                    let queue = self.outbound[to as usize].as_ref().expect("a queue to every other shard");
+                    if queue.try_send(message).is_err() {
+                        unreachable!("local queues are unbounded and live as long as the shard");
+                    }
+                }
+                ShardEffect::Output { output, changes } => {
+                    let record = LedgerRecord::<D>::Entry {
+                        partition: output.partition,
+                        offset: output.offset,
+                        output: output.bytes,
+                        deltas: changes.into_vec(),
+                    };
+                    encode_record(&record, &mut self.pending_bytes).expect("an entry record fits the record bound");
+                }
+                ShardEffect::BatchDone { partition, last_offset, usher, snapshot } => {
+                    // spec: Ledger.BatchEndMarkerAppended
+                    let record =
+                        LedgerRecord::<D>::BatchEnd { partition, last_offset, usher, snapshot: snapshot.is_some() };
+                    encode_record(&record, &mut self.pending_bytes).expect("a batch journal fits the record bound");
+                    self.pending_marks.push((partition, last_offset));
+                    if !self.doorbell_rung {
+                        self.doorbell_rung = true;
+                        let _ = self.doorbell.try_send(());
+                    }
+                }
+            }
+        }
+        self.effects = effects;
+    }
+}
+
+async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
+    let shard = context.shard;
+    ledger_io::settle_io_probe(&context.layout, shard).await.context("probing DMA IO")?;
+    let mut writer = SegmentWriter::open(&context.layout, shard).await.context("opening the Ledger segment")?;
+
+    let (doorbell, doorbell_rx) = local_channel::new_unbounded::<()>();
+    let mut outbound_queues = Vec::new();
+    for (to, sender) in context.outbound.into_iter().enumerate() {
+        let Some(sender) = sender else {
+            outbound_queues.push(None);
+            continue;
+        };
+        let (queue, queue_rx) = local_channel::new_unbounded::<Message>();
+        outbound_queues.push(Some(queue));
+        let shared = context.shared.clone();
+        // Each channel connects in its own task: `connect` waits for the other end,
+        // and the other shard connects its ends in its own order.
+        glommio::spawn_local(async move {
+            let connected = sender.connect().await;
+            while let Some(message) = queue_rx.recv().await {
+                if connected.send(message).await.is_err() {
+                    warn!(from = shard, to, "peer shard channel closed");
+                    return;
+                }
+                shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+        })
+        .detach();
+    }
+    let state = Rc::new(RefCell::new(ShardState {
+        shard,
+        arbiter: context.arbiter,
+        outbound: outbound_queues,
+        pending_bytes: Vec::with_capacity(1 << 20),
+        pending_marks: Vec::new(),
+        doorbell,
+        doorbell_rung: false,
+        effects: Vec::new(),
+        shared: context.shared.clone(),
+    }));
+
+    for receiver in context.inbound {
+        let state = state.clone();
+        glommio::spawn_local(async move {
+            let receiver = receiver.connect().await;
+            while let Some(message) = receiver.recv().await {
+                state.borrow_mut().process(message);
+            }
+        })
+        .detach();
+    }
+
+    // Ledger task: group commit.
+    let ledger_state = state.clone();
+    let shared = context.shared.clone();
+    let events = context.events.clone();
+    glommio::spawn_local(async move {
+        let mut bytes = Vec::with_capacity(1 << 20);
+        let mut marks = Vec::new();
+        while doorbell_rx.recv().await.is_some() {
+            {
+                let mut st = ledger_state.borrow_mut();
+                st.doorbell_rung = false;
+                std::mem::swap(&mut bytes, &mut st.pending_bytes);
+                std::mem::swap(&mut marks, &mut st.pending_marks);
+            }
+            if bytes.is_empty() {
+                continue;
+            }
+            // spec: Ledger.GroupCommitAtBatchEnd, Ledger.RecordDurableAfterSync
+            if let Err(e) = writer.commit(&bytes).await {
+                let _ = events.send(Event::Failed(shard, format!("Ledger write failed: {e}")));
+                return;
+            }
+            bytes.clear();
+            shared.syncs[shard as usize].store(writer.syncs, Ordering::Relaxed);
+            // spec: Ledger.ShardDurableWatermark — only the local log's partition 0 today.
+            if let Some(&(_, last_offset)) = marks.iter().rev().find(|(partition, _)| *partition == 0) {
+                shared.durable[shard as usize].store(last_offset + 1, Ordering::Release);
+            }
+            marks.clear();
+        }
+    })
+    .detach();
+
+    let _ = context.events.send(Event::Started);
+
+    match (context.usher, context.log) {
+        (Some(usher), Some(log)) => {
+            usher_loop(usher, log, state, context.shared, context.events, context.stop_at_end).await
+        }
+        _ => {
+            // Other shards only react to messages; park until the process exits.
+            while !context.shared.stop.load(Ordering::Acquire) {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The Usher's IO shell: tail the local log, plan, dispatch.
+async fn usher_loop(
+    mut usher: Usher<D>,
+    log: LocalLog,
+    state: Rc<RefCell<ShardState>>,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    stop_at_end: bool,
+) -> anyhow::Result<()> {
+    let mut reader = log.reader(usher.next_offset()).context("opening a reader on the log")?;
+    let mut records: Vec<Record> = Vec::with_capacity(MAX_BATCH_RECORDS);
+    let home = state.borrow().shard;
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if shared.in_flight.load(Ordering::Relaxed) > MAX_IN_FLIGHT_MESSAGES {
+            glommio::timer::sleep(Duration::from_micros(200)).await;
+            continue;
+        }
+        records.clear();
+        let read = reader.poll(MAX_BATCH_RECORDS, &mut records).context("reading the log")?;
+        if read == 0 {
+            if stop_at_end && shared.durable_end() >= usher.next_offset() {
+                let _ = events.send(Event::Finished);
+                return Ok(());
+            }
+            glommio::timer::sleep(IDLE_POLL).await;
+            continue;
+        }
+        let plan = match usher.plan(&records) {
+            Ok(plan) => plan,
+            Err(halted) => anyhow::bail!("the Usher halted: {halted}"),
+        };
+        for (to, message) in plan.messages {
+            let mut st = state.borrow_mut();
+            if to == home {
+                st.process(message);
+            } else {
+                shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                let queue = st.outbound[to as usize].as_ref().expect("a queue to every other shard");
+                if queue.try_send(message).is_err() {
+                    unreachable!("local queues are unbounded and live as long as the shard");
+                }
+            }
+        }
+        shared.next_offset.store(usher.next_offset(), Ordering::Release);
+        if let Some(halted) = plan.halted {
+            // spec: Versioning.UnknownVersionHalts — durable up to the record before it.
+            anyhow::bail!("the Usher halted: {halted}");
+        }
+        glommio::executor().yield_if_needed().await;
+    }
+}

@@ -1,0 +1,247 @@
+//! `tribunal run` as real processes on a real local log and Ledger: SIGKILL at random
+//! moments (some during recovery), corrupted segments, and different core counts.
+//! The final state is read back with `tribunal inspect` and compared with the
+//! sequential reference (`tribunal evaluate --log`) over the same log: same state
+//! digest, same outputs digest (every offset's output, so nothing lost or applied
+//! twice), same stock table.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn tribunal() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tribunal"))
+}
+
+fn ok(command: &mut Command) -> Vec<u8> {
+    let out = command.output().expect("tribunal runs");
+    assert!(out.status.success(), "{command:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+struct Dirs {
+    _tmp: tempfile::TempDir,
+    log: PathBuf,
+    data: PathBuf,
+}
+
+fn dirs() -> Dirs {
+    let tmp = tempfile::tempdir().unwrap();
+    Dirs { log: tmp.path().join("log"), data: tmp.path().join("data"), _tmp: tmp }
+}
+
+fn log_arg(log: &Path) -> String {
+    format!("local:{}", log.display())
+}
+
+/// Appends `events` sample commands (seeded) to the log.
+fn append_sample(log: &Path, events: u64, seed: u64) {
+    let commands = ok(tribunal().args(["sample", "--events", &events.to_string(), "--seed", &seed.to_string()]));
+    let file = log.parent().unwrap().join(format!("sample-{seed}.jsonl"));
+    std::fs::write(&file, commands).unwrap();
+    ok(tribunal().args(["log", "append", "--log", &log_arg(log)]).arg(&file));
+}
+
+fn append_raw(log: &Path, lines: &[&[u8]]) {
+    let file = log.parent().unwrap().join("raw.jsonl");
+    std::fs::write(&file, lines.join(&b"\n"[..])).unwrap();
+    ok(tribunal().args(["log", "append", "--unchecked", "--log", &log_arg(log)]).arg(&file));
+}
+
+fn spawn_run(dirs: &Dirs, cores: &str) -> Child {
+    tribunal()
+        .args(["run", "--log", &log_arg(&dirs.log), "--stop-at-end", "--cores", cores, "--data-dir"])
+        .arg(&dirs.data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn run_to_end(dirs: &Dirs, cores: &str) {
+    let out = spawn_run(dirs, cores).wait_with_output().unwrap();
+    assert!(out.status.success(), "run failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(bytes)))
+}
+
+fn inspect(data: &Path) -> serde_json::Value {
+    json(&ok(tribunal().args(["inspect", "--json", "--data-dir"]).arg(data)))
+}
+
+fn reference(log: &Path) -> serde_json::Value {
+    json(&ok(tribunal().args(["evaluate", "--json", "--log", &log_arg(log)])))
+}
+
+/// The engine's recovered state equals the reference's for the whole log.
+fn assert_matches_reference(dirs: &Dirs) -> serde_json::Value {
+    let engine = inspect(&dirs.data);
+    let expected = reference(&dirs.log);
+    let records = expected["records"].as_u64().unwrap();
+    assert_eq!(engine["durable_watermark"].as_u64(), Some(records - 1), "every record is durable");
+    assert_eq!(engine["outputs"], expected["records"], "one output per offset");
+    assert_eq!(engine["outputs_digest"], expected["outputs_digest"], "every output equals the reference's");
+    assert_eq!(engine["state_digest"], expected["state_digest"], "the state equals the reference's");
+    assert_eq!(engine["stock"], expected["stock"]);
+    engine
+}
+
+/// SplitMix64, so a failing run can be replayed from its seed.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % bound
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
+    // spec: Recovery.TornTailTruncated
+    // spec: Recovery.ReplayBoundedByWatermark
+    // spec: Recovery.InputResumesAfterWatermark
+    // spec: Ledger.RecordDurableAfterSync
+    let dirs = dirs();
+    let seed = std::env::var("TRIBUNAL_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let mut rng = Rng(seed);
+    append_sample(&dirs.log, 5_000, 1);
+    let mut kills = 0;
+    let mut round = 0u64;
+    while kills < 24 {
+        round += 1;
+        assert!(round < 200, "could not land 24 kills in 200 rounds");
+        // The log keeps growing between crashes, as it would under load.
+        append_sample(&dirs.log, 1_500, 100 + round);
+        let mut child = spawn_run(&dirs, "0,1");
+        // Some kills land during recovery or start-up, most while processing.
+        let delay_ms = if rng.below(4) == 0 { rng.below(15) } else { 15 + rng.below(150) };
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        match child.try_wait().unwrap() {
+            Some(status) => assert!(status.success(), "run exited by itself with {status}"),
+            None => {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                kills += 1;
+            }
+        }
+    }
+    run_to_end(&dirs, "0,1");
+    let engine = assert_matches_reference(&dirs);
+    assert!(engine["would_cut"].as_array().unwrap().is_empty());
+    eprintln!("{kills} SIGKILLs over {round} rounds (seed {seed}), {} records", engine["outputs"]);
+}
+
+fn last_segment(data: &Path, shard: u32) -> PathBuf {
+    let dir = data.join("ledger").join(format!("shard-{shard:03}"));
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    segments.sort();
+    segments.pop().unwrap()
+}
+
+/// Length of the data in a segment, zero padding excluded.
+fn data_len(bytes: &[u8]) -> usize {
+    bytes.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1)
+}
+
+#[test]
+fn a_torn_tail_is_cut_and_the_log_fills_the_gap() {
+    // spec: Recovery.TornTailTruncated
+    // More records than one batch holds, so that earlier batches stay durable.
+    let dirs = dirs();
+    append_sample(&dirs.log, 10_000, 2);
+    run_to_end(&dirs, "0,1");
+    let segment = last_segment(&dirs.data, 0);
+    let bytes = std::fs::read(&segment).unwrap();
+    let torn = data_len(&bytes) - 5;
+    std::fs::write(&segment, &bytes[..torn]).unwrap();
+    let before = inspect(&dirs.data);
+    let cuts = before["would_cut"].as_array().unwrap();
+    assert!(cuts.iter().any(|c| c["shard"] == 0), "{before}");
+    let watermark = before["durable_watermark"].as_u64().expect("earlier batches stay durable");
+    assert!(watermark < 9_999, "the torn batch is not durable");
+    run_to_end(&dirs, "0,1");
+    assert_matches_reference(&dirs);
+}
+
+#[test]
+fn a_flipped_byte_in_the_middle_is_cut_there_and_the_rest_redone() {
+    // spec: Recovery.TornTailTruncated
+    let dirs = dirs();
+    append_sample(&dirs.log, 10_000, 3);
+    run_to_end(&dirs, "0,1");
+    let segment = last_segment(&dirs.data, 1);
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let middle = data_len(&bytes) / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&segment, &bytes).unwrap();
+    let before = inspect(&dirs.data);
+    let cuts = before["would_cut"].as_array().unwrap();
+    let cut = cuts.iter().find(|c| c["shard"] == 1).unwrap_or_else(|| panic!("{before}"));
+    assert!(cut["position"].as_u64().unwrap() <= middle as u64);
+    assert!(before["durable_watermark"].as_u64().is_none_or(|w| w < 9_999));
+    run_to_end(&dirs, "0,1");
+    assert_matches_reference(&dirs);
+}
+
+#[test]
+fn one_core_and_two_cores_give_the_same_state() {
+    // spec: Registrar.InstanceDigestIsShardSum
+    let one = dirs();
+    append_sample(&one.log, 4_000, 4);
+    let two =
+        Dirs { log: one.log.clone(), data: one.data.with_file_name("data-two"), _tmp: tempfile::tempdir().unwrap() };
+    run_to_end(&one, "0");
+    run_to_end(&two, "0,1");
+    let (a, b) = (assert_matches_reference(&one), assert_matches_reference(&two));
+    assert_eq!(a["shards"], 1);
+    assert_eq!(b["shards"], 2);
+    assert_eq!(a["state_digest"], b["state_digest"]);
+    assert_eq!(a["outputs_digest"], b["outputs_digest"]);
+}
+
+#[test]
+fn undecodable_records_get_the_same_rejection_on_every_run() {
+    // spec: Usher.MalformedRecordRejected
+    let dirs = dirs();
+    append_sample(&dirs.log, 500, 5);
+    append_raw(&dirs.log, &[b"\xff\xfe garbage", b"{\"v\":1}", b"[1,2,3]"]);
+    append_sample(&dirs.log, 500, 6);
+    run_to_end(&dirs, "0,1");
+    let first = assert_matches_reference(&dirs);
+    let again = Dirs {
+        log: dirs.log.clone(),
+        data: dirs.data.with_file_name("data-again"),
+        _tmp: tempfile::tempdir().unwrap(),
+    };
+    run_to_end(&again, "0");
+    let second = assert_matches_reference(&again);
+    assert_eq!(first["outputs_digest"], second["outputs_digest"]);
+    let verdicts = reference(&dirs.log)["verdicts"].clone();
+    assert_eq!(verdicts["malformed"], 3, "{verdicts}");
+}
+
+#[test]
+fn a_data_dir_refuses_another_shard_count() {
+    let dirs = dirs();
+    append_sample(&dirs.log, 100, 8);
+    run_to_end(&dirs, "0,1");
+    let out = spawn_run(&dirs, "0").wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("was written by 2 shard(s)"), "{stderr}");
+}
+
+#[test]
+fn a_core_that_is_not_allowed_is_a_clear_error() {
+    let dirs = dirs();
+    append_sample(&dirs.log, 10, 9);
+    let out = spawn_run(&dirs, "1000").wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("core 1000 is not allowed"), "{stderr}");
+}
