@@ -5,15 +5,22 @@
 //! turns effects into Ledger writes and peer messages; the simulator does the same in
 //! one thread with shuffled delivery.
 //!
-//! Ordered messages (pre-warm, run, lend, batch-end) come from the Usher and are
-//! processed strictly in arrival order. A head that cannot run yet (it touches an
-//! entity lent to a cross-shard coordinator, or it coordinates and waits for loans)
-//! holds everything behind it: simple, and it preserves per-entity log order. Control
-//! messages (lent states, write-backs) come from other shards and apply at once.
+//! Ordered messages (pre-warm, decided, run, lend, batch-end) come from the Usher of
+//! their partition and are processed in arrival order, one queue per partition. A
+//! head that cannot run yet holds its own partition only. Control messages (lent
+//! states, write-backs) come from other shards and apply at once.
 //!
-//! No deadlock: a blocked task waits only for work of an earlier component (a
-//! write-back) or for the same component's loans, which sit at the heads of the other
-//! shards' queues once their earlier work is done. Induction on log order finishes it.
+//! Only two things ever wait: a cross-shard component at its coordinator, for the
+//! loans of the other shards; and a batch-end, for this shard's entities to come home
+//! from coordinators. Nothing else can touch a lent entity: components of one batch
+//! are disjoint, and a batch-end is not passed while a loan of its partition is out.
+//!
+//! No deadlock: within a partition, a wait points only at the same component's loans
+//! (Lend messages of the same batch, reached once earlier work is done) or at a
+//! write-back of a component the coordinator can finish; induction on log order. Two
+//! partitions never wait for each other: their entities are disjoint namespaces, and
+//! their queues are separate (one shared queue could deadlock two partitions whose
+//! Ushers' messages interleave in opposite orders on two shards).
 
 use std::collections::VecDeque;
 
@@ -23,12 +30,12 @@ use smallvec::SmallVec;
 use crate::domain::{Decision, Domain};
 use crate::output::{encode_output, EncodedOutput, VerdictRef};
 use crate::registrar::Registrar;
-use crate::router::{Placement, ShardId};
+use crate::router::{Placement, ShardId, ShardSet};
 use crate::usher::{Event, UsherDelta};
 
-/// Most ordered messages an Arbiter holds while its head is blocked. The IO shell
-/// stops reading its Usher channel while [`Arbiter::is_blocked`], so in practice the
-/// queue holds one batch; the bound turns a protocol bug into a loud failure.
+/// Most ordered messages one partition's queue holds while its head waits. The Usher's
+/// backpressure keeps it near one batch; the bound turns a protocol bug into a loud
+/// failure.
 pub const MAX_QUEUED_MESSAGES: usize = 1 << 20;
 
 /// Owner of an entity.
@@ -65,7 +72,7 @@ pub enum ShardMessage<D: Domain> {
     /// Ordered. Lend these entities to `coordinator` for `component`.
     Lend { component: ComponentId, coordinator: ShardId, keys: Vec<D::EntityKey> },
     /// Control, lender to coordinator: the lent entities' states.
-    Lent { component: ComponentId, states: EntityStates<D> },
+    Lent { component: ComponentId, lender: ShardId, states: EntityStates<D> },
     /// Control, coordinator to lender: the lent entities' states after evaluation.
     WriteBack { component: ComponentId, states: EntityStates<D> },
     /// Ordered, to the partition's home shard. Outputs the Usher decided itself
@@ -75,12 +82,6 @@ pub enum ShardMessage<D: Domain> {
     /// The home shard's marker carries the Usher's journal for the batch; `snapshot`
     /// asks every shard for its entities of the partition as of this marker.
     BatchEnd { partition: u32, last_offset: u64, usher: Option<UsherDelta>, snapshot: bool },
-}
-
-impl<D: Domain> ShardMessage<D> {
-    fn is_control(&self) -> bool {
-        matches!(self, ShardMessage::Lent { .. } | ShardMessage::WriteBack { .. })
-    }
 }
 
 #[derive(Debug)]
@@ -105,7 +106,7 @@ pub enum ShardEffect<D: Domain> {
 
 /// Loans received by a coordinator for one component.
 struct Loans<D: Domain> {
-    lenders: usize,
+    lenders: ShardSet,
     states: EntityStates<D>,
 }
 
@@ -113,12 +114,25 @@ pub struct Arbiter<D: Domain> {
     shard: ShardId,
     shard_count: u16,
     registrar: Registrar<D>,
-    queue: VecDeque<ShardMessage<D>>,
+    /// Ordered messages, one queue per partition.
+    queues: HashMap<u32, VecDeque<ShardMessage<D>>>,
+    /// This shard's entities out on loan, and how many per partition.
     lent_out: HashMap<(u32, D::EntityKey), ComponentId>,
+    lent_per_partition: HashMap<u32, usize>,
     loans: HashMap<ComponentId, Loans<D>>,
     effects: Vec<ShardEffect<D>>,
     prewarmed_entities: u64,
     scratch: Scratch<D>,
+}
+
+fn partition_of<D: Domain>(message: &ShardMessage<D>) -> u32 {
+    match message {
+        ShardMessage::Prewarm { partition, .. } | ShardMessage::BatchEnd { partition, .. } => *partition,
+        ShardMessage::Run(component) => component.id.partition,
+        ShardMessage::Lend { component, .. } | ShardMessage::Lent { component, .. } => component.partition,
+        ShardMessage::WriteBack { component, .. } => component.partition,
+        ShardMessage::Decided { outputs } => outputs.first().map_or(0, |o| o.partition),
+    }
 }
 
 impl<D: Domain> Arbiter<D> {
@@ -128,8 +142,9 @@ impl<D: Domain> Arbiter<D> {
             shard,
             shard_count,
             registrar: Registrar::new(),
-            queue: VecDeque::new(),
+            queues: HashMap::new(),
             lent_out: HashMap::new(),
+            lent_per_partition: HashMap::new(),
             loans: HashMap::new(),
             effects: Vec::new(),
             prewarmed_entities: 0,
@@ -157,25 +172,55 @@ impl<D: Domain> Arbiter<D> {
         self.prewarmed_entities
     }
 
-    /// True while the head of the ordered queue waits; the shell stops reading ordered
-    /// messages meanwhile.
+    /// True while some partition's head waits.
     pub fn is_blocked(&self) -> bool {
-        !self.queue.is_empty()
+        self.queues.values().any(|q| !q.is_empty())
     }
 
     /// True when nothing is queued, lent out or awaited.
     pub fn is_idle(&self) -> bool {
-        self.queue.is_empty() && self.lent_out.is_empty() && self.loans.is_empty()
+        !self.is_blocked() && self.lent_out.is_empty() && self.loans.is_empty()
     }
 
     pub fn handle(&mut self, message: ShardMessage<D>) {
-        if message.is_control() {
-            self.apply_control(message);
-        } else {
-            assert!(self.queue.len() < MAX_QUEUED_MESSAGES, "shard {} ordered queue overflow", self.shard);
-            self.queue.push_back(message);
+        let partition = partition_of(&message);
+        match message {
+            ShardMessage::Lent { component, lender, states } => {
+                // spec: Arbiter.LentStatesReceived
+                let loans = self
+                    .loans
+                    .entry(component)
+                    .or_insert_with(|| Loans { lenders: ShardSet::default(), states: Vec::new() });
+                assert!(!loans.lenders.contains(lender), "one loan per lender and component");
+                loans.lenders.insert(lender);
+                loans.states.extend(states);
+                let head_waits_for_it = matches!(self.queues.get(&partition).and_then(|q| q.front()), Some(ShardMessage::Run(c)) if c.id == component);
+                if head_waits_for_it {
+                    self.pump(partition);
+                }
+            }
+            ShardMessage::WriteBack { component, states } => {
+                // spec: Arbiter.WriteBackApplied
+                let count = states.len();
+                for (key, state) in states {
+                    let lent_to = self.lent_out.remove(&(component.partition, key.clone()));
+                    assert_eq!(lent_to, Some(component), "write-back of an entity not lent to that component");
+                    self.registrar.set(component.partition, &key, state);
+                }
+                let lent = self.lent_per_partition.get_mut(&partition).expect("loans of this partition are out");
+                *lent = lent.checked_sub(count).expect("no more write-backs than loans");
+                self.pump(partition);
+            }
+            ordered => {
+                let queue = self.queues.entry(partition).or_default();
+                assert!(queue.len() < MAX_QUEUED_MESSAGES, "shard {} ordered queue overflow", self.shard);
+                queue.push_back(ordered);
+                // A message behind a waiting head cannot run before it: no need to look.
+                if queue.len() == 1 {
+                    self.pump(partition);
+                }
+            }
         }
-        self.pump();
     }
 
     /// Takes the effects produced so far, in the order they happened.
@@ -183,89 +228,63 @@ impl<D: Domain> Arbiter<D> {
         self.effects.drain(..)
     }
 
-    fn apply_control(&mut self, message: ShardMessage<D>) {
-        match message {
-            ShardMessage::Lent { component, states } => {
-                let loans = self.loans.entry(component).or_insert_with(|| Loans { lenders: 0, states: Vec::new() });
-                loans.lenders += 1;
-                loans.states.extend(states);
-            }
-            ShardMessage::WriteBack { component, states } => {
-                for (key, state) in states {
-                    let lent_to = self.lent_out.remove(&(component.partition, key.clone()));
-                    assert_eq!(lent_to, Some(component), "write-back of an entity not lent to that component");
-                    self.registrar.set(component.partition, &key, state);
-                }
-            }
-            _ => unreachable!("only control messages reach apply_control"),
-        }
-    }
-
-    fn is_lent(&self, partition: u32, key: &D::EntityKey) -> bool {
-        !self.lent_out.is_empty() && self.lent_out.contains_key(&(partition, key.clone()))
-    }
-
-    /// Whether any event of `component` touches an entity lent out (rare: only while a
-    /// cross-shard component of this shard's entities is in flight).
-    fn touches_lent(&self, component: &Component<D>) -> bool {
-        let mut keys = Vec::new();
-        component.events.iter().any(|event| {
-            keys.clear();
-            D::entities(&event.command, &mut keys);
-            keys.iter().any(|k| self.is_lent(component.id.partition, k))
-        })
-    }
-
     fn owns(&self, key: &D::EntityKey) -> bool {
         shard_of::<D>(key, self.shard_count) == self.shard
     }
 
+    fn lent_in(&self, partition: u32) -> usize {
+        self.lent_per_partition.get(&partition).copied().unwrap_or(0)
+    }
+
     fn can_run(&self, message: &ShardMessage<D>) -> bool {
         match message {
-            ShardMessage::Prewarm { .. } | ShardMessage::Decided { .. } => true,
-            ShardMessage::Lend { component, keys, .. } => !keys.iter().any(|k| self.is_lent(component.partition, k)),
-            ShardMessage::Run(component) => {
-                // spec: Arbiter.HoldsLentEntities
-                let free = self.lent_out.is_empty() || !self.touches_lent(component);
-                match component.placement {
-                    Placement::Single(_) => free,
-                    Placement::Cross { shards, .. } => {
-                        free && self.loans.get(&component.id).is_some_and(|l| l.lenders == shards.len() - 1)
-                    }
+            ShardMessage::Prewarm { .. } | ShardMessage::Decided { .. } | ShardMessage::Lend { .. } => true,
+            ShardMessage::Run(component) => match component.placement {
+                Placement::Single(_) => true,
+                Placement::Cross { shards, .. } => {
+                    let mut expected = shards;
+                    expected.remove(self.shard);
+                    self.loans.get(&component.id).is_some_and(|l| l.lenders == expected)
                 }
-            }
-            // A batch is done on this shard only once its loans are home.
-            ShardMessage::BatchEnd { .. } => self.lent_out.is_empty(),
+            },
+            // spec: Arbiter.BatchEndCompletes — only once this partition's loans are home.
+            ShardMessage::BatchEnd { partition, .. } => self.lent_in(*partition) == 0,
             ShardMessage::Lent { .. } | ShardMessage::WriteBack { .. } => {
                 unreachable!("control messages are not queued")
             }
         }
     }
 
-    fn pump(&mut self) {
-        while let Some(head) = self.queue.front() {
+    fn pump(&mut self, partition: u32) {
+        loop {
+            let Some(head) = self.queues.get(&partition).and_then(VecDeque::front) else { return };
             if !self.can_run(head) {
                 return;
             }
-            let head = self.queue.pop_front().expect("front exists");
+            let head = self.queues.get_mut(&partition).and_then(VecDeque::pop_front).expect("front exists");
             match head {
                 ShardMessage::Prewarm { keys, .. } => self.prewarmed_entities += keys.len() as u64,
                 ShardMessage::Decided { outputs } => {
                     for output in outputs {
+                        assert_eq!(output.partition, partition, "decided outputs travel with their partition");
                         self.effects.push(ShardEffect::Output { output, changes: Changes::<D>::new() });
                     }
                 }
                 ShardMessage::Lend { component, coordinator, keys } => self.lend(component, coordinator, keys),
-                ShardMessage::Run(component) => match component.placement {
-                    Placement::Single(shard) => {
-                        assert_eq!(shard, self.shard, "a single-shard component runs on its owner");
-                        self.run_single(component);
+                ShardMessage::Run(component) => {
+                    // spec: Arbiter.HoldsLentEntities — never touches a lent entity (see module docs).
+                    debug_assert!(!self.touches_lent(&component));
+                    match component.placement {
+                        Placement::Single(shard) => {
+                            assert_eq!(shard, self.shard, "a single-shard component runs on its owner");
+                            self.run_single(component);
+                        }
+                        Placement::Cross { coordinator, .. } => {
+                            assert_eq!(coordinator, self.shard, "a cross-shard component runs on its coordinator");
+                            self.run_cross(component);
+                        }
                     }
-                    Placement::Cross { coordinator, .. } => {
-                        assert_eq!(coordinator, self.shard, "a cross-shard component runs on its coordinator");
-                        self.run_cross(component);
-                    }
-                },
+                }
                 ShardMessage::BatchEnd { partition, last_offset, usher, snapshot } => {
                     let snapshot = snapshot.then(|| self.registrar.entities_sorted(partition));
                     self.effects.push(ShardEffect::BatchDone { partition, last_offset, usher, snapshot });
@@ -275,7 +294,19 @@ impl<D: Domain> Arbiter<D> {
         }
     }
 
+    /// Whether any event of `component` touches an entity lent out; checked in debug
+    /// builds only, since the protocol makes it impossible.
+    fn touches_lent(&self, component: &Component<D>) -> bool {
+        let mut keys = Vec::new();
+        component.events.iter().any(|event| {
+            keys.clear();
+            D::entities(&event.command, &mut keys);
+            keys.iter().any(|k| self.lent_out.contains_key(&(component.id.partition, k.clone())))
+        })
+    }
+
     fn lend(&mut self, component: ComponentId, coordinator: ShardId, keys: Vec<D::EntityKey>) {
+        // spec: Arbiter.KeysLent
         let mut states = Vec::with_capacity(keys.len());
         for key in keys {
             assert!(self.owns(&key), "a shard lends only what it owns");
@@ -283,7 +314,9 @@ impl<D: Domain> Arbiter<D> {
             let previous = self.lent_out.insert((component.partition, key), component);
             assert!(previous.is_none(), "an entity is lent to one component at a time");
         }
-        self.effects.push(ShardEffect::Send { to: coordinator, message: ShardMessage::Lent { component, states } });
+        *self.lent_per_partition.entry(component.partition).or_default() += states.len();
+        let message = ShardMessage::Lent { component, lender: self.shard, states };
+        self.effects.push(ShardEffect::Send { to: coordinator, message });
     }
 
     fn run_single(&mut self, component: Component<D>) {

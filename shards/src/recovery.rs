@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use crate::arbiter::{shard_of, Arbiter};
 use crate::domain::Domain;
 use crate::ledger::{LedgerRecord, ScanEnd, Scanned};
+use crate::registrar::MAX_PARTITIONS;
 use crate::router::ShardId;
 use crate::usher::{home_shard, Usher, UsherConfig, UsherSnapshot};
 
@@ -66,6 +67,8 @@ pub enum RecoveryError {
     JournalShort { partition: u32, journal_end: Option<u64>, watermark: u64 },
     #[error("an entity delta of partition {partition} at offset {offset} could not be applied: {reason}")]
     BadDelta { partition: u32, offset: u64, reason: String },
+    #[error("the Ledger or snapshot of partition {partition} is not consistent: {reason}")]
+    Corrupt { partition: u32, reason: String },
 }
 
 /// A record's place in a shard log: (segment index in `segments`, record index).
@@ -146,7 +149,14 @@ pub fn recover<D: Domain>(
     // spec: Recovery.SnapshotLoaded, Recovery.RegistrarRebuilt
     let mut arbiters: Vec<Arbiter<D>> = (0..shard_count).map(|s| Arbiter::new(s, shard_count)).collect();
     for (partition, part) in &snapshot {
+        if *partition >= MAX_PARTITIONS {
+            return Err(RecoveryError::Corrupt { partition: *partition, reason: "partition out of range".into() });
+        }
         for (key, state) in &part.entities {
+            D::validate_state(key, state).map_err(|reason| RecoveryError::Corrupt {
+                partition: *partition,
+                reason: format!("snapshot entity: {reason}"),
+            })?;
             arbiters[shard_of::<D>(key, shard_count) as usize].restore_entity(*partition, key, *state);
         }
     }
@@ -172,14 +182,20 @@ pub fn recover<D: Domain>(
         }
     }
     entries.sort_by_key(|(partition, offset, _)| (*partition, *offset));
+    // Exactly one entry per offset: a second one can only come from a damaged Ledger.
+    if let Some(pair) = entries.windows(2).find(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1)) {
+        let reason = format!("two entries for offset {}", pair[0].1);
+        return Err(RecoveryError::Corrupt { partition: pair[0].0, reason });
+    }
     let replayed_entries = entries.len() as u64;
     for (partition, offset, record) in entries {
+        if partition >= MAX_PARTITIONS {
+            return Err(RecoveryError::Corrupt { partition, reason: "partition out of range".into() });
+        }
         let LedgerRecord::Entry { deltas, .. } = record else { unreachable!() };
         for (key, state) in deltas {
+            D::validate_state(key, state).map_err(|reason| RecoveryError::BadDelta { partition, offset, reason })?;
             let owner = shard_of::<D>(key, shard_count) as usize;
-            if !arbiters[owner].is_idle() {
-                return Err(RecoveryError::BadDelta { partition, offset, reason: "shard not idle".into() });
-            }
             arbiters[owner].restore_entity(partition, key, *state);
         }
     }
@@ -193,7 +209,7 @@ pub fn recover<D: Domain>(
         }
         let mut usher = Usher::<D>::new(usher_config(partition));
         if let Some(part) = snapshot.get(&partition) {
-            usher.restore(&part.usher);
+            usher.restore(&part.usher).map_err(|reason| RecoveryError::Corrupt { partition, reason })?;
         }
         let watermark = watermarks.get(&partition).copied();
         let mut journal = journals.remove(&partition).unwrap_or_default();
@@ -209,7 +225,7 @@ pub fn recover<D: Domain>(
                     found: delta.first_offset,
                 });
             }
-            usher.apply_delta(delta);
+            usher.apply_delta(delta).map_err(|reason| RecoveryError::Corrupt { partition, reason })?;
         }
         if let Some(w) = watermark {
             if usher.next_offset() != w + 1 {

@@ -27,6 +27,11 @@ impl ShardSet {
         self.0 |= 1 << shard;
     }
 
+    pub fn remove(&mut self, shard: ShardId) {
+        assert!((shard as usize) < MAX_SHARDS);
+        self.0 &= !(1 << shard);
+    }
+
     pub fn contains(&self, shard: ShardId) -> bool {
         (shard as usize) < MAX_SHARDS && self.0 & (1 << shard) != 0
     }

@@ -53,8 +53,12 @@ pub struct Simulator<D: Domain> {
     config: SimulatorConfig,
     ushers: BTreeMap<u32, Usher<D>>,
     arbiters: Vec<Arbiter<D>>,
-    /// `channels[from * n + to]`; sender `n` is the Usher.
+    /// `channels[from * n + to]` between shards.
     channels: Vec<VecDeque<ShardMessage<D>>>,
+    /// One channel from each partition's Usher to each shard: separate FIFOs, so two
+    /// partitions' messages interleave differently on different shards, as they do
+    /// over real channels.
+    usher_channels: BTreeMap<u32, Vec<VecDeque<ShardMessage<D>>>>,
     rng: SplitMix64,
     outputs: BTreeMap<(u32, u64), EncodedOutput>,
     /// Per shard, per partition: the last batch-end marker reached.
@@ -73,7 +77,8 @@ impl<D: Domain> Simulator<D> {
             config,
             ushers: BTreeMap::new(),
             arbiters: (0..config.shard_count).map(|s| Arbiter::new(s, config.shard_count)).collect(),
-            channels: (0..(n + 1) * n).map(|_| VecDeque::new()).collect(),
+            channels: (0..n * n).map(|_| VecDeque::new()).collect(),
+            usher_channels: BTreeMap::new(),
             rng: SplitMix64(config.seed),
             outputs: BTreeMap::new(),
             batch_done: vec![BTreeMap::new(); n],
@@ -134,14 +139,34 @@ impl<D: Domain> Simulator<D> {
         self.execute(plan, first_offset)
     }
 
+    /// Plans a batch and hands its messages to the channels without delivering any:
+    /// several batches of several partitions can then be in flight at once, as on
+    /// real shards. [`Simulator::deliver_some`] and [`Simulator::drain`] deliver.
+    pub fn enqueue_batch(&mut self, records: &[Record]) -> Result<(), Halted> {
+        let Some(first) = records.first() else { return Ok(()) };
+        let partition = first.partition;
+        let plan = self.usher(partition).plan(records)?;
+        let halted = plan.halted.clone();
+        self.enqueue(plan);
+        halted.map_or(Ok(()), Err)
+    }
+
+    fn enqueue(&mut self, plan: BatchPlan<D>) {
+        let n = self.config.shard_count as usize;
+        let channels =
+            self.usher_channels.entry(plan.partition).or_insert_with(|| (0..n).map(|_| VecDeque::new()).collect());
+        for (to, message) in plan.messages {
+            channels[to as usize].push_back(message);
+        }
+    }
+
     fn execute(&mut self, plan: BatchPlan<D>, first_offset: u64) -> Result<(), Halted> {
         let partition = plan.partition;
-        let n = self.config.shard_count as usize;
-        for (to, message) in plan.messages {
-            self.channels[n * n + to as usize].push_back(message);
-        }
-        self.deliver_all();
-        if let Some(last) = plan.last_offset {
+        let last_offset = plan.last_offset;
+        let halted = plan.halted.clone();
+        self.enqueue(plan);
+        self.drain();
+        if let Some(last) = last_offset {
             for (shard, done) in self.batch_done.iter().enumerate() {
                 assert_eq!(done.get(&partition), Some(&last), "shard {shard} did not finish the batch");
             }
@@ -151,10 +176,7 @@ impl<D: Domain> Simulator<D> {
                 }
             }
         }
-        match plan.halted {
-            Some(halted) => Err(halted),
-            None => Ok(()),
-        }
+        halted.map_or(Ok(()), Err)
     }
 
     /// Outputs produced so far, kept or not.
@@ -171,18 +193,28 @@ impl<D: Domain> Simulator<D> {
         assert!(previous.is_none(), "exactly one output per offset");
     }
 
-    fn deliver_all(&mut self) {
+    /// Delivers up to `count` messages, each from a non-empty channel chosen at
+    /// random. Returns how many were delivered.
+    pub fn deliver_some(&mut self, count: usize) -> usize {
         let n = self.config.shard_count as usize;
-        let mut ready: Vec<usize> = Vec::new();
-        loop {
+        let mut ready: Vec<(Option<u32>, usize)> = Vec::new();
+        for delivered in 0..count {
             ready.clear();
-            ready.extend((0..self.channels.len()).filter(|&c| !self.channels[c].is_empty()));
-            if ready.is_empty() {
-                break;
+            ready.extend((0..self.channels.len()).filter(|&c| !self.channels[c].is_empty()).map(|c| (None, c)));
+            for (partition, channels) in &self.usher_channels {
+                ready.extend((0..n).filter(|&to| !channels[to].is_empty()).map(|to| (Some(*partition), to)));
             }
-            let channel = ready[(self.rng.next() % ready.len() as u64) as usize];
-            let to = channel % n;
-            let message = self.channels[channel].pop_front().expect("ready channel");
+            if ready.is_empty() {
+                return delivered;
+            }
+            let (usher, channel) = ready[(self.rng.next() % ready.len() as u64) as usize];
+            let (to, message) = match usher {
+                Some(partition) => {
+                    let queue = &mut self.usher_channels.get_mut(&partition).expect("ready")[channel];
+                    (channel, queue.pop_front().expect("ready channel"))
+                }
+                None => (channel % n, self.channels[channel].pop_front().expect("ready channel")),
+            };
             self.messages_delivered += 1;
             self.arbiters[to].handle(message);
             let mut effects = std::mem::take(&mut self.effects_scratch);
@@ -218,6 +250,13 @@ impl<D: Domain> Simulator<D> {
             }
             self.effects_scratch = effects;
         }
+        count
+    }
+
+    /// Delivers every message; then every shard must be idle (a shard that is not is
+    /// stuck: a deadlock or a lost message).
+    pub fn drain(&mut self) {
+        while self.deliver_some(usize::MAX) > 0 {}
         for arbiter in &self.arbiters {
             assert!(arbiter.is_idle(), "shard {} is stuck after delivery", arbiter.shard());
         }

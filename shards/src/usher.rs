@@ -151,21 +151,54 @@ impl<D: Domain> Usher<D> {
         }
     }
 
-    /// Restores the state a snapshot captured.
-    pub fn restore(&mut self, snapshot: &UsherSnapshot) {
-        assert_eq!(snapshot.partition, self.config.partition);
-        assert!(D::supports(snapshot.version), "the snapshot's version is supported by this binary");
+    /// Restores the state a snapshot captured. Snapshots come from disk: checked.
+    pub fn restore(&mut self, snapshot: &UsherSnapshot) -> Result<(), String> {
+        if snapshot.partition != self.config.partition {
+            return Err(format!(
+                "snapshot of partition {} for partition {}",
+                snapshot.partition, self.config.partition
+            ));
+        }
+        if !D::supports(snapshot.version) {
+            return Err(format!("snapshot at domain version {}, which this binary lacks", snapshot.version));
+        }
+        self.warden = Warden::from_snapshot(self.config.warden, &snapshot.warden)?;
         self.next_offset = snapshot.next_offset;
         self.stream_time_ms = snapshot.stream_time_ms;
         self.version = snapshot.version;
-        self.warden = Warden::from_snapshot(self.config.warden, &snapshot.warden);
+        Ok(())
     }
 
-    /// Replays one batch's journal (spec: Recovery.WardenRebuilt). Deltas are applied in
-    /// order, starting right after the snapshot (or at offset 0).
-    pub fn apply_delta(&mut self, delta: &UsherDelta) {
-        assert_eq!(delta.partition, self.config.partition);
-        assert_eq!(delta.first_offset, self.next_offset, "journals are replayed in order, without gaps");
+    /// Replays one batch's journal (spec: Recovery.WardenRebuilt). Journals are applied
+    /// in order, starting right after the snapshot (or at offset 0). A journal comes
+    /// from disk, so it is checked before anything is applied.
+    pub fn apply_delta(&mut self, delta: &UsherDelta) -> Result<(), String> {
+        if delta.partition != self.config.partition {
+            return Err(format!("journal of partition {} for partition {}", delta.partition, self.config.partition));
+        }
+        if delta.first_offset != self.next_offset || delta.last_offset < delta.first_offset {
+            return Err(format!(
+                "journal covers {}..={}, expected to start at {}",
+                delta.first_offset, delta.last_offset, self.next_offset
+            ));
+        }
+        let in_batch = |offset: u64| (delta.first_offset..=delta.last_offset).contains(&offset);
+        let increasing_steps = delta.time_steps.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1);
+        let increasing_keys = delta.recorded.windows(2).all(|w| w[0].0 < w[1].0);
+        if !increasing_steps
+            || !increasing_keys
+            || !delta.time_steps.iter().all(|s| in_batch(s.0))
+            || !delta.recorded.iter().all(|r| in_batch(r.0))
+            || delta.time_steps.first().is_some_and(|s| s.1 <= self.stream_time_ms)
+        {
+            return Err(format!(
+                "journal {}..={} is out of order or outside its batch",
+                delta.first_offset, delta.last_offset
+            ));
+        }
+        if !D::supports(delta.version_after) {
+            return Err(format!("journal switches to domain version {}, which this binary lacks", delta.version_after));
+        }
         // Advance the Warden at every offset where stream time rose or a key was
         // recorded, in offset order: the same calls that changed it the first time.
         let mut steps = delta.time_steps.iter().copied().peekable();
@@ -178,22 +211,18 @@ impl<D: Domain> Usher<D> {
                 (Some(step), Some(key)) => step.0.min(key.0),
             };
             if let Some((_, time)) = steps.next_if(|step| step.0 == offset) {
-                self.stream_time_ms = self.stream_time_ms.max(time);
+                self.stream_time_ms = time;
             }
             self.warden.advance(offset, self.stream_time_ms);
             if let Some((_, fingerprint, digest)) = recorded.next_if(|key| key.0 == offset) {
-                let check = self.warden.check(fingerprint, digest, offset);
-                assert_eq!(check, WardenCheck::New, "a journaled key was new when it was recorded");
+                if self.warden.check(fingerprint, digest, offset) != WardenCheck::New {
+                    return Err(format!("journal records a key at offset {offset} that was not new"));
+                }
             }
         }
         self.version = delta.version_after;
-        self.next_offset = delta.last_offset + 1;
-    }
-
-    /// Resumes at `next_offset` (recovery seeds the Warden and version separately).
-    pub fn with_next_offset(mut self, next_offset: u64) -> Self {
-        self.next_offset = next_offset;
-        self
+        self.next_offset = delta.last_offset.checked_add(1).ok_or("journal ends at the last possible offset")?;
+        Ok(())
     }
 
     pub fn next_offset(&self) -> u64 {
@@ -224,14 +253,32 @@ impl<D: Domain> Usher<D> {
     /// dense offsets.
     pub fn plan(&mut self, records: &[Record]) -> Result<BatchPlan<D>, Halted> {
         let partition = self.config.partition;
-        self.plan_decoded(records.iter().map(|record| {
-            assert_eq!(record.partition, partition, "an Usher serves one partition");
-            Decoded {
-                offset: record.offset,
-                timestamp_ms: record.timestamp_ms,
-                envelope: Envelope::<D>::decode(&record.payload),
-            }
-        }))
+        // A record of another partition is a wiring fault upstream: plan what comes
+        // before it, then halt there (spec: Usher.OffsetGapHalts).
+        let foreign = records.iter().position(|r| r.partition != partition);
+        let ours = &records[..foreign.unwrap_or(records.len())];
+        let mut plan = self.plan_decoded(ours.iter().map(|record| Decoded {
+            offset: record.offset,
+            timestamp_ms: record.timestamp_ms,
+            envelope: Envelope::<D>::decode(&record.payload),
+        }))?;
+        if let (Some(i), None) = (foreign, &plan.halted) {
+            let record = &records[i];
+            self.halt(
+                record.offset,
+                format!("a record of partition {} reached the Usher of partition {partition}", record.partition),
+            );
+            plan.halted = self.halted.clone();
+        }
+        Ok(plan)
+    }
+
+    /// Stops this Usher at `offset`: nothing at or after it is journaled, planned or
+    /// answered (spec: Versioning.UnknownVersionHalts, Usher.OffsetGapHalts).
+    fn halt(&mut self, offset: u64, reason: String) {
+        self.delta.time_steps.retain(|step| step.0 < offset);
+        self.delta.recorded.retain(|key| key.0 < offset);
+        self.halted = Some(Halted { offset, reason });
     }
 
     /// Plans one batch of records already decoded (the decode may run elsewhere, or
@@ -248,7 +295,16 @@ impl<D: Domain> Usher<D> {
         let mut last_offset = None;
 
         for record in records {
-            assert_eq!(record.offset, self.next_offset, "records arrive with dense offsets");
+            if record.offset < self.next_offset {
+                // spec: Usher.RedeliveredRecordIgnored — a redelivery after a seek or reconnect.
+                continue;
+            }
+            if record.offset > self.next_offset {
+                // spec: Usher.OffsetGapHalts — never guess past a hole in the log.
+                let reason = format!("gap in the log: expected offset {}, got {}", self.next_offset, record.offset);
+                self.halt(self.next_offset, reason);
+                break;
+            }
             // spec: Usher.StreamTimeIsMaxTimestamp
             if record.timestamp_ms > self.stream_time_ms {
                 self.stream_time_ms = self.stream_time_ms.max(record.timestamp_ms);
@@ -288,15 +344,12 @@ impl<D: Domain> Usher<D> {
                 Command::Admin(AdminCommand::ActivateVersion { version }) => {
                     if !D::supports(version) {
                         // spec: Versioning.UnknownVersionHalts
-                        let halted = Halted {
-                            offset: record.offset,
-                            reason: format!(
-                                "the log activates domain version {version}, which this binary lacks (it supports {:?}); \
-                                 deploy a binary that knows it, then restart",
-                                D::SUPPORTED_VERSIONS
-                            ),
-                        };
-                        self.halted = Some(halted);
+                        let reason = format!(
+                            "the log activates domain version {version}, which this binary lacks (it supports {:?}); \
+                             deploy a binary that knows it, then restart",
+                            D::SUPPORTED_VERSIONS
+                        );
+                        self.halt(record.offset, reason);
                         break;
                     }
                     // spec: Versioning.ActivateAtNextOffset
@@ -322,7 +375,8 @@ impl<D: Domain> Usher<D> {
         let messages = match last_offset {
             Some(last) => {
                 self.delta.last_offset = last;
-                let take_snapshot = std::mem::take(&mut self.snapshot_requested);
+                // A halted batch's state includes the halting record: no snapshot of it.
+                let take_snapshot = self.halted.is_none() && std::mem::take(&mut self.snapshot_requested);
                 if take_snapshot {
                     snapshot = Some(self.snapshot());
                 }

@@ -13,6 +13,8 @@
 
 use std::collections::VecDeque;
 
+use std::hash::BuildHasher;
+
 use hashbrown::HashTable;
 
 use crate::domain::StreamTimeMs;
@@ -72,10 +74,6 @@ fn key_bits(fingerprint: u128) -> [u32; 3] {
 }
 
 impl Entry {
-    fn hash(&self) -> u64 {
-        u64::from(self.key[0]) | (u64::from(self.key[1]) << 32)
-    }
-
     fn payload_digest(&self) -> u64 {
         join64(self.payload_digest)
     }
@@ -109,6 +107,11 @@ pub struct WardenSnapshot {
 pub struct Warden {
     config: WardenConfig,
     table: HashTable<Entry>,
+    /// Per-process random seed for table placement. Keys are chosen by clients, and
+    /// placing by their unkeyed fingerprint would let a client pick keys that share a
+    /// probe chain (measured: quadratic inserts). Placement never reaches an answer,
+    /// so a random seed costs no determinism.
+    placement: hashbrown::DefaultHashBuilder,
     points: VecDeque<TimePoint>,
     inserted_total: u64,
     last_offset: Option<u64>,
@@ -118,35 +121,66 @@ impl Warden {
     pub fn new(config: WardenConfig) -> Self {
         assert!(config.ttl_ms > 0, "a zero TTL would make every key expire at once");
         assert!(config.max_entries > 0);
-        Self { config, table: HashTable::new(), points: VecDeque::new(), inserted_total: 0, last_offset: None }
+        Self {
+            config,
+            table: HashTable::new(),
+            placement: hashbrown::DefaultHashBuilder::default(),
+            points: VecDeque::new(),
+            inserted_total: 0,
+            last_offset: None,
+        }
     }
 
     pub fn config(&self) -> WardenConfig {
         self.config
     }
 
+    fn place(&self, key: &[u32; 3]) -> u64 {
+        self.placement.hash_one(key)
+    }
+
+    /// The live state, entries sorted by offset so the bytes do not depend on table
+    /// layout or seed.
     pub fn snapshot(&self) -> WardenSnapshot {
         let cutoff = self.points.front().map_or(0, |p| p.first_offset);
+        let mut entries: Vec<_> = self
+            .table
+            .iter()
+            .filter(|e| e.original_offset() >= cutoff)
+            .map(|e| (e.key, e.payload_digest(), e.original_offset()))
+            .collect();
+        entries.sort_unstable_by_key(|e| e.2);
         WardenSnapshot {
-            entries: self
-                .table
-                .iter()
-                .filter(|e| e.original_offset() >= cutoff)
-                .map(|e| (e.key, e.payload_digest(), e.original_offset()))
-                .collect(),
+            entries,
             points: self.points.iter().map(|p| (p.first_offset, p.stream_time_ms, p.inserted_before)).collect(),
             inserted_total: self.inserted_total,
             last_offset: self.last_offset,
         }
     }
 
-    /// Rebuilds a Warden from a snapshot taken with the same configuration.
-    pub fn from_snapshot(config: WardenConfig, snapshot: &WardenSnapshot) -> Self {
+    /// Rebuilds a Warden from a snapshot taken with the same configuration. The
+    /// snapshot comes from disk, so it is checked, not trusted.
+    pub fn from_snapshot(config: WardenConfig, snapshot: &WardenSnapshot) -> Result<Self, String> {
         let mut warden = Self::new(config);
-        warden.table.reserve(snapshot.entries.len(), Entry::hash);
+        let ordered = snapshot.points.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1 && w[0].2 <= w[1].2);
+        if !ordered || (snapshot.points.is_empty() && !snapshot.entries.is_empty()) {
+            return Err("time points are missing or out of order".into());
+        }
+        if snapshot.points.iter().any(|p| p.2 > snapshot.inserted_total) {
+            return Err("a time point counts more keys than were recorded".into());
+        }
+        let cutoff = snapshot.points.first().map_or(0, |p| p.0);
         for &(key, payload_digest, offset) in &snapshot.entries {
+            if offset < cutoff || snapshot.last_offset.is_none_or(|last| offset > last) {
+                return Err(format!("entry at offset {offset} is outside the live window"));
+            }
+            let hash = warden.place(&key);
+            if warden.table.find(hash, |e| e.key == key).is_some() {
+                return Err(format!("key at offset {offset} is listed twice"));
+            }
             let entry = Entry { key, payload_digest: split64(payload_digest), original_offset: split64(offset) };
-            warden.table.insert_unique(entry.hash(), entry, Entry::hash);
+            let placement = &warden.placement;
+            warden.table.insert_unique(hash, entry, |e| placement.hash_one(e.key));
         }
         warden.points = snapshot
             .points
@@ -159,8 +193,10 @@ impl Warden {
             .collect();
         warden.inserted_total = snapshot.inserted_total;
         warden.last_offset = snapshot.last_offset;
-        assert_eq!(warden.live_entries(), snapshot.entries.len() as u64, "a snapshot holds exactly the live keys");
-        warden
+        if warden.live_entries() != snapshot.entries.len() as u64 {
+            return Err("the live-key count does not match the entries".into());
+        }
+        Ok(warden)
     }
 
     /// Moves stream time to `stream_time_ms` at `offset`. Called once per record, in
@@ -202,7 +238,7 @@ impl Warden {
             self.points.pop_front();
         }
         assert!(!self.points.is_empty(), "the current time point is never expired (ttl > 0)");
-        debug_assert!(self.points.len() as u64 <= self.live_entries() + 1);
+        assert!(self.points.len() as u64 <= self.live_entries() + 1, "time points are bounded by live keys");
     }
 
     /// Lowest offset whose entries are still live.
@@ -221,7 +257,7 @@ impl Warden {
         assert_eq!(self.last_offset, Some(offset), "check() follows advance() for the same record");
         let cutoff = self.cutoff_offset();
         let key = key_bits(key_fingerprint);
-        let hash = key_fingerprint as u64;
+        let hash = self.place(&key);
         let at_capacity = self.live_entries() >= self.config.max_entries;
         let fresh = Entry { key, payload_digest: split64(payload_digest), original_offset: split64(offset) };
         if let Some(entry) = self.table.find_mut(hash, |e| e.key == key) {
@@ -249,7 +285,8 @@ impl Warden {
         }
         self.sweep_if_growing(cutoff);
         // spec: Warden.KeyRecorded
-        self.table.insert_unique(hash, fresh, Entry::hash);
+        let placement = &self.placement;
+        self.table.insert_unique(hash, fresh, |e| placement.hash_one(e.key));
         self.inserted_total += 1;
         WardenCheck::New
     }
@@ -273,8 +310,10 @@ impl Warden {
         if len - live >= len / 8 {
             let mut kept = Vec::with_capacity(live as usize);
             kept.extend(self.table.drain().filter(|e| e.original_offset() >= cutoff));
+            let placement = &self.placement;
             for entry in kept {
-                self.table.insert_unique(entry.hash(), entry, Entry::hash);
+                let hash = placement.hash_one(entry.key);
+                self.table.insert_unique(hash, entry, |e| placement.hash_one(e.key));
             }
             debug_assert_eq!(self.table.len() as u64, live);
         }

@@ -209,3 +209,32 @@ proptest! {
         prop_assert_eq!(sim.state_digest(), reference.state_digest(), "final state differs");
     }
 }
+
+#[test]
+fn a_halt_leaves_nothing_of_the_halting_record_in_the_journal() {
+    // spec: Versioning.UnknownVersionHalts
+    // spec: Recovery.WardenRebuilt
+    // The halting record must not reach the journal: a restart re-reads it and must
+    // halt there again, not trip over a Warden that already saw it.
+    use tribunal_shards::envelope::AdminCommand;
+    let adjust = InventoryCommand::Adjust { sku: "S1".into(), warehouse: "A".into(), delta: 5, reason: "r".into() };
+    let payloads = [
+        Envelope::<Inventory>::domain("k0", adjust).encode(),
+        Envelope::<Inventory>::admin("upgrade", AdminCommand::ActivateVersion { version: 9 }).encode(),
+    ];
+    let records: Vec<Record> = payloads
+        .into_iter()
+        .enumerate()
+        .map(|(i, payload)| Record { partition: 0, offset: i as u64, timestamp_ms: 10 * i as u64, payload })
+        .collect();
+    for shards in [1u16, 2] {
+        let mut sim = Simulator::<Inventory>::new(config(shards, 1)).with_ledgers();
+        let halted = sim.process_batch(&records).unwrap_err();
+        assert_eq!(halted.offset, 1);
+        let recovered = recover_from(sim.ledgers().unwrap(), shards);
+        assert_eq!(recovered.watermarks.get(&0), Some(&0));
+        let mut sim = Simulator::from_recovered(config(shards, 2), recovered);
+        let again = sim.process_batch(&records[1..]).unwrap_err();
+        assert_eq!(again.offset, 1, "the restarted instance halts at the same record");
+    }
+}
