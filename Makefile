@@ -8,17 +8,24 @@ CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 ALLIUM_VERSION := 3.6.1
-# Shards for `make run`: one per allowed core.
-SHARDS ?= $(shell nproc)
 EVENTS ?= 100000
+RUN_DIR ?= target/run
 
-.PHONY: run test lint test-rust specs tools bench clean
+.PHONY: run test lint test-rust specs tools bench bench-engine clean
 
-## run: release build, then a deterministic sample workload through the core on $(SHARDS) shards,
-## cross-checked against the sequential reference interpreter.
+## run: the main job on the embedded default. A sample workload is appended to a local
+## log in $(RUN_DIR), one instance runs on every allowed core until every record is
+## durable, and the recovered state is printed next to the reference interpreter's.
 run:
 	$(CARGO) build --release -p tribunal
-	./target/release/tribunal sample --events $(EVENTS) | ./target/release/tribunal evaluate --shards $(SHARDS) -
+	rm -rf $(RUN_DIR) && mkdir -p $(RUN_DIR)
+	./target/release/tribunal sample --events $(EVENTS) > $(RUN_DIR)/commands.jsonl
+	./target/release/tribunal log append --log local:$(RUN_DIR)/log $(RUN_DIR)/commands.jsonl | tail -n 1 | sed 's/^/last offset appended: /'
+	./target/release/tribunal run --log local:$(RUN_DIR)/log --data-dir $(RUN_DIR)/data --stop-at-end
+	@echo; echo "== tribunal inspect (the engine's durable state)"
+	./target/release/tribunal inspect --data-dir $(RUN_DIR)/data
+	@echo; echo "== tribunal evaluate (the sequential reference over the same log)"
+	./target/release/tribunal evaluate --log local:$(RUN_DIR)/log | grep -E "records|digest|reference"
 
 ## test: install missing tools, then formatting, clippy (warnings denied), every Rust test, and the specs.
 test: tools lint test-rust specs
@@ -45,6 +52,11 @@ specs: tools
 bench:
 	$(CARGO) bench -p tribunal-shards --bench evaluation
 	$(CARGO) bench -p tribunal-shards --bench warden_memory
+
+## bench-engine: durable throughput over 1,000,000 events and recovery time, as measured
+## by the engine (target/bench/engine.json).
+bench-engine:
+	scripts/bench-engine.sh
 
 clean:
 	$(CARGO) clean

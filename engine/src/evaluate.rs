@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use serde::Serialize;
+use tribunal_shards::envelope::MAX_RECORD_BYTES;
 use tribunal_shards::inventory::Inventory;
 use tribunal_shards::output::Output;
 use tribunal_shards::reference::Reference;
@@ -33,8 +34,9 @@ pub struct Args {
     /// Records per batch.
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     batch: u64,
-    /// Log timestamp step between records, in ms (drives stream time and so the TTL).
-    #[arg(long, default_value_t = 1)]
+    /// Log timestamp step between records, in ms (drives stream time and so the TTL);
+    /// 0..=86400000 (one day).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=MAX_MS_PER_RECORD))]
     ms_per_record: u64,
     /// Idempotency TTL in stream-time milliseconds.
     #[arg(long, default_value_t = WardenConfig::default().ttl_ms, value_parser = clap::value_parser!(u64).range(1..))]
@@ -42,10 +44,19 @@ pub struct Args {
     /// Seed of the simulated message interleaving between shards.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Digest only the outputs after this offset (to compare with `tribunal inspect` of
+    /// an instance whose snapshot replaced the older Ledger segments).
+    #[arg(long)]
+    outputs_after: Option<u64>,
     /// Print the summary and the whole stock table as JSON.
     #[arg(long)]
     json: bool,
 }
+
+/// Largest `--ms-per-record`: one day.
+const MAX_MS_PER_RECORD: u64 = 86_400_000;
+/// Most records `read_log` reserves room for up front, whatever the log's head claims.
+const MAX_PREALLOCATED_RECORDS: u64 = 1 << 20;
 
 #[derive(Serialize)]
 struct StockRow {
@@ -74,16 +85,62 @@ fn read_records(input: &str, ms_per_record: u64) -> anyhow::Result<Vec<Record>> 
         let path = PathBuf::from(input);
         Box::new(std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?)
     };
+    records_from(BufReader::new(reader), ms_per_record)
+}
+
+/// One record per non-blank line. A line longer than a record keeps only its first
+/// `MAX_RECORD_BYTES + 1` bytes: enough for the core to call it `record_too_large`, like
+/// `tribunal log append` refuses it, without holding it whole.
+fn records_from(mut input: impl BufRead, ms_per_record: u64) -> anyhow::Result<Vec<Record>> {
     let mut records = Vec::new();
-    for (index, line) in BufReader::new(reader).split(b'\n').enumerate() {
-        let line = line.with_context(|| format!("reading line {}", index + 1))?;
-        if line.iter().all(u8::is_ascii_whitespace) {
+    let mut line_number = 0u64;
+    loop {
+        line_number += 1;
+        let mut line = Vec::new();
+        let Some(blank) = read_line_bounded(&mut input, &mut line, MAX_RECORD_BYTES + 1)
+            .with_context(|| format!("reading line {line_number}"))?
+        else {
+            break;
+        };
+        if blank {
             continue;
         }
         let offset = records.len() as u64;
-        records.push(Record { partition: 0, offset, timestamp_ms: offset * ms_per_record, payload: line });
+        let timestamp_ms = offset.checked_mul(ms_per_record).with_context(|| {
+            format!("line {line_number}: timestamp {offset} x {ms_per_record} ms overflows u64; lower --ms-per-record")
+        })?;
+        records.push(Record { partition: 0, offset, timestamp_ms, payload: line });
     }
     Ok(records)
+}
+
+/// Reads one line into `line` (without its `\n`), keeping at most `max_kept` bytes of it
+/// and consuming the rest. `None` at the end of the input, else whether the whole line,
+/// kept or not, is ASCII whitespace.
+fn read_line_bounded(input: &mut impl BufRead, line: &mut Vec<u8>, max_kept: usize) -> std::io::Result<Option<bool>> {
+    let mut blank = true;
+    let mut read_any = false;
+    loop {
+        let buffer = match input.fill_buf() {
+            Ok(buffer) => buffer,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
+        if buffer.is_empty() {
+            return Ok(read_any.then_some(blank));
+        }
+        read_any = true;
+        let newline = buffer.iter().position(|b| *b == b'\n');
+        let part = &buffer[..newline.unwrap_or(buffer.len())];
+        blank &= part.iter().all(u8::is_ascii_whitespace);
+        let room = max_kept.saturating_sub(line.len());
+        line.extend_from_slice(&part[..part.len().min(room)]);
+        let consumed = newline.map_or(buffer.len(), |at| at + 1);
+        input.consume(consumed);
+        if newline.is_some() {
+            return Ok(Some(blank));
+        }
+    }
 }
 
 fn read_log(spec: &str) -> anyhow::Result<Vec<Record>> {
@@ -93,13 +150,14 @@ fn read_log(spec: &str) -> anyhow::Result<Vec<Record>> {
     let log = crate::local_log::LocalLog::open(dir).with_context(|| format!("opening the log {dir}"))?;
     let end = log.end_offset()?;
     let mut reader = log.reader(0)?;
-    let mut records = Vec::with_capacity(end as usize);
+    // The head is read from disk: reserve no more than a bounded amount on its word.
+    let mut records = Vec::with_capacity(usize::try_from(end.min(MAX_PREALLOCATED_RECORDS)).unwrap_or(0));
     while (records.len() as u64) < end {
         if reader.poll(65_536, &mut records)? == 0 {
             break;
         }
     }
-    records.truncate(end as usize);
+    records.truncate(usize::try_from(end).unwrap_or(usize::MAX));
     Ok(records)
 }
 
@@ -129,8 +187,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         *verdicts.entry(output.verdict.name()).or_default() += 1;
     }
     let reference_agrees = first_disagreement_offset.is_none() && reference.state_digest() == sim.state_digest();
-    let outputs_digest =
-        tribunal_shards::digest::outputs_digest(sim.outputs().iter().map(|((_, o), out)| (*o, out.digest)));
+    let outputs_digest = tribunal_shards::digest::outputs_digest(
+        sim.outputs()
+            .iter()
+            .filter(|((_, offset), _)| args.outputs_after.is_none_or(|after| *offset > after))
+            .map(|((_, o), out)| (*o, out.digest)),
+    );
 
     let stock: Vec<StockRow> = sim
         .entities(0)
@@ -176,5 +238,60 @@ fn print_table(summary: &Summary) {
     }
     if summary.stock.len() > 10 {
         println!("  ... ({} more; --json prints them all)", summary.stock.len() - 10);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn ms_per_record_is_bounded_by_clap() {
+        assert!(Cli::try_parse_from(["evaluate", "--ms-per-record", "86400000"]).is_ok());
+        for bad in ["86400001", "18446744073709551615"] {
+            let error = Cli::try_parse_from(["evaluate", "--ms-per-record", bad]).err().expect(bad);
+            assert!(error.to_string().contains("--ms-per-record"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_timestamp_past_u64_is_an_error_not_a_panic() {
+        let input = b"a\nb\nc\n".as_slice();
+        let records = records_from(input, u64::MAX / 2).unwrap();
+        assert_eq!(records.iter().map(|r| r.timestamp_ms).collect::<Vec<_>>(), [0, u64::MAX / 2, u64::MAX - 1]);
+        let error = records_from(b"a\nb\nc\nd\n".as_slice(), u64::MAX / 2).unwrap_err();
+        assert!(format!("{error:#}").contains("line 4: timestamp 3 x"), "{error:#}");
+    }
+
+    #[test]
+    fn lines_are_held_up_to_one_byte_past_a_record() {
+        let mut input = vec![b'x'; 3 * MAX_RECORD_BYTES];
+        input.extend_from_slice(b"\r\n   \t\n");
+        input.extend_from_slice(&vec![b' '; 2 * MAX_RECORD_BYTES]);
+        input.extend_from_slice(b"\nlast");
+        let records = records_from(std::io::BufReader::with_capacity(1_000, input.as_slice()), 1).unwrap();
+        let payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_slice()).collect();
+        assert_eq!(payloads.len(), 2, "blank lines, however long, are skipped");
+        assert_eq!(payloads[0], vec![b'x'; MAX_RECORD_BYTES + 1].as_slice());
+        assert_eq!(payloads[1], b"last");
+        assert_eq!(records[1].offset, 1);
+    }
+
+    #[test]
+    fn an_over_long_line_becomes_a_record_too_large_output() {
+        use tribunal_shards::envelope::{malformed, Envelope};
+        let mut input = vec![b'{'; MAX_RECORD_BYTES + 10];
+        input.push(b'\n');
+        let records = records_from(input.as_slice(), 1).unwrap();
+        let error = Envelope::<Inventory>::decode(&records[0].payload).unwrap_err();
+        assert_eq!(error.code(), malformed::RECORD_TOO_LARGE);
     }
 }

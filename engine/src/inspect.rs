@@ -46,6 +46,8 @@ struct CutReport {
 struct Report {
     shards: u16,
     durable_watermark: Option<u64>,
+    /// The committed snapshot's marker; outputs are those after it.
+    snapshot_marker: Option<u64>,
     state_digest: String,
     outputs: u64,
     outputs_digest: String,
@@ -60,6 +62,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .read_meta()?
         .with_context(|| format!("{} holds no Tribunal data (no meta.json)", args.data_dir.display()))?;
     let shard_count = meta.shard_count;
+    let snapshot = ledger_io::read_snapshot::<Inventory>(&layout, shard_count).context("loading the snapshot")?;
+    let snapshot_marker = snapshot.get(&0).map(|s| s.marker_offset);
     let logs = ledger_io::read_logs::<Inventory>(&layout, shard_count)?;
     let mut outputs: BTreeMap<u64, u128> = BTreeMap::new();
     for log in &logs {
@@ -73,9 +77,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     // The Warden's TTL does not change what is recovered, only what the Usher answers next.
     let usher = |partition| UsherConfig { partition, shard_count, warden: WardenConfig::default(), initial_version: 1 };
-    let recovered = recover(shard_count, usher, logs, BTreeMap::new()).context("recovering the Ledger")?;
+    let recovered = recover(shard_count, usher, logs, snapshot).context("recovering the Ledger")?;
     let watermark = recovered.watermarks.get(&0).copied();
-    outputs.retain(|offset, _| watermark.is_some_and(|w| *offset <= w));
+    // Outputs at or below a snapshot's marker left with the segments it replaced.
+    outputs.retain(|offset, _| watermark.is_some_and(|w| *offset <= w) && snapshot_marker.is_none_or(|m| *offset > m));
 
     let mut stock: Vec<StockRow> = recovered
         .arbiters
@@ -88,6 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let report = Report {
         shards: shard_count,
         durable_watermark: watermark,
+        snapshot_marker,
         state_digest: format!("{:032x}", combine_partition_digests(&[(0, partition_digest)])),
         outputs: outputs.len() as u64,
         outputs_digest: format!("{:032x}", outputs_digest(outputs.into_iter())),
@@ -107,6 +113,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         match report.durable_watermark {
             Some(w) => println!("durable watermark {w}"),
             None => println!("durable watermark none (nothing durable yet)"),
+        }
+        if let Some(marker) = report.snapshot_marker {
+            println!("snapshot at       {marker}");
         }
         println!("state digest      {}", report.state_digest);
         println!("outputs           {} (digest {})", report.outputs, report.outputs_digest);

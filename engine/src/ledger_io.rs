@@ -233,6 +233,11 @@ impl SegmentWriter {
         Ok(())
     }
 
+    /// The segment being written.
+    pub fn segment(&self) -> u64 {
+        self.segment
+    }
+
     /// Closes the current segment and starts the next (spec: Ledger.SegmentRolled).
     pub async fn roll(&mut self) -> io::Result<()> {
         let next = Self::create(&self.layout, self.shard, self.segment + 1).await?;
@@ -254,4 +259,107 @@ pub async fn settle_io_probe(layout: &Layout, shard: ShardId) -> io::Result<()> 
     let file = glommio::io::DmaFile::open(&path).await.map_err(|e| io::Error::other(e.to_string()))?;
     file.close().await.map_err(|e| io::Error::other(e.to_string()))?;
     fs::remove_file(&path)
+}
+
+/// A snapshot part on disk: `[crc32c of payload: u32 LE][postcard payload]`.
+pub fn write_part<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    let payload = postcard::to_stdvec(value).map_err(|e| io::Error::other(e.to_string()))?;
+    let mut bytes = Vec::with_capacity(4 + payload.len());
+    bytes.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    write_atomically(path, &bytes)
+}
+
+/// Reads a part written by [`write_part`]; a bad CRC or payload is an error, never a panic.
+pub fn read_part<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let bytes = fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    anyhow::ensure!(bytes.len() >= 4, "{}: too short to be a snapshot part", path.display());
+    let (crc, payload) = bytes.split_at(4);
+    anyhow::ensure!(
+        u32::from_le_bytes(crc.try_into().expect("4 bytes")) == crc32c::crc32c(payload),
+        "{}: checksum mismatch",
+        path.display()
+    );
+    postcard::from_bytes(payload).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// The committed snapshot of partition 0: written last, after every part is durable
+/// (spec: Ledger.SnapshotCommitted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub partition: u32,
+    pub marker_offset: u64,
+    pub shard_count: u16,
+}
+
+impl Layout {
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    pub fn snapshot_dir(&self, partition: u32, marker_offset: u64) -> PathBuf {
+        self.snapshots_dir().join(format!("p{partition}-{marker_offset:020}"))
+    }
+
+    pub fn manifest_path(&self) -> PathBuf {
+        self.snapshots_dir().join("MANIFEST")
+    }
+
+    pub fn shard_part_path(&self, partition: u32, marker_offset: u64, shard: ShardId) -> PathBuf {
+        self.snapshot_dir(partition, marker_offset).join(format!("shard-{shard:03}.part"))
+    }
+
+    pub fn usher_part_path(&self, partition: u32, marker_offset: u64) -> PathBuf {
+        self.snapshot_dir(partition, marker_offset).join("usher.part")
+    }
+}
+
+/// Loads the committed snapshot, if any (spec: Recovery.SnapshotLoaded). A manifest
+/// whose parts do not read back is an error: never start from partial state
+/// (spec: Recovery.CorruptSnapshotRefused).
+pub fn read_snapshot<D: Domain>(
+    layout: &Layout,
+    shard_count: u16,
+) -> anyhow::Result<std::collections::BTreeMap<u32, tribunal_shards::recovery::PartitionSnapshot<D>>> {
+    let mut snapshots = std::collections::BTreeMap::new();
+    let manifest: Manifest = match fs::read(layout.manifest_path()) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("snapshot manifest: {e}"))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(snapshots),
+        Err(e) => anyhow::bail!("reading the snapshot manifest: {e}"),
+    };
+    anyhow::ensure!(manifest.shard_count == shard_count, "the snapshot was taken with {} shards", manifest.shard_count);
+    let (p, m) = (manifest.partition, manifest.marker_offset);
+    let usher = read_part(&layout.usher_part_path(p, m))?;
+    let mut entities = Vec::new();
+    for shard in 0..shard_count {
+        let part: Vec<(D::EntityKey, D::State)> = read_part(&layout.shard_part_path(p, m, shard))?;
+        entities.extend(part);
+    }
+    snapshots.insert(p, tribunal_shards::recovery::PartitionSnapshot { marker_offset: m, usher, entities });
+    Ok(snapshots)
+}
+
+/// After a manifest is committed: delete the segments each shard finished before the
+/// snapshot and every older snapshot (spec: Ledger.SegmentsBelowSnapshotDeleted).
+pub fn delete_below_snapshot(
+    layout: &Layout,
+    first_kept_segments: &[(ShardId, u64)],
+    manifest: &Manifest,
+) -> io::Result<()> {
+    for &(shard, first_kept) in first_kept_segments {
+        for segment in layout.segments(shard)?.into_iter().filter(|s| *s < first_kept) {
+            fs::remove_file(layout.segment_path(shard, segment))?;
+        }
+        fs::File::open(layout.shard_dir(shard))?.sync_all()?;
+    }
+    // Only older snapshots: a newer one may be being written right now.
+    let prefix = format!("p{}-", manifest.partition);
+    for entry in fs::read_dir(layout.snapshots_dir())? {
+        let path = entry?.path();
+        let marker = path.file_name().and_then(|n| n.to_str()?.strip_prefix(&prefix)?.parse::<u64>().ok());
+        if path.is_dir() && marker.is_some_and(|m| m < manifest.marker_offset) {
+            fs::remove_dir_all(&path)?;
+        }
+    }
+    Ok(())
 }

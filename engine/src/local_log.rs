@@ -506,7 +506,16 @@ pub struct LocalLogReader {
     position_bytes: u64,
     next_offset: u64,
     previous_timestamp_ms: u64,
+    /// Read-ahead: bytes `[window_start_bytes, window_start_bytes + window.len())` of
+    /// the current segment, never past the committed limit it was read under. One
+    /// pread per window instead of two per record (measured: a fifth of the engine's
+    /// time went to per-record preads).
+    window: Vec<u8>,
+    window_start_bytes: u64,
 }
+
+/// Largest read-ahead.
+const WINDOW_BYTES: u64 = 1 << 20;
 
 impl LocalLogReader {
     fn open_segment(dir: &Path, base_offset: u64) -> Result<LocalLogReader> {
@@ -521,7 +530,26 @@ impl LocalLogReader {
             position_bytes: 0,
             next_offset: base_offset,
             previous_timestamp_ms: 0,
+            window: Vec::new(),
+            window_start_bytes: 0,
         })
+    }
+
+    /// `len_bytes` bytes at `position_bytes`, all below `limit_bytes`, from the window,
+    /// refilling it with one read (up to the limit) when it does not hold them.
+    fn read_window(&mut self, position_bytes: u64, len_bytes: u64, limit_bytes: u64) -> Result<&[u8]> {
+        assert!(position_bytes + len_bytes <= limit_bytes, "callers check the committed limit");
+        let window_end = self.window_start_bytes + self.window.len() as u64;
+        if position_bytes < self.window_start_bytes || position_bytes + len_bytes > window_end {
+            let read_bytes = (limit_bytes - position_bytes).min(WINDOW_BYTES.max(len_bytes));
+            self.window.resize(read_bytes as usize, 0);
+            self.segment_file
+                .read_exact_at(&mut self.window, position_bytes)
+                .map_err(io_error("reading", &self.segment_path))?;
+            self.window_start_bytes = position_bytes;
+        }
+        let start = (position_bytes - self.window_start_bytes) as usize;
+        Ok(&self.window[start..start + len_bytes as usize])
     }
 
     /// The offset of the next record this reader returns.
@@ -616,7 +644,7 @@ impl LocalLogReader {
 
     /// Reads the header of the record at `position_bytes`, which is below `limit_bytes`,
     /// and checks that the record fits below the limit. Returns it with its size.
-    fn read_header(&self, limit_bytes: u64) -> Result<(RecordHeader, u64)> {
+    fn read_header(&mut self, limit_bytes: u64) -> Result<(RecordHeader, u64)> {
         assert!(self.position_bytes < limit_bytes);
         let position_bytes = self.position_bytes;
         let remaining_bytes = limit_bytes - position_bytes;
@@ -624,8 +652,7 @@ impl LocalLogReader {
             let reason = format!("{remaining_bytes} bytes before the end, too few for a record header");
             return Err(self.corrupt(position_bytes, reason));
         }
-        let mut bytes = [0u8; RECORD_HEADER_SIZE_BYTES as usize];
-        self.segment_file.read_exact_at(&mut bytes, position_bytes).map_err(io_error("reading", &self.segment_path))?;
+        let bytes = self.read_window(position_bytes, RECORD_HEADER_SIZE_BYTES, limit_bytes)?;
         let header = RecordHeader {
             len: u32::from_le_bytes(bytes[0..4].try_into().expect("4-byte slice")),
             crc: u32::from_le_bytes(bytes[4..8].try_into().expect("4-byte slice")),
@@ -649,10 +676,8 @@ impl LocalLogReader {
     fn read_record(&mut self, limit_bytes: u64) -> Result<Record> {
         let position_bytes = self.position_bytes;
         let (header, record_size_bytes) = self.read_header(limit_bytes)?;
-        let mut payload = vec![0u8; header.len as usize];
-        self.segment_file
-            .read_exact_at(&mut payload, position_bytes + RECORD_HEADER_SIZE_BYTES)
-            .map_err(io_error("reading", &self.segment_path))?;
+        let payload =
+            self.read_window(position_bytes + RECORD_HEADER_SIZE_BYTES, u64::from(header.len), limit_bytes)?.to_vec();
         let computed_crc = record_crc(header.timestamp_ms, &payload);
         if computed_crc != header.crc {
             let reason = format!("checksum mismatch (stored {:#010x}, computed {computed_crc:#010x})", header.crc);

@@ -66,6 +66,10 @@ struct RunArgs {
     /// Idempotency TTL in stream-time milliseconds.
     #[arg(long, default_value_t = tribunal_shards::warden::WardenConfig::default().ttl_ms)]
     ttl_ms: u64,
+    /// Take a snapshot every this many records, so that recovery replays at most that
+    /// many from the Ledger; older segments are deleted (0: never).
+    #[arg(long, default_value_t = 1_000_000)]
+    snapshot_every: u64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -92,6 +96,7 @@ fn run_node(args: RunArgs) -> anyhow::Result<ExitCode> {
         cores,
         warden: tribunal_shards::warden::WardenConfig { ttl_ms: args.ttl_ms, ..Default::default() },
         stop_at_end: args.stop_at_end,
+        snapshot_every: args.snapshot_every,
     })
 }
 

@@ -66,6 +66,8 @@ pub struct NodeConfig {
     pub warden: WardenConfig,
     /// Exit once every record in the log when the Usher last found none is durable.
     pub stop_at_end: bool,
+    /// Take a snapshot every this many records (0: never).
+    pub snapshot_every: u64,
 }
 
 /// `status.json`: what an operator or a test can read while the instance runs.
@@ -79,6 +81,11 @@ struct Status {
     next_offset: Option<u64>,
     ledger_syncs: u64,
     uptime_ms: u128,
+    /// Time from start to ready: reading and replaying the Ledger, cutting, starting shards.
+    recovery_ms: Option<u128>,
+    /// Records planned since this process became ready, and for how long it has been.
+    records_processed: u64,
+    processing_ms: u128,
 }
 
 /// Shared between the executors and the main thread: published watermarks (durable
@@ -102,6 +109,13 @@ enum Event {
     Started,
     Failed(ShardId, String),
     Finished,
+    /// A snapshot part at `marker_offset` is durable: the Usher's (`shard` None) or a
+    /// shard's, whose segments before `first_kept_segment` hold only records <= marker.
+    SnapshotPart {
+        marker_offset: u64,
+        shard: Option<ShardId>,
+        first_kept_segment: u64,
+    },
 }
 
 fn usher_config(shard_count: u16, warden: WardenConfig) -> impl Fn(u32) -> UsherConfig {
@@ -132,13 +146,18 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             next_offset: None,
             ledger_syncs: 0,
             uptime_ms: 0,
+            recovery_ms: None,
+            records_processed: 0,
+            processing_ms: 0,
         },
     );
 
     // spec: Recovery.RecoveryStarts .. Recovery.WardenRebuilt
     info!(shards = shard_count, data_dir = %config.data_dir.display(), "recovering");
+    let snapshot = ledger_io::read_snapshot::<D>(&layout, shard_count).context("loading the snapshot")?;
+    let snapshot_marker = snapshot.get(&0).map(|s| s.marker_offset);
     let logs = ledger_io::read_logs::<D>(&layout, shard_count)?;
-    let mut recovered = recover(shard_count, usher_config(shard_count, config.warden), logs, BTreeMap::new())
+    let mut recovered = recover(shard_count, usher_config(shard_count, config.warden), logs, snapshot)
         .context("recovering the Ledger")?;
     for cut in &recovered.cuts {
         // spec: Recovery.TornTailTruncated
@@ -151,6 +170,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let resume = watermark.map_or(0, |w| w + 1);
     assert_eq!(usher.next_offset(), resume, "the Usher resumes right after the durable watermark");
     info!(
+        snapshot_marker = ?snapshot_marker,
         durable_watermark = ?watermark,
         replayed_entries = recovered.replayed_entries,
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -197,6 +217,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             shared: shared.clone(),
             events: events_tx.clone(),
             stop_at_end: config.stop_at_end,
+            snapshot_every: config.snapshot_every,
         };
         let failed = events_tx.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(core))
@@ -218,13 +239,16 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         match events_rx.recv() {
             Ok(Event::Started) => running += 1,
             Ok(Event::Failed(shard, error)) => anyhow::bail!("shard {shard} failed to start: {error}"),
-            Ok(Event::Finished) => {}
+            Ok(Event::Finished | Event::SnapshotPart { .. }) => {}
             Err(_) => anyhow::bail!("the shards stopped during start-up"),
         }
     }
-    info!(cores = ?config.cores, "ready");
+    let recovery_ms = started.elapsed().as_millis();
+    let ready_at = Instant::now();
+    info!(cores = ?config.cores, recovery_ms = recovery_ms as u64, "ready");
 
     let mut last_status = Instant::now() - STATUS_INTERVAL;
+    let mut snapshot_parts: BTreeMap<u64, Vec<(Option<ShardId>, u64)>> = BTreeMap::new();
     loop {
         if last_status.elapsed() >= STATUS_INTERVAL {
             let end = shared.durable_end();
@@ -237,6 +261,9 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                     next_offset: Some(shared.next_offset.load(Ordering::Acquire)),
                     ledger_syncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
                     uptime_ms: started.elapsed().as_millis(),
+                    recovery_ms: Some(recovery_ms),
+                    records_processed: shared.next_offset.load(Ordering::Acquire) - resume,
+                    processing_ms: ready_at.elapsed().as_millis(),
                 },
             );
             last_status = Instant::now();
@@ -247,6 +274,14 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("shard {shard} failed: {error}");
             }
             Ok(Event::Finished) => break,
+            Ok(Event::SnapshotPart { marker_offset, shard, first_kept_segment }) => {
+                let parts = snapshot_parts.entry(marker_offset).or_default();
+                parts.push((shard, first_kept_segment));
+                if parts.len() == n + 1 {
+                    commit_snapshot(&layout, shard_count, marker_offset, parts)?;
+                    snapshot_parts.retain(|m, _| *m > marker_offset);
+                }
+            }
             Ok(Event::Started) | Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("every shard stopped"),
         }
@@ -262,11 +297,32 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             next_offset: Some(shared.next_offset.load(Ordering::Acquire)),
             ledger_syncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
             uptime_ms: started.elapsed().as_millis(),
+            recovery_ms: Some(recovery_ms),
+            records_processed: shared.next_offset.load(Ordering::Acquire) - resume,
+            processing_ms: ready_at.elapsed().as_millis(),
         },
     );
     info!(durable_watermark = ?end.checked_sub(1), elapsed_ms = started.elapsed().as_millis() as u64, "every record is durable; stopping");
     // Everything is durable; the executors hold nothing that needs a clean shutdown.
     std::process::exit(0);
+}
+
+/// Every part of the snapshot at `marker_offset` is durable: commit the manifest, then
+/// delete what it covers (spec: Ledger.SnapshotCommitted, Ledger.SegmentsBelowSnapshotDeleted).
+fn commit_snapshot(
+    layout: &Layout,
+    shard_count: u16,
+    marker_offset: u64,
+    parts: &[(Option<ShardId>, u64)],
+) -> anyhow::Result<()> {
+    let manifest = ledger_io::Manifest { partition: 0, marker_offset, shard_count };
+    ledger_io::write_atomically(&layout.manifest_path(), &serde_json::to_vec_pretty(&manifest)?)
+        .context("writing the snapshot manifest")?;
+    let first_kept: Vec<(ShardId, u64)> =
+        parts.iter().filter_map(|(shard, first)| shard.map(|s| (s, *first))).collect();
+    ledger_io::delete_below_snapshot(layout, &first_kept, &manifest).context("deleting segments below the snapshot")?;
+    info!(marker_offset, "snapshot committed; older segments deleted");
+    Ok(())
 }
 
 struct ShardContext {
@@ -280,6 +336,15 @@ struct ShardContext {
     shared: Arc<Shared>,
     events: mpsc::Sender<Event>,
     stop_at_end: bool,
+    snapshot_every: u64,
+}
+
+/// A snapshot this shard owes: its entities as of the marker, and where the marker's
+/// batch-end record ends in the pending bytes.
+struct PendingSnapshot {
+    marker_offset: u64,
+    entities: Vec<(<D as tribunal_shards::domain::Domain>::EntityKey, u64)>,
+    end_in_pending_bytes: usize,
 }
 
 /// A shard's state on its executor.
@@ -291,6 +356,7 @@ struct ShardState {
     /// Records encoded since the last commit, and the batch-end markers among them.
     pending_bytes: Vec<u8>,
     pending_marks: Vec<(u32, u64)>,
+    pending_snapshots: Vec<PendingSnapshot>,
     doorbell: LocalSender<()>,
     doorbell_rung: bool,
     effects: Vec<ShardEffect<D>>,
@@ -328,6 +394,13 @@ impl ShardState {
                         LedgerRecord::<D>::BatchEnd { partition, last_offset, usher, snapshot: snapshot.is_some() };
                     encode_record(&record, &mut self.pending_bytes).expect("a batch journal fits the record bound");
                     self.pending_marks.push((partition, last_offset));
+                    if let Some(entities) = snapshot {
+                        self.pending_snapshots.push(PendingSnapshot {
+                            marker_offset: last_offset,
+                            entities,
+                            end_in_pending_bytes: self.pending_bytes.len(),
+                        });
+                    }
                     if !self.doorbell_rung {
                         self.doorbell_rung = true;
                         let _ = self.doorbell.try_send(());
@@ -374,6 +447,7 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
         outbound: outbound_queues,
         pending_bytes: Vec::with_capacity(1 << 20),
         pending_marks: Vec::new(),
+        pending_snapshots: Vec::new(),
         doorbell,
         doorbell_rung: false,
         effects: Vec::new(),
@@ -395,21 +469,52 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     let ledger_state = state.clone();
     let shared = context.shared.clone();
     let events = context.events.clone();
+    let layout = context.layout.clone();
     glommio::spawn_local(async move {
         let mut bytes = Vec::with_capacity(1 << 20);
         let mut marks = Vec::new();
+        let mut snapshots = Vec::new();
         while doorbell_rx.recv().await.is_some() {
             {
                 let mut st = ledger_state.borrow_mut();
                 st.doorbell_rung = false;
                 std::mem::swap(&mut bytes, &mut st.pending_bytes);
                 std::mem::swap(&mut marks, &mut st.pending_marks);
+                std::mem::swap(&mut snapshots, &mut st.pending_snapshots);
             }
             if bytes.is_empty() {
                 continue;
             }
-            // spec: Ledger.GroupCommitAtBatchEnd, Ledger.RecordDurableAfterSync
-            if let Err(e) = writer.commit(&bytes).await {
+            // spec: Ledger.GroupCommitAtBatchEnd, Ledger.RecordDurableAfterSync — and at a
+            // snapshot marker: commit up to it, write the part, start a new segment, so
+            // every earlier segment holds only records the snapshot covers.
+            let mut committed = 0;
+            let mut result = Ok(());
+            for pending in snapshots.drain(..) {
+                result = async {
+                    writer.commit(&bytes[committed..pending.end_in_pending_bytes]).await?;
+                    committed = pending.end_in_pending_bytes;
+                    let path = layout.shard_part_path(0, pending.marker_offset, shard);
+                    std::fs::create_dir_all(path.parent().expect("parts live in a directory"))?;
+                    ledger_io::write_part(&path, &pending.entities)?;
+                    writer.roll().await?;
+                    let part = Event::SnapshotPart {
+                        marker_offset: pending.marker_offset,
+                        shard: Some(shard),
+                        first_kept_segment: writer.segment(),
+                    };
+                    let _ = events.send(part);
+                    Ok::<(), std::io::Error>(())
+                }
+                .await;
+                if result.is_err() {
+                    break;
+                }
+            }
+            if result.is_ok() && committed < bytes.len() {
+                result = writer.commit(&bytes[committed..]).await;
+            }
+            if let Err(e) = result {
                 let _ = events.send(Event::Failed(shard, format!("Ledger write failed: {e}")));
                 return;
             }
@@ -428,7 +533,8 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
 
     match (context.usher, context.log) {
         (Some(usher), Some(log)) => {
-            usher_loop(usher, log, state, context.shared, context.events, context.stop_at_end).await
+            let options = UsherOptions { stop_at_end: context.stop_at_end, snapshot_every: context.snapshot_every };
+            usher_loop(usher, log, state, context.shared, context.events, context.layout, options).await
         }
         _ => {
             // Other shards only react to messages; park until the process exits.
@@ -440,6 +546,11 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     }
 }
 
+struct UsherOptions {
+    stop_at_end: bool,
+    snapshot_every: u64,
+}
+
 /// The Usher's IO shell: tail the local log, plan, dispatch.
 async fn usher_loop(
     mut usher: Usher<D>,
@@ -447,8 +558,11 @@ async fn usher_loop(
     state: Rc<RefCell<ShardState>>,
     shared: Arc<Shared>,
     events: mpsc::Sender<Event>,
-    stop_at_end: bool,
+    layout: Layout,
+    options: UsherOptions,
 ) -> anyhow::Result<()> {
+    let UsherOptions { stop_at_end, snapshot_every } = options;
+    let mut last_snapshot = usher.next_offset();
     let mut reader = log.reader(usher.next_offset()).context("opening a reader on the log")?;
     let mut records: Vec<Record> = Vec::with_capacity(MAX_BATCH_RECORDS);
     let home = state.borrow().shard;
@@ -470,6 +584,11 @@ async fn usher_loop(
             glommio::timer::sleep(IDLE_POLL).await;
             continue;
         }
+        // spec: Ledger.SnapshotPlanned
+        if snapshot_every > 0 && usher.next_offset() - last_snapshot >= snapshot_every {
+            usher.request_snapshot();
+            last_snapshot = usher.next_offset();
+        }
         let plan = match usher.plan(&records) {
             Ok(plan) => plan,
             Err(halted) => anyhow::bail!("the Usher halted: {halted}"),
@@ -485,6 +604,12 @@ async fn usher_loop(
                     unreachable!("local queues are unbounded and live as long as the shard");
                 }
             }
+        }
+        if let (Some(snapshot), Some(marker_offset)) = (&plan.snapshot, plan.last_offset) {
+            let path = layout.usher_part_path(0, marker_offset);
+            std::fs::create_dir_all(path.parent().expect("parts live in a directory"))?;
+            ledger_io::write_part(&path, snapshot).context("writing the Usher's snapshot part")?;
+            let _ = events.send(Event::SnapshotPart { marker_offset, shard: None, first_kept_segment: 0 });
         }
         shared.next_offset.store(usher.next_offset(), Ordering::Release);
         if let Some(halted) = plan.halted {

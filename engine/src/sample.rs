@@ -14,16 +14,21 @@ pub struct Args {
     /// Number of commands to print.
     #[arg(long, default_value_t = 10_000)]
     events: u64,
-    /// Number of SKUs.
-    #[arg(long, default_value_t = 200)]
+    /// Number of SKUs (4..=1000000).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(4..=MAX_SKUS))]
     skus: u64,
-    /// Number of warehouses.
-    #[arg(long, default_value_t = 5)]
+    /// Number of warehouses (2..=10000).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..=MAX_WAREHOUSES))]
     warehouses: u64,
     /// Seed of the workload; the same seed prints the same log.
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
+
+/// Most SKUs and warehouses: far below anything that could overflow the index arithmetic
+/// below (`skus * 2`, `kit + 21`, `from + warehouses`).
+const MAX_SKUS: u64 = 1_000_000;
+const MAX_WAREHOUSES: u64 = 10_000;
 
 /// SplitMix64, so the workload is the same on every machine.
 struct Rng(u64);
@@ -39,10 +44,20 @@ impl Rng {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(args.skus >= 4 && args.warehouses >= 2, "need at least 4 SKUs and 2 warehouses");
-    let mut rng = Rng(args.seed);
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
+    write_workload(&args, &mut out)?;
+    out.flush().context("writing to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_workload(args: &Args, out: &mut impl Write) -> anyhow::Result<()> {
+    // Also enforced by clap; checked here so the arithmetic below can never overflow.
+    anyhow::ensure!(
+        (4..=MAX_SKUS).contains(&args.skus) && (2..=MAX_WAREHOUSES).contains(&args.warehouses),
+        "need 4..={MAX_SKUS} SKUs and 2..={MAX_WAREHOUSES} warehouses"
+    );
+    let mut rng = Rng(args.seed);
     let sku = |i: u64| format!("SKU-{i:05}");
     let warehouse = |i: u64| format!("WH-{i:02}");
     // (key, line) of earlier commands, for duplicate submissions and key reuse.
@@ -117,6 +132,56 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         out.write_all(&line).and_then(|_| out.write_all(b"\n")).context("writing to stdout")?;
     }
-    out.flush().context("writing to stdout")?;
-    Ok(ExitCode::SUCCESS)
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use tribunal_shards::envelope::Envelope;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn sizes_are_bounded_by_clap() {
+        for (flag, bad) in [
+            ("--skus", "18446744073709551615"),
+            ("--skus", "1000001"),
+            ("--skus", "3"),
+            ("--warehouses", "18446744073709551615"),
+            ("--warehouses", "10001"),
+            ("--warehouses", "1"),
+        ] {
+            let error = Cli::try_parse_from(["sample", flag, bad]).err().unwrap_or_else(|| panic!("{flag} {bad}"));
+            assert!(error.to_string().contains(flag), "{error}");
+        }
+        assert!(Cli::try_parse_from(["sample", "--skus", "1000000", "--warehouses", "10000"]).is_ok());
+    }
+
+    #[test]
+    fn the_largest_sizes_give_a_valid_workload_and_larger_ones_an_error() {
+        // Largest SKU count (only opening stock fits in a short run), then the largest
+        // warehouse count past the opening stock (transfers, kits, replays, conflicts).
+        for (skus, events) in [("1000000", 300), ("4", 3_000)] {
+            let mut args = Cli::try_parse_from(["sample", "--skus", skus, "--warehouses", "10000"]).unwrap().args;
+            args.events = events;
+            let mut out = Vec::new();
+            write_workload(&args, &mut out).unwrap();
+            let lines: Vec<&[u8]> = out.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+            assert_eq!(lines.len() as u64, events);
+            for line in lines {
+                let decoded = Envelope::<Inventory>::decode(line);
+                decoded.unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(line)));
+            }
+            args.skus = u64::MAX;
+            let error = write_workload(&args, &mut Vec::new()).unwrap_err();
+            assert!(error.to_string().contains("SKUs"), "{error}");
+        }
+    }
 }

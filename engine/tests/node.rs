@@ -245,3 +245,57 @@ fn a_core_that_is_not_allowed_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("core 1000 is not allowed"), "{stderr}");
 }
+
+#[test]
+fn snapshots_replace_old_segments_and_recovery_starts_from_them() {
+    // spec: Ledger.SnapshotAtMarker
+    // spec: Ledger.SnapshotCommitted
+    // spec: Ledger.SegmentsBelowSnapshotDeleted
+    // spec: Recovery.SnapshotLoaded
+    let dirs = dirs();
+    let mut rng = Rng(11);
+    append_sample(&dirs.log, 3_000, 20);
+    let spawn = |dirs: &Dirs| {
+        tribunal()
+            .args(["run", "--log", &log_arg(&dirs.log), "--stop-at-end", "--cores", "0,1", "--snapshot-every", "2500"])
+            .arg("--data-dir")
+            .arg(&dirs.data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut kills = 0;
+    for round in 0..12u64 {
+        append_sample(&dirs.log, 2_000, 30 + round);
+        let mut child = spawn(&dirs);
+        std::thread::sleep(Duration::from_millis(20 + rng.below(200)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    let out = spawn(&dirs).wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let engine = inspect(&dirs.data);
+    let marker = engine["snapshot_marker"].as_u64().expect("a snapshot was committed");
+    let expected = json(&ok(tribunal().args([
+        "evaluate",
+        "--json",
+        "--log",
+        &log_arg(&dirs.log),
+        "--outputs-after",
+        &marker.to_string(),
+    ])));
+    let records = expected["records"].as_u64().unwrap();
+    assert_eq!(engine["durable_watermark"].as_u64(), Some(records - 1));
+    assert_eq!(engine["state_digest"], expected["state_digest"]);
+    assert_eq!(engine["outputs"].as_u64(), Some(records - 1 - marker), "outputs after the marker are all there");
+    assert_eq!(engine["outputs_digest"], expected["outputs_digest"]);
+    assert_eq!(engine["stock"], expected["stock"]);
+    // Older segments were deleted: what remains starts after the snapshot.
+    let segments = std::fs::read_dir(dirs.data.join("ledger").join("shard-000")).unwrap().count();
+    assert!(segments < 6, "{segments} segments left on shard 0 after snapshots");
+    eprintln!("{kills} kills; snapshot at {marker} of {records} records; {segments} segments left");
+}

@@ -25,6 +25,16 @@ pub type StreamTimeMs = u64;
 /// A stable, machine-readable reason for a rejected command (`insufficient_stock`, ...).
 pub type RejectCode = &'static str;
 
+/// A command that breaks a bound checked before evaluation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// Stable, machine-readable code (`quantity_out_of_range`, ...). It becomes the reason of
+    /// the `Malformed` output, so it never depends on the input's bytes.
+    pub code: &'static str,
+    /// For humans (logs, CLI); never part of an output.
+    pub detail: String,
+}
+
 /// What evaluating one command decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -51,8 +61,14 @@ pub trait Domain: Sized + Debug + 'static {
     const MAX_ENTITIES_PER_COMMAND: usize;
 
     /// Checks the bounds that do not depend on state. A failure makes the record a
-    /// `Malformed` output before any entity is read (spec: Usher.MalformedRecordRejected).
-    fn validate(command: &Self::Command) -> Result<(), String>;
+    /// `Malformed` output before any entity is read (spec: Usher.MalformedRecordRejected),
+    /// whose reason is the error's `code`.
+    fn validate(command: &Self::Command) -> Result<(), Invalid>;
+
+    /// Checks one entity state read back from disk (Ledger, snapshot) against the bounds
+    /// that every state the domain produces holds. Recovery refuses a state that fails:
+    /// it is corruption, and evaluating it could break the domain's arithmetic.
+    fn validate_state(key: &Self::EntityKey, state: &Self::State) -> Result<(), String>;
 
     /// Appends the entities `command` touches, without duplicates, in a deterministic
     /// order. The evaluator sees their states in this order.

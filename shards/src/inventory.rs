@@ -13,7 +13,7 @@ use smallvec::SmallVec;
 use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64_with_seed};
 
 use crate::digest::{affinity_hash, CanonicalHasher};
-use crate::domain::{Decision, Domain, StreamTimeMs, Version};
+use crate::domain::{Decision, Domain, Invalid, StreamTimeMs, Version};
 
 /// Highest stock level of one (warehouse, SKU). Keeps every sum in `u64` far from
 /// overflow: 16 components x 10^9 units each still fits.
@@ -26,7 +26,7 @@ pub const MAX_KIT_QTY: u64 = 1_000_000;
 pub const MAX_KIT_COMPONENTS: usize = 16;
 /// Longest warehouse or SKU identifier, in bytes.
 pub const MAX_NAME_BYTES: usize = 64;
-/// Longest adjustment reason, in bytes.
+/// Longest adjustment reason, in bytes (printable ASCII only).
 pub const MAX_REASON_BYTES: usize = 256;
 
 /// Stable reject codes (they reach HTTP answers and Kafka outputs).
@@ -35,6 +35,19 @@ pub mod reject {
     pub const SAME_WAREHOUSE: &str = "same_warehouse";
     pub const STOCK_OVERFLOW: &str = "stock_overflow";
     pub const REASON_REQUIRED: &str = "reason_required";
+}
+
+/// Stable codes of broken command bounds: the reason of a `Malformed` output
+/// (spec: Inventory.BoundsViolationIsMalformed). Never change one.
+pub mod invalid {
+    /// A warehouse or SKU is not 1..=64 bytes of `[A-Za-z0-9._:-]` (spec: Inventory.IdentifierBounds).
+    pub const INVALID_NAME: &str = "invalid_name";
+    /// A quantity, delta or `qty * qty_per_kit` is out of its range (spec: Inventory.QuantityBounds).
+    pub const QUANTITY_OUT_OF_RANGE: &str = "quantity_out_of_range";
+    /// An adjustment reason is too long or not printable ASCII (spec: Inventory.ReasonBound).
+    pub const INVALID_REASON: &str = "invalid_reason";
+    /// A kit's components are empty, too many, repeated or include the kit (spec: Inventory.KitComposition).
+    pub const INVALID_KIT: &str = "invalid_kit";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,15 +151,30 @@ pub enum InventoryEvent {
     KitAssembled { warehouse: String, kit_sku: String, qty: u64 },
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("inventory body does not decode: {0}")]
-pub struct BodyDecodeError(String);
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BodyDecodeError {
+    #[error("inventory body does not decode: {0}")]
+    Invalid(String),
+    /// The bytes decode, but they are not the one encoding of what they decode to (a
+    /// junk prefix, stray bytes in an unused enum payload, ...).
+    #[error("inventory body is not the canonical encoding")]
+    NotCanonical,
+}
+
+/// Appends the one canonical encoding of `record` to `body`.
+fn encode_body(record: &InventoryBodyRef<'_>, body: &mut Vec<u8>) {
+    rkyv::util::with_arena(|arena| {
+        rkyv::api::low::to_bytes_in_with_alloc::<_, _, rkyv::rancor::Error>(record, &mut *body, arena.acquire())
+            .expect("an in-memory body always encodes");
+    });
+}
 
 impl InventoryBody {
     /// Decodes and validates a body produced by [`Inventory::evaluate`]; never panics.
+    /// Only the canonical encoding decodes (spec: Inventory.CanonicalBody).
     pub fn decode(bytes: &[u8]) -> Result<Self, BodyDecodeError> {
         let archived = rkyv::access::<ArchivedInventoryBodyRef<'_>, rkyv::rancor::Error>(bytes)
-            .map_err(|e| BodyDecodeError(e.to_string()))?;
+            .map_err(|e| BodyDecodeError::Invalid(e.to_string()))?;
         let levels: Vec<StockLevel> = archived
             .levels
             .iter()
@@ -156,8 +184,9 @@ impl InventoryBody {
                 qty: l.qty.to_native(),
             })
             .collect();
-        let level =
-            |i: u8| levels.get(i as usize).ok_or_else(|| BodyDecodeError(format!("level index {i} out of range")));
+        let level = |i: u8| {
+            levels.get(i as usize).ok_or_else(|| BodyDecodeError::Invalid(format!("level index {i} out of range")))
+        };
         let event = match archived.event.as_ref() {
             None => None,
             Some(ArchivedInventoryEventRef::StockMoved { from, to, qty }) => {
@@ -187,6 +216,28 @@ impl InventoryBody {
                 })
             }
         };
+        // The owned body drops the level indices, so re-encode from the archive itself.
+        let level_refs: Vec<StockLevelRef<'_>> = archived
+            .levels
+            .iter()
+            .map(|l| StockLevelRef { warehouse: l.warehouse.as_ref(), sku: l.sku.as_ref(), qty: l.qty.to_native() })
+            .collect();
+        let event_ref = archived.event.as_ref().map(|event| match event {
+            ArchivedInventoryEventRef::StockMoved { from, to, qty } => {
+                InventoryEventRef::StockMoved { from: *from, to: *to, qty: qty.to_native() }
+            }
+            ArchivedInventoryEventRef::StockAdjusted { level, delta, reason } => {
+                InventoryEventRef::StockAdjusted { level: *level, delta: delta.to_native(), reason: reason.as_ref() }
+            }
+            ArchivedInventoryEventRef::KitAssembled { kit, qty } => {
+                InventoryEventRef::KitAssembled { kit: *kit, qty: qty.to_native() }
+            }
+        });
+        let mut canonical = Vec::with_capacity(bytes.len());
+        encode_body(&InventoryBodyRef { levels: &level_refs, event: event_ref }, &mut canonical);
+        if canonical != bytes {
+            return Err(BodyDecodeError::NotCanonical);
+        }
         Ok(Self { levels, event })
     }
 }
@@ -195,20 +246,39 @@ impl InventoryBody {
 #[derive(Debug)]
 pub struct Inventory;
 
-fn validate_name(field: &str, value: &str) -> Result<(), String> {
+fn bound_error(code: &'static str, detail: String) -> Invalid {
+    Invalid { code, detail }
+}
+
+// spec: Inventory.IdentifierBounds
+fn validate_name(field: &str, value: &str) -> Result<(), Invalid> {
     if value.is_empty() || value.len() > MAX_NAME_BYTES {
-        return Err(format!("{field} must be 1..={MAX_NAME_BYTES} bytes"));
+        return Err(bound_error(invalid::INVALID_NAME, format!("{field} must be 1..={MAX_NAME_BYTES} bytes")));
     }
     let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-');
     if !value.bytes().all(allowed) {
-        return Err(format!("{field} may only contain A-Z a-z 0-9 . _ : -"));
+        return Err(bound_error(invalid::INVALID_NAME, format!("{field} may only contain A-Z a-z 0-9 . _ : -")));
     }
     Ok(())
 }
 
-fn validate_range(field: &str, value: u64, max: u64) -> Result<(), String> {
+fn validate_range(field: &str, value: u64, max: u64) -> Result<(), Invalid> {
     if value == 0 || value > max {
-        return Err(format!("{field} must be 1..={max}"));
+        return Err(bound_error(invalid::QUANTITY_OUT_OF_RANGE, format!("{field} must be 1..={max}")));
+    }
+    Ok(())
+}
+
+// spec: Inventory.ReasonBound — 0..=256 bytes of printable ASCII.
+fn validate_reason(reason: &str) -> Result<(), Invalid> {
+    if reason.len() > MAX_REASON_BYTES {
+        return Err(bound_error(invalid::INVALID_REASON, format!("reason must be at most {MAX_REASON_BYTES} bytes")));
+    }
+    if !reason.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        return Err(bound_error(
+            invalid::INVALID_REASON,
+            "reason may only contain printable ASCII (0x20..=0x7E)".into(),
+        ));
     }
     Ok(())
 }
@@ -225,11 +295,12 @@ impl Inventory {
                 if from < *qty {
                     return Decision::Rejected(reject::INSUFFICIENT_STOCK);
                 }
-                if to + qty > MAX_STOCK {
+                // spec: Inventory.CheckedArithmetic — a corrupt level must not wrap.
+                let Some(next_to) = to.checked_add(*qty).filter(|next| *next <= MAX_STOCK) else {
                     return Decision::Rejected(reject::STOCK_OVERFLOW);
-                }
+                };
                 states[0] = from - qty;
-                states[1] = to + qty;
+                states[1] = next_to;
             }
             InventoryCommand::Adjust { delta, reason, .. } => {
                 if version >= 2 && reason.is_empty() {
@@ -246,18 +317,21 @@ impl Inventory {
             }
             InventoryCommand::AssembleKit { qty, components, .. } => {
                 // spec: Inventory.AssembleKitAtomic — check every component before changing any.
+                // spec: Inventory.CheckedArithmetic — a need past u64 is more than any stock.
                 for (i, component) in components.iter().enumerate() {
-                    if states[1 + i] < qty * component.qty_per_kit {
-                        return Decision::Rejected(reject::INSUFFICIENT_STOCK);
+                    match qty.checked_mul(component.qty_per_kit) {
+                        Some(need) if need <= states[1 + i] => {}
+                        _ => return Decision::Rejected(reject::INSUFFICIENT_STOCK),
                     }
                 }
-                if states[0] + qty > MAX_STOCK {
+                let Some(next_kit) = states[0].checked_add(*qty).filter(|next| *next <= MAX_STOCK) else {
                     return Decision::Rejected(reject::STOCK_OVERFLOW);
-                }
+                };
                 for (i, component) in components.iter().enumerate() {
+                    // Cannot overflow or underflow: checked in the loop above.
                     states[1 + i] -= qty * component.qty_per_kit;
                 }
-                states[0] += qty;
+                states[0] = next_kit;
             }
         }
         Decision::Accepted
@@ -273,7 +347,8 @@ impl Domain for Inventory {
     const MAX_ENTITIES_PER_COMMAND: usize = 1 + MAX_KIT_COMPONENTS;
 
     // spec: Inventory.QuantityBounds
-    fn validate(command: &InventoryCommand) -> Result<(), String> {
+    // spec: Inventory.BoundsViolationIsMalformed — the first failing check, in field order.
+    fn validate(command: &InventoryCommand) -> Result<(), Invalid> {
         match command {
             InventoryCommand::Transfer { sku, from_warehouse, to_warehouse, qty } => {
                 validate_name("sku", sku)?;
@@ -285,34 +360,54 @@ impl Domain for Inventory {
                 validate_name("sku", sku)?;
                 validate_name("warehouse", warehouse)?;
                 validate_range("|delta|", delta.unsigned_abs(), MAX_MOVEMENT_QTY)?;
-                if reason.len() > MAX_REASON_BYTES {
-                    return Err(format!("reason must be at most {MAX_REASON_BYTES} bytes"));
-                }
-                Ok(())
+                validate_reason(reason)
             }
             InventoryCommand::AssembleKit { warehouse, kit_sku, qty, components } => {
                 validate_name("warehouse", warehouse)?;
                 validate_name("kit_sku", kit_sku)?;
                 validate_range("qty", *qty, MAX_KIT_QTY)?;
+                // spec: Inventory.KitComposition
                 if components.is_empty() || components.len() > MAX_KIT_COMPONENTS {
-                    return Err(format!("components must have 1..={MAX_KIT_COMPONENTS} entries"));
+                    return Err(bound_error(
+                        invalid::INVALID_KIT,
+                        format!("components must have 1..={MAX_KIT_COMPONENTS} entries"),
+                    ));
                 }
                 for (i, component) in components.iter().enumerate() {
                     validate_name("components[].sku", &component.sku)?;
                     validate_range("components[].qty_per_kit", component.qty_per_kit, MAX_KIT_QTY)?;
                     if component.sku == *kit_sku {
-                        return Err("a kit cannot be one of its own components".into());
+                        return Err(bound_error(
+                            invalid::INVALID_KIT,
+                            "a kit cannot be one of its own components".into(),
+                        ));
                     }
                     if components[..i].iter().any(|earlier| earlier.sku == component.sku) {
-                        return Err(format!("component sku {} is listed twice", component.sku));
+                        // The SKU passed validate_name: short, and only [A-Za-z0-9._:-].
+                        return Err(bound_error(
+                            invalid::INVALID_KIT,
+                            format!("component sku {} is listed twice", component.sku),
+                        ));
                     }
-                    if qty * component.qty_per_kit > MAX_MOVEMENT_QTY {
-                        return Err(format!("qty * qty_per_kit must be at most {MAX_MOVEMENT_QTY}"));
+                    if qty.checked_mul(component.qty_per_kit).is_none_or(|need| need > MAX_MOVEMENT_QTY) {
+                        return Err(bound_error(
+                            invalid::QUANTITY_OUT_OF_RANGE,
+                            format!("qty * qty_per_kit must be at most {MAX_MOVEMENT_QTY}"),
+                        ));
                     }
                 }
                 Ok(())
             }
         }
+    }
+
+    // spec: Inventory.RestoredLevelRefused
+    fn validate_state(key: &StockKey, qty: &u64) -> Result<(), String> {
+        if *qty > MAX_STOCK {
+            return Err(format!("stock level {qty} is above the {MAX_STOCK} maximum"));
+        }
+        validate_name("warehouse", &key.warehouse).map_err(|invalid| invalid.detail)?;
+        validate_name("sku", &key.sku).map_err(|invalid| invalid.detail)
     }
 
     fn entities(command: &InventoryCommand, out: &mut Vec<StockKey>) {
@@ -399,11 +494,7 @@ impl Domain for Inventory {
                 Some(InventoryEventRef::KitAssembled { kit: 0, qty: *qty })
             }
         };
-        let record = InventoryBodyRef { levels: &levels, event };
-        rkyv::util::with_arena(|arena| {
-            rkyv::api::low::to_bytes_in_with_alloc::<_, _, rkyv::rancor::Error>(&record, &mut *body, arena.acquire())
-                .expect("an in-memory body always encodes");
-        });
+        encode_body(&InventoryBodyRef { levels: &levels, event }, body);
         decision
     }
 }
@@ -526,6 +617,173 @@ mod tests {
         assert!(Inventory::validate(&kit(vec![c("KIT")])).is_err());
         assert!(Inventory::validate(&kit((0..17).map(|i| c(&format!("C{i}"))).collect())).is_err());
         assert!(Inventory::validate(&kit(vec![c("C1"), c("C2")])).is_ok());
+    }
+
+    fn code(command: &InventoryCommand) -> Result<(), &'static str> {
+        Inventory::validate(command).map_err(|invalid| invalid.code)
+    }
+
+    #[test]
+    fn each_broken_bound_has_its_code() {
+        // spec: Inventory.BoundsViolationIsMalformed
+        // spec: Inventory.IdentifierBounds
+        // spec: Inventory.KitComposition
+        assert_eq!(code(&transfer("S", "A", "B", 0)), Err(invalid::QUANTITY_OUT_OF_RANGE));
+        assert_eq!(code(&transfer("S", "A", "B", MAX_MOVEMENT_QTY + 1)), Err(invalid::QUANTITY_OUT_OF_RANGE));
+        assert_eq!(code(&transfer("", "A", "B", 1)), Err(invalid::INVALID_NAME));
+        assert_eq!(code(&transfer("S", "A/B", "B", 1)), Err(invalid::INVALID_NAME));
+        assert_eq!(code(&transfer("S", "A", &"x".repeat(MAX_NAME_BYTES + 1), 1)), Err(invalid::INVALID_NAME));
+        assert_eq!(code(&transfer(&"x".repeat(MAX_NAME_BYTES), "A", "B", 1)), Ok(()));
+        // Names are checked before quantities: the first failing check gives the code.
+        assert_eq!(code(&transfer("S S", "A", "B", 0)), Err(invalid::INVALID_NAME));
+        let kit = |components: Vec<KitComponent>| InventoryCommand::AssembleKit {
+            warehouse: "A".into(),
+            kit_sku: "KIT".into(),
+            qty: 1,
+            components,
+        };
+        let c = |sku: &str| KitComponent { sku: sku.into(), qty_per_kit: 1 };
+        assert_eq!(code(&kit(vec![])), Err(invalid::INVALID_KIT));
+        assert_eq!(code(&kit(vec![c("C1"), c("C1")])), Err(invalid::INVALID_KIT));
+        assert_eq!(code(&kit(vec![c("KIT")])), Err(invalid::INVALID_KIT));
+        assert_eq!(code(&kit((0..17).map(|i| c(&format!("C{i}"))).collect())), Err(invalid::INVALID_KIT));
+        assert_eq!(code(&kit((0..16).map(|i| c(&format!("C{i}"))).collect())), Ok(()));
+        assert_eq!(code(&kit(vec![c("C 1")])), Err(invalid::INVALID_NAME));
+        let zero = KitComponent { sku: "C1".into(), qty_per_kit: 0 };
+        assert_eq!(code(&kit(vec![zero])), Err(invalid::QUANTITY_OUT_OF_RANGE));
+    }
+
+    #[test]
+    fn kit_qty_times_qty_per_kit_is_bounded() {
+        // spec: Inventory.QuantityBounds — each factor alone is within max_kit_qty; only the
+        // product breaks max_move_qty.
+        let kit = |qty, qty_per_kit| InventoryCommand::AssembleKit {
+            warehouse: "A".into(),
+            kit_sku: "KIT".into(),
+            qty,
+            components: vec![
+                KitComponent { sku: "C1".into(), qty_per_kit: 1 },
+                KitComponent { sku: "C2".into(), qty_per_kit },
+            ],
+        };
+        assert_eq!(MAX_KIT_QTY * 1_000, MAX_MOVEMENT_QTY);
+        assert_eq!(code(&kit(1_000, MAX_KIT_QTY)), Ok(()));
+        assert_eq!(code(&kit(1_001, MAX_KIT_QTY)), Err(invalid::QUANTITY_OUT_OF_RANGE));
+        assert_eq!(code(&kit(MAX_KIT_QTY, 1_001)), Err(invalid::QUANTITY_OUT_OF_RANGE));
+    }
+
+    #[test]
+    fn reason_is_at_most_256_printable_ascii_bytes() {
+        // spec: Inventory.ReasonBound
+        let adjust = |reason: &str| InventoryCommand::Adjust {
+            sku: "S".into(),
+            warehouse: "A".into(),
+            delta: 1,
+            reason: reason.into(),
+        };
+        assert_eq!(code(&adjust(&"r".repeat(MAX_REASON_BYTES))), Ok(()));
+        assert_eq!(code(&adjust(&"r".repeat(MAX_REASON_BYTES + 1))), Err(invalid::INVALID_REASON));
+        assert_eq!(code(&adjust("")), Ok(()), "empty is a bound question only from v2, at evaluation");
+        assert_eq!(code(&adjust("damaged, box 3 (see #12) ~ ok")), Ok(()));
+        for bad in ["a\0b", "line\nbreak", "tab\t", "del\u{7f}", "besch\u{e4}digt", "\u{202e}rtl"] {
+            assert_eq!(code(&adjust(bad)), Err(invalid::INVALID_REASON), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn corrupt_levels_never_wrap() {
+        // spec: Inventory.CheckedArithmetic
+        // spec: Inventory.TransferOverflowRejected
+        // spec: Inventory.AssembleKitOverflowRejected
+        // States as a corrupt disk could restore them: far above MAX_STOCK.
+        let mut states = vec![10, u64::MAX - 1];
+        let (decision, _) = run(1, &transfer("S", "A", "B", 5), &mut states);
+        assert_eq!(decision, Decision::Rejected(reject::STOCK_OVERFLOW));
+        assert_eq!(states, vec![10, u64::MAX - 1]);
+        let kit = InventoryCommand::AssembleKit {
+            warehouse: "A".into(),
+            kit_sku: "KIT".into(),
+            qty: 2,
+            components: vec![KitComponent { sku: "C1".into(), qty_per_kit: 1 }],
+        };
+        let mut states = vec![u64::MAX, 5];
+        assert_eq!(run(1, &kit, &mut states).0, Decision::Rejected(reject::STOCK_OVERFLOW));
+        assert_eq!(states, vec![u64::MAX, 5]);
+        // A need past u64 (never valid, but evaluate must not trust validation) is more than any stock.
+        let greedy = InventoryCommand::AssembleKit {
+            warehouse: "A".into(),
+            kit_sku: "KIT".into(),
+            qty: u64::MAX / 2,
+            components: vec![KitComponent { sku: "C1".into(), qty_per_kit: 3 }],
+        };
+        let mut states = vec![0, u64::MAX];
+        assert_eq!(run(1, &greedy, &mut states).0, Decision::Rejected(reject::INSUFFICIENT_STOCK));
+        assert_eq!(states, vec![0, u64::MAX]);
+    }
+
+    #[test]
+    fn restored_states_are_validated() {
+        // spec: Inventory.RestoredLevelRefused
+        // spec: Inventory.StockBelowMax
+        let key = StockKey::new("WH-A", "SKU-1");
+        assert!(Inventory::validate_state(&key, &0).is_ok());
+        assert!(Inventory::validate_state(&key, &MAX_STOCK).is_ok());
+        let error = Inventory::validate_state(&key, &(MAX_STOCK + 1)).unwrap_err();
+        assert!(error.contains("above"), "{error}");
+        assert!(Inventory::validate_state(&StockKey::new("WH A", "SKU-1"), &1).is_err());
+        assert!(Inventory::validate_state(&StockKey::new("WH-A", ""), &1).is_err());
+        assert!(Inventory::validate_state(&StockKey::new(&"w".repeat(MAX_NAME_BYTES + 1), "S"), &1).is_err());
+    }
+
+    fn encode(levels: &[StockLevelRef<'_>], event: Option<InventoryEventRef<'_>>) -> Vec<u8> {
+        let mut body = Vec::new();
+        encode_body(&InventoryBodyRef { levels, event }, &mut body);
+        body
+    }
+
+    #[test]
+    fn an_event_level_index_out_of_range_is_an_error() {
+        // spec: Inventory.CanonicalBody
+        let levels = [StockLevelRef { warehouse: "A", sku: "S", qty: 1 }];
+        let ok = encode(&levels, Some(InventoryEventRef::KitAssembled { kit: 0, qty: 1 }));
+        assert!(InventoryBody::decode(&ok).is_ok());
+        for event in [
+            InventoryEventRef::StockMoved { from: 0, to: 1, qty: 1 },
+            InventoryEventRef::StockAdjusted { level: 1, delta: 1, reason: "" },
+            InventoryEventRef::KitAssembled { kit: 200, qty: 1 },
+        ] {
+            let bytes = encode(&levels, Some(event));
+            let error = InventoryBody::decode(&bytes).unwrap_err();
+            assert!(error.to_string().contains("out of range"), "{error}");
+        }
+    }
+
+    #[test]
+    fn only_the_canonical_body_decodes() {
+        // spec: Inventory.CanonicalBody
+        let levels =
+            [StockLevelRef { warehouse: "A", sku: "S", qty: 1 }, StockLevelRef { warehouse: "B", sku: "S", qty: 2 }];
+        let bytes = encode(&levels, Some(InventoryEventRef::KitAssembled { kit: 1, qty: 3 }));
+        assert!(InventoryBody::decode(&bytes).is_ok());
+        let mut prefixed = vec![0x5A; 8];
+        prefixed.extend_from_slice(&bytes);
+        assert_eq!(InventoryBody::decode(&prefixed).unwrap_err(), BodyDecodeError::NotCanonical);
+        // KitAssembled is smaller than StockAdjusted, so the event payload has unused bytes
+        // that validation alone would accept whatever they hold.
+        let mut stray = 0;
+        for i in 0..bytes.len() {
+            let mut changed = bytes.clone();
+            changed[i] ^= 0x40;
+            if rkyv::access::<ArchivedInventoryBodyRef<'_>, rkyv::rancor::Error>(&changed).is_ok() {
+                match InventoryBody::decode(&changed) {
+                    Err(BodyDecodeError::NotCanonical) => stray += 1,
+                    Err(BodyDecodeError::Invalid(_)) => {}
+                    // A change that rkyv accepts and that is canonical is a different value.
+                    Ok(decoded) => assert_ne!(decoded, InventoryBody::decode(&bytes).unwrap(), "byte {i}"),
+                }
+            }
+        }
+        assert!(stray > 0, "some byte changes pass rkyv's validation and only the canonical check refuses them");
     }
 
     #[test]

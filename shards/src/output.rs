@@ -140,9 +140,16 @@ pub struct EncodedOutput {
     pub digest: u128,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("output bytes do not decode: {0}")]
-pub struct OutputDecodeError(String);
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OutputDecodeError {
+    #[error("output bytes do not decode: {0}")]
+    Invalid(String),
+    /// The bytes decode, but they are not the one encoding of what they decode to (a
+    /// junk prefix, stray bytes in an unused enum payload, ...). Accepting them would let
+    /// two byte-different copies stand for one output.
+    #[error("output bytes are not the canonical encoding")]
+    NotCanonical,
+}
 
 /// Encodes an output, using `scratch` as the serialiser's buffer.
 pub fn encode_output(
@@ -152,15 +159,20 @@ pub fn encode_output(
     body: &[u8],
     scratch: &mut Vec<u8>,
 ) -> EncodedOutput {
-    let record = OutputRecord { partition, offset, verdict, body };
-    scratch.clear();
-    rkyv::util::with_arena(|arena| {
-        rkyv::api::low::to_bytes_in_with_alloc::<_, _, RkyvError>(&record, &mut *scratch, arena.acquire())
-            .expect("an in-memory output always encodes");
-    });
+    encode_into(partition, offset, verdict, body, scratch);
     let bytes = scratch.as_slice().to_vec();
     let digest = output_digest(&bytes);
     EncodedOutput { partition, offset, bytes, digest }
+}
+
+/// Replaces the contents of `out` with the canonical encoding.
+fn encode_into(partition: u32, offset: u64, verdict: VerdictRef<'_>, body: &[u8], out: &mut Vec<u8>) {
+    let record = OutputRecord { partition, offset, verdict, body };
+    out.clear();
+    rkyv::util::with_arena(|arena| {
+        rkyv::api::low::to_bytes_in_with_alloc::<_, _, RkyvError>(&record, &mut *out, arena.acquire())
+            .expect("an in-memory output always encodes");
+    });
 }
 
 impl Output {
@@ -169,16 +181,23 @@ impl Output {
     }
 
     /// Decodes bytes from outside (a peer, the Ledger), validating them first. Never
-    /// panics, whatever the bytes.
+    /// panics, whatever the bytes. Only the canonical encoding decodes: re-encoding the
+    /// result must give exactly `bytes` (spec: Arbiter.OutputCanonical).
     pub fn decode(bytes: &[u8]) -> Result<Self, OutputDecodeError> {
-        let archived =
-            rkyv::access::<ArchivedOutputRecord<'_>, RkyvError>(bytes).map_err(|e| OutputDecodeError(e.to_string()))?;
-        Ok(Self {
+        let archived = rkyv::access::<ArchivedOutputRecord<'_>, RkyvError>(bytes)
+            .map_err(|e| OutputDecodeError::Invalid(e.to_string()))?;
+        let output = Self {
             partition: archived.partition.to_native(),
             offset: archived.offset.to_native(),
             verdict: Verdict::from_archived(&archived.verdict),
             body: archived.body.as_ref().to_vec(),
-        })
+        };
+        let mut canonical = Vec::with_capacity(bytes.len());
+        encode_into(output.partition, output.offset, output.verdict.as_ref(), &output.body, &mut canonical);
+        if canonical != bytes {
+            return Err(OutputDecodeError::NotCanonical);
+        }
+        Ok(output)
     }
 }
 
@@ -221,6 +240,34 @@ mod tests {
         let mut shifted = vec![0u8];
         shifted.extend_from_slice(&bytes);
         assert_eq!(Output::decode(&shifted[1..]).unwrap(), o);
+    }
+
+    #[test]
+    fn only_the_canonical_encoding_decodes() {
+        // spec: Arbiter.OutputCanonical
+        let output = Output { partition: 1, offset: 2, verdict: Verdict::WardenFull, body: vec![7; 3] };
+        let bytes = output.encode().bytes;
+        assert_eq!(Output::decode(&bytes).unwrap(), output);
+        let mut prefixed = vec![0xC3; 16];
+        prefixed.extend_from_slice(&bytes);
+        assert_eq!(Output::decode(&prefixed).unwrap_err(), OutputDecodeError::NotCanonical);
+        // WardenFull carries no payload, so the bytes reserved for the largest variant's
+        // payload are unused: rkyv's validation accepts any value there.
+        let mut stray = 0;
+        for i in 0..bytes.len() {
+            let mut changed = bytes.clone();
+            changed[i] ^= 0x10;
+            if rkyv::access::<ArchivedOutputRecord<'_>, RkyvError>(&changed).is_ok() {
+                match Output::decode(&changed) {
+                    Err(error) => {
+                        assert_eq!(error, OutputDecodeError::NotCanonical);
+                        stray += 1;
+                    }
+                    Ok(decoded) => assert_ne!(decoded, output, "byte {i}"),
+                }
+            }
+        }
+        assert!(stray > 0, "some byte changes pass rkyv's validation and only the canonical check refuses them");
     }
 
     #[test]

@@ -75,7 +75,7 @@ impl<D: Domain> Reference<D> {
             Ok(envelope) => envelope,
             Err(error) => {
                 p.next_offset += 1;
-                return Ok(output(Verdict::Malformed { reason: error.to_string() }, Vec::new()));
+                return Ok(output(Verdict::Malformed { reason: error.code().to_owned() }, Vec::new()));
             }
         };
         let digest = envelope.payload_digest();

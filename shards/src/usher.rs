@@ -265,7 +265,7 @@ impl<D: Domain> Usher<D> {
         if let (Some(i), None) = (foreign, &plan.halted) {
             let record = &records[i];
             self.halt(
-                record.offset,
+                self.next_offset,
                 format!("a record of partition {} reached the Usher of partition {partition}", record.partition),
             );
             plan.halted = self.halted.clone();
@@ -316,7 +316,8 @@ impl<D: Domain> Usher<D> {
                 Ok(envelope) => envelope,
                 Err(error) => {
                     // spec: Usher.MalformedRecordRejected
-                    outputs.push(self.usher_output(record.offset, Verdict::Malformed { reason: error.to_string() }));
+                    outputs
+                        .push(self.usher_output(record.offset, Verdict::Malformed { reason: error.code().to_owned() }));
                     self.next_offset += 1;
                     last_offset = Some(record.offset);
                     continue;
