@@ -225,6 +225,7 @@ fn print_table(summary: &Summary) {
         println!("  {verdict:<15} {count}");
     }
     println!("state digest     {}", summary.state_digest);
+    println!("outputs digest   {}", summary.outputs_digest);
     match summary.first_disagreement_offset {
         None if summary.reference_agrees => println!("reference        agrees (every output and the final state)"),
         None => println!("reference        DISAGREES on the final state"),

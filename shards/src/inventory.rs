@@ -10,7 +10,7 @@ use rkyv::{Archive, Serialize as RkyvSerialize};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
-use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64_with_seed};
+use xxhash_rust::xxh3::xxh3_128;
 
 use crate::digest::{affinity_hash, CanonicalHasher};
 use crate::domain::{Decision, Domain, Invalid, StreamTimeMs, Version};
@@ -459,11 +459,18 @@ impl Domain for Inventory {
         if *qty == 0 {
             return 0;
         }
-        // Two one-shot hashes chained by seed: each string is hashed whole (so its
-        // length is bound in), the SKU and quantity seed the warehouse's hash. Cheaper
-        // than the streaming canonical hasher on the hottest path of the Registrar.
-        let seed = xxh3_64_with_seed(key.sku.as_bytes(), *qty);
-        xxh3_128_with_seed(key.warehouse.as_bytes(), seed)
+        // spec: Registrar.LevelHash — one xxh3_128 over the canonical bytes (u32 LE
+        // length and bytes of the warehouse, of the SKU, then u64 LE qty), built on the
+        // stack: names are at most 64 bytes, so 144 bytes always fit.
+        let mut bytes = [0u8; 4 + MAX_NAME_BYTES + 4 + MAX_NAME_BYTES + 8];
+        let mut at = 0;
+        for name in [key.warehouse.as_bytes(), key.sku.as_bytes()] {
+            bytes[at..at + 4].copy_from_slice(&(name.len() as u32).to_le_bytes());
+            bytes[at + 4..at + 4 + name.len()].copy_from_slice(name);
+            at += 4 + name.len();
+        }
+        bytes[at..at + 8].copy_from_slice(&qty.to_le_bytes());
+        xxh3_128(&bytes[..at + 8])
     }
 
     fn evaluate(
@@ -784,6 +791,20 @@ mod tests {
             }
         }
         assert!(stray > 0, "some byte changes pass rkyv's validation and only the canonical check refuses them");
+    }
+
+    #[test]
+    fn level_hash_is_xxh3_128_of_the_canonical_bytes() {
+        // spec: Registrar.LevelHash
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&4u32.to_le_bytes());
+        bytes.extend_from_slice(b"WH-1");
+        bytes.extend_from_slice(&5u32.to_le_bytes());
+        bytes.extend_from_slice(b"SKU-9");
+        bytes.extend_from_slice(&42u64.to_le_bytes());
+        assert_eq!(Inventory::entity_digest(&StockKey::new("WH-1", "SKU-9"), &42), xxh3_128(&bytes));
+        let long = "x".repeat(MAX_NAME_BYTES);
+        assert_ne!(Inventory::entity_digest(&StockKey::new(&long, &long), &1), 0);
     }
 
     #[test]
