@@ -59,13 +59,6 @@ const MAX_MS_PER_RECORD: u64 = 86_400_000;
 const MAX_PREALLOCATED_RECORDS: u64 = 1 << 20;
 
 #[derive(Serialize)]
-struct StockRow {
-    warehouse: String,
-    sku: String,
-    qty: u64,
-}
-
-#[derive(Serialize)]
 struct Summary {
     records: u64,
     shards: u16,
@@ -75,7 +68,7 @@ struct Summary {
     first_disagreement_offset: Option<u64>,
     outputs_digest: String,
     elapsed_ms: u128,
-    stock: Vec<StockRow>,
+    stock: Vec<crate::stock_table::StockRow>,
 }
 
 fn read_records(input: &str, ms_per_record: u64) -> anyhow::Result<Vec<Record>> {
@@ -194,11 +187,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .map(|((_, o), out)| (*o, out.digest)),
     );
 
-    let stock: Vec<StockRow> = sim
-        .entities(0)
-        .into_iter()
-        .map(|(key, qty)| StockRow { warehouse: key.warehouse.to_string(), sku: key.sku.to_string(), qty })
-        .collect();
+    let stock = crate::stock_table::rows(sim.entities(0));
     let summary = Summary {
         records: records.len() as u64,
         shards: args.shards,
@@ -232,14 +221,7 @@ fn print_table(summary: &Summary) {
         Some(offset) => println!("reference        DISAGREES from offset {offset}"),
     }
     println!("core time        {} ms (simulated shards on one thread)", summary.elapsed_ms);
-    let total: u128 = summary.stock.iter().map(|r| u128::from(r.qty)).sum();
-    println!("stock            {} (warehouse, sku) levels, {} units in all", summary.stock.len(), total);
-    for row in summary.stock.iter().take(10) {
-        println!("  {:<10} {:<12} {}", row.warehouse, row.sku, row.qty);
-    }
-    if summary.stock.len() > 10 {
-        println!("  ... ({} more; --json prints them all)", summary.stock.len() - 10);
-    }
+    crate::stock_table::print("stock", &summary.stock);
 }
 
 #[cfg(test)]

@@ -28,13 +28,6 @@ pub struct Args {
 }
 
 #[derive(Serialize)]
-struct StockRow {
-    warehouse: String,
-    sku: String,
-    qty: u64,
-}
-
-#[derive(Serialize)]
 struct CutReport {
     shard: u16,
     segment: u64,
@@ -53,7 +46,7 @@ struct Report {
     outputs_digest: String,
     replayed_entries: u64,
     would_cut: Vec<CutReport>,
-    stock: Vec<StockRow>,
+    stock: Vec<crate::stock_table::StockRow>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -82,13 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Outputs at or below a snapshot's marker left with the segments it replaced.
     outputs.retain(|offset, _| watermark.is_some_and(|w| *offset <= w) && snapshot_marker.is_none_or(|m| *offset > m));
 
-    let mut stock: Vec<StockRow> = recovered
-        .arbiters
-        .iter()
-        .flat_map(|a| a.registrar().entities_sorted(0))
-        .map(|(key, qty)| StockRow { warehouse: key.warehouse.to_string(), sku: key.sku.to_string(), qty })
-        .collect();
-    stock.sort_by(|a, b| (&a.sku, &a.warehouse).cmp(&(&b.sku, &b.warehouse)));
+    let stock = crate::stock_table::rows(recovered.arbiters.iter().flat_map(|a| a.registrar().entities_sorted(0)));
     let partition_digest = recovered.arbiters.iter().fold(0u128, |acc, a| acc.wrapping_add(a.registrar().digest(0)));
     let report = Report {
         shards: shard_count,
@@ -125,14 +112,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 cut.shard, cut.segment, cut.position, cut.reason
             );
         }
-        let total: u128 = report.stock.iter().map(|r| u128::from(r.qty)).sum();
-        println!("stock             {} (warehouse, sku) levels, {} units in all", report.stock.len(), total);
-        for row in report.stock.iter().take(10) {
-            println!("  {:<10} {:<12} {}", row.warehouse, row.sku, row.qty);
-        }
-        if report.stock.len() > 10 {
-            println!("  ... ({} more; --json prints them all)", report.stock.len() - 10);
-        }
+        crate::stock_table::print("stock", &report.stock);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -14,6 +14,7 @@ mod local_log;
 mod log_cli;
 mod node;
 mod sample;
+mod stock_table;
 
 use std::process::ExitCode;
 

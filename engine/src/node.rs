@@ -247,25 +247,22 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let ready_at = Instant::now();
     info!(cores = ?config.cores, recovery_ms = recovery_ms as u64, "ready");
 
+    let status = |phase: &'static str| Status {
+        phase,
+        shards: shard_count,
+        durable_watermark: shared.durable_end().checked_sub(1),
+        next_offset: Some(shared.next_offset.load(Ordering::Acquire)),
+        ledger_syncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
+        uptime_ms: started.elapsed().as_millis(),
+        recovery_ms: Some(recovery_ms),
+        records_processed: shared.next_offset.load(Ordering::Acquire) - resume,
+        processing_ms: ready_at.elapsed().as_millis(),
+    };
     let mut last_status = Instant::now() - STATUS_INTERVAL;
     let mut snapshot_parts: BTreeMap<u64, Vec<(Option<ShardId>, u64)>> = BTreeMap::new();
     loop {
         if last_status.elapsed() >= STATUS_INTERVAL {
-            let end = shared.durable_end();
-            write_status(
-                &layout,
-                &Status {
-                    phase: "ready",
-                    shards: shard_count,
-                    durable_watermark: end.checked_sub(1),
-                    next_offset: Some(shared.next_offset.load(Ordering::Acquire)),
-                    ledger_syncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
-                    uptime_ms: started.elapsed().as_millis(),
-                    recovery_ms: Some(recovery_ms),
-                    records_processed: shared.next_offset.load(Ordering::Acquire) - resume,
-                    processing_ms: ready_at.elapsed().as_millis(),
-                },
-            );
+            write_status(&layout, &status("ready"));
             last_status = Instant::now();
         }
         match events_rx.recv_timeout(STATUS_INTERVAL) {
@@ -288,20 +285,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     }
     shared.stop.store(true, Ordering::Release);
     let end = shared.durable_end();
-    write_status(
-        &layout,
-        &Status {
-            phase: "stopped",
-            shards: shard_count,
-            durable_watermark: end.checked_sub(1),
-            next_offset: Some(shared.next_offset.load(Ordering::Acquire)),
-            ledger_syncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
-            uptime_ms: started.elapsed().as_millis(),
-            recovery_ms: Some(recovery_ms),
-            records_processed: shared.next_offset.load(Ordering::Acquire) - resume,
-            processing_ms: ready_at.elapsed().as_millis(),
-        },
-    );
+    write_status(&layout, &status("stopped"));
     info!(durable_watermark = ?end.checked_sub(1), elapsed_ms = started.elapsed().as_millis() as u64, "every record is durable; stopping");
     // Everything is durable; the executors hold nothing that needs a clean shutdown.
     std::process::exit(0);
