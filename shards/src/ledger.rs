@@ -28,7 +28,14 @@ pub enum LedgerRecord<D: Domain> {
     /// The output of one offset, with the states of the entities it changed (empty
     /// unless accepted). A cross-shard event's record lives on its coordinator and
     /// holds every entity the event touched (spec: Ledger.RecordAppended).
-    Entry { partition: u32, offset: u64, output: Vec<u8>, deltas: Vec<(D::EntityKey, D::State)> },
+    Entry {
+        partition: u32,
+        offset: u64,
+        /// As bytes, not a sequence of `u8`: the same postcard encoding, one copy.
+        #[serde(with = "serde_bytes")]
+        output: Vec<u8>,
+        deltas: Vec<(D::EntityKey, D::State)>,
+    },
     /// Every record of the batch ending at `last_offset` is before this one. The home
     /// shard's marker carries the Usher's journal (spec: Ledger.BatchEndMarkerAppended).
     BatchEnd { partition: u32, last_offset: u64, usher: Option<UsherDelta>, snapshot: bool },
@@ -192,6 +199,26 @@ mod tests {
             let start = if record == 0 { 0 } else { ends[record - 1] };
             assert!(matches!(end, ScanEnd::Invalid { position, .. } if position == start), "flip at {i}: {end:?}");
         }
+    }
+
+    #[test]
+    fn output_bytes_encode_like_a_sequence_of_u8() {
+        // The on-disk format is postcard's for a sequence of u8; serde_bytes only
+        // makes writing it faster.
+        #[derive(Serialize)]
+        struct AsSeq {
+            output: Vec<u8>,
+        }
+        #[derive(Serialize)]
+        struct AsBytes {
+            #[serde(with = "serde_bytes")]
+            output: Vec<u8>,
+        }
+        let output: Vec<u8> = (0..=255).collect();
+        assert_eq!(
+            postcard::to_stdvec(&AsSeq { output: output.clone() }).unwrap(),
+            postcard::to_stdvec(&AsBytes { output }).unwrap()
+        );
     }
 
     #[test]
