@@ -368,9 +368,9 @@ mod tests {
     }
 
     #[test]
-    fn stream_time_does_not_go_back_with_an_older_timestamp() {
-        // spec: Usher.StreamTimeIsMaxTimestamp — the caller passes max(ts seen), so an
-        // entry does not outlive its TTL because of a late, older record.
+    fn a_jump_in_stream_time_expires_the_entry_at_once() {
+        // spec: Warden.EntryExpires — the older-timestamp case is the Usher's (it passes
+        // max(ts seen)); see `a_late_older_record_does_not_move_stream_time_back`.
         let mut w = warden(1_000, 10);
         at(&mut w, 0, 0, 7, 1);
         w.advance(1, 2_000);

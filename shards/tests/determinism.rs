@@ -496,3 +496,33 @@ fn digests_do_not_depend_on_delivery_order() {
     assert_ne!(digest, tribunal_shards::registrar::combine_partition_digests(&[]));
     let _ = Inventory::SUPPORTED_VERSIONS;
 }
+
+#[test]
+fn a_late_older_record_does_not_move_stream_time_back() {
+    // spec: Usher.StreamTimeIsMaxTimestamp
+    // spec: Warden.EntryExpires
+    // TTL 1,000 ms. Key k is recorded at t=0; stream time reaches 2,000; then a record
+    // stamped 500 reuses k. Stream time stays 2,000, so k has expired: the reuse is a new
+    // command (accepted), not a replay. Were stream time taken from the late record,
+    // 500 - 0 < 1,000 would make it a replay.
+    let adjust = |key: &str| {
+        Envelope::<Inventory>::domain(
+            key,
+            InventoryCommand::Adjust { sku: "S".into(), warehouse: "W".into(), delta: 1, reason: "r".into() },
+        )
+        .encode()
+    };
+    let log: Vec<Record> = [(0u64, adjust("k")), (2_000, adjust("other")), (500, adjust("k"))]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (timestamp_ms, payload))| Record { partition: 0, offset: i as u64, timestamp_ms, payload })
+        .collect();
+    let warden = WardenConfig { ttl_ms: 1_000, max_entries: 100 };
+    let mut sim = Simulator::<Inventory>::new(SimulatorConfig::new(2, warden, 1));
+    sim.process_batch(&log).unwrap();
+    let verdict = Output::decode(&sim.outputs()[&(0, 2)].bytes).unwrap().verdict;
+    assert_eq!(verdict, Verdict::Accepted { version: 1 });
+    let mut reference = Reference::<Inventory>::new(warden, 1);
+    let expected: Vec<_> = log.iter().map(|r| reference.apply(r).unwrap()).collect();
+    assert_eq!(sim.outputs()[&(0, 2)], expected[2]);
+}
