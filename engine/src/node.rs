@@ -48,6 +48,10 @@ use crate::local_log::LocalLog;
 
 type D = Inventory;
 type Message = ShardMessage<D>;
+/// What travels between shards: the messages for one destination from one step (a
+/// planned batch, or the handling of one inbound wire), in order. One cross-core
+/// handoff per step instead of one per message.
+type Wire = Vec<Message>;
 
 /// Messages a channel between two shards holds before the sender waits.
 const CHANNEL_CAPACITY: usize = 4_096;
@@ -188,8 +192,8 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
 
     // Channels for every ordered pair of distinct shards.
     let n = shard_count as usize;
-    let mut senders: Vec<Vec<Option<SharedSender<Message>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
-    let mut receivers: Vec<Vec<SharedReceiver<Message>>> = (0..n).map(|_| Vec::new()).collect();
+    let mut senders: Vec<Vec<Option<SharedSender<Wire>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+    let mut receivers: Vec<Vec<SharedReceiver<Wire>>> = (0..n).map(|_| Vec::new()).collect();
     for (from, row) in senders.iter_mut().enumerate() {
         for (to, slot) in row.iter_mut().enumerate() {
             if from != to {
@@ -215,6 +219,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         let shard = shard as ShardId;
         let context = ShardContext {
             shard,
+            shard_count,
             layout: layout.clone(),
             arbiter: arbiters[shard as usize].take().expect("one Arbiter per shard"),
             outbound: std::mem::take(&mut senders[shard as usize]),
@@ -321,10 +326,11 @@ fn commit_snapshot(
 
 struct ShardContext {
     shard: ShardId,
+    shard_count: u16,
     layout: Layout,
     arbiter: Arbiter<D>,
-    outbound: Vec<Option<SharedSender<Message>>>,
-    inbound: Vec<SharedReceiver<Message>>,
+    outbound: Vec<Option<SharedSender<Wire>>>,
+    inbound: Vec<SharedReceiver<Wire>>,
     usher: Option<Usher<D>>,
     log: Option<LocalLog>,
     /// On the reader shard (when it is not the Usher's): where decoded batches go.
@@ -351,7 +357,9 @@ struct ShardState {
     shard: ShardId,
     arbiter: Arbiter<D>,
     /// Local queues to the sender tasks, one per other shard.
-    outbound: Vec<Option<LocalSender<Message>>>,
+    outbound: Vec<Option<LocalSender<Wire>>>,
+    /// Messages produced since the last flush, per destination, in order.
+    staged: Vec<Wire>,
     /// Records encoded since the last commit, and the batch-end markers among them.
     pending_bytes: Vec<u8>,
     pending_marks: Vec<(u32, u64)>,
@@ -363,21 +371,35 @@ struct ShardState {
 }
 
 impl ShardState {
+    /// Queues a message for another shard; [`ShardState::flush`] sends what is staged.
+    fn stage(&mut self, to: ShardId, message: Message) {
+        assert!(to != self.shard, "a shard does not message itself");
+        self.staged[to as usize].push(message);
+    }
+
+    /// Hands every staged message to the sender tasks, one wire per destination.
+    fn flush(&mut self) {
+        for (to, staged) in self.staged.iter_mut().enumerate() {
+            if staged.is_empty() {
+                continue;
+            }
+            self.shared.in_flight.fetch_add(staged.len() as u64, Ordering::Relaxed);
+            let queue = self.outbound[to].as_ref().expect("a queue to every other shard");
+            if queue.try_send(std::mem::take(staged)).is_err() {
+                unreachable!("local queues are unbounded and live as long as the shard");
+            }
+        }
+    }
+
     /// Hands a message to the Arbiter and turns its effects into Ledger records and
-    /// messages. Never awaits, so it can run from any task of the shard.
+    /// staged messages. Never awaits, so it can run from any task of the shard.
     fn process(&mut self, message: Message) {
         self.arbiter.handle(message);
         let mut effects = std::mem::take(&mut self.effects);
         effects.extend(self.arbiter.drain_effects());
         for effect in effects.drain(..) {
             match effect {
-                ShardEffect::Send { to, message } => {
-                    self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                    let queue = self.outbound[to as usize].as_ref().expect("a queue to every other shard");
-                    if queue.try_send(message).is_err() {
-                        unreachable!("local queues are unbounded and live as long as the shard");
-                    }
-                }
+                ShardEffect::Send { to, message } => self.stage(to, message),
                 ShardEffect::Output { output, changes } => {
                     let record = LedgerRecord::<D>::Entry {
                         partition: output.partition,
@@ -423,19 +445,20 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
             outbound_queues.push(None);
             continue;
         };
-        let (queue, queue_rx) = local_channel::new_unbounded::<Message>();
+        let (queue, queue_rx) = local_channel::new_unbounded::<Wire>();
         outbound_queues.push(Some(queue));
         let shared = context.shared.clone();
         // Each channel connects in its own task: `connect` waits for the other end,
         // and the other shard connects its ends in its own order.
         glommio::spawn_local(async move {
             let connected = sender.connect().await;
-            while let Some(message) = queue_rx.recv().await {
-                if connected.send(message).await.is_err() {
+            while let Some(wire) = queue_rx.recv().await {
+                let messages = wire.len() as u64;
+                if connected.send(wire).await.is_err() {
                     warn!(from = shard, to, "peer shard channel closed");
                     return;
                 }
-                shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                shared.in_flight.fetch_sub(messages, Ordering::Relaxed);
             }
         })
         .detach();
@@ -444,6 +467,7 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
         shard,
         arbiter: context.arbiter,
         outbound: outbound_queues,
+        staged: (0..context.shard_count).map(|_| Vec::new()).collect(),
         pending_bytes: Vec::with_capacity(1 << 20),
         pending_marks: Vec::new(),
         pending_snapshots: Vec::new(),
@@ -457,8 +481,12 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
         let state = state.clone();
         glommio::spawn_local(async move {
             let receiver = receiver.connect().await;
-            while let Some(message) = receiver.recv().await {
-                state.borrow_mut().process(message);
+            while let Some(wire) = receiver.recv().await {
+                let mut st = state.borrow_mut();
+                for message in wire {
+                    st.process(message);
+                }
+                st.flush();
             }
         })
         .detach();
@@ -666,17 +694,16 @@ async fn usher_loop(
             Ok(plan) => plan,
             Err(halted) => anyhow::bail!("the Usher halted: {halted}"),
         };
-        for (to, message) in plan.messages {
+        {
             let mut st = state.borrow_mut();
-            if to == home {
-                st.process(message);
-            } else {
-                shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                let queue = st.outbound[to as usize].as_ref().expect("a queue to every other shard");
-                if queue.try_send(message).is_err() {
-                    unreachable!("local queues are unbounded and live as long as the shard");
+            for (to, message) in plan.messages {
+                if to == home {
+                    st.process(message);
+                } else {
+                    st.stage(to, message);
                 }
             }
+            st.flush();
         }
         if let (Some(snapshot), Some(marker_offset)) = (&plan.snapshot, plan.last_offset) {
             let path = layout.usher_part_path(0, marker_offset);
