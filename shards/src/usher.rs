@@ -117,6 +117,7 @@ pub struct Usher<D: Domain> {
     halted: Option<Halted>,
     snapshot_requested: bool,
     delta: UsherDelta,
+    keys_scratch: Vec<D::EntityKey>,
 }
 
 impl<D: Domain> Usher<D> {
@@ -133,6 +134,7 @@ impl<D: Domain> Usher<D> {
             halted: None,
             snapshot_requested: false,
             delta: UsherDelta::default(),
+            keys_scratch: Vec::new(),
         }
     }
 
@@ -395,6 +397,68 @@ impl<D: Domain> Usher<D> {
         last_offset: u64,
         snapshot: bool,
     ) -> Vec<(ShardId, ShardMessage<D>)> {
+        let mut messages = match self.dispatch_per_shard(events) {
+            Ok(messages) => messages,
+            Err(events) => self.dispatch_routed(events),
+        };
+        let partition = self.config.partition;
+        let shard_count = self.config.shard_count;
+        let home = home_shard(partition, shard_count);
+        if !decided.is_empty() {
+            messages.push((home, ShardMessage::Decided { outputs: decided }));
+        }
+        // spec: Usher.BatchEndToEveryShard
+        for shard in 0..shard_count {
+            let usher = (shard == home).then(|| std::mem::take(&mut self.delta));
+            messages.push((shard, ShardMessage::BatchEnd { partition, last_offset, usher, snapshot }));
+        }
+        messages
+    }
+
+    /// spec: Usher.ComponentsPerShardWhenNoneSpans — when no event of the batch spans
+    /// shards, each shard's events form one component in log order, without the
+    /// router. Gives the events back when one does span shards.
+    fn dispatch_per_shard(&mut self, events: Vec<Event<D>>) -> Result<Vec<(ShardId, ShardMessage<D>)>, Vec<Event<D>>> {
+        let partition = self.config.partition;
+        let shard_count = self.config.shard_count;
+        let mut keys = std::mem::take(&mut self.keys_scratch);
+        let mut prewarm: Vec<Vec<D::EntityKey>> = vec![Vec::new(); shard_count as usize];
+        let mut shard_of_event: Vec<ShardId> = Vec::with_capacity(events.len());
+        for event in &events {
+            keys.clear();
+            D::entities(&event.command, &mut keys);
+            assert!(!keys.is_empty() && keys.len() <= D::MAX_ENTITIES_PER_COMMAND);
+            let shard = shard_of::<D>(&keys[0], shard_count);
+            if keys[1..].iter().any(|k| shard_of::<D>(k, shard_count) != shard) {
+                self.keys_scratch = keys;
+                return Err(events);
+            }
+            shard_of_event.push(shard);
+            // spec: Usher.PrewarmBeforeDispatch (duplicates are harmless: it is a hint)
+            prewarm[shard as usize].extend(keys.drain(..));
+        }
+        self.keys_scratch = keys;
+        let mut per_shard: Vec<Vec<Event<D>>> = (0..shard_count).map(|_| Vec::new()).collect();
+        for (event, shard) in events.into_iter().zip(shard_of_event) {
+            per_shard[shard as usize].push(event);
+        }
+        let mut messages = Vec::with_capacity(2 * shard_count as usize + 2);
+        for (shard, keys) in prewarm.into_iter().enumerate() {
+            if !keys.is_empty() {
+                messages.push((shard as ShardId, ShardMessage::Prewarm { partition, keys }));
+            }
+        }
+        for (shard, events) in per_shard.into_iter().enumerate() {
+            if let Some(first) = events.first() {
+                let id = ComponentId { partition, first_offset: first.offset };
+                let component = Component { id, placement: Placement::Single(shard as ShardId), events };
+                messages.push((shard as ShardId, ShardMessage::Run(component)));
+            }
+        }
+        Ok(messages)
+    }
+
+    fn dispatch_routed(&mut self, events: Vec<Event<D>>) -> Vec<(ShardId, ShardMessage<D>)> {
         let partition = self.config.partition;
         let shard_count = self.config.shard_count;
         self.router.route(
@@ -444,15 +508,6 @@ impl<D: Domain> Usher<D> {
             messages.push((evaluator, ShardMessage::Run(component)));
         }
 
-        let home = home_shard(partition, shard_count);
-        if !decided.is_empty() {
-            messages.push((home, ShardMessage::Decided { outputs: decided }));
-        }
-        // spec: Usher.BatchEndToEveryShard
-        for shard in 0..shard_count {
-            let usher = (shard == home).then(|| std::mem::take(&mut self.delta));
-            messages.push((shard, ShardMessage::BatchEnd { partition, last_offset, usher, snapshot }));
-        }
         messages
     }
 }
