@@ -102,6 +102,9 @@ pub struct BatchPlan<D: Domain> {
     pub halted: Option<Halted>,
 }
 
+/// Messages for the shards, each with its destination, in order.
+pub type Messages<D> = Vec<(ShardId, ShardMessage<D>)>;
+
 /// The shard that holds a partition's Usher, its decided outputs and its journal.
 pub fn home_shard(partition: u32, shard_count: u16) -> ShardId {
     (partition % u32::from(shard_count)) as ShardId
@@ -418,7 +421,7 @@ impl<D: Domain> Usher<D> {
     /// spec: Usher.ComponentsPerShardWhenNoneSpans — when no event of the batch spans
     /// shards, each shard's events form one component in log order, without the
     /// router. Gives the events back when one does span shards.
-    fn dispatch_per_shard(&mut self, events: Vec<Event<D>>) -> Result<Vec<(ShardId, ShardMessage<D>)>, Vec<Event<D>>> {
+    fn dispatch_per_shard(&mut self, events: Vec<Event<D>>) -> Result<Messages<D>, Vec<Event<D>>> {
         let partition = self.config.partition;
         let shard_count = self.config.shard_count;
         let mut keys = std::mem::take(&mut self.keys_scratch);
