@@ -438,7 +438,7 @@ impl<D: Domain> Usher<D> {
             }
             shard_of_event.push(shard);
             // spec: Usher.PrewarmBeforeDispatch (duplicates are harmless: it is a hint)
-            prewarm[shard as usize].extend(keys.drain(..));
+            prewarm[shard as usize].append(&mut keys);
         }
         self.keys_scratch = keys;
         let mut per_shard: Vec<Vec<Event<D>>> = (0..shard_count).map(|_| Vec::new()).collect();
