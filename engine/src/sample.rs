@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use tribunal_shards::envelope::Envelope;
 use tribunal_shards::inventory::{Inventory, InventoryCommand, KitComponent};
+use tribunal_shards::simulator::SplitMix64;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,19 +31,6 @@ pub struct Args {
 const MAX_SKUS: u64 = 1_000_000;
 const MAX_WAREHOUSES: u64 = 10_000;
 
-/// SplitMix64, so the workload is the same on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % bound
-    }
-}
-
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
@@ -57,7 +45,7 @@ fn write_workload(args: &Args, out: &mut impl Write) -> anyhow::Result<()> {
         (4..=MAX_SKUS).contains(&args.skus) && (2..=MAX_WAREHOUSES).contains(&args.warehouses),
         "need 4..={MAX_SKUS} SKUs and 2..={MAX_WAREHOUSES} warehouses"
     );
-    let mut rng = Rng(args.seed);
+    let mut rng = SplitMix64(args.seed);
     let sku = |i: u64| format!("SKU-{i:05}");
     let warehouse = |i: u64| format!("WH-{i:02}");
     // (key, line) of earlier commands, for duplicate submissions and key reuse.

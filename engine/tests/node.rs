@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use tribunal_shards::simulator::SplitMix64;
+
 fn tribunal() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tribunal"))
 }
@@ -88,18 +90,6 @@ fn assert_matches_reference(dirs: &Dirs) -> serde_json::Value {
     engine
 }
 
-/// SplitMix64, so a failing run can be replayed from its seed.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % bound
-    }
-}
-
 #[test]
 fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     // spec: Recovery.TornTailTruncated
@@ -108,7 +98,7 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     // spec: Ledger.RecordDurableAfterSync
     let dirs = dirs();
     let seed = std::env::var("TRIBUNAL_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     append_sample(&dirs.log, 5_000, 1);
     let mut kills = 0;
     let mut round = 0u64;
@@ -253,7 +243,7 @@ fn snapshots_replace_old_segments_and_recovery_starts_from_them() {
     // spec: Ledger.SegmentsBelowSnapshotDeleted
     // spec: Recovery.SnapshotLoaded
     let dirs = dirs();
-    let mut rng = Rng(11);
+    let mut rng = SplitMix64(11);
     append_sample(&dirs.log, 3_000, 20);
     let spawn = |dirs: &Dirs| {
         tribunal()

@@ -14,20 +14,26 @@ use crate::domain::Domain;
 use crate::ledger::{encode_record, LedgerRecord};
 use crate::output::EncodedOutput;
 use crate::registrar::combine_partition_digests;
-use crate::router::ShardId;
 use crate::usher::{BatchPlan, Decoded, Halted, Record, Usher, UsherConfig};
 use crate::warden::WardenConfig;
 
-/// SplitMix64: tiny, fast, and enough to pick which channel delivers next.
-struct SplitMix64(u64);
+/// SplitMix64: tiny, fast, the same on every machine. Picks which channel delivers
+/// next here; the sample workload and the crash tests draw from it too, so a run
+/// replays from its seed.
+pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// A value in `0..bound`.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound
     }
 }
 
@@ -63,7 +69,6 @@ pub struct Simulator<D: Domain> {
     outputs: BTreeMap<(u32, u64), EncodedOutput>,
     /// Per shard, per partition: the last batch-end marker reached.
     batch_done: Vec<BTreeMap<u32, u64>>,
-    messages_delivered: u64,
     outputs_seen: u64,
     effects_scratch: Vec<ShardEffect<D>>,
     /// Per shard, the Ledger bytes its effects would have written, when recording.
@@ -82,7 +87,6 @@ impl<D: Domain> Simulator<D> {
             rng: SplitMix64(config.seed),
             outputs: BTreeMap::new(),
             batch_done: vec![BTreeMap::new(); n],
-            messages_delivered: 0,
             outputs_seen: 0,
             effects_scratch: Vec::new(),
             ledgers: None,
@@ -207,7 +211,7 @@ impl<D: Domain> Simulator<D> {
             if ready.is_empty() {
                 return delivered;
             }
-            let (usher, channel) = ready[(self.rng.next() % ready.len() as u64) as usize];
+            let (usher, channel) = ready[(self.rng.next_u64() % ready.len() as u64) as usize];
             let (to, message) = match usher {
                 Some(partition) => {
                     let queue = &mut self.usher_channels.get_mut(&partition).expect("ready")[channel];
@@ -215,7 +219,6 @@ impl<D: Domain> Simulator<D> {
                 }
                 None => (channel % n, self.channels[channel].pop_front().expect("ready channel")),
             };
-            self.messages_delivered += 1;
             self.arbiters[to].handle(message);
             let mut effects = std::mem::take(&mut self.effects_scratch);
             effects.extend(self.arbiters[to].drain_effects());
@@ -283,13 +286,5 @@ impl<D: Domain> Simulator<D> {
         let mut all: Vec<_> = self.arbiters.iter().flat_map(|a| a.registrar().entities_sorted(partition)).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
-    }
-
-    pub fn shard_entity_count(&self, shard: ShardId, partition: u32) -> usize {
-        self.arbiters[shard as usize].registrar().entities_sorted(partition).len()
-    }
-
-    pub fn messages_delivered(&self) -> u64 {
-        self.messages_delivered
     }
 }

@@ -318,11 +318,6 @@ impl Warden {
             debug_assert_eq!(self.table.len() as u64, live);
         }
     }
-
-    /// Bytes the table holds on the heap (for the memory benchmark and metrics).
-    pub fn table_bytes(&self) -> usize {
-        self.table.allocation_size() + self.points.capacity() * std::mem::size_of::<TimePoint>()
-    }
 }
 
 #[cfg(test)]
