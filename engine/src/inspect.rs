@@ -55,7 +55,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .read_meta()?
         .with_context(|| format!("{} holds no Tribunal data (no meta.json)", args.data_dir.display()))?;
     let shard_count = meta.shard_count;
-    let snapshot = ledger_io::read_snapshot::<Inventory>(&layout, shard_count).context("loading the snapshot")?;
+    let manifest = ledger_io::read_manifest(&layout, shard_count)?;
+    let snapshot = ledger_io::read_snapshot::<Inventory>(&layout, &manifest).context("loading the snapshot")?;
     let snapshot_marker = snapshot.get(&0).map(|s| s.marker_offset);
     let logs = ledger_io::read_logs::<Inventory>(&layout, shard_count)?;
     let mut outputs: BTreeMap<u64, u128> = BTreeMap::new();

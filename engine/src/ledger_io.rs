@@ -283,13 +283,64 @@ pub fn read_part<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<
     postcard::from_bytes(payload).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// The committed snapshot of partition 0: written last, after every part is durable
-/// (spec: Ledger.SnapshotCommitted).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The committed snapshots, one per partition at most: written last, after every part
+/// is durable, and atomically (spec: Ledger.SnapshotCommitted).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    pub shard_count: u16,
+    pub partitions: Vec<PartitionManifest>,
+}
+
+/// A partition's latest complete snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionManifest {
     pub partition: u32,
     pub marker_offset: u64,
-    pub shard_count: u16,
+    /// Per shard, the first segment started after the marker's batch-end record: every
+    /// earlier segment holds only records of this partition at or below the marker.
+    pub first_kept_segments: Vec<u64>,
+}
+
+impl Manifest {
+    pub fn get(&self, partition: u32) -> Option<&PartitionManifest> {
+        self.partitions.iter().find(|p| p.partition == partition)
+    }
+
+    /// Records `entry` as its partition's snapshot, replacing an older one.
+    pub fn set(&mut self, entry: PartitionManifest) {
+        assert_eq!(entry.first_kept_segments.len(), self.shard_count as usize, "one kept segment per shard");
+        self.partitions.retain(|p| p.partition != entry.partition);
+        self.partitions.push(entry);
+        self.partitions.sort_by_key(|p| p.partition);
+    }
+
+    /// Segments of `shard` below the returned number hold no record that a committed
+    /// snapshot does not cover, so they may be deleted (spec: Ledger.SegmentsBelowSnapshotDeleted).
+    ///
+    /// `next_offsets[p]` is the next offset partition p's Usher will plan (0: it never
+    /// planned one, so p has no records). `published_ends[p]`, when publishing, is one
+    /// past the last output of p on the outputs topic: outputs not yet published must
+    /// stay readable for the restart (spec: Publisher.ResumeFromOutputTopic).
+    pub fn deletable_below(&self, shard: ShardId, next_offsets: &[u64], published_ends: Option<&[u64]>) -> u64 {
+        // Never at or past the newest roll: the segment being written is after it.
+        let mut bound = self.partitions.iter().map(|p| p.first_kept_segments[shard as usize]).max().unwrap_or(0);
+        for (partition, &next_offset) in next_offsets.iter().enumerate() {
+            if next_offset == 0 {
+                continue;
+            }
+            let Some(snapshot) = self.get(partition as u32) else {
+                return 0; // records that no snapshot covers may be anywhere
+            };
+            if published_ends.is_some_and(|ends| ends[partition] <= snapshot.marker_offset) {
+                return 0;
+            }
+            if next_offset == snapshot.marker_offset + 1 {
+                continue; // idle since its snapshot: none of its records is past the marker
+            }
+            bound = bound.min(snapshot.first_kept_segments[shard as usize]);
+        }
+        bound
+    }
 }
 
 impl Layout {
@@ -314,52 +365,106 @@ impl Layout {
     }
 }
 
-/// Loads the committed snapshot, if any (spec: Recovery.SnapshotLoaded). A manifest
+/// Reads the manifest; none yet is an empty one.
+pub fn read_manifest(layout: &Layout, shard_count: u16) -> anyhow::Result<Manifest> {
+    let manifest: Manifest = match fs::read(layout.manifest_path()) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("snapshot manifest: {e}"))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Manifest { shard_count, partitions: Vec::new() }),
+        Err(e) => anyhow::bail!("reading the snapshot manifest: {e}"),
+    };
+    anyhow::ensure!(manifest.shard_count == shard_count, "the snapshot was taken with {} shards", manifest.shard_count);
+    for entry in &manifest.partitions {
+        anyhow::ensure!(
+            entry.first_kept_segments.len() == shard_count as usize,
+            "snapshot manifest: partition {} lists {} shards",
+            entry.partition,
+            entry.first_kept_segments.len()
+        );
+    }
+    Ok(manifest)
+}
+
+/// Loads every partition's committed snapshot (spec: Recovery.SnapshotLoaded). A manifest
 /// whose parts do not read back is an error: never start from partial state
 /// (spec: Recovery.CorruptSnapshotRefused).
 pub fn read_snapshot<D: Domain>(
     layout: &Layout,
-    shard_count: u16,
+    manifest: &Manifest,
 ) -> anyhow::Result<std::collections::BTreeMap<u32, tribunal_shards::recovery::PartitionSnapshot<D>>> {
     let mut snapshots = std::collections::BTreeMap::new();
-    let manifest: Manifest = match fs::read(layout.manifest_path()) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("snapshot manifest: {e}"))?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(snapshots),
-        Err(e) => anyhow::bail!("reading the snapshot manifest: {e}"),
-    };
-    anyhow::ensure!(manifest.shard_count == shard_count, "the snapshot was taken with {} shards", manifest.shard_count);
-    let (p, m) = (manifest.partition, manifest.marker_offset);
-    let usher = read_part(&layout.usher_part_path(p, m))?;
-    let mut entities = Vec::new();
-    for shard in 0..shard_count {
-        let part: Vec<(D::EntityKey, D::State)> = read_part(&layout.shard_part_path(p, m, shard))?;
-        entities.extend(part);
+    for entry in &manifest.partitions {
+        let (p, m) = (entry.partition, entry.marker_offset);
+        let usher = read_part(&layout.usher_part_path(p, m))?;
+        let mut entities = Vec::new();
+        for shard in 0..manifest.shard_count {
+            let part: Vec<(D::EntityKey, D::State)> = read_part(&layout.shard_part_path(p, m, shard))?;
+            entities.extend(part);
+        }
+        snapshots.insert(p, tribunal_shards::recovery::PartitionSnapshot { marker_offset: m, usher, entities });
     }
-    snapshots.insert(p, tribunal_shards::recovery::PartitionSnapshot { marker_offset: m, usher, entities });
     Ok(snapshots)
 }
 
-/// After a manifest is committed: delete the segments each shard finished before the
-/// snapshot and every older snapshot (spec: Ledger.SegmentsBelowSnapshotDeleted).
-pub fn delete_below_snapshot(
-    layout: &Layout,
-    first_kept_segments: &[(ShardId, u64)],
-    manifest: &Manifest,
-) -> io::Result<()> {
-    for &(shard, first_kept) in first_kept_segments {
-        for segment in layout.segments(shard)?.into_iter().filter(|s| *s < first_kept) {
-            fs::remove_file(layout.segment_path(shard, segment))?;
-        }
+/// Deletes the segments of `shard` below `bound` (from [`Manifest::deletable_below`]);
+/// returns how many.
+pub fn delete_segments_below(layout: &Layout, shard: ShardId, bound: u64) -> io::Result<usize> {
+    let doomed: Vec<u64> = layout.segments(shard)?.into_iter().filter(|s| *s < bound).collect();
+    for &segment in &doomed {
+        fs::remove_file(layout.segment_path(shard, segment))?;
+    }
+    if !doomed.is_empty() {
         fs::File::open(layout.shard_dir(shard))?.sync_all()?;
     }
-    // Only older snapshots: a newer one may be being written right now.
-    let prefix = format!("p{}-", manifest.partition);
+    Ok(doomed.len())
+}
+
+/// After `partition`'s snapshot at `marker_offset` is committed: its older snapshots go.
+/// Only older ones: a newer one may be being written right now.
+pub fn delete_older_snapshots(layout: &Layout, partition: u32, marker_offset: u64) -> io::Result<()> {
+    let prefix = format!("p{partition}-");
     for entry in fs::read_dir(layout.snapshots_dir())? {
         let path = entry?.path();
         let marker = path.file_name().and_then(|n| n.to_str()?.strip_prefix(&prefix)?.parse::<u64>().ok());
-        if path.is_dir() && marker.is_some_and(|m| m < manifest.marker_offset) {
+        if path.is_dir() && marker.is_some_and(|m| m < marker_offset) {
             fs::remove_dir_all(&path)?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(entries: &[(u32, u64, [u64; 2])]) -> Manifest {
+        let mut manifest = Manifest { shard_count: 2, partitions: Vec::new() };
+        for &(partition, marker_offset, kept) in entries {
+            manifest.set(PartitionManifest { partition, marker_offset, first_kept_segments: kept.to_vec() });
+        }
+        manifest
+    }
+
+    #[test]
+    fn deletion_stops_at_the_partition_whose_records_are_least_covered() {
+        // spec: Ledger.SegmentsBelowSnapshotDeleted
+        let m = manifest(&[(0, 99, [5, 3]), (1, 49, [2, 4])]);
+        assert_eq!(m.deletable_below(0, &[150, 80], None), 2);
+        assert_eq!(m.deletable_below(1, &[150, 80], None), 3);
+    }
+
+    #[test]
+    fn a_partition_idle_since_its_snapshot_or_without_records_does_not_hold_deletion_back() {
+        let m = manifest(&[(0, 99, [5, 3]), (1, 49, [2, 4])]);
+        assert_eq!(m.deletable_below(0, &[150, 50], None), 5, "partition 1 has nothing past its marker");
+        assert_eq!(m.deletable_below(0, &[150, 80, 0], None), 2, "partition 2 never had a record");
+    }
+
+    #[test]
+    fn records_without_a_snapshot_or_unpublished_outputs_block_deletion() {
+        let m = manifest(&[(0, 99, [5, 3])]);
+        assert_eq!(m.deletable_below(0, &[150, 7], None), 0, "partition 1 has records and no snapshot");
+        assert_eq!(m.deletable_below(0, &[150], Some(&[99])), 0, "the marker's output is not published");
+        assert_eq!(m.deletable_below(0, &[150], Some(&[100])), 5);
+        assert_eq!(Manifest::default().deletable_below(0, &[], None), 0);
+    }
 }

@@ -1,9 +1,12 @@
 //! `tribunal log`: append commands to an input log, and print its records.
 //!
-//! `append` is how commands get into a `local:DIR` log until the Gateway exists: one
-//! envelope per line, the same bytes Kafka will carry. The whole input is one batch, so a
-//! bad line means nothing is appended and the input can be fixed and appended again
-//! without duplicating its good lines.
+//! `append` is how commands get into a log until the Gateway exists: one envelope per
+//! line, the same bytes on the local log and on Kafka. Every line is checked before
+//! anything is appended, so a bad line means nothing is appended and the input can be
+//! fixed and appended again without duplicating its good lines. On the local log the
+//! whole input is one atomic batch. Kafka has no transactions here, so a broker failure
+//! part-way leaves a prefix appended; appending the same input again is then safe,
+//! because each line carries an idempotency key and repeated keys become replays.
 
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
@@ -41,9 +44,15 @@ enum LogCommand {
 
 #[derive(clap::Args)]
 struct AppendArgs {
-    /// The input log: `local:DIR` (created if missing). `kafka:BROKERS` is not supported yet.
+    /// The input log: `local:DIR` (created if missing) or `kafka:HOST:PORT[,..]` (topics
+    /// created if missing).
     #[arg(long, value_parser = parse_log)]
-    log: PathBuf,
+    log: LogArg,
+    #[command(flatten)]
+    kafka: crate::KafkaArgs,
+    /// Kafka: put every record in this partition, instead of choosing by idempotency key.
+    #[arg(long)]
+    partition: Option<u32>,
     /// File of one command envelope per line, or `-` for standard input.
     #[arg(default_value = "-")]
     input: String,
@@ -59,10 +68,15 @@ struct AppendArgs {
 
 #[derive(clap::Args)]
 struct ReadArgs {
-    /// The input log: `local:DIR`.
+    /// The input log: `local:DIR` or `kafka:HOST:PORT[,..]`.
     #[arg(long, value_parser = parse_log)]
-    log: PathBuf,
-    /// First offset to print.
+    log: LogArg,
+    /// Kafka: the topic to read (default: the commands topic); the outputs topic works too.
+    #[arg(long)]
+    topic: Option<String>,
+    #[command(flatten)]
+    kafka: crate::KafkaArgs,
+    /// First offset to print (of every partition, on Kafka).
     #[arg(long, default_value_t = 0)]
     from: u64,
 }
@@ -75,13 +89,20 @@ struct ReadLine<'a> {
     payload: &'a str,
 }
 
-/// `local:DIR` is the only log this build has.
-fn parse_log(value: &str) -> Result<PathBuf, String> {
+#[derive(Debug, Clone)]
+enum LogArg {
+    Local(PathBuf),
+    /// The whole `kafka:..` argument.
+    Kafka(String),
+}
+
+fn parse_log(value: &str) -> Result<LogArg, String> {
     match value.split_once(':') {
-        Some(("local", dir)) if !dir.is_empty() => Ok(PathBuf::from(dir)),
+        Some(("local", dir)) if !dir.is_empty() => Ok(LogArg::Local(PathBuf::from(dir))),
         Some(("local", _)) => Err("expected local:DIR, with a directory after the colon".into()),
-        Some(("kafka", _)) => Err("the Kafka log is not supported yet; use --log local:DIR".into()),
-        _ => Err(format!("unknown log {value:?}: expected local:DIR")),
+        Some(("kafka", _)) if crate::kafka_log::parse_brokers(value).is_some() => Ok(LogArg::Kafka(value.into())),
+        Some(("kafka", _)) => Err("expected kafka:HOST:PORT[,HOST:PORT..]".into()),
+        _ => Err(format!("unknown log {value:?}: expected local:DIR or kafka:HOST:PORT[,..]")),
     }
 }
 
@@ -132,7 +153,7 @@ fn append(args: AppendArgs) -> anyhow::Result<ExitCode> {
             }
         }
         batch_size_bytes += RECORD_HEADER_SIZE_BYTES + line.len() as u64;
-        if batch_size_bytes > MAX_BATCH_SIZE_BYTES {
+        if matches!(args.log, LogArg::Local(_)) && batch_size_bytes > MAX_BATCH_SIZE_BYTES {
             anyhow::bail!(
                 "{} holds more than {MAX_BATCH_SIZE_BYTES} bytes of records, the most one append takes; \
                  split it (nothing was appended)",
@@ -151,20 +172,52 @@ fn append(args: AppendArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("{} malformed line(s) in {}; nothing was appended", malformed.len(), args.input);
     }
 
-    let log = LocalLog::open_with(&args.log, args.segment_max_size_bytes)?;
-    let offsets = log.append(&payloads)?;
     let mut out = BufWriter::new(std::io::stdout().lock());
-    for offset in offsets {
-        writeln!(out, "{offset}")?;
+    match &args.log {
+        LogArg::Local(dir) => {
+            anyhow::ensure!(args.partition.is_none(), "--partition is for Kafka; the local log has one partition");
+            let log = LocalLog::open_with(dir, args.segment_max_size_bytes)?;
+            for offset in log.append(&payloads)? {
+                writeln!(out, "{offset}")?;
+            }
+        }
+        LogArg::Kafka(spec) => {
+            let config = args.kafka.config(spec)?;
+            // The idempotency key is the Kafka key: retries of a key reach the same
+            // partition, so the same Warden (spec: KafkaLog.AppendIdempotent).
+            let keyed: Vec<(Option<String>, Vec<u8>)> = payloads
+                .into_iter()
+                .map(|payload| (Envelope::<Inventory>::decode(&payload).ok().map(|e| e.key), payload))
+                .collect();
+            for (partition, offset) in crate::kafka_log::append(&config, &keyed, args.partition)? {
+                writeln!(out, "{partition}:{offset}")?;
+            }
+        }
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn read(args: ReadArgs) -> anyhow::Result<ExitCode> {
+    let dir = match &args.log {
+        LogArg::Local(dir) => dir,
+        LogArg::Kafka(spec) => {
+            let config = args.kafka.config(spec)?;
+            let topic = args.topic.as_deref().unwrap_or(&config.commands_topic);
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            crate::kafka_log::read_topic(&config.brokers, topic, args.from, |record| {
+                serde_json::to_writer(&mut out, &record)?;
+                writeln!(out)?;
+                Ok(())
+            })?;
+            out.flush()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    anyhow::ensure!(args.topic.is_none(), "--topic is for Kafka");
     // Reading must not create a log where there was none.
-    anyhow::ensure!(args.log.is_dir(), "no log at {}", args.log.display());
-    let log = LocalLog::open(&args.log)?;
+    anyhow::ensure!(dir.is_dir(), "no log at {}", dir.display());
+    let log = LocalLog::open(dir)?;
     let end_offset = log.end_offset()?;
     let mut reader = log.reader(args.from)?;
     let mut out = BufWriter::new(std::io::stdout().lock());

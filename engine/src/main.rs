@@ -1,18 +1,21 @@
 //! `tribunal`: the engine binary.
 //!
-//! What exists today is the deterministic core (issue 2): `evaluate` runs a command
-//! log through it on simulated shards and cross-checks the result against the
-//! sequential reference interpreter; `sample` writes a workload to feed it. The
-//! running engine (`run`, the local log, the Ledger, federation, HTTP) arrives with
-//! the later issues; the help text says only what is here.
+//! `run` is one instance: recovery from its Ledger, then pinned glommio shards reading
+//! the local log or Kafka, and (Kafka) publishing outputs. `log` appends to and reads
+//! either log; `inspect` shows what a data directory recovers to; `evaluate` runs a log
+//! through the core on simulated shards against the reference interpreter; `sample`
+//! writes a workload. Federation and HTTP arrive with later issues; the help text says
+//! only what is here.
 
 mod cores;
 mod evaluate;
 mod inspect;
+mod kafka_log;
 mod ledger_io;
 mod local_log;
 mod log_cli;
 mod node;
+mod output_json;
 mod sample;
 mod stock_table;
 
@@ -26,10 +29,10 @@ use clap::{Parser, Subcommand};
     version,
     about = "Tribunal: deterministic event sourcing for inventory movements",
     long_about = "Tribunal: deterministic event sourcing for inventory movements.\n\n\
-        This build contains the deterministic sans-IO core only: `evaluate` runs a log of \
-        JSON-lines commands through the Usher, Warden, router and per-shard Arbiters in one \
-        process and checks the result against the sequential reference interpreter. \
-        There is no durable storage, network or HTTP yet."
+        `run` processes a command log (the embedded `local:DIR` log, or Kafka) on pinned \
+        shards with a durable Ledger, recovers after any crash, and with Kafka publishes \
+        every output to the outputs topic. `evaluate` checks a log against the sequential \
+        reference interpreter. Federation between instances and HTTP are not built yet."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -52,9 +55,17 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The input log: `local:DIR` (the embedded log).
+    /// The input log: `local:DIR` (the embedded log) or `kafka:HOST:PORT[,HOST:PORT..]`.
     #[arg(long)]
     log: String,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// This instance's name: tells instances apart in logs and Kafka client ids.
+    #[arg(long, default_value = "1")]
+    instance_id: String,
+    /// Publish outputs to the outputs topic (Kafka). Only the publisher instance should.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    publish: bool,
     /// Where the Ledger and status live.
     #[arg(long)]
     data_dir: std::path::PathBuf,
@@ -67,13 +78,45 @@ struct RunArgs {
     /// Idempotency TTL in stream-time milliseconds.
     #[arg(long, default_value_t = tribunal_shards::warden::WardenConfig::default().ttl_ms)]
     ttl_ms: u64,
-    /// Take a snapshot every this many records, so that recovery replays at most that
-    /// many from the Ledger; older segments are deleted (0: never).
+    /// Take a snapshot of a partition every this many of its records, so that recovery
+    /// replays at most that many from the Ledger; older segments are deleted (0: never).
     #[arg(long, default_value_t = 1_000_000)]
     snapshot_every: u64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+}
+
+/// Kafka options shared by `run` and `log`.
+#[derive(clap::Args, Clone)]
+pub struct KafkaArgs {
+    /// The input topic.
+    #[arg(long, default_value = kafka_log::DEFAULT_COMMANDS_TOPIC)]
+    commands_topic: String,
+    /// Where outputs are published, keyed by input partition and offset.
+    #[arg(long, default_value = kafka_log::DEFAULT_OUTPUTS_TOPIC)]
+    outputs_topic: String,
+    /// Partitions of the topics, if they must be created (each is an ordering domain).
+    #[arg(long, default_value_t = 1)]
+    kafka_partitions: u32,
+    /// Replication factor of the topics, if they must be created.
+    #[arg(long, default_value_t = 1)]
+    kafka_replication_factor: u16,
+}
+
+impl KafkaArgs {
+    pub fn config(&self, log: &str) -> anyhow::Result<kafka_log::KafkaConfig> {
+        let Some(brokers) = kafka_log::parse_brokers(log) else {
+            anyhow::bail!("--log {log:?}: expected local:DIR or kafka:HOST:PORT[,HOST:PORT..]");
+        };
+        Ok(kafka_log::KafkaConfig {
+            brokers: brokers.to_string(),
+            commands_topic: self.commands_topic.clone(),
+            outputs_topic: self.outputs_topic.clone(),
+            partitions: self.kafka_partitions,
+            replication_factor: self.kafka_replication_factor,
+        })
+    }
 }
 
 fn run_node(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -86,13 +129,16 @@ fn run_node(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         subscriber.init();
     }
-    let Some(log_dir) = args.log.strip_prefix("local:") else {
-        anyhow::bail!("--log {:?}: only local:DIR is supported (Kafka arrives later)", args.log);
+    let log = match args.log.strip_prefix("local:") {
+        Some(dir) if !dir.is_empty() => node::LogSource::Local(dir.into()),
+        _ => node::LogSource::Kafka(args.kafka.config(&args.log)?),
     };
     anyhow::ensure!(args.ttl_ms > 0, "--ttl-ms must be positive");
     let cores = cores::select(args.cores.as_deref())?;
     node::run(node::NodeConfig {
-        log_dir: log_dir.into(),
+        log,
+        instance_id: args.instance_id,
+        publish: args.publish,
         data_dir: args.data_dir,
         cores,
         warden: tribunal_shards::warden::WardenConfig { ttl_ms: args.ttl_ms, ..Default::default() },

@@ -1,25 +1,27 @@
 //! One running instance: recovery, then one pinned glommio executor per shard.
 //!
-//! Start-up: the data directory is checked, every shard's Ledger is read and
-//! recovered (std IO, before any shard runs), cuts are applied, and only then are the
-//! shards started. Until every shard has started the instance reports `recovering`
-//! in `status.json` (spec: Recovery.RecoveryCompletes; nothing is advertised before).
+//! Start-up: the data directory is checked; with Kafka, the topics are ensured and how far
+//! the outputs topic got is read; every shard's Ledger is read and recovered (std IO,
+//! before any shard runs), cuts are applied, and only then are the shards started. Until
+//! every shard has started the instance reports `recovering` in `status.json`
+//! (spec: Recovery.RecoveryCompletes; nothing is advertised before).
 //!
 //! Per shard, on its own core:
 //! - one receiver task per inbound channel: `Arbiter::handle`, then effects;
 //! - one sender task per outbound channel, draining a local unbounded queue. Receiver
 //!   tasks never await a bounded send, so two shards with full channels towards each
-//!   other cannot deadlock; the Usher's backpressure bounds what is in flight;
+//!   other cannot deadlock; the Ushers' backpressure bounds what is in flight;
 //! - one Ledger task: whatever records accumulated since its last commit are written
 //!   and made durable with one fdatasync (group commit), then the shard's durable
-//!   watermark advances to the batch-end markers among them;
-//! - on the home shard, the Usher task tails the input log and plans batches.
+//!   watermarks advance to the batch-end markers among them, and (Kafka) the outputs
+//!   that became durable go to the publisher thread;
+//! - one Usher task per partition whose home shard it is (spec: KafkaLog.PartitionIsOrderingDomain).
 //!
-//! Shards talk only through glommio's shared-nothing channels. The durable watermark
-//! of each shard is also published in an atomic, read only for status and shutdown.
+//! Shards talk only through glommio's shared-nothing channels. Durable watermarks are
+//! also published in atomics, read for status, snapshots and shutdown.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::rc::Rc;
@@ -39,11 +41,12 @@ use tribunal_shards::inventory::Inventory;
 use tribunal_shards::ledger::{encode_record, LedgerRecord};
 use tribunal_shards::recovery::recover;
 use tribunal_shards::router::ShardId;
-use tribunal_shards::usher::{Decoded, Record, Usher, UsherConfig};
+use tribunal_shards::usher::{home_shard, Decoded, Record, Usher, UsherConfig};
 use tribunal_shards::warden::WardenConfig;
 
 use crate::cores;
-use crate::ledger_io::{self, Layout, SegmentWriter};
+use crate::kafka_log::{self, DurableOutput, Feed, KafkaConfig, KafkaShared};
+use crate::ledger_io::{self, Layout, Manifest, PartitionManifest, SegmentWriter};
 use crate::local_log::LocalLog;
 
 type D = Inventory;
@@ -57,21 +60,32 @@ type Wire = Vec<Message>;
 const CHANNEL_CAPACITY: usize = 4_096;
 /// Most records the Usher plans as one batch.
 pub const MAX_BATCH_RECORDS: usize = 4_096;
-/// The Usher stops reading while this many messages it sent are not yet delivered.
+/// The Ushers stop reading while this many messages they sent are not yet delivered.
 const MAX_IN_FLIGHT_MESSAGES: u64 = 64 * 1_024;
 /// How often `status.json` is rewritten.
 const STATUS_INTERVAL: Duration = Duration::from_millis(200);
 /// How long the Usher waits before polling an idle log again.
 const IDLE_POLL: Duration = Duration::from_millis(1);
 
+/// The input log.
+pub enum LogSource {
+    /// The embedded log: one partition.
+    Local(PathBuf),
+    Kafka(KafkaConfig),
+}
+
 pub struct NodeConfig {
-    pub log_dir: PathBuf,
+    pub log: LogSource,
+    pub instance_id: String,
+    /// Publish outputs to the outputs topic (Kafka only; spec: Publisher.OnlyPublisherInstanceWrites).
+    pub publish: bool,
     pub data_dir: PathBuf,
     pub cores: Vec<usize>,
     pub warden: WardenConfig,
-    /// Exit once every record in the log when the Usher last found none is durable.
+    /// Exit once every partition's records, up to where its Usher last found the end,
+    /// are durable (and, when publishing, published).
     pub stop_at_end: bool,
-    /// Take a snapshot every this many records (0: never).
+    /// Take a snapshot of a partition every this many of its records (0: never).
     pub snapshot_every: u64,
 }
 
@@ -79,11 +93,18 @@ pub struct NodeConfig {
 #[derive(Debug, Serialize)]
 struct Status {
     phase: &'static str,
+    /// Recovered, and (Kafka) the broker answers (spec: KafkaLog.BrokerLossRetries).
+    ready: bool,
     shards: u16,
-    /// Highest offset durable on every shard; absent before recovery completes
-    /// (spec: Recovery.NoWatermarkBeforeReady) or while nothing is durable.
+    /// Partition 0's, the default partition's; every partition's is in `partitions`.
+    /// Absent before recovery completes (spec: Recovery.NoWatermarkBeforeReady) or while
+    /// nothing is durable.
     durable_watermark: Option<u64>,
     next_offset: Option<u64>,
+    partitions: Vec<PartitionStatus>,
+    /// Kafka only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker_connected: Option<bool>,
     ledger_syncs: u64,
     uptime_ms: u128,
     /// Time from start to ready: reading and replaying the Ledger, cutting, starting shards.
@@ -93,30 +114,62 @@ struct Status {
     processing_ms: u128,
 }
 
+#[derive(Debug, Serialize)]
+struct PartitionStatus {
+    partition: u32,
+    durable_watermark: Option<u64>,
+    next_offset: u64,
+    /// The last offset whose output the broker acknowledged on the outputs topic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    published_watermark: Option<Option<u64>>,
+}
+
 /// Shared between the executors and the main thread: published watermarks (durable
 /// offset + 1, 0 = none), sync counts and the stop flag.
 struct Shared {
+    partitions: u32,
+    /// Index `shard * partitions + partition`.
     durable: Vec<AtomicU64>,
     syncs: Vec<AtomicU64>,
-    next_offset: AtomicU64,
+    /// Per partition, the next offset its Usher will plan.
+    next_offset: Vec<AtomicU64>,
     in_flight: AtomicU64,
     stop: AtomicBool,
+    /// Set when publishing to Kafka.
+    kafka: Option<Arc<KafkaShared>>,
 }
 
 impl Shared {
-    /// Instance durable watermark (+1): the minimum over shards (spec: Ledger.InstanceDurableWatermark).
-    fn durable_end(&self) -> u64 {
-        self.durable.iter().map(|d| d.load(Ordering::Acquire)).min().unwrap_or(0)
+    /// Instance durable watermark (+1) of `partition`: the minimum over shards
+    /// (spec: Ledger.InstanceDurableWatermark).
+    fn durable_end(&self, partition: u32) -> u64 {
+        let p = self.partitions as usize;
+        self.durable.iter().skip(partition as usize).step_by(p).map(|d| d.load(Ordering::Acquire)).min().unwrap_or(0)
+    }
+
+    fn next_offsets(&self) -> Vec<u64> {
+        self.next_offset.iter().map(|n| n.load(Ordering::Acquire)).collect()
+    }
+
+    fn publishing(&self) -> Option<&KafkaShared> {
+        self.kafka.as_deref()
+    }
+
+    fn published_ends(&self) -> Option<Vec<u64>> {
+        self.publishing().map(|k| k.published_end.iter().map(|e| e.load(Ordering::Acquire)).collect())
     }
 }
 
 enum Event {
     Started,
     Failed(ShardId, String),
-    Finished,
-    /// A snapshot part at `marker_offset` is durable: the Usher's (`shard` None) or a
-    /// shard's, whose segments before `first_kept_segment` hold only records <= marker.
+    /// The partition's Usher reached the end with everything durable (`--stop-at-end`).
+    Finished(u32),
+    /// A snapshot part of `partition` at `marker_offset` is durable: the Usher's (`shard`
+    /// None) or a shard's, whose segments before `first_kept_segment` hold only records
+    /// of the partition at or below the marker.
     SnapshotPart {
+        partition: u32,
         marker_offset: u64,
         shard: Option<ShardId>,
         first_kept_segment: u64,
@@ -134,34 +187,72 @@ fn write_status(layout: &Layout, status: &Status) {
     }
 }
 
+/// What the Kafka set-up found before recovery.
+struct KafkaStart {
+    config: KafkaConfig,
+    partitions: u32,
+    /// Per partition, one past the last output on the outputs topic (publishing only).
+    published_ends: Option<Vec<u64>>,
+}
+
 pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let shard_count = config.cores.len() as u16;
     cores::check_memlock(config.cores.len())?;
     let layout = Layout::new(&config.data_dir);
     layout.prepare(shard_count)?;
-    let log =
-        LocalLog::open(&config.log_dir).with_context(|| format!("opening the log {}", config.log_dir.display()))?;
-    write_status(
-        &layout,
-        &Status {
-            phase: "recovering",
-            shards: shard_count,
-            durable_watermark: None,
-            next_offset: None,
-            ledger_syncs: 0,
-            uptime_ms: 0,
-            recovery_ms: None,
-            records_processed: 0,
-            processing_ms: 0,
-        },
-    );
+    let recovering = Status {
+        phase: "recovering",
+        ready: false,
+        shards: shard_count,
+        durable_watermark: None,
+        next_offset: None,
+        partitions: Vec::new(),
+        broker_connected: None,
+        ledger_syncs: 0,
+        uptime_ms: 0,
+        recovery_ms: None,
+        records_processed: 0,
+        processing_ms: 0,
+    };
+    write_status(&layout, &recovering);
+
+    let (local_log, kafka) = match config.log {
+        LogSource::Local(dir) => {
+            let log = LocalLog::open(&dir).with_context(|| format!("opening the log {}", dir.display()))?;
+            (Some(log), None)
+        }
+        LogSource::Kafka(kafka) => {
+            // spec: KafkaLog.TopicsEnsured — waits (retrying) while the broker is away.
+            info!(brokers = %kafka.brokers, topic = %kafka.commands_topic, "connecting to Kafka");
+            let partitions = kafka_log::ensure_topics(&kafka, None)?;
+            let published_ends = if config.publish {
+                Some(kafka_log::read_published_ends(&kafka, partitions).context("reading the outputs topic")?)
+            } else {
+                None
+            };
+            info!(partitions, published_ends = ?published_ends, "Kafka topics ready");
+            (None, Some(KafkaStart { config: kafka, partitions, published_ends }))
+        }
+    };
+    let partitions = kafka.as_ref().map_or(1, |k| k.partitions);
 
     // spec: Recovery.RecoveryStarts .. Recovery.WardenRebuilt
-    info!(shards = shard_count, data_dir = %config.data_dir.display(), "recovering");
-    let snapshot = ledger_io::read_snapshot::<D>(&layout, shard_count).context("loading the snapshot")?;
-    let snapshot_marker = snapshot.get(&0).map(|s| s.marker_offset);
+    info!(shards = shard_count, partitions, data_dir = %config.data_dir.display(), "recovering");
+    let mut manifest = ledger_io::read_manifest(&layout, shard_count)?;
+    let snapshot = ledger_io::read_snapshot::<D>(&layout, &manifest).context("loading the snapshot")?;
     let logs = ledger_io::read_logs::<D>(&layout, shard_count)?;
+    // Outputs the outputs topic may lack: the publisher offers them again first.
+    let mut from_ledger: Vec<DurableOutput> = Vec::new();
+    if let Some(ends) = kafka.as_ref().and_then(|k| k.published_ends.as_ref()) {
+        for scanned in logs.iter().flat_map(|l| &l.segments).flat_map(|s| &s.records) {
+            if let LedgerRecord::Entry { partition, offset, output, .. } = &scanned.record {
+                if ends.get(*partition as usize).is_some_and(|end| offset >= end) {
+                    from_ledger.push(DurableOutput { partition: *partition, offset: *offset, bytes: output.clone() });
+                }
+            }
+        }
+    }
     let mut recovered = recover(shard_count, usher_config(shard_count, config.warden), logs, snapshot)
         .context("recovering the Ledger")?;
     for cut in &recovered.cuts {
@@ -170,25 +261,49 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         ledger_io::apply_cut(&layout, cut)
             .with_context(|| format!("cutting shard {} at {}", cut.shard, cut.position))?;
     }
-    let watermark = recovered.watermarks.get(&0).copied();
-    let usher = recovered.ushers.remove(&0).unwrap_or_else(|| Usher::new(usher_config(shard_count, config.warden)(0)));
-    let resume = watermark.map_or(0, |w| w + 1);
-    assert_eq!(usher.next_offset(), resume, "the Usher resumes right after the durable watermark");
+    if let Some(&stray) = recovered.ushers.keys().find(|p| **p >= partitions) {
+        anyhow::bail!(
+            "the Ledger holds partition {stray}, but the log has only {partitions}: wrong topic or data dir?"
+        );
+    }
+    let mut ushers = Vec::with_capacity(partitions as usize);
+    let mut resume = Vec::with_capacity(partitions as usize);
+    for partition in 0..partitions {
+        let watermark = recovered.watermarks.get(&partition).copied();
+        let usher = recovered
+            .ushers
+            .remove(&partition)
+            .unwrap_or_else(|| Usher::new(usher_config(shard_count, config.warden)(partition)));
+        let next = watermark.map_or(0, |w| w + 1);
+        // spec: KafkaLog.StartFromLedger
+        assert_eq!(usher.next_offset(), next, "the Usher resumes right after the durable watermark");
+        resume.push(next);
+        ushers.push(usher);
+    }
+    // Outputs past the durable watermark were cut with their records.
+    from_ledger.retain(|o| o.offset < resume[o.partition as usize]);
+    from_ledger.sort_by_key(|o| (o.partition, o.offset));
     info!(
-        snapshot_marker = ?snapshot_marker,
-        durable_watermark = ?watermark,
+        snapshot_markers = ?manifest.partitions.iter().map(|p| (p.partition, p.marker_offset)).collect::<Vec<_>>(),
+        resume_offsets = ?resume,
         replayed_entries = recovered.replayed_entries,
+        republish = from_ledger.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
-        "recovered; resuming the log at offset {resume}"
+        "recovered"
     );
 
+    let kafka_shared = kafka.as_ref().and_then(|k| k.published_ends.as_deref()).map(|e| Arc::new(KafkaShared::new(e)));
     let shared = Arc::new(Shared {
-        durable: (0..shard_count).map(|_| AtomicU64::new(resume)).collect(),
+        partitions,
+        durable: (0..shard_count).flat_map(|_| resume.iter().map(|&r| AtomicU64::new(r))).collect(),
         syncs: (0..shard_count).map(|_| AtomicU64::new(0)).collect(),
-        next_offset: AtomicU64::new(resume),
+        next_offset: resume.iter().map(|&r| AtomicU64::new(r)).collect(),
         in_flight: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        kafka: kafka_shared.clone(),
     });
+    // With Kafka but not publishing, a KafkaShared still carries readiness and failures.
+    let source_shared = kafka.as_ref().map(|_| kafka_shared.clone().unwrap_or_else(|| Arc::new(KafkaShared::new(&[]))));
 
     // Channels for every ordered pair of distinct shards.
     let n = shard_count as usize;
@@ -204,16 +319,35 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         }
     }
 
-    let (events_tx, events_rx) = mpsc::channel::<Event>();
-    let mut arbiters: Vec<Option<Arbiter<D>>> = recovered.arbiters.into_iter().map(Some).collect();
-    let mut usher = Some(usher);
-    // The log is read and its JSON decoded on the last shard when there are several:
-    // decoding is a third of the Usher's shard's time otherwise (measured), and that
-    // shard is the one that bounds throughput.
-    let mut log = Some(log);
-    let (decoded_tx, decoded_rx) = shared_channel::new_bounded::<Vec<Decoded<D>>>(DECODED_BATCHES_IN_FLIGHT);
-    let (mut decoded_tx, mut decoded_rx) = (Some(decoded_tx), Some(decoded_rx));
+    // Where each Usher's records come from.
+    let mut usher_sources: Vec<Vec<(Usher<D>, SourceSpec)>> = (0..n).map(|_| Vec::new()).collect();
+    let mut feeds = Vec::new();
+    // The local log is read and its JSON decoded on the last shard when there are
+    // several: decoding is a third of the Usher's shard's time otherwise (measured), and
+    // that shard is the one that bounds throughput.
     let reader_shard = shard_count - 1;
+    let mut reader_log = None;
+    for (partition, usher) in ushers.into_iter().enumerate() {
+        let home = home_shard(partition as u32, shard_count);
+        let spec = match &local_log {
+            Some(log) if reader_shard == home => SourceSpec::Local(log.reader(resume[partition])?),
+            Some(log) => {
+                let (tx, rx) = shared_channel::new_bounded::<Vec<Decoded<D>>>(DECODED_BATCHES_IN_FLIGHT);
+                reader_log = Some((log.reader(resume[partition])?, tx));
+                SourceSpec::Remote(rx)
+            }
+            None => {
+                let (tx, rx) = mpsc::sync_channel::<Feed>(kafka_log::FEED_BATCHES_IN_FLIGHT);
+                feeds.push(tx);
+                SourceSpec::Kafka(rx)
+            }
+        };
+        usher_sources[home as usize].push((usher, spec));
+    }
+
+    let (events_tx, events_rx) = mpsc::channel::<Event>();
+    let (outputs_tx, outputs_rx) = mpsc::channel::<Vec<DurableOutput>>();
+    let mut arbiters: Vec<Option<Arbiter<D>>> = recovered.arbiters.into_iter().map(Some).collect();
     let mut handles = Vec::new();
     for (shard, core) in config.cores.iter().copied().enumerate() {
         let shard = shard as ShardId;
@@ -224,11 +358,9 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             arbiter: arbiters[shard as usize].take().expect("one Arbiter per shard"),
             outbound: std::mem::take(&mut senders[shard as usize]),
             inbound: std::mem::take(&mut receivers[shard as usize]),
-            usher: if shard == 0 { usher.take() } else { None },
-            log: if shard == reader_shard { log.take() } else { None },
-            decoded_tx: if shard == reader_shard && shard != 0 { decoded_tx.take() } else { None },
-            decoded_rx: if shard == 0 && reader_shard != 0 { decoded_rx.take() } else { None },
-            resume,
+            ushers: std::mem::take(&mut usher_sources[shard as usize]),
+            reader: if shard == reader_shard { reader_log.take() } else { None },
+            outputs: shared.publishing().map(|_| outputs_tx.clone()),
             shared: shared.clone(),
             events: events_tx.clone(),
             stop_at_end: config.stop_at_end,
@@ -247,6 +379,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         handles.push(handle);
     }
     drop(events_tx);
+    drop(outputs_tx);
 
     // Start-up handshake: a shard that fails to start stops the process.
     let mut running = 0;
@@ -254,44 +387,93 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         match events_rx.recv() {
             Ok(Event::Started) => running += 1,
             Ok(Event::Failed(shard, error)) => anyhow::bail!("shard {shard} failed to start: {error}"),
-            Ok(Event::Finished | Event::SnapshotPart { .. }) => {}
+            Ok(Event::Finished(_) | Event::SnapshotPart { .. }) => {}
             Err(_) => anyhow::bail!("the shards stopped during start-up"),
         }
+    }
+    if let (Some(start), Some(source_shared)) = (&kafka, &source_shared) {
+        if let (Some(ends), Some(kafka_shared)) = (&start.published_ends, &kafka_shared) {
+            kafka_log::spawn_publisher(
+                &start.config,
+                ends,
+                std::mem::take(&mut from_ledger),
+                resume.clone(),
+                outputs_rx,
+                kafka_shared.clone(),
+            )?;
+        }
+        kafka_log::spawn_source(&start.config, &config.instance_id, resume.clone(), feeds, source_shared.clone())?;
     }
     let recovery_ms = started.elapsed().as_millis();
     let ready_at = Instant::now();
     info!(cores = ?config.cores, recovery_ms = recovery_ms as u64, "ready");
 
-    let status = |phase: &'static str| Status {
-        phase,
-        shards: shard_count,
-        durable_watermark: shared.durable_end().checked_sub(1),
-        next_offset: Some(shared.next_offset.load(Ordering::Acquire)),
-        ledger_syncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
-        uptime_ms: started.elapsed().as_millis(),
-        recovery_ms: Some(recovery_ms),
-        records_processed: shared.next_offset.load(Ordering::Acquire) - resume,
-        processing_ms: ready_at.elapsed().as_millis(),
+    let status = |phase: &'static str| {
+        let next_offsets = shared.next_offsets();
+        let published = shared.published_ends();
+        let broker_connected = source_shared.as_ref().map(|k| k.broker_connected.load(Ordering::Relaxed));
+        let partitions: Vec<PartitionStatus> = (0..shared.partitions)
+            .map(|p| PartitionStatus {
+                partition: p,
+                durable_watermark: shared.durable_end(p).checked_sub(1),
+                next_offset: next_offsets[p as usize],
+                published_watermark: published.as_ref().map(|e| e[p as usize].checked_sub(1)),
+            })
+            .collect();
+        Status {
+            phase,
+            ready: phase == "ready" && broker_connected != Some(false),
+            shards: shard_count,
+            durable_watermark: partitions[0].durable_watermark,
+            next_offset: Some(next_offsets[0]),
+            partitions,
+            broker_connected,
+            ledger_syncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
+            uptime_ms: started.elapsed().as_millis(),
+            recovery_ms: Some(recovery_ms),
+            records_processed: next_offsets.iter().zip(&resume).map(|(n, r)| n - r).sum(),
+            processing_ms: ready_at.elapsed().as_millis(),
+        }
     };
     let mut last_status = Instant::now() - STATUS_INTERVAL;
-    let mut snapshot_parts: BTreeMap<u64, Vec<(Option<ShardId>, u64)>> = BTreeMap::new();
+    let mut snapshot_parts: BTreeMap<(u32, u64), Vec<(Option<ShardId>, u64)>> = BTreeMap::new();
+    let mut finished: BTreeSet<u32> = BTreeSet::new();
+    // Deletion waits for publication, so it is retried until nothing is left to delete.
+    let mut deletion_pending = !manifest.partitions.is_empty();
     loop {
         if last_status.elapsed() >= STATUS_INTERVAL {
             write_status(&layout, &status("ready"));
             last_status = Instant::now();
+            if let Some(failure) = source_shared.as_ref().and_then(|k| k.failure()) {
+                anyhow::bail!("{failure}");
+            }
+            if deletion_pending {
+                deletion_pending = delete_covered_segments(&layout, &manifest, &shared)?;
+            }
         }
-        match events_rx.recv_timeout(STATUS_INTERVAL) {
+        if finished.len() == partitions as usize {
+            // spec: KafkaLog.AtEndForStopAtEnd — and everything durable is published.
+            let published = shared.published_ends();
+            if published.is_none_or(|ends| ends.iter().enumerate().all(|(p, e)| *e >= shared.durable_end(p as u32))) {
+                break;
+            }
+        }
+        let wait = if finished.len() == partitions as usize { Duration::from_millis(10) } else { STATUS_INTERVAL };
+        match events_rx.recv_timeout(wait) {
             Ok(Event::Failed(shard, error)) => {
                 error!(shard, "{error}");
                 anyhow::bail!("shard {shard} failed: {error}");
             }
-            Ok(Event::Finished) => break,
-            Ok(Event::SnapshotPart { marker_offset, shard, first_kept_segment }) => {
-                let parts = snapshot_parts.entry(marker_offset).or_default();
+            Ok(Event::Finished(partition)) => {
+                finished.insert(partition);
+            }
+            Ok(Event::SnapshotPart { partition, marker_offset, shard, first_kept_segment }) => {
+                let parts = snapshot_parts.entry((partition, marker_offset)).or_default();
                 parts.push((shard, first_kept_segment));
                 if parts.len() == n + 1 {
-                    commit_snapshot(&layout, shard_count, marker_offset, parts)?;
-                    snapshot_parts.retain(|m, _| *m > marker_offset);
+                    commit_snapshot(&layout, &mut manifest, partition, marker_offset, parts)?;
+                    snapshot_parts.retain(|(p, m), _| *p != partition || *m > marker_offset);
+                    deletion_pending = delete_covered_segments(&layout, &manifest, &shared)?;
                 }
             }
             Ok(Event::Started) | Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -299,29 +481,51 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         }
     }
     shared.stop.store(true, Ordering::Release);
-    let end = shared.durable_end();
     write_status(&layout, &status("stopped"));
-    info!(durable_watermark = ?end.checked_sub(1), elapsed_ms = started.elapsed().as_millis() as u64, "every record is durable; stopping");
+    let watermarks: Vec<Option<u64>> = (0..partitions).map(|p| shared.durable_end(p).checked_sub(1)).collect();
+    info!(durable_watermarks = ?watermarks, elapsed_ms = started.elapsed().as_millis() as u64, "every record is durable; stopping");
     // Everything is durable; the executors hold nothing that needs a clean shutdown.
     std::process::exit(0);
 }
 
-/// Every part of the snapshot at `marker_offset` is durable: commit the manifest, then
-/// delete what it covers (spec: Ledger.SnapshotCommitted, Ledger.SegmentsBelowSnapshotDeleted).
+/// Every part of `partition`'s snapshot at `marker_offset` is durable: commit the
+/// manifest, then delete older snapshots of the partition (spec: Ledger.SnapshotCommitted).
 fn commit_snapshot(
     layout: &Layout,
-    shard_count: u16,
+    manifest: &mut Manifest,
+    partition: u32,
     marker_offset: u64,
     parts: &[(Option<ShardId>, u64)],
 ) -> anyhow::Result<()> {
-    let manifest = ledger_io::Manifest { partition: 0, marker_offset, shard_count };
-    ledger_io::write_atomically(&layout.manifest_path(), &serde_json::to_vec_pretty(&manifest)?)
+    let mut first_kept_segments = vec![0; manifest.shard_count as usize];
+    for (shard, first_kept) in parts {
+        if let Some(shard) = shard {
+            first_kept_segments[*shard as usize] = *first_kept;
+        }
+    }
+    manifest.set(PartitionManifest { partition, marker_offset, first_kept_segments });
+    ledger_io::write_atomically(&layout.manifest_path(), &serde_json::to_vec_pretty(manifest)?)
         .context("writing the snapshot manifest")?;
-    let first_kept: Vec<(ShardId, u64)> =
-        parts.iter().filter_map(|(shard, first)| shard.map(|s| (s, *first))).collect();
-    ledger_io::delete_below_snapshot(layout, &first_kept, &manifest).context("deleting segments below the snapshot")?;
-    info!(marker_offset, "snapshot committed; older segments deleted");
+    ledger_io::delete_older_snapshots(layout, partition, marker_offset).context("deleting older snapshots")?;
+    info!(partition, marker_offset, "snapshot committed");
     Ok(())
+}
+
+/// Deletes what the committed snapshots cover (spec: Ledger.SegmentsBelowSnapshotDeleted).
+/// Returns whether a later pass might delete more (publication still behind a marker).
+fn delete_covered_segments(layout: &Layout, manifest: &Manifest, shared: &Shared) -> anyhow::Result<bool> {
+    let next_offsets = shared.next_offsets();
+    let published = shared.published_ends();
+    let mut waiting = false;
+    for shard in 0..manifest.shard_count {
+        let bound = manifest.deletable_below(shard, &next_offsets, published.as_deref());
+        let deleted = ledger_io::delete_segments_below(layout, shard, bound).context("deleting segments")?;
+        if deleted > 0 {
+            info!(shard, deleted, below = bound, "deleted Ledger segments the snapshots cover");
+        }
+        waiting |= published.is_some() && bound == 0;
+    }
+    Ok(waiting)
 }
 
 struct ShardContext {
@@ -331,13 +535,13 @@ struct ShardContext {
     arbiter: Arbiter<D>,
     outbound: Vec<Option<SharedSender<Wire>>>,
     inbound: Vec<SharedReceiver<Wire>>,
-    usher: Option<Usher<D>>,
-    log: Option<LocalLog>,
-    /// On the reader shard (when it is not the Usher's): where decoded batches go.
-    decoded_tx: Option<SharedSender<Vec<Decoded<D>>>>,
-    /// On the Usher's shard (when another shard reads): where they come from.
-    decoded_rx: Option<SharedReceiver<Vec<Decoded<D>>>>,
-    resume: u64,
+    /// The Ushers of the partitions whose home this shard is, and where each one reads.
+    ushers: Vec<(Usher<D>, SourceSpec)>,
+    /// On the local log's reader shard, when it is not the Usher's: the reader, and where
+    /// decoded batches go.
+    reader: Option<(crate::local_log::LocalLogReader, SharedSender<Vec<Decoded<D>>>)>,
+    /// When publishing: where outputs go once durable (spec: Publisher.OnlyDurableOutputs).
+    outputs: Option<mpsc::Sender<Vec<DurableOutput>>>,
     shared: Arc<Shared>,
     events: mpsc::Sender<Event>,
     stop_at_end: bool,
@@ -347,6 +551,7 @@ struct ShardContext {
 /// A snapshot this shard owes: its entities as of the marker, and where the marker's
 /// batch-end record ends in the pending bytes.
 struct PendingSnapshot {
+    partition: u32,
     marker_offset: u64,
     entities: Vec<(<D as tribunal_shards::domain::Domain>::EntityKey, u64)>,
     end_in_pending_bytes: usize,
@@ -364,6 +569,8 @@ struct ShardState {
     pending_bytes: Vec<u8>,
     pending_marks: Vec<(u32, u64)>,
     pending_snapshots: Vec<PendingSnapshot>,
+    /// When publishing: outputs among the pending records.
+    pending_outputs: Option<Vec<DurableOutput>>,
     doorbell: LocalSender<()>,
     doorbell_rung: bool,
     effects: Vec<ShardEffect<D>>,
@@ -401,6 +608,13 @@ impl ShardState {
             match effect {
                 ShardEffect::Send { to, message } => self.stage(to, message),
                 ShardEffect::Output { output, changes } => {
+                    if let Some(outputs) = &mut self.pending_outputs {
+                        outputs.push(DurableOutput {
+                            partition: output.partition,
+                            offset: output.offset,
+                            bytes: output.bytes.clone(),
+                        });
+                    }
                     let record = LedgerRecord::<D>::Entry {
                         partition: output.partition,
                         offset: output.offset,
@@ -417,6 +631,7 @@ impl ShardState {
                     self.pending_marks.push((partition, last_offset));
                     if let Some(entities) = snapshot {
                         self.pending_snapshots.push(PendingSnapshot {
+                            partition,
                             marker_offset: last_offset,
                             entities,
                             end_in_pending_bytes: self.pending_bytes.len(),
@@ -471,6 +686,7 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
         pending_bytes: Vec::with_capacity(1 << 20),
         pending_marks: Vec::new(),
         pending_snapshots: Vec::new(),
+        pending_outputs: context.outputs.as_ref().map(|_| Vec::new()),
         doorbell,
         doorbell_rung: false,
         effects: Vec::new(),
@@ -497,10 +713,12 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     let shared = context.shared.clone();
     let events = context.events.clone();
     let layout = context.layout.clone();
+    let outputs_tx = context.outputs.clone();
     glommio::spawn_local(async move {
         let mut bytes = Vec::with_capacity(1 << 20);
         let mut marks = Vec::new();
         let mut snapshots = Vec::new();
+        let mut outputs = Vec::new();
         while doorbell_rx.recv().await.is_some() {
             {
                 let mut st = ledger_state.borrow_mut();
@@ -508,6 +726,9 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
                 std::mem::swap(&mut bytes, &mut st.pending_bytes);
                 std::mem::swap(&mut marks, &mut st.pending_marks);
                 std::mem::swap(&mut snapshots, &mut st.pending_snapshots);
+                if let Some(pending) = &mut st.pending_outputs {
+                    std::mem::swap(&mut outputs, pending);
+                }
             }
             if bytes.is_empty() {
                 continue;
@@ -521,11 +742,12 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
                 result = async {
                     writer.commit(&bytes[committed..pending.end_in_pending_bytes]).await?;
                     committed = pending.end_in_pending_bytes;
-                    let path = layout.shard_part_path(0, pending.marker_offset, shard);
+                    let path = layout.shard_part_path(pending.partition, pending.marker_offset, shard);
                     std::fs::create_dir_all(path.parent().expect("parts live in a directory"))?;
                     ledger_io::write_part(&path, &pending.entities)?;
                     writer.roll().await?;
                     let part = Event::SnapshotPart {
+                        partition: pending.partition,
                         marker_offset: pending.marker_offset,
                         shard: Some(shard),
                         first_kept_segment: writer.segment(),
@@ -547,19 +769,26 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
             }
             bytes.clear();
             shared.syncs[shard as usize].store(writer.syncs, Ordering::Relaxed);
-            // spec: Ledger.ShardDurableWatermark — only the local log's partition 0 today.
-            if let Some(&(_, last_offset)) = marks.iter().rev().find(|(partition, _)| *partition == 0) {
-                shared.durable[shard as usize].store(last_offset + 1, Ordering::Release);
+            // spec: Ledger.ShardDurableWatermark — per partition; markers are in order.
+            for &(partition, last_offset) in &marks {
+                let index = shard as usize * shared.partitions as usize + partition as usize;
+                shared.durable[index].store(last_offset + 1, Ordering::Release);
             }
             marks.clear();
+            // spec: Publisher.OnlyDurableOutputs
+            if let Some(tx) = &outputs_tx {
+                if !outputs.is_empty() && tx.send(std::mem::take(&mut outputs)).is_err() {
+                    let _ = events.send(Event::Failed(shard, "the publisher thread is gone".into()));
+                    return;
+                }
+            }
         }
     })
     .detach();
 
     let _ = context.events.send(Event::Started);
 
-    if let (Some(log), Some(tx)) = (context.log.as_ref(), context.decoded_tx) {
-        let reader = log.reader(context.resume).context("opening a reader on the log")?;
+    if let Some((reader, tx)) = context.reader {
         let shared = context.shared.clone();
         let events = context.events.clone();
         glommio::spawn_local(async move {
@@ -569,35 +798,54 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
         })
         .detach();
     }
-    match context.usher {
-        Some(usher) => {
-            let options = UsherOptions { stop_at_end: context.stop_at_end, snapshot_every: context.snapshot_every };
-            let source = match (context.log, context.decoded_rx) {
-                (Some(log), _) => {
-                    Source::Local(log.reader(usher.next_offset()).context("opening a reader on the log")?)
-                }
-                (None, Some(rx)) => Source::Remote(rx.connect().await),
-                (None, None) => unreachable!("the Usher reads the log or receives it decoded"),
-            };
-            usher_loop(usher, source, state, context.shared, context.events, context.layout, options).await
-        }
-        None => {
-            // Other shards only react to messages; park until the process exits.
-            while !context.shared.stop.load(Ordering::Acquire) {
-                glommio::timer::sleep(Duration::from_millis(50)).await;
+    let options = UsherOptions { stop_at_end: context.stop_at_end, snapshot_every: context.snapshot_every };
+    let mut tasks = Vec::new();
+    for (usher, spec) in context.ushers {
+        let source = match spec {
+            SourceSpec::Local(reader) => Source::Local(reader),
+            SourceSpec::Remote(rx) => Source::Remote(rx.connect().await),
+            SourceSpec::Kafka(rx) => Source::Kafka { rx, at_end: false },
+        };
+        let (state, shared, events, layout) =
+            (state.clone(), context.shared.clone(), context.events.clone(), context.layout.clone());
+        tasks.push(glommio::spawn_local(async move {
+            if let Err(error) = usher_loop(usher, source, state, shared, events.clone(), layout, options).await {
+                let _ = events.send(Event::Failed(shard, format!("{error:#}")));
             }
-            Ok(())
-        }
+        }));
     }
+    for task in tasks {
+        task.await;
+    }
+    // The shard now only reacts to messages; park until the process exits.
+    while !context.shared.stop.load(Ordering::Acquire) {
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// Decoded batches in flight from the reader shard to the Usher's.
 const DECODED_BATCHES_IN_FLIGHT: usize = 4;
 
-/// Where the Usher's records come from: read here, or read and decoded on another shard.
+/// Where an Usher will read, as handed to its shard.
+enum SourceSpec {
+    /// The local log, read and decoded on the Usher's own shard.
+    Local(crate::local_log::LocalLogReader),
+    /// The local log, read and decoded on the reader shard.
+    Remote(SharedReceiver<Vec<Decoded<D>>>),
+    /// A Kafka partition, fed by the source thread (spec: KafkaLog.BridgeNeverBlocksExecutor).
+    Kafka(mpsc::Receiver<Feed>),
+}
+
+/// Where the Usher's records come from.
 enum Source {
     Local(crate::local_log::LocalLogReader),
     Remote(glommio::channels::shared_channel::ConnectedReceiver<Vec<Decoded<D>>>),
+    Kafka {
+        rx: mpsc::Receiver<Feed>,
+        /// The last word from the source thread was "end of partition".
+        at_end: bool,
+    },
 }
 
 impl Source {
@@ -610,7 +858,33 @@ impl Source {
                 Ok(decode(records))
             }
             Source::Remote(rx) => rx.recv().await.context("the reader shard stopped"),
+            // Never blocks: the source thread may be waiting for the broker.
+            Source::Kafka { rx, at_end } => match rx.try_recv() {
+                Ok(Feed::Batch(batch)) => {
+                    *at_end = false;
+                    Ok(batch)
+                }
+                Ok(Feed::AtEnd) => {
+                    *at_end = true;
+                    Ok(Vec::new())
+                }
+                Err(mpsc::TryRecvError::Empty) => Ok(Vec::new()),
+                Err(mpsc::TryRecvError::Disconnected) => anyhow::bail!("the Kafka source thread stopped"),
+            },
         }
+    }
+
+    /// Whether an empty batch means the log's end (rather than "nothing fetched yet").
+    fn at_end(&self) -> bool {
+        match self {
+            Source::Local(_) | Source::Remote(_) => true,
+            Source::Kafka { at_end, .. } => *at_end,
+        }
+    }
+
+    /// Whether the Usher should sleep after an empty batch (a remote source already waited).
+    fn polls(&self) -> bool {
+        !matches!(self, Source::Remote(_))
     }
 }
 
@@ -647,12 +921,13 @@ async fn read_and_decode(
     Ok(())
 }
 
+#[derive(Clone, Copy)]
 struct UsherOptions {
     stop_at_end: bool,
     snapshot_every: u64,
 }
 
-/// The Usher's IO shell: tail the local log, plan, dispatch.
+/// An Usher's IO shell: take batches from its source, plan, dispatch.
 async fn usher_loop(
     mut usher: Usher<D>,
     mut source: Source,
@@ -663,6 +938,7 @@ async fn usher_loop(
     options: UsherOptions,
 ) -> anyhow::Result<()> {
     let UsherOptions { stop_at_end, snapshot_every } = options;
+    let partition = usher.partition();
     let mut last_snapshot = usher.next_offset();
     let mut records: Vec<Record> = Vec::with_capacity(MAX_BATCH_RECORDS);
     let home = state.borrow().shard;
@@ -670,17 +946,20 @@ async fn usher_loop(
         if shared.stop.load(Ordering::Acquire) {
             return Ok(());
         }
-        if shared.in_flight.load(Ordering::Relaxed) > MAX_IN_FLIGHT_MESSAGES {
+        // spec: Publisher.BoundedBacklog
+        let unpublished = shared.publishing().map_or(0, |k| k.unpublished.load(Ordering::Relaxed));
+        if shared.in_flight.load(Ordering::Relaxed) > MAX_IN_FLIGHT_MESSAGES || unpublished > kafka_log::MAX_UNPUBLISHED
+        {
             glommio::timer::sleep(Duration::from_micros(200)).await;
             continue;
         }
         let batch = source.next(&mut records).await?;
         if batch.is_empty() {
-            if stop_at_end && shared.durable_end() >= usher.next_offset() {
-                let _ = events.send(Event::Finished);
+            if stop_at_end && source.at_end() && shared.durable_end(partition) >= usher.next_offset() {
+                let _ = events.send(Event::Finished(partition));
                 return Ok(());
             }
-            if matches!(source, Source::Local(_)) {
+            if source.polls() {
                 glommio::timer::sleep(IDLE_POLL).await;
             }
             continue;
@@ -690,10 +969,14 @@ async fn usher_loop(
             usher.request_snapshot();
             last_snapshot = usher.next_offset();
         }
+        let planned_from = usher.next_offset();
         let plan = match usher.plan_decoded(batch) {
             Ok(plan) => plan,
-            Err(halted) => anyhow::bail!("the Usher halted: {halted}"),
+            Err(halted) => anyhow::bail!("the Usher of partition {partition} halted: {halted}"),
         };
+        if let Some(kafka) = shared.publishing() {
+            kafka.unpublished.fetch_add(usher.next_offset() - planned_from, Ordering::Relaxed);
+        }
         {
             let mut st = state.borrow_mut();
             for (to, message) in plan.messages {
@@ -706,15 +989,15 @@ async fn usher_loop(
             st.flush();
         }
         if let (Some(snapshot), Some(marker_offset)) = (&plan.snapshot, plan.last_offset) {
-            let path = layout.usher_part_path(0, marker_offset);
+            let path = layout.usher_part_path(partition, marker_offset);
             std::fs::create_dir_all(path.parent().expect("parts live in a directory"))?;
             ledger_io::write_part(&path, snapshot).context("writing the Usher's snapshot part")?;
-            let _ = events.send(Event::SnapshotPart { marker_offset, shard: None, first_kept_segment: 0 });
+            let _ = events.send(Event::SnapshotPart { partition, marker_offset, shard: None, first_kept_segment: 0 });
         }
-        shared.next_offset.store(usher.next_offset(), Ordering::Release);
+        shared.next_offset[partition as usize].store(usher.next_offset(), Ordering::Release);
         if let Some(halted) = plan.halted {
             // spec: Versioning.UnknownVersionHalts — durable up to the record before it.
-            anyhow::bail!("the Usher halted: {halted}");
+            anyhow::bail!("the Usher of partition {partition} halted: {halted}");
         }
         glommio::executor().yield_if_needed().await;
     }

@@ -278,12 +278,14 @@ fn segments_roll_at_the_bound_and_are_named_by_their_first_offset() {
 }
 
 #[test]
-fn only_local_logs_are_supported_yet() {
-    let out = tribunal().args(["log", "append", "--log", "kafka:127.0.0.1:9092"]).output().unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("not supported yet"), "{stderr}");
-    let out = tribunal().args(["log", "append", "--log", "/tmp/x"]).output().unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("expected local:DIR"));
+fn a_log_argument_that_is_neither_local_nor_kafka_is_refused_with_the_forms_it_takes() {
+    for bad in ["/tmp/x", "kafka:", "kafka:host", "kafka:host:port", "local:"] {
+        let out = tribunal().args(["log", "append", "--log", bad]).output().unwrap();
+        assert!(!out.status.success(), "{bad}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("expected local:DIR") || stderr.contains("expected kafka:HOST:PORT"),
+            "{bad}: {stderr}"
+        );
+    }
 }

@@ -1,5 +1,7 @@
-//! Tribunal federation: the Clerk, the wire protocol and peer links.
+//! Tribunal federation: the Clerk, the wire protocol, peer links, and the Publisher.
 //!
-//! Not built yet: certification across instances arrives with issue 5. The crate
-//! exists so that the workspace has its final shape and its dependency graph
-//! (`engine` -> `federation` -> `shards`) is fixed from the start.
+//! Today it holds the Publisher's sans-IO core, which orders durable outputs for the
+//! outputs topic. Certification across instances (the Clerk) arrives with issue 5; the
+//! Publisher will then be fed certified outputs instead of durable ones.
+
+pub mod publisher;

@@ -230,6 +230,10 @@ impl<D: Domain> Usher<D> {
         Ok(())
     }
 
+    pub fn partition(&self) -> u32 {
+        self.config.partition
+    }
+
     pub fn next_offset(&self) -> u64 {
         self.next_offset
     }

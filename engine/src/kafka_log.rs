@@ -1,0 +1,733 @@
+//! The input log and the outputs topic on Kafka (specs/kafka_log.allium, specs/publisher.allium).
+//!
+//! rdkafka's clients block (poll, flush, metadata), so none of them runs on a glommio
+//! executor (spec: KafkaLog.BridgeNeverBlocksExecutor). Two plain threads own them:
+//! - the **source** thread owns a `BaseConsumer`. It reads every partition through
+//!   `assign()` at offsets taken from the Ledger, decodes each record's JSON envelope,
+//!   and feeds one bounded std channel per partition. Usher tasks only `try_recv`, so
+//!   a full channel blocks the source thread alone (backpressure), never an executor;
+//! - the **publisher** thread owns a `BaseProducer`. The shards hand it outputs after
+//!   the fdatasync that made them durable; it orders them per partition (the sans-IO
+//!   `Publisher`), renders JSON and produces idempotently, keyed by input offset.
+//!
+//! A std channel plus a 1 ms idle poll was chosen over a runtime-agnostic future: it
+//! needs no cross-thread waker into glommio, and under load the Usher finds a batch
+//! waiting on every poll, so the sleep only costs latency when the log is idle.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, error, info, warn};
+use tribunal_federation::publisher::{Offered, Publisher, Release};
+use tribunal_shards::envelope::Envelope;
+use tribunal_shards::inventory::Inventory;
+use tribunal_shards::usher::Decoded;
+
+use crate::output_json::OutputJson;
+
+pub const DEFAULT_COMMANDS_TOPIC: &str = "tribunal.commands";
+pub const DEFAULT_OUTPUTS_TOPIC: &str = "tribunal.outputs";
+/// Partitions the engine serves at most (one Usher each).
+pub const MAX_PARTITIONS: u32 = 256;
+/// Records the source thread gathers per partition before handing a batch over.
+const SOURCE_BATCH_RECORDS: usize = 4_096;
+/// Batches waiting per partition between the source thread and its Usher.
+pub const FEED_BATCHES_IN_FLIGHT: usize = 8;
+/// Records planned but not acknowledged by the broker past which the Usher stops
+/// reading (spec: Publisher.BoundedBacklog).
+pub const MAX_UNPUBLISHED: u64 = 262_144;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the Kafka log is and how its topics are made.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: `HOST:PORT[,HOST:PORT..]`.
+    pub brokers: String,
+    pub commands_topic: String,
+    pub outputs_topic: String,
+    /// Partitions of topics this instance creates (an existing topic keeps its own).
+    pub partitions: u32,
+    pub replication_factor: u16,
+}
+
+/// `kafka:HOST:PORT[,..]` → the broker list.
+pub fn parse_brokers(spec: &str) -> Option<&str> {
+    let brokers = spec.strip_prefix("kafka:")?;
+    let valid = !brokers.is_empty()
+        && brokers
+            .split(',')
+            .all(|b| b.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()));
+    valid.then_some(brokers)
+}
+
+fn client_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("client.id", "tribunal")
+        // spec: KafkaLog.BrokerLossRetries — librdkafka reconnects with this backoff.
+        .set("reconnect.backoff.ms", BACKOFF_MIN.as_millis().to_string())
+        .set("reconnect.backoff.max.ms", BACKOFF_MAX.as_millis().to_string())
+        .set("log_level", "3");
+    config
+}
+
+/// What the Kafka threads share with the node.
+#[derive(Debug)]
+pub struct KafkaShared {
+    /// False from a client error until the next record, end of partition or metadata answer.
+    pub broker_connected: AtomicBool,
+    /// Per partition, one past the last offset the broker acknowledged on the outputs topic.
+    pub published_end: Vec<AtomicU64>,
+    /// Records the Ushers planned this run whose outputs the broker has not acknowledged.
+    pub unpublished: AtomicU64,
+    /// Set by a Kafka thread that cannot go on; the node stops with it.
+    pub failure: Mutex<Option<String>>,
+    pub stop: AtomicBool,
+}
+
+impl KafkaShared {
+    pub fn new(published_end: &[u64]) -> Self {
+        Self {
+            broker_connected: AtomicBool::new(true),
+            published_end: published_end.iter().map(|&e| AtomicU64::new(e)).collect(),
+            unpublished: AtomicU64::new(0),
+            failure: Mutex::new(None),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    fn fail(&self, message: String) {
+        error!("{message}");
+        let mut failure = self.failure.lock().expect("failure lock");
+        failure.get_or_insert(message);
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().expect("failure lock").clone()
+    }
+
+    fn disconnected(&self, error: &KafkaError, reason: &str) {
+        if self.broker_connected.swap(false, Ordering::Relaxed) {
+            warn!(%error, reason, "lost the Kafka broker; not ready, retrying");
+        } else {
+            debug!(%error, reason, "Kafka broker still unreachable");
+        }
+    }
+
+    fn connected(&self) {
+        if !self.broker_connected.swap(true, Ordering::Relaxed) {
+            info!("Kafka broker reachable again; ready");
+        }
+    }
+}
+
+/// A client context that turns librdkafka's error callback into readiness.
+struct ClientHooks {
+    shared: Arc<KafkaShared>,
+    /// Publisher only: acknowledgements and final failures from delivery callbacks,
+    /// which run inside `poll` on the publisher thread.
+    deliveries: Mutex<Vec<Result<(u32, u64), String>>>,
+}
+
+impl ClientContext for ClientHooks {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.shared.disconnected(&error, reason);
+    }
+}
+
+impl ConsumerContext for ClientHooks {}
+
+impl ProducerContext for ClientHooks {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let entry = match result {
+            Ok(message) => match message.key().and_then(OutputJson::parse_key) {
+                Some(key) => Ok(key),
+                None => Err("an acknowledged output has no Tribunal key".to_string()),
+            },
+            Err((error, message)) => Err(format!(
+                "the broker refused output {:?}: {error}",
+                message.key().map(String::from_utf8_lossy).unwrap_or_default()
+            )),
+        };
+        self.deliveries.lock().expect("deliveries lock").push(entry);
+    }
+}
+
+/// Makes sure both topics exist, creating missing ones (spec: KafkaLog.TopicsEnsured), and
+/// returns the commands topic's partition count. While the broker cannot be reached it
+/// retries with backoff until `deadline` (forever when None).
+pub fn ensure_topics(config: &KafkaConfig, deadline: Option<Instant>) -> anyhow::Result<u32> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(&config.brokers).create().context("creating the Kafka admin client")?;
+    let mut backoff = BACKOFF_MIN;
+    let mut created = false;
+    loop {
+        let metadata = match admin.inner().fetch_metadata(None, METADATA_TIMEOUT) {
+            Ok(metadata) => metadata,
+            Err(error) => {
+                anyhow::ensure!(
+                    deadline.is_none_or(|d| Instant::now() < d),
+                    "the Kafka broker at {} cannot be reached: {error}",
+                    config.brokers
+                );
+                warn!(brokers = %config.brokers, %error, "waiting for the Kafka broker");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        let partitions_of = |name: &str| {
+            metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
+                .map(|t| t.partitions().len() as u32)
+        };
+        let (commands, outputs) = (partitions_of(&config.commands_topic), partitions_of(&config.outputs_topic));
+        if let (Some(commands), Some(outputs)) = (commands, outputs) {
+            anyhow::ensure!(
+                (1..=MAX_PARTITIONS).contains(&commands),
+                "topic {} has {commands} partitions; this build serves 1 to {MAX_PARTITIONS}",
+                config.commands_topic
+            );
+            anyhow::ensure!(
+                outputs >= commands,
+                "topic {} has {outputs} partitions, fewer than the {commands} of {}: the output of input \
+                 partition p goes to output partition p",
+                config.outputs_topic,
+                config.commands_topic
+            );
+            return Ok(commands);
+        }
+        if created {
+            // Created, but not in the metadata yet.
+            anyhow::ensure!(
+                deadline.is_none_or(|d| Instant::now() < d),
+                "topics were created but do not show in the broker's metadata"
+            );
+            std::thread::sleep(BACKOFF_MIN);
+            continue;
+        }
+        let partitions = commands.unwrap_or(config.partitions);
+        anyhow::ensure!(
+            (1..=MAX_PARTITIONS).contains(&partitions),
+            "--kafka-partitions {partitions}: must be 1 to {MAX_PARTITIONS}"
+        );
+        let mut missing = Vec::new();
+        for (name, present) in
+            [(&config.commands_topic, commands.is_some()), (&config.outputs_topic, outputs.is_some())]
+        {
+            if !present {
+                missing.push(
+                    NewTopic::new(
+                        name,
+                        partitions as i32,
+                        TopicReplication::Fixed(i32::from(config.replication_factor)),
+                    )
+                    // Never compacted: offsets stay contiguous (spec: KafkaLog.GapHalts).
+                    .set("cleanup.policy", "delete"),
+                );
+            }
+        }
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = futures_executor::block_on(admin.create_topics(&missing, &options))
+            .with_context(|| format!("creating topics on {}", config.brokers))?;
+        for result in results {
+            match result {
+                Ok(name) => info!(topic = %name, partitions, "created topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => anyhow::bail!("cannot create topic {name} on {}: {code}", config.brokers),
+            }
+        }
+        created = true;
+    }
+}
+
+/// Per partition, one past the input offset of the last output on the outputs topic: how
+/// far publication got, whichever instance published (spec: Publisher.ResumeFromOutputTopic).
+pub fn read_published_ends(config: &KafkaConfig, partitions: u32) -> anyhow::Result<Vec<u64>> {
+    let consumer: BaseConsumer = client_config(&config.brokers)
+        .set("group.id", "tribunal-publisher-probe")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .context("creating a Kafka consumer")?;
+    let mut ends = Vec::with_capacity(partitions as usize);
+    for partition in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(&config.outputs_topic, partition as i32, METADATA_TIMEOUT)
+            .with_context(|| format!("reading the watermarks of {}/{partition}", config.outputs_topic))?;
+        if high <= low {
+            ends.push(0);
+            continue;
+        }
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(&config.outputs_topic, partition as i32, Offset::Offset(high - 1))?;
+        consumer.assign(&assignment)?;
+        let started = Instant::now();
+        let key = loop {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "reading the last record of {}/{partition} timed out",
+                config.outputs_topic
+            );
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(message)) if message.partition() == partition as i32 => {
+                    break message.key().and_then(OutputJson::parse_key)
+                }
+                Some(Err(error)) => warn!(%error, "reading the outputs topic"),
+                _ => {}
+            }
+        };
+        match key {
+            Some((p, offset)) if p == partition => ends.push(offset + 1),
+            _ => {
+                // A stranger wrote there. Publishing everything the Ledger holds again
+                // loses nothing: duplicates are identical and keyed.
+                warn!(
+                    topic = %config.outputs_topic,
+                    partition,
+                    "the last record of the outputs topic has no Tribunal key for this partition; \
+                     publishing every output the Ledger holds again"
+                );
+                ends.push(0);
+            }
+        }
+    }
+    Ok(ends)
+}
+
+/// What the source thread hands an Usher.
+pub enum Feed {
+    Batch(Vec<Decoded<Inventory>>),
+    /// The partition's end was reached (spec: KafkaLog.AtEndForStopAtEnd).
+    AtEnd,
+}
+
+/// Starts the source thread: every partition from `start_offsets[p]`
+/// (spec: KafkaLog.EveryInstanceReadsEveryPartition, KafkaLog.StartFromLedger).
+pub fn spawn_source(
+    config: &KafkaConfig,
+    instance: &str,
+    start_offsets: Vec<u64>,
+    feeds: Vec<SyncSender<Feed>>,
+    shared: Arc<KafkaShared>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    assert_eq!(start_offsets.len(), feeds.len());
+    let consumer: BaseConsumer<ClientHooks> = client_config(&config.brokers)
+        // Required by the client; no group is joined and nothing is committed.
+        .set("group.id", format!("tribunal-{instance}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        // spec: KafkaLog.NoSilentReset
+        .set("auto.offset.reset", "error")
+        .set("fetch.wait.max.ms", "10")
+        .set("queued.min.messages", "200000")
+        .create_with_context(ClientHooks { shared: shared.clone(), deliveries: Mutex::new(Vec::new()) })
+        .context("creating the Kafka consumer")?;
+    let topic = config.commands_topic.clone();
+    assign(&consumer, &topic, &start_offsets)?;
+    info!(topic = %topic, start_offsets = ?start_offsets, "reading every partition from the Ledger's offsets");
+    std::thread::Builder::new()
+        .name("kafka-source".into())
+        .spawn(move || {
+            if let Err(error) = source_loop(&consumer, &topic, start_offsets, &feeds, &shared) {
+                shared.fail(format!("the Kafka source stopped: {error:#}"));
+            }
+        })
+        .context("starting the Kafka source thread")
+}
+
+fn assign(consumer: &BaseConsumer<ClientHooks>, topic: &str, next_offsets: &[u64]) -> anyhow::Result<()> {
+    let mut assignment = TopicPartitionList::new();
+    for (partition, &offset) in next_offsets.iter().enumerate() {
+        assignment.add_partition_offset(topic, partition as i32, Offset::Offset(offset as i64))?;
+    }
+    consumer.assign(&assignment).context("assigning the commands topic's partitions")
+}
+
+fn source_loop(
+    consumer: &BaseConsumer<ClientHooks>,
+    topic: &str,
+    mut next_offsets: Vec<u64>,
+    feeds: &[SyncSender<Feed>],
+    shared: &KafkaShared,
+) -> anyhow::Result<()> {
+    let mut batches: Vec<Vec<Decoded<Inventory>>> = feeds.iter().map(|_| Vec::new()).collect();
+    let mut backoff = BACKOFF_MIN;
+    let mut last_probe = Instant::now();
+    let flush = |partition: usize, batches: &mut Vec<Vec<Decoded<Inventory>>>| -> bool {
+        let batch = std::mem::take(&mut batches[partition]);
+        batch.is_empty() || feeds[partition].send(Feed::Batch(batch)).is_ok()
+    };
+    while !shared.stop.load(Ordering::Relaxed) {
+        let pending = batches.iter().any(|b| !b.is_empty());
+        let timeout = if pending { Duration::ZERO } else { Duration::from_millis(100) };
+        match consumer.poll(timeout) {
+            None => {
+                for partition in 0..feeds.len() {
+                    if !flush(partition, &mut batches) {
+                        return Ok(()); // the node is stopping
+                    }
+                }
+                if !shared.broker_connected.load(Ordering::Relaxed) && last_probe.elapsed() >= backoff {
+                    last_probe = Instant::now();
+                    match consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
+                        Ok(_) => {
+                            shared.connected();
+                            backoff = BACKOFF_MIN;
+                        }
+                        Err(_) => backoff = (backoff * 2).min(BACKOFF_MAX),
+                    }
+                }
+            }
+            Some(Ok(message)) => {
+                shared.connected();
+                backoff = BACKOFF_MIN;
+                let Some(partition) = usize::try_from(message.partition()).ok().filter(|p| *p < feeds.len()) else {
+                    warn!(partition = message.partition(), "a record from a partition that is not assigned");
+                    continue;
+                };
+                let offset = message.offset() as u64;
+                // spec: KafkaLog.StrangerRecordRejected — any bytes (or none) decode to an
+                // Envelope or to a DecodeError, which the Usher turns into a `malformed` output.
+                batches[partition].push(Decoded {
+                    offset,
+                    timestamp_ms: message.timestamp().to_millis().map_or(0, |t| t.max(0) as u64),
+                    envelope: Envelope::<Inventory>::decode(message.payload().unwrap_or_default()),
+                });
+                next_offsets[partition] = offset + 1;
+                if batches[partition].len() >= SOURCE_BATCH_RECORDS && !flush(partition, &mut batches) {
+                    return Ok(());
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                shared.connected();
+                let Some(partition) = usize::try_from(partition).ok().filter(|p| *p < feeds.len()) else { continue };
+                if !flush(partition, &mut batches) || feeds[partition].send(Feed::AtEnd).is_err() {
+                    return Ok(());
+                }
+            }
+            Some(Err(error)) => {
+                // spec: KafkaLog.NoSilentReset, KafkaLog.BrokerLossRetries — an offset out of
+                // range or a fetch error: report, wait, and read again from our own positions.
+                shared.disconnected(&error, "consuming the commands topic");
+                for partition in 0..feeds.len() {
+                    if !flush(partition, &mut batches) {
+                        return Ok(());
+                    }
+                }
+                warn!(%error, next_offsets = ?next_offsets, "re-reading the commands topic from this instance's offsets");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                assign(consumer, topic, &next_offsets)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A durable output on its way to the publisher thread.
+#[derive(Debug)]
+pub struct DurableOutput {
+    pub partition: u32,
+    pub offset: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// Starts the publisher thread (spec: Publisher.*). `resume_offsets[p]` is where the
+/// Usher of p resumed: outputs below it were not counted in `unpublished`.
+pub fn spawn_publisher(
+    config: &KafkaConfig,
+    published_ends: &[u64],
+    from_ledger: Vec<DurableOutput>,
+    resume_offsets: Vec<u64>,
+    outputs: Receiver<Vec<DurableOutput>>,
+    shared: Arc<KafkaShared>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let producer: BaseProducer<ClientHooks> = client_config(&config.brokers)
+        // spec: Publisher.IdempotentNoTransactions — no transactional.id: the broker has none.
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        // Retry for as long as the broker is away; a final failure stops the instance.
+        .set("message.timeout.ms", "0")
+        .set("linger.ms", "2")
+        .set("queue.buffering.max.messages", (MAX_UNPUBLISHED * 2).to_string())
+        .create_with_context(ClientHooks { shared: shared.clone(), deliveries: Mutex::new(Vec::new()) })
+        .context("creating the Kafka producer")?;
+    let mut publisher = Publisher::new(published_ends);
+    for output in from_ledger {
+        publisher.offer(output.partition, output.offset, output.bytes)?;
+    }
+    let topic: Arc<str> = config.outputs_topic.as_str().into();
+    std::thread::Builder::new()
+        .name("kafka-publisher".into())
+        .spawn(move || {
+            let mut shell = PublisherShell { producer, publisher, topic, resume_offsets, shared: shared.clone() };
+            if let Err(error) = shell.run(outputs) {
+                shared.fail(format!("the publisher stopped: {error:#}"));
+            }
+        })
+        .context("starting the Kafka publisher thread")
+}
+
+struct PublisherShell {
+    producer: BaseProducer<ClientHooks>,
+    publisher: Publisher,
+    topic: Arc<str>,
+    resume_offsets: Vec<u64>,
+    shared: Arc<KafkaShared>,
+}
+
+impl PublisherShell {
+    fn run(&mut self, outputs: Receiver<Vec<DurableOutput>>) -> anyhow::Result<()> {
+        let mut released = Vec::new();
+        let mut disconnected = false;
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            match outputs.recv_timeout(Duration::from_millis(2)) {
+                Ok(batch) => {
+                    for output in batch {
+                        self.offer(output)?;
+                    }
+                    while let Ok(batch) = outputs.try_recv() {
+                        for output in batch {
+                            self.offer(output)?;
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                // The shards are gone; keep delivering what was released.
+                Err(RecvTimeoutError::Disconnected) if !disconnected => disconnected = true,
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(2)),
+            }
+            self.publisher.release(&mut released);
+            for release in released.drain(..) {
+                self.produce(release)?;
+            }
+            self.producer.poll(Duration::ZERO);
+            self.take_deliveries()?;
+        }
+        Ok(())
+    }
+
+    fn offer(&mut self, output: DurableOutput) -> anyhow::Result<()> {
+        let (partition, offset) = (output.partition, output.offset);
+        if self.publisher.offer(partition, offset, output.bytes)? == Offered::AlreadyPublished {
+            self.settled(partition, offset);
+        }
+        Ok(())
+    }
+
+    /// An output planned this run is on the topic (acknowledged, or already there).
+    fn settled(&self, partition: u32, offset: u64) {
+        if offset >= self.resume_offsets[partition as usize] {
+            self.shared.unpublished.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn produce(&mut self, release: Release) -> anyhow::Result<()> {
+        // A durable output that does not decode is corruption, not input: stop.
+        let json = OutputJson::from_bytes(&release.bytes)
+            .with_context(|| format!("output ({}, {}) does not decode", release.partition, release.offset))?;
+        let payload = serde_json::to_vec(&json)?;
+        let key = OutputJson::key(release.partition, release.offset);
+        // spec: Publisher.KeyedByInput
+        let topic = self.topic.clone();
+        let mut record =
+            BaseRecord::to(&topic).partition(release.partition as i32).key(key.as_bytes()).payload(&payload);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    self.producer.poll(Duration::from_millis(50));
+                    self.take_deliveries()?;
+                }
+                Err((error, _)) => anyhow::bail!("producing output {key}: {error}"),
+            }
+        }
+    }
+
+    fn take_deliveries(&mut self) -> anyhow::Result<()> {
+        let deliveries = std::mem::take(&mut *self.producer.context().deliveries.lock().expect("deliveries lock"));
+        for delivery in deliveries {
+            // spec: Publisher.IdempotentNoTransactions — a final failure is never skipped.
+            let (partition, offset) = delivery.map_err(|e| anyhow::anyhow!(e))?;
+            self.publisher.acknowledged(partition, offset);
+            self.shared.published_end[partition as usize]
+                .store(self.publisher.published_end(partition), Ordering::Release);
+            self.settled(partition, offset);
+        }
+        Ok(())
+    }
+}
+
+/// `tribunal log append --log kafka:..` (spec: KafkaLog.AppendIdempotent): produces every
+/// payload with the idempotent producer, keyed by its idempotency key, and returns each
+/// record's (partition, offset) in input order.
+pub fn append(
+    config: &KafkaConfig,
+    payloads: &[(Option<String>, Vec<u8>)],
+    partition: Option<u32>,
+) -> anyhow::Result<Vec<(u32, u64)>> {
+    let partitions = ensure_topics(config, Some(Instant::now() + Duration::from_secs(30)))?;
+    if let Some(p) = partition {
+        anyhow::ensure!(p < partitions, "--partition {p}: topic {} has {partitions} partitions", config.commands_topic);
+    }
+    let shared = Arc::new(KafkaShared::new(&[]));
+    let producer: BaseProducer<AppendContext> = client_config(&config.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "60000")
+        .set("linger.ms", "5")
+        // The Java client's partitioner, so any producer puts a key in the same partition.
+        .set("partitioner", "murmur2_random")
+        .create_with_context(AppendContext { results: Mutex::new(vec![None; payloads.len()]), shared })
+        .context("creating the Kafka producer")?;
+    for (index, (key, payload)) in payloads.iter().enumerate() {
+        let mut record = BaseRecord::with_opaque_to(&config.commands_topic, index).payload(payload);
+        if let Some(key) = key {
+            record = record.key(key.as_bytes());
+        }
+        if let Some(p) = partition {
+            record = record.partition(p as i32);
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    producer.poll(Duration::from_millis(50));
+                }
+                Err((error, _)) => anyhow::bail!("producing record {index}: {error}"),
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(120)).context("waiting for the broker to acknowledge every record")?;
+    let results = std::mem::take(&mut *producer.context().results.lock().expect("results lock"));
+    let acknowledged = results.iter().filter(|r| matches!(r, Some(Ok(_)))).count();
+    let mut offsets = Vec::with_capacity(results.len());
+    for (index, result) in results.into_iter().enumerate() {
+        match result {
+            Some(Ok(position)) => offsets.push(position),
+            Some(Err(error)) => anyhow::bail!(
+                "record {index} was refused: {error}; {acknowledged} of {} were acknowledged. Appending the \
+                 same lines again is safe: repeated idempotency keys become replays",
+                payloads.len()
+            ),
+            None => anyhow::bail!("record {index} was never acknowledged"),
+        }
+    }
+    Ok(offsets)
+}
+
+struct AppendContext {
+    results: Mutex<Vec<Option<Result<(u32, u64), String>>>>,
+    shared: Arc<KafkaShared>,
+}
+
+impl ClientContext for AppendContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.shared.disconnected(&error, reason);
+    }
+}
+
+impl ProducerContext for AppendContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
+        let entry = match result {
+            Ok(message) => Ok((message.partition() as u32, message.offset() as u64)),
+            Err((error, _)) => Err(error.to_string()),
+        };
+        self.results.lock().expect("results lock")[index] = Some(entry);
+    }
+}
+
+/// One record of a topic, as `tribunal log read --log kafka:..` prints it.
+#[derive(serde::Serialize)]
+pub struct TopicRecord {
+    pub partition: u32,
+    pub offset: u64,
+    pub timestamp_ms: u64,
+    pub key: Option<String>,
+    pub payload: String,
+}
+
+/// Reads `topic` from `from` on every partition up to the end each partition had when
+/// the read started, calling `each` in per-partition offset order.
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    from: u64,
+    mut each: impl FnMut(TopicRecord) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = client_config(brokers)
+        .set("group.id", "tribunal-log-read")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .context("creating a Kafka consumer")?;
+    let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT).context("reading the topic's metadata")?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .filter(|n| *n > 0)
+        .with_context(|| format!("no topic {topic} on {brokers}"))?;
+    for partition in 0..partitions as i32 {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
+        let start = (from as i64).max(low);
+        if start >= high {
+            continue;
+        }
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
+        consumer.assign(&assignment)?;
+        let mut next = start;
+        let mut idle_since = Instant::now();
+        while next < high {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(message)) => {
+                    idle_since = Instant::now();
+                    next = message.offset() + 1;
+                    if message.offset() >= high {
+                        break;
+                    }
+                    each(TopicRecord {
+                        partition: partition as u32,
+                        offset: message.offset() as u64,
+                        timestamp_ms: message.timestamp().to_millis().map_or(0, |t| t.max(0) as u64),
+                        key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        payload: String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
+                    })?;
+                }
+                Some(Err(error)) => warn!(%error, "reading {topic}"),
+                None => anyhow::ensure!(
+                    idle_since.elapsed() < Duration::from_secs(30),
+                    "reading {topic}/{partition} stalled at offset {next} before {high}"
+                ),
+            }
+        }
+    }
+    Ok(())
+}
