@@ -8,16 +8,23 @@ CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 ALLIUM_VERSION := 3.6.1
+TANSU_VERSION := 0.6.0
+KAFKA ?= 0
 EVENTS ?= 100000
 RUN_DIR ?= target/run
 
-.PHONY: run test lint test-rust specs tools bench bench-engine clean
+.PHONY: run test lint test-rust specs tools bench bench-engine bench-kafka clean
 
 ## run: the main job on the embedded default. A sample workload is appended to a local
 ## log in $(RUN_DIR), one instance runs on every allowed core until every record is
 ## durable, and the recovered state is printed next to the reference interpreter's.
+## `make run KAFKA=1`: the same job on a Kafka broker it starts (scripts/run-kafka.sh).
 run:
 	$(CARGO) build --release -p tribunal
+ifeq ($(KAFKA),1)
+	$(MAKE) --no-print-directory tools
+	EVENTS=$(EVENTS) scripts/run-kafka.sh
+else
 	rm -rf $(RUN_DIR) && mkdir -p $(RUN_DIR)
 	./target/release/tribunal sample --events $(EVENTS) > $(RUN_DIR)/commands.jsonl
 	./target/release/tribunal log append --log local:$(RUN_DIR)/log $(RUN_DIR)/commands.jsonl | tail -n 1 | sed 's/^/last offset appended: /'
@@ -26,14 +33,20 @@ run:
 	./target/release/tribunal inspect --data-dir $(RUN_DIR)/data
 	@echo; echo "== tribunal evaluate (the sequential reference over the same log)"
 	./target/release/tribunal evaluate --log local:$(RUN_DIR)/log | grep -E "records|digest|reference"
+endif
 
 ## test: install missing tools, then formatting, clippy (warnings denied), every Rust test, and the specs.
 test: tools lint test-rust specs
 
+## tools: allium-cli for the specs, and tansu, the Kafka broker the tests start (about
+## 21 minutes to build cold; cached in ~/.cargo/bin afterwards).
 tools:
 	@command -v allium >/dev/null 2>&1 || { \
 		echo "installing allium-cli $(ALLIUM_VERSION) (about 2 minutes)"; \
 		$(CARGO) install allium-cli --version $(ALLIUM_VERSION) --locked; }
+	@tansu --version 2>/dev/null | grep -q "$(TANSU_VERSION)" || { \
+		echo "installing tansu $(TANSU_VERSION), the Kafka broker for the tests (about 21 minutes cold)"; \
+		$(CARGO) install tansu --version $(TANSU_VERSION) --locked --features dynostore,libsql; }
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -57,6 +70,11 @@ bench:
 ## by the engine (target/bench/engine.json).
 bench-engine:
 	scripts/bench-engine.sh
+
+## bench-kafka: events/s from a pre-filled 500,000-event topic through one instance to a
+## durable Ledger and published outputs, against a plain consumer's rate on the same topic.
+bench-kafka: tools
+	scripts/bench-kafka.sh
 
 clean:
 	$(CARGO) clean

@@ -35,6 +35,22 @@ struct CutReport {
     reason: String,
 }
 
+/// One partition's recovered state.
+#[derive(Serialize)]
+struct PartitionReport {
+    partition: u32,
+    durable_watermark: Option<u64>,
+    snapshot_marker: Option<u64>,
+    /// Order-free sum of entity digests, comparable with the reference interpreter's.
+    partition_digest: String,
+    /// Outputs still in the Ledger (those after the snapshot marker) and their digest.
+    outputs: u64,
+    outputs_digest: String,
+    stock: Vec<crate::stock_table::StockRow>,
+}
+
+/// The top-level fields are partition 0's (the default, and the local log's only
+/// partition); `partitions` has every partition the Ledger holds.
 #[derive(Serialize)]
 struct Report {
     shards: u16,
@@ -47,6 +63,7 @@ struct Report {
     replayed_entries: u64,
     would_cut: Vec<CutReport>,
     stock: Vec<crate::stock_table::StockRow>,
+    partitions: Vec<PartitionReport>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -57,14 +74,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let shard_count = meta.shard_count;
     let manifest = ledger_io::read_manifest(&layout, shard_count)?;
     let snapshot = ledger_io::read_snapshot::<Inventory>(&layout, &manifest).context("loading the snapshot")?;
-    let snapshot_marker = snapshot.get(&0).map(|s| s.marker_offset);
+    let markers: BTreeMap<u32, u64> = snapshot.iter().map(|(p, s)| (*p, s.marker_offset)).collect();
     let logs = ledger_io::read_logs::<Inventory>(&layout, shard_count)?;
-    let mut outputs: BTreeMap<u64, u128> = BTreeMap::new();
+    let mut all_outputs: BTreeMap<u32, BTreeMap<u64, u128>> = BTreeMap::new();
     for log in &logs {
         for segment in &log.segments {
             for scanned in &segment.records {
-                if let LedgerRecord::Entry { partition: 0, offset, output, .. } = &scanned.record {
-                    outputs.insert(*offset, output_digest(output));
+                if let LedgerRecord::Entry { partition, offset, output, .. } = &scanned.record {
+                    all_outputs.entry(*partition).or_default().insert(*offset, output_digest(output));
                 }
             }
         }
@@ -72,26 +89,46 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The Warden's TTL does not change what is recovered, only what the Usher answers next.
     let usher = |partition| UsherConfig { partition, shard_count, warden: WardenConfig::default(), initial_version: 1 };
     let recovered = recover(shard_count, usher, logs, snapshot).context("recovering the Ledger")?;
-    let watermark = recovered.watermarks.get(&0).copied();
-    // Outputs at or below a snapshot's marker left with the segments it replaced.
-    outputs.retain(|offset, _| watermark.is_some_and(|w| *offset <= w) && snapshot_marker.is_none_or(|m| *offset > m));
-
-    let stock = crate::stock_table::rows(recovered.arbiters.iter().flat_map(|a| a.registrar().entities_sorted(0)));
-    let partition_digest = recovered.arbiters.iter().fold(0u128, |acc, a| acc.wrapping_add(a.registrar().digest(0)));
+    let partition_ids: std::collections::BTreeSet<u32> =
+        recovered.watermarks.keys().chain(markers.keys()).copied().chain(std::iter::once(0)).collect();
+    let mut partitions = Vec::new();
+    for &partition in &partition_ids {
+        let watermark = recovered.watermarks.get(&partition).copied();
+        let marker = markers.get(&partition).copied();
+        let mut outputs = all_outputs.remove(&partition).unwrap_or_default();
+        // Outputs at or below a snapshot's marker left with the segments it replaced.
+        outputs.retain(|offset, _| watermark.is_some_and(|w| *offset <= w) && marker.is_none_or(|m| *offset > m));
+        let digest = recovered.arbiters.iter().fold(0u128, |acc, a| acc.wrapping_add(a.registrar().digest(partition)));
+        partitions.push(PartitionReport {
+            partition,
+            durable_watermark: watermark,
+            snapshot_marker: marker,
+            partition_digest: format!("{digest:032x}"),
+            outputs: outputs.len() as u64,
+            outputs_digest: format!("{:032x}", outputs_digest(outputs.into_iter())),
+            stock: crate::stock_table::rows(
+                recovered.arbiters.iter().flat_map(|a| a.registrar().entities_sorted(partition)),
+            ),
+        });
+    }
+    let first = &partitions[0];
+    assert_eq!(first.partition, 0, "partition 0 is always reported");
+    let digest_0 = recovered.arbiters.iter().fold(0u128, |acc, a| acc.wrapping_add(a.registrar().digest(0)));
     let report = Report {
         shards: shard_count,
-        durable_watermark: watermark,
-        snapshot_marker,
-        state_digest: format!("{:032x}", combine_partition_digests(&[(0, partition_digest)])),
-        outputs: outputs.len() as u64,
-        outputs_digest: format!("{:032x}", outputs_digest(outputs.into_iter())),
+        durable_watermark: first.durable_watermark,
+        snapshot_marker: first.snapshot_marker,
+        state_digest: format!("{:032x}", combine_partition_digests(&[(0, digest_0)])),
+        outputs: first.outputs,
+        outputs_digest: first.outputs_digest.clone(),
         replayed_entries: recovered.replayed_entries,
         would_cut: recovered
             .cuts
             .into_iter()
             .map(|c| CutReport { shard: c.shard, segment: c.segment, position: c.position, reason: c.reason })
             .collect(),
-        stock,
+        stock: first.stock.clone(),
+        partitions,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -114,6 +151,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
         crate::stock_table::print("stock", &report.stock);
+        for partition in report.partitions.iter().skip(1) {
+            println!();
+            println!("partition         {}", partition.partition);
+            match partition.durable_watermark {
+                Some(w) => println!("durable watermark {w}"),
+                None => println!("durable watermark none"),
+            }
+            println!("outputs           {} (digest {})", partition.outputs, partition.outputs_digest);
+            crate::stock_table::print("stock", &partition.stock);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -169,10 +169,19 @@ impl ProducerContext for ClientHooks {
     }
 }
 
-/// Makes sure both topics exist, creating missing ones (spec: KafkaLog.TopicsEnsured), and
+/// Which topics a client needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topics {
+    /// `log append`: only the commands topic.
+    Commands,
+    /// `run`: both.
+    CommandsAndOutputs,
+}
+
+/// Makes sure the topics exist, creating missing ones (spec: KafkaLog.TopicsEnsured), and
 /// returns the commands topic's partition count. While the broker cannot be reached it
 /// retries with backoff until `deadline` (forever when None).
-pub fn ensure_topics(config: &KafkaConfig, deadline: Option<Instant>) -> anyhow::Result<u32> {
+pub fn ensure_topics(config: &KafkaConfig, topics: Topics, deadline: Option<Instant>) -> anyhow::Result<u32> {
     let admin: AdminClient<DefaultClientContext> =
         client_config(&config.brokers).create().context("creating the Kafka admin client")?;
     let mut backoff = BACKOFF_MIN;
@@ -199,7 +208,11 @@ pub fn ensure_topics(config: &KafkaConfig, deadline: Option<Instant>) -> anyhow:
                 .find(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
                 .map(|t| t.partitions().len() as u32)
         };
-        let (commands, outputs) = (partitions_of(&config.commands_topic), partitions_of(&config.outputs_topic));
+        let commands = partitions_of(&config.commands_topic);
+        let outputs = match topics {
+            Topics::Commands => commands,
+            Topics::CommandsAndOutputs => partitions_of(&config.outputs_topic),
+        };
         if let (Some(commands), Some(outputs)) = (commands, outputs) {
             anyhow::ensure!(
                 (1..=MAX_PARTITIONS).contains(&commands),
@@ -232,6 +245,8 @@ pub fn ensure_topics(config: &KafkaConfig, deadline: Option<Instant>) -> anyhow:
         let mut missing = Vec::new();
         for (name, present) in
             [(&config.commands_topic, commands.is_some()), (&config.outputs_topic, outputs.is_some())]
+                .into_iter()
+                .take(if topics == Topics::Commands { 1 } else { 2 })
         {
             if !present {
                 missing.push(
@@ -587,7 +602,7 @@ pub fn append(
     payloads: &[(Option<String>, Vec<u8>)],
     partition: Option<u32>,
 ) -> anyhow::Result<Vec<(u32, u64)>> {
-    let partitions = ensure_topics(config, Some(Instant::now() + Duration::from_secs(30)))?;
+    let partitions = ensure_topics(config, Topics::Commands, Some(Instant::now() + Duration::from_secs(30)))?;
     if let Some(p) = partition {
         anyhow::ensure!(p < partitions, "--partition {p}: topic {} has {partitions} partitions", config.commands_topic);
     }
@@ -639,8 +654,11 @@ pub fn append(
     Ok(offsets)
 }
 
+/// Per appended record: its (partition, offset) once acknowledged, or why it was refused.
+type AppendResult = Option<Result<(u32, u64), String>>;
+
 struct AppendContext {
-    results: Mutex<Vec<Option<Result<(u32, u64), String>>>>,
+    results: Mutex<Vec<AppendResult>>,
     shared: Arc<KafkaShared>,
 }
 

@@ -217,7 +217,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     };
     write_status(&layout, &recovering);
 
-    let (local_log, kafka) = match config.log {
+    let (local_log, mut kafka) = match config.log {
         LogSource::Local(dir) => {
             let log = LocalLog::open(&dir).with_context(|| format!("opening the log {}", dir.display()))?;
             (Some(log), None)
@@ -225,7 +225,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         LogSource::Kafka(kafka) => {
             // spec: KafkaLog.TopicsEnsured — waits (retrying) while the broker is away.
             info!(brokers = %kafka.brokers, topic = %kafka.commands_topic, "connecting to Kafka");
-            let partitions = kafka_log::ensure_topics(&kafka, None)?;
+            let partitions = kafka_log::ensure_topics(&kafka, kafka_log::Topics::CommandsAndOutputs, None)?;
             let published_ends = if config.publish {
                 Some(kafka_log::read_published_ends(&kafka, partitions).context("reading the outputs topic")?)
             } else {
@@ -242,6 +242,9 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let mut manifest = ledger_io::read_manifest(&layout, shard_count)?;
     let snapshot = ledger_io::read_snapshot::<D>(&layout, &manifest).context("loading the snapshot")?;
     let logs = ledger_io::read_logs::<D>(&layout, shard_count)?;
+    if let Some(ends) = kafka.as_mut().and_then(|k| k.published_ends.as_mut()) {
+        skip_outputs_the_ledger_no_longer_holds(ends, &manifest);
+    }
     // Outputs the outputs topic may lack: the publisher offers them again first.
     let mut from_ledger: Vec<DurableOutput> = Vec::new();
     if let Some(ends) = kafka.as_ref().and_then(|k| k.published_ends.as_ref()) {
@@ -436,7 +439,9 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         }
     };
     let mut last_status = Instant::now() - STATUS_INTERVAL;
-    let mut snapshot_parts: BTreeMap<(u32, u64), Vec<(Option<ShardId>, u64)>> = BTreeMap::new();
+    // Per (partition, marker): the parts that are durable, as (shard or Usher, first kept segment).
+    type Parts = Vec<(Option<ShardId>, u64)>;
+    let mut snapshot_parts: BTreeMap<(u32, u64), Parts> = BTreeMap::new();
     let mut finished: BTreeSet<u32> = BTreeSet::new();
     // Deletion waits for publication, so it is retried until nothing is left to delete.
     let mut deletion_pending = !manifest.partitions.is_empty();
@@ -486,6 +491,27 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     info!(durable_watermarks = ?watermarks, elapsed_ms = started.elapsed().as_millis() as u64, "every record is durable; stopping");
     // Everything is durable; the executors hold nothing that needs a clean shutdown.
     std::process::exit(0);
+}
+
+/// Outputs at or below a partition's snapshot marker may have left with the segments the
+/// snapshot replaced. Deletion waits for publication, so this happens only when the
+/// outputs topic lost records or this data dir ran without publishing: then the outputs
+/// up to the marker cannot be published again, and waiting for them would stall the
+/// publisher for ever. Publication resumes after the marker, loudly.
+fn skip_outputs_the_ledger_no_longer_holds(published_ends: &mut [u64], manifest: &Manifest) {
+    for entry in &manifest.partitions {
+        let Some(end) = published_ends.get_mut(entry.partition as usize) else { continue };
+        if *end <= entry.marker_offset {
+            error!(
+                partition = entry.partition,
+                first_missing = *end,
+                last_missing = entry.marker_offset,
+                "the outputs topic lacks outputs that the Ledger no longer holds (the topic was emptied or \
+                 this data dir ran without --publish); publishing resumes after the snapshot marker"
+            );
+            *end = entry.marker_offset + 1;
+        }
+    }
 }
 
 /// Every part of `partition`'s snapshot at `marker_offset` is durable: commit the
@@ -964,16 +990,19 @@ async fn usher_loop(
             }
             continue;
         }
-        // spec: Ledger.SnapshotPlanned
-        if snapshot_every > 0 && usher.next_offset() - last_snapshot >= snapshot_every {
+        // spec: Ledger.SnapshotPlanned — at the end of the batch that crosses the threshold.
+        let snapshot = snapshot_every > 0 && usher.next_offset() + batch.len() as u64 - last_snapshot >= snapshot_every;
+        if snapshot {
             usher.request_snapshot();
-            last_snapshot = usher.next_offset();
         }
         let planned_from = usher.next_offset();
         let plan = match usher.plan_decoded(batch) {
             Ok(plan) => plan,
             Err(halted) => anyhow::bail!("the Usher of partition {partition} halted: {halted}"),
         };
+        if snapshot {
+            last_snapshot = usher.next_offset();
+        }
         if let Some(kafka) = shared.publishing() {
             kafka.unpublished.fetch_add(usher.next_offset() - planned_from, Ordering::Relaxed);
         }

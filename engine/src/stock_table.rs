@@ -4,7 +4,7 @@
 use serde::Serialize;
 use tribunal_shards::inventory::StockKey;
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 pub struct StockRow {
     pub warehouse: String,
     pub sku: String,
