@@ -96,6 +96,8 @@ pub struct KafkaShared {
     pub unpublished: AtomicU64,
     /// Set by a Kafka thread that cannot go on; the node stops with it.
     pub failure: Mutex<Option<String>>,
+    /// The last consumption error, until every partition delivered again (not ready).
+    pub source_error: Mutex<Option<String>>,
     pub stop: AtomicBool,
 }
 
@@ -106,6 +108,7 @@ impl KafkaShared {
             published_end: published_end.iter().map(|&e| AtomicU64::new(e)).collect(),
             unpublished: AtomicU64::new(0),
             failure: Mutex::new(None),
+            source_error: Mutex::new(None),
             stop: AtomicBool::new(false),
         }
     }
@@ -114,6 +117,17 @@ impl KafkaShared {
         error!("{message}");
         let mut failure = self.failure.lock().expect("failure lock");
         failure.get_or_insert(message);
+    }
+
+    fn set_source_error(&self, error: Option<String>) {
+        if error.is_none() && self.source_error.lock().expect("source error lock").is_some() {
+            info!("every partition of the commands topic delivers again; ready");
+        }
+        *self.source_error.lock().expect("source error lock") = error;
+    }
+
+    pub fn source_error(&self) -> Option<String> {
+        self.source_error.lock().expect("source error lock").clone()
     }
 
     pub fn failure(&self) -> Option<String> {
@@ -129,8 +143,41 @@ impl KafkaShared {
     }
 
     fn connected(&self) {
-        if !self.broker_connected.swap(true, Ordering::Relaxed) {
+        // Load first: this runs per record, and a swap would write the shared line each time.
+        if !self.broker_connected.load(Ordering::Relaxed) && !self.broker_connected.swap(true, Ordering::Relaxed) {
             info!("Kafka broker reachable again; ready");
+        }
+    }
+
+    /// librdkafka's error callback: every error event goes through it, end of partition
+    /// and per-partition consumption errors included. Only losing the broker makes the
+    /// instance not ready; the source loop handles the rest.
+    fn client_error(&self, error: KafkaError, reason: &str) {
+        match error {
+            KafkaError::Global(
+                RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::Resolve
+                | RDKafkaErrorCode::BrokerNotAvailable,
+            ) => self.disconnected(&error, reason),
+            KafkaError::Global(RDKafkaErrorCode::PartitionEOF) => {}
+            _ => debug!(%error, reason, "Kafka client error"),
+        }
+    }
+
+    /// Records a panic or error of a Kafka thread, so that the node stops with it.
+    fn run_thread(self: &Arc<Self>, what: &str, body: impl FnOnce() -> anyhow::Result<()>) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => self.fail(format!("the {what} stopped: {error:#}")),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("a panic");
+                self.fail(format!("the {what} panicked: {message}"));
+            }
         }
     }
 }
@@ -145,7 +192,7 @@ struct ClientHooks {
 
 impl ClientContext for ClientHooks {
     fn error(&self, error: KafkaError, reason: &str) {
-        self.shared.disconnected(&error, reason);
+        self.shared.client_error(error, reason);
     }
 }
 
@@ -256,7 +303,9 @@ pub fn ensure_topics(config: &KafkaConfig, topics: Topics, deadline: Option<Inst
                         TopicReplication::Fixed(i32::from(config.replication_factor)),
                     )
                     // Never compacted: offsets stay contiguous (spec: KafkaLog.GapHalts).
-                    .set("cleanup.policy", "delete"),
+                    // Timestamps are the broker's, so no producer's clock moves stream time.
+                    .set("cleanup.policy", "delete")
+                    .set("message.timestamp.type", "LogAppendTime"),
                 );
             }
         }
@@ -281,51 +330,68 @@ pub fn read_published_ends(config: &KafkaConfig, partitions: u32) -> anyhow::Res
         .set("group.id", "tribunal-publisher-probe")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        // The last record may go with retention between the watermark read and the fetch.
+        .set("auto.offset.reset", "error")
         .create()
         .context("creating a Kafka consumer")?;
     let mut ends = Vec::with_capacity(partitions as usize);
+    let mut backoff = BACKOFF_MIN;
     for partition in 0..partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(&config.outputs_topic, partition as i32, METADATA_TIMEOUT)
-            .with_context(|| format!("reading the watermarks of {}/{partition}", config.outputs_topic))?;
-        if high <= low {
-            ends.push(0);
-            continue;
-        }
-        let mut assignment = TopicPartitionList::new();
-        assignment.add_partition_offset(&config.outputs_topic, partition as i32, Offset::Offset(high - 1))?;
-        consumer.assign(&assignment)?;
-        let started = Instant::now();
-        let key = loop {
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(30),
-                "reading the last record of {}/{partition} timed out",
-                config.outputs_topic
-            );
-            match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(message)) if message.partition() == partition as i32 => {
-                    break message.key().and_then(OutputJson::parse_key)
+        // spec: KafkaLog.BrokerLossRetries — the broker may be away at start: wait for it.
+        let end = loop {
+            match last_published(&consumer, &config.outputs_topic, partition) {
+                Ok(end) => break end,
+                Err(error) => {
+                    warn!(topic = %config.outputs_topic, partition, "reading the outputs topic: {error:#}; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
-                Some(Err(error)) => warn!(%error, "reading the outputs topic"),
-                _ => {}
             }
         };
-        match key {
-            Some((p, offset)) if p == partition => ends.push(offset + 1),
-            _ => {
-                // A stranger wrote there. Publishing everything the Ledger holds again
-                // loses nothing: duplicates are identical and keyed.
-                warn!(
-                    topic = %config.outputs_topic,
-                    partition,
-                    "the last record of the outputs topic has no Tribunal key for this partition; \
-                     publishing every output the Ledger holds again"
-                );
-                ends.push(0);
-            }
-        }
+        ends.push(end);
     }
     Ok(ends)
+}
+
+/// One past the input offset of the last output in `partition` of the outputs topic.
+fn last_published(consumer: &BaseConsumer, topic: &str, partition: u32) -> anyhow::Result<u64> {
+    let (low, high) = consumer.fetch_watermarks(topic, partition as i32, METADATA_TIMEOUT)?;
+    if high <= low {
+        return Ok(0);
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, partition as i32, Offset::Offset(high - 1))?;
+    consumer.assign(&assignment)?;
+    let started = Instant::now();
+    let message = loop {
+        anyhow::ensure!(started.elapsed() < METADATA_TIMEOUT * 2, "reading the last record timed out");
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) if message.partition() == partition as i32 => break message,
+            Some(Err(error)) => anyhow::bail!("{error}"),
+            _ => {}
+        }
+    };
+    // The key must be this partition's, and the JSON inside must say the same: a record
+    // from a stranger (or a forged key) must not make outputs count as published.
+    let key = message.key().and_then(OutputJson::parse_key);
+    let body: Option<(u32, u64)> = message
+        .payload()
+        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+        .and_then(|v| Some((u32::try_from(v["partition"].as_u64()?).ok()?, v["offset"].as_u64()?)));
+    match (key, body) {
+        (Some((p, offset)), Some(inside)) if p == partition && inside == (p, offset) => Ok(offset + 1),
+        _ => {
+            // Publishing everything the Ledger holds again loses nothing: duplicates are
+            // identical and keyed.
+            warn!(
+                topic,
+                partition,
+                "the last record of the outputs topic is not a Tribunal output of this partition; \
+                 publishing every output the Ledger holds again"
+            );
+            Ok(0)
+        }
+    }
 }
 
 /// What the source thread hands an Usher.
@@ -363,9 +429,7 @@ pub fn spawn_source(
     std::thread::Builder::new()
         .name("kafka-source".into())
         .spawn(move || {
-            if let Err(error) = source_loop(&consumer, &topic, start_offsets, &feeds, &shared) {
-                shared.fail(format!("the Kafka source stopped: {error:#}"));
-            }
+            shared.run_thread("Kafka source", || source_loop(&consumer, &topic, start_offsets, &feeds, &shared))
         })
         .context("starting the Kafka source thread")
 }
@@ -378,80 +442,151 @@ fn assign(consumer: &BaseConsumer<ClientHooks>, topic: &str, next_offsets: &[u64
     consumer.assign(&assignment).context("assigning the commands topic's partitions")
 }
 
+/// The source thread's side of the per-partition channels.
+struct Feeds<'a> {
+    senders: &'a [SyncSender<Feed>],
+    batches: Vec<Vec<Decoded<Inventory>>>,
+    /// The partition's Usher is gone (it finished under `--stop-at-end`): drop its records.
+    closed: Vec<bool>,
+    /// Partitions with a non-empty batch.
+    pending: usize,
+}
+
+impl Feeds<'_> {
+    fn push(&mut self, partition: usize, record: Decoded<Inventory>) {
+        if self.closed[partition] {
+            return;
+        }
+        let batch = &mut self.batches[partition];
+        if batch.is_empty() {
+            self.pending += 1;
+            batch.reserve(SOURCE_BATCH_RECORDS);
+        }
+        batch.push(record);
+        if batch.len() >= SOURCE_BATCH_RECORDS {
+            self.flush(partition);
+        }
+    }
+
+    /// Hands the partition's batch to its Usher; blocks while its channel is full.
+    fn flush(&mut self, partition: usize) {
+        let batch = std::mem::take(&mut self.batches[partition]);
+        if batch.is_empty() {
+            return;
+        }
+        self.pending -= 1;
+        if !self.closed[partition] && self.senders[partition].send(Feed::Batch(batch)).is_err() {
+            self.closed[partition] = true;
+        }
+    }
+
+    fn flush_all(&mut self) {
+        for partition in 0..self.senders.len() {
+            self.flush(partition);
+        }
+    }
+
+    fn at_end(&mut self, partition: usize) {
+        self.flush(partition);
+        if !self.closed[partition] && self.senders[partition].send(Feed::AtEnd).is_err() {
+            self.closed[partition] = true;
+        }
+    }
+
+    fn all_closed(&self) -> bool {
+        self.closed.iter().all(|c| *c)
+    }
+}
+
+/// After a consumption error: the retry delay, and which partitions delivered since.
+struct ErrorRecovery {
+    backoff: Duration,
+    delivered_since: Option<Vec<bool>>,
+}
+
+impl ErrorRecovery {
+    /// A record or end of partition arrived: once every partition has, the error is over.
+    fn delivered(&mut self, partition: usize, shared: &KafkaShared) {
+        if let Some(seen) = &mut self.delivered_since {
+            seen[partition] = true;
+            if seen.iter().all(|s| *s) {
+                self.delivered_since = None;
+                self.backoff = BACKOFF_MIN;
+                shared.set_source_error(None);
+            }
+        }
+    }
+}
+
 fn source_loop(
     consumer: &BaseConsumer<ClientHooks>,
     topic: &str,
     mut next_offsets: Vec<u64>,
-    feeds: &[SyncSender<Feed>],
+    senders: &[SyncSender<Feed>],
     shared: &KafkaShared,
 ) -> anyhow::Result<()> {
-    let mut batches: Vec<Vec<Decoded<Inventory>>> = feeds.iter().map(|_| Vec::new()).collect();
-    let mut backoff = BACKOFF_MIN;
-    let mut last_probe = Instant::now();
-    let flush = |partition: usize, batches: &mut Vec<Vec<Decoded<Inventory>>>| -> bool {
-        let batch = std::mem::take(&mut batches[partition]);
-        batch.is_empty() || feeds[partition].send(Feed::Batch(batch)).is_ok()
+    let partitions = senders.len();
+    let mut feeds = Feeds {
+        senders,
+        batches: (0..partitions).map(|_| Vec::new()).collect(),
+        closed: vec![false; partitions],
+        pending: 0,
     };
-    while !shared.stop.load(Ordering::Relaxed) {
-        let pending = batches.iter().any(|b| !b.is_empty());
-        let timeout = if pending { Duration::ZERO } else { Duration::from_millis(100) };
+    let mut probe_backoff = BACKOFF_MIN;
+    let mut last_probe = Instant::now();
+    let mut errors = ErrorRecovery { backoff: BACKOFF_MIN, delivered_since: None };
+    while !shared.stop.load(Ordering::Relaxed) && !feeds.all_closed() {
+        let timeout = if feeds.pending > 0 { Duration::ZERO } else { Duration::from_millis(100) };
         match consumer.poll(timeout) {
             None => {
-                for partition in 0..feeds.len() {
-                    if !flush(partition, &mut batches) {
-                        return Ok(()); // the node is stopping
-                    }
-                }
-                if !shared.broker_connected.load(Ordering::Relaxed) && last_probe.elapsed() >= backoff {
+                feeds.flush_all();
+                if !shared.broker_connected.load(Ordering::Relaxed) && last_probe.elapsed() >= probe_backoff {
                     last_probe = Instant::now();
                     match consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
                         Ok(_) => {
                             shared.connected();
-                            backoff = BACKOFF_MIN;
+                            probe_backoff = BACKOFF_MIN;
                         }
-                        Err(_) => backoff = (backoff * 2).min(BACKOFF_MAX),
+                        Err(_) => probe_backoff = (probe_backoff * 2).min(BACKOFF_MAX),
                     }
                 }
             }
             Some(Ok(message)) => {
                 shared.connected();
-                backoff = BACKOFF_MIN;
-                let Some(partition) = usize::try_from(message.partition()).ok().filter(|p| *p < feeds.len()) else {
+                let Some(partition) = usize::try_from(message.partition()).ok().filter(|p| *p < partitions) else {
                     warn!(partition = message.partition(), "a record from a partition that is not assigned");
                     continue;
                 };
                 let offset = message.offset() as u64;
                 // spec: KafkaLog.StrangerRecordRejected — any bytes (or none) decode to an
                 // Envelope or to a DecodeError, which the Usher turns into a `malformed` output.
-                batches[partition].push(Decoded {
-                    offset,
-                    timestamp_ms: message.timestamp().to_millis().map_or(0, |t| t.max(0) as u64),
-                    envelope: Envelope::<Inventory>::decode(message.payload().unwrap_or_default()),
-                });
+                feeds.push(
+                    partition,
+                    Decoded {
+                        offset,
+                        timestamp_ms: message.timestamp().to_millis().map_or(0, |t| t.max(0) as u64),
+                        envelope: Envelope::<Inventory>::decode(message.payload().unwrap_or_default()),
+                    },
+                );
                 next_offsets[partition] = offset + 1;
-                if batches[partition].len() >= SOURCE_BATCH_RECORDS && !flush(partition, &mut batches) {
-                    return Ok(());
-                }
+                errors.delivered(partition, shared);
             }
             Some(Err(KafkaError::PartitionEOF(partition))) => {
                 shared.connected();
-                let Some(partition) = usize::try_from(partition).ok().filter(|p| *p < feeds.len()) else { continue };
-                if !flush(partition, &mut batches) || feeds[partition].send(Feed::AtEnd).is_err() {
-                    return Ok(());
-                }
+                let Some(partition) = usize::try_from(partition).ok().filter(|p| *p < partitions) else { continue };
+                feeds.at_end(partition);
+                errors.delivered(partition, shared);
             }
             Some(Err(error)) => {
-                // spec: KafkaLog.NoSilentReset, KafkaLog.BrokerLossRetries — an offset out of
-                // range or a fetch error: report, wait, and read again from our own positions.
-                shared.disconnected(&error, "consuming the commands topic");
-                for partition in 0..feeds.len() {
-                    if !flush(partition, &mut batches) {
-                        return Ok(());
-                    }
-                }
-                warn!(%error, next_offsets = ?next_offsets, "re-reading the commands topic from this instance's offsets");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                // spec: KafkaLog.NoSilentReset — an offset out of range, or any other fetch
+                // error: not ready until every partition delivers again; wait, then read
+                // again from this instance's own positions. Never skip.
+                feeds.flush_all();
+                warn!(%error, next_offsets = ?next_offsets, "consuming the commands topic failed; reading again from this instance's offsets");
+                shared.set_source_error(Some(error.to_string()));
+                errors.delivered_since = Some(vec![false; partitions]);
+                std::thread::sleep(errors.backoff);
+                errors.backoff = (errors.backoff * 2).min(BACKOFF_MAX);
                 assign(consumer, topic, &next_offsets)?;
             }
         }
@@ -483,22 +618,20 @@ pub fn spawn_publisher(
         .set("acks", "all")
         // Retry for as long as the broker is away; a final failure stops the instance.
         .set("message.timeout.ms", "0")
-        .set("linger.ms", "2")
+        // Bigger produce requests cost the broker less per output (the broker shares the
+        // machine); 10 ms is small next to a certification round trip.
+        .set("linger.ms", "10")
+        .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", (MAX_UNPUBLISHED * 2).to_string())
         .create_with_context(ClientHooks { shared: shared.clone(), deliveries: Mutex::new(Vec::new()) })
         .context("creating the Kafka producer")?;
-    let mut publisher = Publisher::new(published_ends);
-    for output in from_ledger {
-        publisher.offer(output.partition, output.offset, output.bytes)?;
-    }
+    let publisher = Publisher::new(published_ends);
     let topic: Arc<str> = config.outputs_topic.as_str().into();
     std::thread::Builder::new()
         .name("kafka-publisher".into())
         .spawn(move || {
             let mut shell = PublisherShell { producer, publisher, topic, resume_offsets, shared: shared.clone() };
-            if let Err(error) = shell.run(outputs) {
-                shared.fail(format!("the publisher stopped: {error:#}"));
-            }
+            shared.run_thread("publisher", || shell.run(from_ledger, outputs))
         })
         .context("starting the Kafka publisher thread")
 }
@@ -512,8 +645,21 @@ struct PublisherShell {
 }
 
 impl PublisherShell {
-    fn run(&mut self, outputs: Receiver<Vec<DurableOutput>>) -> anyhow::Result<()> {
+    fn run(&mut self, from_ledger: Vec<DurableOutput>, outputs: Receiver<Vec<DurableOutput>>) -> anyhow::Result<()> {
         let mut released = Vec::new();
+        // What the outputs topic may lack first, a chunk at a time, so that nothing waits
+        // in the Publisher for long (from_ledger is in (partition, offset) order).
+        let mut from_ledger = from_ledger.into_iter().peekable();
+        while from_ledger.peek().is_some() {
+            for output in from_ledger.by_ref().take(SOURCE_BATCH_RECORDS) {
+                self.offer(output)?;
+            }
+            self.publisher.release(&mut released);
+            for release in released.drain(..) {
+                self.produce(release)?;
+            }
+            self.serve_deliveries()?;
+        }
         let mut disconnected = false;
         while !self.shared.stop.load(Ordering::Relaxed) {
             match outputs.recv_timeout(Duration::from_millis(2)) {
@@ -536,10 +682,20 @@ impl PublisherShell {
             for release in released.drain(..) {
                 self.produce(release)?;
             }
-            self.producer.poll(Duration::ZERO);
-            self.take_deliveries()?;
+            self.serve_deliveries()?;
         }
         Ok(())
+    }
+
+    /// Serves every delivery report librdkafka has ready: one `poll` serves one event (one
+    /// produce response), so a single poll per loop would let acknowledgements fall behind.
+    fn serve_deliveries(&mut self) -> anyhow::Result<()> {
+        loop {
+            self.producer.poll(Duration::ZERO);
+            if self.take_deliveries()? == 0 {
+                return Ok(());
+            }
+        }
     }
 
     fn offer(&mut self, output: DurableOutput) -> anyhow::Result<()> {
@@ -580,8 +736,10 @@ impl PublisherShell {
         }
     }
 
-    fn take_deliveries(&mut self) -> anyhow::Result<()> {
+    /// Applies the delivery reports gathered so far; returns how many there were.
+    fn take_deliveries(&mut self) -> anyhow::Result<usize> {
         let deliveries = std::mem::take(&mut *self.producer.context().deliveries.lock().expect("deliveries lock"));
+        let count = deliveries.len();
         for delivery in deliveries {
             // spec: Publisher.IdempotentNoTransactions — a final failure is never skipped.
             let (partition, offset) = delivery.map_err(|e| anyhow::anyhow!(e))?;
@@ -590,7 +748,7 @@ impl PublisherShell {
                 .store(self.publisher.published_end(partition), Ordering::Release);
             self.settled(partition, offset);
         }
-        Ok(())
+        Ok(count)
     }
 }
 
@@ -664,7 +822,7 @@ struct AppendContext {
 
 impl ClientContext for AppendContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        self.shared.disconnected(&error, reason);
+        self.shared.client_error(error, reason);
     }
 }
 

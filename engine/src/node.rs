@@ -105,6 +105,10 @@ struct Status {
     /// Kafka only.
     #[serde(skip_serializing_if = "Option::is_none")]
     broker_connected: Option<bool>,
+    /// Kafka only: the last error consuming the commands topic, until every partition
+    /// delivers again (spec: KafkaLog.NoSilentReset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_error: Option<String>,
     ledger_syncs: u64,
     uptime_ms: u128,
     /// Time from start to ready: reading and replaying the Ledger, cutting, starting shards.
@@ -135,6 +139,8 @@ struct Shared {
     next_offset: Vec<AtomicU64>,
     in_flight: AtomicU64,
     stop: AtomicBool,
+    /// Per partition: snapshot at the next batch (another partition took one).
+    snapshot_wanted: Vec<AtomicBool>,
     /// Set when publishing to Kafka.
     kafka: Option<Arc<KafkaShared>>,
 }
@@ -209,6 +215,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         next_offset: None,
         partitions: Vec::new(),
         broker_connected: None,
+        source_error: None,
         ledger_syncs: 0,
         uptime_ms: 0,
         recovery_ms: None,
@@ -242,9 +249,6 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let mut manifest = ledger_io::read_manifest(&layout, shard_count)?;
     let snapshot = ledger_io::read_snapshot::<D>(&layout, &manifest).context("loading the snapshot")?;
     let logs = ledger_io::read_logs::<D>(&layout, shard_count)?;
-    if let Some(ends) = kafka.as_mut().and_then(|k| k.published_ends.as_mut()) {
-        skip_outputs_the_ledger_no_longer_holds(ends, &manifest);
-    }
     // Outputs the outputs topic may lack: the publisher offers them again first.
     let mut from_ledger: Vec<DurableOutput> = Vec::new();
     if let Some(ends) = kafka.as_ref().and_then(|k| k.published_ends.as_ref()) {
@@ -255,6 +259,9 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+    }
+    if let Some(ends) = kafka.as_mut().and_then(|k| k.published_ends.as_mut()) {
+        skip_outputs_the_ledger_no_longer_holds(ends, &manifest, &mut from_ledger);
     }
     let mut recovered = recover(shard_count, usher_config(shard_count, config.warden), logs, snapshot)
         .context("recovering the Ledger")?;
@@ -303,6 +310,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         next_offset: resume.iter().map(|&r| AtomicU64::new(r)).collect(),
         in_flight: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        snapshot_wanted: resume.iter().map(|_| AtomicBool::new(false)).collect(),
         kafka: kafka_shared.clone(),
     });
     // With Kafka but not publishing, a KafkaShared still carries readiness and failures.
@@ -415,6 +423,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         let next_offsets = shared.next_offsets();
         let published = shared.published_ends();
         let broker_connected = source_shared.as_ref().map(|k| k.broker_connected.load(Ordering::Relaxed));
+        let source_error = source_shared.as_ref().and_then(|k| k.source_error());
         let partitions: Vec<PartitionStatus> = (0..shared.partitions)
             .map(|p| PartitionStatus {
                 partition: p,
@@ -425,12 +434,13 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             .collect();
         Status {
             phase,
-            ready: phase == "ready" && broker_connected != Some(false),
+            ready: phase == "ready" && broker_connected != Some(false) && source_error.is_none(),
             shards: shard_count,
             durable_watermark: partitions[0].durable_watermark,
             next_offset: Some(next_offsets[0]),
             partitions,
             broker_connected,
+            source_error,
             ledger_syncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
             uptime_ms: started.elapsed().as_millis(),
             recovery_ms: Some(recovery_ms),
@@ -495,22 +505,38 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
 
 /// Outputs at or below a partition's snapshot marker may have left with the segments the
 /// snapshot replaced. Deletion waits for publication, so this happens only when the
-/// outputs topic lost records or this data dir ran without publishing: then the outputs
-/// up to the marker cannot be published again, and waiting for them would stall the
-/// publisher for ever. Publication resumes after the marker, loudly.
-fn skip_outputs_the_ledger_no_longer_holds(published_ends: &mut [u64], manifest: &Manifest) {
+/// outputs topic lost records or this data dir ran without publishing. If the Ledger still
+/// holds every output from the topic's end to the marker, they are published again;
+/// otherwise they cannot be, and waiting for them would stall the publisher for ever:
+/// publication resumes after the marker, loudly.
+fn skip_outputs_the_ledger_no_longer_holds(
+    published_ends: &mut [u64],
+    manifest: &Manifest,
+    from_ledger: &mut Vec<DurableOutput>,
+) {
     for entry in &manifest.partitions {
-        let Some(end) = published_ends.get_mut(entry.partition as usize) else { continue };
-        if *end <= entry.marker_offset {
-            error!(
-                partition = entry.partition,
-                first_missing = *end,
-                last_missing = entry.marker_offset,
-                "the outputs topic lacks outputs that the Ledger no longer holds (the topic was emptied or \
-                 this data dir ran without --publish); publishing resumes after the snapshot marker"
-            );
-            *end = entry.marker_offset + 1;
+        let (partition, marker) = (entry.partition, entry.marker_offset);
+        let Some(end) = published_ends.get_mut(partition as usize) else { continue };
+        if *end > marker {
+            continue;
         }
+        let held: BTreeSet<u64> = from_ledger
+            .iter()
+            .filter(|o| o.partition == partition && o.offset >= *end && o.offset <= marker)
+            .map(|o| o.offset)
+            .collect();
+        if held.len() as u64 == marker - *end + 1 {
+            continue; // every one of them is still in the Ledger
+        }
+        error!(
+            partition,
+            first_missing = *end,
+            last_missing = marker,
+            "the outputs topic lacks outputs that the Ledger no longer holds (the topic was emptied or \
+             this data dir ran without --publish); publishing resumes after the snapshot marker"
+        );
+        *end = marker + 1;
+        from_ledger.retain(|o| o.partition != partition || o.offset > marker);
     }
 }
 
@@ -991,7 +1017,18 @@ async fn usher_loop(
             continue;
         }
         // spec: Ledger.SnapshotPlanned — at the end of the batch that crosses the threshold.
-        let snapshot = snapshot_every > 0 && usher.next_offset() + batch.len() as u64 - last_snapshot >= snapshot_every;
+        // Every other partition is asked to snapshot at its next batch too: a segment is
+        // deleted only once every partition's snapshot covers it, so a partition with little
+        // traffic would otherwise hold back deletion for all (spec: Ledger.SegmentsBelowSnapshotDeleted).
+        let own = snapshot_every > 0 && usher.next_offset() + batch.len() as u64 - last_snapshot >= snapshot_every;
+        if own {
+            for (other, wanted) in shared.snapshot_wanted.iter().enumerate() {
+                if other != partition as usize {
+                    wanted.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        let snapshot = own || shared.snapshot_wanted[partition as usize].swap(false, Ordering::Relaxed);
         if snapshot {
             usher.request_snapshot();
         }
