@@ -1,8 +1,11 @@
-//! The broker's raw consume rate, for `make bench-kafka`: a plain rdkafka consumer reads
-//! every partition of a topic from offset 0 to its end and does nothing else with the
-//! records. The engine's rate is compared with this one in the same run.
+//! The broker's raw rates, for `make bench-kafka`: a plain rdkafka consumer reads every
+//! partition of a topic from offset 0 to its end and does nothing else with the records.
+//! With `--pipe OUT`, it also produces one record per input (the input's bytes, keyed
+//! `partition:offset`, idempotent, to the same partition of OUT) and waits until every
+//! one is acknowledged: what the broker can do when, like the engine, it must both serve
+//! the input and take one output per input. The engine's rate is compared with both.
 //!
-//! `cargo run --release -p tribunal --example raw_consume -- HOST:PORT TOPIC`
+//! `cargo run --release -p tribunal --example raw_consume -- HOST:PORT TOPIC [--pipe OUT]`
 
 use std::time::{Duration, Instant};
 
@@ -10,12 +13,32 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(brokers), Some(topic)) = (args.next(), args.next()) else {
-        anyhow::bail!("usage: raw_consume HOST:PORT TOPIC");
+        anyhow::bail!("usage: raw_consume HOST:PORT TOPIC [--pipe OUT]");
+    };
+    let pipe = match (args.next().as_deref(), args.next()) {
+        (Some("--pipe"), Some(out)) => Some(out),
+        (None, _) => None,
+        _ => anyhow::bail!("usage: raw_consume HOST:PORT TOPIC [--pipe OUT]"),
+    };
+    // The same producer settings as the engine's publisher.
+    let producer: Option<BaseProducer> = match &pipe {
+        Some(_) => Some(
+            ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("linger.ms", "10")
+                .set("batch.num.messages", "10000")
+                .set("queue.buffering.max.messages", "1000000")
+                .create()?,
+        ),
+        None => None,
     };
     // The same fetch settings as the engine's source thread.
     let consumer: BaseConsumer = ClientConfig::new()
@@ -40,12 +63,30 @@ fn main() -> anyhow::Result<()> {
         match consumer.poll(Duration::from_secs(10)) {
             Some(Ok(message)) => {
                 records += 1;
-                bytes += message.payload().map_or(0, |p| p.len() as u64);
+                let payload = message.payload().unwrap_or_default();
+                bytes += payload.len() as u64;
+                if let (Some(producer), Some(out)) = (&producer, &pipe) {
+                    let key = format!("{}:{}", message.partition(), message.offset());
+                    let mut record = BaseRecord::to(out).partition(message.partition()).key(&key).payload(payload);
+                    loop {
+                        match producer.send(record) {
+                            Ok(()) => break,
+                            Err((_, returned)) => {
+                                record = returned;
+                                producer.poll(Duration::from_millis(10));
+                            }
+                        }
+                    }
+                    producer.poll(Duration::ZERO);
+                }
             }
             Some(Err(KafkaError::PartitionEOF(_))) => at_end += 1,
             Some(Err(error)) => anyhow::bail!("{error}"),
             None => anyhow::bail!("no record for 10 s after {records}"),
         }
+    }
+    if let Some(producer) = &producer {
+        producer.flush(Duration::from_secs(600))?;
     }
     let elapsed = started.elapsed();
     println!(

@@ -660,13 +660,6 @@ impl ShardState {
             match effect {
                 ShardEffect::Send { to, message } => self.stage(to, message),
                 ShardEffect::Output { output, changes } => {
-                    if let Some(outputs) = &mut self.pending_outputs {
-                        outputs.push(DurableOutput {
-                            partition: output.partition,
-                            offset: output.offset,
-                            bytes: output.bytes.clone(),
-                        });
-                    }
                     let record = LedgerRecord::<D>::Entry {
                         partition: output.partition,
                         offset: output.offset,
@@ -674,6 +667,12 @@ impl ShardState {
                         deltas: changes.into_vec(),
                     };
                     encode_record(&record, &mut self.pending_bytes).expect("an entry record fits the record bound");
+                    if let (Some(outputs), LedgerRecord::Entry { partition, offset, output, .. }) =
+                        (&mut self.pending_outputs, record)
+                    {
+                        // Moved, not copied: the record is encoded already.
+                        outputs.push(DurableOutput { partition, offset, bytes: output });
+                    }
                 }
                 ShardEffect::BatchDone { partition, last_offset, usher, snapshot } => {
                     // spec: Ledger.BatchEndMarkerAppended
