@@ -261,6 +261,19 @@ pub async fn settle_io_probe(layout: &Layout, shard: ShardId) -> io::Result<()> 
     fs::remove_file(&path)
 }
 
+/// Creates the directory a part at `path` goes in, durably: a new snapshot directory is
+/// an entry of `snapshots/`, which is synced too, so the part cannot vanish with it.
+pub fn create_part_dir(path: &Path) -> io::Result<()> {
+    let dir = path.parent().expect("parts live in a directory");
+    if !dir.is_dir() {
+        fs::create_dir_all(dir)?;
+        if let Some(parent) = dir.parent() {
+            fs::File::open(parent)?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
 /// A snapshot part on disk: `[crc32c of payload: u32 LE][postcard payload]`.
 pub fn write_part<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let payload = postcard::to_stdvec(value).map_err(|e| io::Error::other(e.to_string()))?;

@@ -794,7 +794,7 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
                     writer.commit(&bytes[committed..pending.end_in_pending_bytes]).await?;
                     committed = pending.end_in_pending_bytes;
                     let path = layout.shard_part_path(pending.partition, pending.marker_offset, shard);
-                    std::fs::create_dir_all(path.parent().expect("parts live in a directory"))?;
+                    ledger_io::create_part_dir(&path)?;
                     ledger_io::write_part(&path, &pending.entities)?;
                     writer.roll().await?;
                     let part = Event::SnapshotPart {
@@ -1055,7 +1055,7 @@ async fn usher_loop(
         }
         if let (Some(snapshot), Some(marker_offset)) = (&plan.snapshot, plan.last_offset) {
             let path = layout.usher_part_path(partition, marker_offset);
-            std::fs::create_dir_all(path.parent().expect("parts live in a directory"))?;
+            ledger_io::create_part_dir(&path)?;
             ledger_io::write_part(&path, snapshot).context("writing the Usher's snapshot part")?;
             let _ = events.send(Event::SnapshotPart { partition, marker_offset, shard: None, first_kept_segment: 0 });
         }
