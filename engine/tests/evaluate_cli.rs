@@ -1,11 +1,10 @@
 //! The `tribunal` binary, run as a user would: `sample | evaluate`.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-fn tribunal() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tribunal"))
-}
+mod support;
+use support::tribunal;
 
 fn sample(events: u64) -> Vec<u8> {
     let out = tribunal().args(["sample", "--events", &events.to_string()]).output().unwrap();

@@ -9,13 +9,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+mod support;
+
 use serde_json::Value;
+use support::{die_with_parent, ok, tribunal};
 use tribunal_shards::inventory::Inventory;
 use tribunal_shards::reference::Reference;
 use tribunal_shards::simulator::SplitMix64;
@@ -28,16 +30,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// against hanging).
 const PATIENCE: Duration = Duration::from_secs(180);
 const PARTITIONS: u32 = 3;
-
-fn tribunal() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tribunal"))
-}
-
-fn ok(command: &mut Command) -> Vec<u8> {
-    let out = command.output().expect("tribunal runs");
-    assert!(out.status.success(), "{command:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    out.stdout
-}
 
 fn tansu_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("TANSU") {
@@ -77,14 +69,7 @@ impl Broker {
             .current_dir(self.dir.path())
             .stdout(Stdio::null())
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe; the broker dies with the test process.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        self.child = Some(command.spawn().expect("tansu starts"));
+        self.child = Some(die_with_parent(&mut command).spawn().expect("tansu starts"));
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(started.elapsed() < PATIENCE, "the broker never listened on {}", self.port);
@@ -135,14 +120,7 @@ impl Instance {
             .stdout(Stdio::null())
             // A file, not a pipe: a pipe nobody reads would block a chatty run.
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap());
-        // SAFETY: as for the broker.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        command.spawn().unwrap()
+        die_with_parent(&mut command).spawn().unwrap()
     }
 
     fn log_path(&self) -> PathBuf {

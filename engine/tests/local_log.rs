@@ -4,11 +4,10 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
-fn tribunal() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tribunal"))
-}
+mod support;
+use support::tribunal;
 
 fn log_arg(dir: &Path) -> String {
     format!("local:{}", dir.display())

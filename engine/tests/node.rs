@@ -6,20 +6,13 @@
 //! twice), same stock table.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use support::{ok, tribunal};
 use tribunal_shards::simulator::SplitMix64;
 
-fn tribunal() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tribunal"))
-}
-
-fn ok(command: &mut Command) -> Vec<u8> {
-    let out = command.output().expect("tribunal runs");
-    assert!(out.status.success(), "{command:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    out.stdout
-}
+mod support;
 
 struct Dirs {
     _tmp: tempfile::TempDir,
