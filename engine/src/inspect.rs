@@ -91,6 +91,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let recovered = recover(shard_count, usher, logs, snapshot).context("recovering the Ledger")?;
     let partition_ids: std::collections::BTreeSet<u32> =
         recovered.watermarks.keys().chain(markers.keys()).copied().chain(std::iter::once(0)).collect();
+    // Order-free sum of entity digests over every shard's Registrar.
+    let partition_digest =
+        |partition| recovered.arbiters.iter().fold(0u128, |acc, a| acc.wrapping_add(a.registrar().digest(partition)));
     let mut partitions = Vec::new();
     for &partition in &partition_ids {
         let watermark = recovered.watermarks.get(&partition).copied();
@@ -98,12 +101,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let mut outputs = all_outputs.remove(&partition).unwrap_or_default();
         // Outputs at or below a snapshot's marker left with the segments it replaced.
         outputs.retain(|offset, _| watermark.is_some_and(|w| *offset <= w) && marker.is_none_or(|m| *offset > m));
-        let digest = recovered.arbiters.iter().fold(0u128, |acc, a| acc.wrapping_add(a.registrar().digest(partition)));
         partitions.push(PartitionReport {
             partition,
             durable_watermark: watermark,
             snapshot_marker: marker,
-            partition_digest: format!("{digest:032x}"),
+            partition_digest: format!("{:032x}", partition_digest(partition)),
             outputs: outputs.len() as u64,
             outputs_digest: format!("{:032x}", outputs_digest(outputs.into_iter())),
             stock: crate::stock_table::rows(
@@ -113,12 +115,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let first = &partitions[0];
     assert_eq!(first.partition, 0, "partition 0 is always reported");
-    let digest_0 = recovered.arbiters.iter().fold(0u128, |acc, a| acc.wrapping_add(a.registrar().digest(0)));
     let report = Report {
         shards: shard_count,
         durable_watermark: first.durable_watermark,
         snapshot_marker: first.snapshot_marker,
-        state_digest: format!("{:032x}", combine_partition_digests(&[(0, digest_0)])),
+        state_digest: format!("{:032x}", combine_partition_digests(&[(0, partition_digest(0))])),
         outputs: first.outputs,
         outputs_digest: first.outputs_digest.clone(),
         replayed_entries: recovered.replayed_entries,
