@@ -16,8 +16,9 @@ RUN_DIR ?= target/run
 .PHONY: run test lint test-rust specs tools bench bench-engine bench-kafka clean
 
 ## run: the main job on the embedded default. A sample workload is appended to a local
-## log in $(RUN_DIR), one instance runs on every allowed core until every record is
-## durable, and the recovered state is printed next to the reference interpreter's.
+## log in $(RUN_DIR), a 3-instance federation (`tribunal cluster`) processes it until every
+## record is durable on each instance, each instance's recovered state is checked against
+## the reference interpreter's, and the certified outputs are counted (scripts/run-cluster.sh).
 ## `make run KAFKA=1`: the same job on a Kafka broker it starts (scripts/run-kafka.sh).
 run:
 	$(CARGO) build --release -p tribunal
@@ -25,14 +26,7 @@ ifeq ($(KAFKA),1)
 	$(MAKE) --no-print-directory tools
 	EVENTS=$(EVENTS) scripts/run-kafka.sh
 else
-	rm -rf $(RUN_DIR) && mkdir -p $(RUN_DIR)
-	./target/release/tribunal sample --events $(EVENTS) > $(RUN_DIR)/commands.jsonl
-	./target/release/tribunal log append --log local:$(RUN_DIR)/log $(RUN_DIR)/commands.jsonl | tail -n 1 | sed 's/^/last offset appended: /'
-	./target/release/tribunal run --log local:$(RUN_DIR)/log --data-dir $(RUN_DIR)/data --stop-at-end
-	@echo; echo "== tribunal inspect (the engine's durable state)"
-	./target/release/tribunal inspect --data-dir $(RUN_DIR)/data
-	@echo; echo "== tribunal evaluate (the sequential reference over the same log)"
-	./target/release/tribunal evaluate --log local:$(RUN_DIR)/log | grep -E "records|digest|reference"
+	EVENTS=$(EVENTS) RUN_DIR=$(RUN_DIR) scripts/run-cluster.sh
 endif
 
 ## test: install missing tools, then formatting, clippy (warnings denied), every Rust test, and the specs.

@@ -25,17 +25,17 @@ echo "generating and appending $EVENTS events..."
 status() { python3 -c "import json,sys; s=json.load(open(sys.argv[2] + '/status.json')); print(s[sys.argv[1]])" "$1" "${2:-$WORK/data}"; }
 
 echo "processing..."
-"$BIN" run --log "local:$WORK/log" --data-dir "$WORK/data" --stop-at-end --snapshot-every 0 2> "$WORK/run.log"
+"$BIN" run --expected-copies 1 --log "local:$WORK/log" --data-dir "$WORK/data" --stop-at-end --snapshot-every 0 2> "$WORK/run.log"
 processed=$(status records_processed)
 processing_ms=$(status processing_ms)
 syncs=$(status ledger_syncs)
 echo "recovering (no snapshot)..."
-"$BIN" run --log "local:$WORK/log" --data-dir "$WORK/data" --stop-at-end --snapshot-every 0 2> "$WORK/restart.log"
+"$BIN" run --expected-copies 1 --log "local:$WORK/log" --data-dir "$WORK/data" --stop-at-end --snapshot-every 0 2> "$WORK/restart.log"
 recovery_ms=$(status recovery_ms)
 durable=$(status durable_watermark)
 echo "processing with snapshots, then recovering from the snapshot..."
-"$BIN" run --log "local:$WORK/log" --data-dir "$WORK/snap" --stop-at-end --snapshot-every 900000 2> "$WORK/run-snap.log"
-"$BIN" run --log "local:$WORK/log" --data-dir "$WORK/snap" --stop-at-end --snapshot-every 900000 2> "$WORK/restart-snap.log"
+"$BIN" run --expected-copies 1 --log "local:$WORK/log" --data-dir "$WORK/snap" --stop-at-end --snapshot-every 900000 2> "$WORK/run-snap.log"
+"$BIN" run --expected-copies 1 --log "local:$WORK/log" --data-dir "$WORK/snap" --stop-at-end --snapshot-every 900000 2> "$WORK/restart-snap.log"
 recovery_snapshot_ms=$(status recovery_ms "$WORK/snap")
 
 python3 - "$processed" "$processing_ms" "$syncs" "$recovery_ms" "$durable" "$(nproc)" "$recovery_snapshot_ms" <<'PY' | tee "$OUT/engine.json"

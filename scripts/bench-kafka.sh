@@ -34,7 +34,7 @@ pipe=$(target/release/examples/raw_consume "127.0.0.1:$port" tribunal.commands -
 echo "  $pipe"
 
 echo "engine: durable Ledger + published outputs..."
-"$BIN" run --log "kafka:127.0.0.1:$port" --data-dir "$WORK/data" --stop-at-end --snapshot-every 0 2> "$WORK/run.log"
+"$BIN" run --expected-copies 1 --log "kafka:127.0.0.1:$port" --data-dir "$WORK/data" --stop-at-end --snapshot-every 0 2> "$WORK/run.log"
 python3 - "$WORK/data/status.json" "$raw" "$EVENTS" "$PARTITIONS" "$OUT/kafka.json" "$pipe" <<'PY'
 import json, sys
 status = json.load(open(sys.argv[1]))

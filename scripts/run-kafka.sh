@@ -17,7 +17,7 @@ log="kafka:127.0.0.1:$port"
 echo "== broker: tansu on 127.0.0.1:$port (sqlite in $RUN_DIR/broker)"
 "$BIN" sample --events "$EVENTS" > "$RUN_DIR/commands.jsonl"
 "$BIN" log append --log "$log" --kafka-partitions "$PARTITIONS" "$RUN_DIR/commands.jsonl" | tail -n 1 | sed 's/^/last partition:offset appended: /'
-"$BIN" run --log "$log" --data-dir "$RUN_DIR/data" --stop-at-end
+"$BIN" run --expected-copies 1 --log "$log" --data-dir "$RUN_DIR/data" --stop-at-end
 echo; echo "== tribunal inspect (the engine's durable state)"
 "$BIN" inspect --data-dir "$RUN_DIR/data"
 echo; echo "== tribunal.outputs: $("$BIN" log read --log "$log" --topic tribunal.outputs | wc -l) outputs published; the first three:"

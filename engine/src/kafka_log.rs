@@ -29,11 +29,12 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
-use tribunal_federation::publisher::{Offered, Publisher, Release};
+use tribunal_federation::publisher::{Publisher, Release};
 use tribunal_shards::envelope::Envelope;
 use tribunal_shards::inventory::Inventory;
 use tribunal_shards::usher::Decoded;
 
+use crate::clerk_io::PublishBatch;
 use crate::output_json::OutputJson;
 
 pub const DEFAULT_COMMANDS_TOPIC: &str = "tribunal.commands";
@@ -44,9 +45,9 @@ pub const MAX_PARTITIONS: u32 = 256;
 const SOURCE_BATCH_RECORDS: usize = 4_096;
 /// Batches waiting per partition between the source thread and its Usher.
 pub const FEED_BATCHES_IN_FLIGHT: usize = 8;
-/// Records planned but not acknowledged by the broker past which the Usher stops
-/// reading (spec: Publisher.BoundedBacklog).
-pub const MAX_UNPUBLISHED: u64 = 262_144;
+/// Outputs the producer may hold unacknowledged (the Clerk's hand-over buffer bounds
+/// what is certified but unpublished: spec Publisher.BoundedBacklog).
+pub const MAX_UNPUBLISHED: u64 = crate::clerk_io::MAX_UNPUBLISHED;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
@@ -92,8 +93,6 @@ pub struct KafkaShared {
     pub broker_connected: AtomicBool,
     /// Per partition, one past the last offset the broker acknowledged on the outputs topic.
     pub published_end: Vec<AtomicU64>,
-    /// Records the Ushers planned this run whose outputs the broker has not acknowledged.
-    pub unpublished: AtomicU64,
     /// Set by a Kafka thread that cannot go on; the node stops with it.
     pub failure: Mutex<Option<String>>,
     /// The last consumption error, until every partition delivered again (not ready).
@@ -106,7 +105,6 @@ impl KafkaShared {
         Self {
             broker_connected: AtomicBool::new(true),
             published_end: published_end.iter().map(|&e| AtomicU64::new(e)).collect(),
-            unpublished: AtomicU64::new(0),
             failure: Mutex::new(None),
             source_error: Mutex::new(None),
             stop: AtomicBool::new(false),
@@ -602,14 +600,12 @@ pub struct DurableOutput {
     pub bytes: Vec<u8>,
 }
 
-/// Starts the publisher thread (spec: Publisher.*). `resume_offsets[p]` is where the
-/// Usher of p resumed: outputs below it were not counted in `unpublished`.
+/// Starts the publisher thread (spec: Publisher.*). It gets certified outputs from the
+/// Clerk while this instance holds the publisher role, in offset order per partition.
 pub fn spawn_publisher(
     config: &KafkaConfig,
     published_ends: &[u64],
-    from_ledger: Vec<DurableOutput>,
-    resume_offsets: Vec<u64>,
-    outputs: Receiver<Vec<DurableOutput>>,
+    outputs: Receiver<PublishBatch>,
     shared: Arc<KafkaShared>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let producer: BaseProducer<ClientHooks> = client_config(&config.brokers)
@@ -630,8 +626,8 @@ pub fn spawn_publisher(
     std::thread::Builder::new()
         .name("kafka-publisher".into())
         .spawn(move || {
-            let mut shell = PublisherShell { producer, publisher, topic, resume_offsets, shared: shared.clone() };
-            shared.run_thread("publisher", || shell.run(from_ledger, outputs))
+            let mut shell = PublisherShell { producer, publisher, topic, shared: shared.clone() };
+            shared.run_thread("publisher", || shell.run(outputs))
         })
         .context("starting the Kafka publisher thread")
 }
@@ -640,41 +636,23 @@ struct PublisherShell {
     producer: BaseProducer<ClientHooks>,
     publisher: Publisher,
     topic: Arc<str>,
-    resume_offsets: Vec<u64>,
     shared: Arc<KafkaShared>,
 }
 
 impl PublisherShell {
-    fn run(&mut self, from_ledger: Vec<DurableOutput>, outputs: Receiver<Vec<DurableOutput>>) -> anyhow::Result<()> {
+    fn run(&mut self, outputs: Receiver<PublishBatch>) -> anyhow::Result<()> {
         let mut released = Vec::new();
-        // What the outputs topic may lack first, a chunk at a time, so that nothing waits
-        // in the Publisher for long (from_ledger is in (partition, offset) order).
-        let mut from_ledger = from_ledger.into_iter().peekable();
-        while from_ledger.peek().is_some() {
-            for output in from_ledger.by_ref().take(SOURCE_BATCH_RECORDS) {
-                self.offer(output)?;
-            }
-            self.publisher.release(&mut released);
-            for release in released.drain(..) {
-                self.produce(release)?;
-            }
-            self.serve_deliveries()?;
-        }
         let mut disconnected = false;
         while !self.shared.stop.load(Ordering::Relaxed) {
             match outputs.recv_timeout(Duration::from_millis(2)) {
                 Ok(batch) => {
-                    for output in batch {
-                        self.offer(output)?;
-                    }
+                    self.take(batch)?;
                     while let Ok(batch) = outputs.try_recv() {
-                        for output in batch {
-                            self.offer(output)?;
-                        }
+                        self.take(batch)?;
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                // The shards are gone; keep delivering what was released.
+                // The Clerk is gone; keep delivering what was released.
                 Err(RecvTimeoutError::Disconnected) if !disconnected => disconnected = true,
                 Err(RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(2)),
             }
@@ -683,6 +661,20 @@ impl PublisherShell {
                 self.produce(release)?;
             }
             self.serve_deliveries()?;
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, batch: PublishBatch) -> anyhow::Result<()> {
+        // spec: Clerk.PublisherHandOver
+        for (partition, end) in batch.skip_to {
+            self.publisher.skip_to(partition, end);
+            if let Some(published) = self.shared.published_end.get(partition as usize) {
+                published.store(self.publisher.published_end(partition), Ordering::Release);
+            }
+        }
+        for output in batch.outputs {
+            self.offer(output)?;
         }
         Ok(())
     }
@@ -700,17 +692,8 @@ impl PublisherShell {
 
     fn offer(&mut self, output: DurableOutput) -> anyhow::Result<()> {
         let (partition, offset) = (output.partition, output.offset);
-        if self.publisher.offer(partition, offset, output.bytes)? == Offered::AlreadyPublished {
-            self.settled(partition, offset);
-        }
+        let _ = self.publisher.offer(partition, offset, output.bytes)?;
         Ok(())
-    }
-
-    /// An output planned this run is on the topic (acknowledged, or already there).
-    fn settled(&self, partition: u32, offset: u64) {
-        if offset >= self.resume_offsets[partition as usize] {
-            self.shared.unpublished.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 
     fn produce(&mut self, release: Release) -> anyhow::Result<()> {
@@ -746,7 +729,6 @@ impl PublisherShell {
             self.publisher.acknowledged(partition, offset);
             self.shared.published_end[partition as usize]
                 .store(self.publisher.published_end(partition), Ordering::Release);
-            self.settled(partition, offset);
         }
         Ok(count)
     }

@@ -7,12 +7,16 @@
 //! writes a workload. Federation and HTTP arrive with later issues; the help text says
 //! only what is here.
 
+mod clerk_io;
+mod cluster;
 mod cores;
 mod evaluate;
+mod federation_args;
 mod inspect;
 mod kafka_log;
 mod ledger_io;
 mod local_log;
+mod local_publisher;
 mod log_cli;
 mod node;
 mod output_json;
@@ -49,6 +53,8 @@ enum Command {
     Log(log_cli::Args),
     /// Run one instance: recover, then process the log on pinned shards with a durable Ledger.
     Run(RunArgs),
+    /// Launch and supervise a local N-instance federation on this host.
+    Cluster(cluster::Args),
     /// Print the state a data directory recovers to (offline, read-only).
     Inspect(inspect::Args),
 }
@@ -60,12 +66,16 @@ struct RunArgs {
     log: String,
     #[command(flatten)]
     kafka: KafkaArgs,
-    /// This instance's name: tells instances apart in logs and Kafka client ids.
-    #[arg(long, default_value = "1")]
-    instance_id: String,
-    /// Publish outputs to the outputs topic (Kafka). Only the publisher instance should.
+    /// This instance's id in the federation: unique among --peers; the lowest ready,
+    /// healthy id publishes.
+    #[arg(long, default_value_t = 1)]
+    instance_id: u32,
+    /// Whether this instance may take the publisher role: certified outputs go to the
+    /// outputs topic (Kafka) or to the `outputs` log in the local log's directory.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     publish: bool,
+    #[command(flatten)]
+    federation: federation_args::FederationArgs,
     /// Where the Ledger and status live.
     #[arg(long)]
     data_dir: std::path::PathBuf,
@@ -120,6 +130,12 @@ impl KafkaArgs {
 }
 
 fn run_node(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // A peer that goes away mid-write must be an error on that link, not the end of
+    // this process: ignore SIGPIPE (set to default in main for the printing commands).
+    // SAFETY: setting a signal disposition before any thread of the node starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
     let subscriber = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
         tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -135,16 +151,44 @@ fn run_node(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     anyhow::ensure!(args.ttl_ms > 0, "--ttl-ms must be positive");
     let cores = cores::select(args.cores.as_deref())?;
+    let federation = federation_config(args.instance_id, &args.federation)?;
     node::run(node::NodeConfig {
         log,
         instance_id: args.instance_id,
         publish: args.publish,
+        federation,
         data_dir: args.data_dir,
         cores,
         warden: tribunal_shards::warden::WardenConfig { ttl_ms: args.ttl_ms, ..Default::default() },
         stop_at_end: args.stop_at_end,
         snapshot_every: args.snapshot_every,
     })
+}
+
+/// Checks the federation options together: clear errors before anything starts.
+fn federation_config(instance_id: u32, args: &federation_args::FederationArgs) -> anyhow::Result<node::FederationConfig> {
+    let peers = args.peers.iter().map(|p| federation_args::parse_peer(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut ids: Vec<u32> = peers.iter().map(|p| p.instance_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    anyhow::ensure!(ids.len() == peers.len(), "--peers lists an instance id twice");
+    anyhow::ensure!(!ids.contains(&instance_id), "--peers lists this instance's own id {instance_id}");
+    let instances = peers.len() as u32 + 1;
+    anyhow::ensure!(
+        (1..=instances).contains(&args.expected_copies),
+        "--expected-copies {} needs that many instances, and this federation has {instances} (itself and {} \
+         peers); run a standalone instance with --expected-copies 1",
+        args.expected_copies,
+        peers.len()
+    );
+    let psk = match (&args.psk_file, peers.is_empty()) {
+        (Some(path), false) => Some(federation_args::read_psk(path)?),
+        (None, false) => anyhow::bail!("--peers needs --psk-file (the federation's pre-shared key)"),
+        (_, true) => None,
+    };
+    anyhow::ensure!(peers.is_empty() || args.listen.is_some(), "--peers needs --listen (where this instance accepts peers)");
+    let faults = args.inject_fault.iter().map(|f| federation_args::parse_fault(f)).collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(node::FederationConfig { listen: args.listen, peers, psk, expected_copies: args.expected_copies, faults })
 }
 
 fn main() -> ExitCode {
@@ -160,6 +204,7 @@ fn main() -> ExitCode {
         Command::Sample(args) => sample::run(args),
         Command::Log(args) => log_cli::run(args),
         Command::Run(args) => run_node(args),
+        Command::Cluster(args) => cluster::run(args),
         Command::Inspect(args) => inspect::run(args),
     };
     match result {

@@ -43,9 +43,14 @@ use tribunal_shards::recovery::recover;
 use tribunal_shards::router::ShardId;
 use tribunal_shards::usher::{home_shard, Decoded, Record, Usher, UsherConfig};
 use tribunal_shards::warden::WardenConfig;
+use tribunal_federation::clerk::ClerkConfig;
+use tribunal_federation::peer_links::LinksConfig;
 
+use crate::clerk_io::{self, ClerkSetup, ClerkShared, PublishBatch};
 use crate::cores;
+use crate::federation_args::{Fault, PeerAddress};
 use crate::kafka_log::{self, DurableOutput, Feed, KafkaConfig, KafkaShared};
+use crate::local_publisher;
 use crate::ledger_io::{self, Layout, Manifest, PartitionManifest, SegmentWriter};
 use crate::local_log::LocalLog;
 
@@ -74,11 +79,21 @@ pub enum LogSource {
     Kafka(KafkaConfig),
 }
 
+/// Who the peers are and how many copies certify (spec: Clerk, Federation).
+pub struct FederationConfig {
+    pub listen: Option<std::net::SocketAddr>,
+    pub peers: Vec<PeerAddress>,
+    pub psk: Option<Vec<u8>>,
+    pub expected_copies: u32,
+    pub faults: Vec<Fault>,
+}
+
 pub struct NodeConfig {
     pub log: LogSource,
-    pub instance_id: String,
-    /// Publish outputs to the outputs topic (Kafka only; spec: Publisher.OnlyPublisherInstanceWrites).
+    pub instance_id: u32,
+    /// May take the publisher role (spec: Clerk.PublisherElected).
     pub publish: bool,
+    pub federation: FederationConfig,
     pub data_dir: PathBuf,
     pub cores: Vec<usize>,
     pub warden: WardenConfig,
@@ -113,6 +128,8 @@ struct Status {
     uptime_ms: u128,
     /// Time from start to ready: reading and replaying the Ledger, cutting, starting shards.
     recovery_ms: Option<u128>,
+    /// The Clerk and the peer links: certified watermarks, peers, faults, quarantines.
+    federation: serde_json::Value,
     /// Records planned since this process became ready, and for how long it has been.
     records_processed: u64,
     processing_ms: u128,
@@ -123,9 +140,10 @@ struct PartitionStatus {
     partition: u32,
     durable_watermark: Option<u64>,
     next_offset: u64,
-    /// The last offset whose output the broker acknowledged on the outputs topic.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    published_watermark: Option<Option<u64>>,
+    /// Every offset up to it is certified (absent before the Clerk is ready).
+    certified_watermark: Option<u64>,
+    /// The last offset known published on the outputs topic or log.
+    published_watermark: Option<u64>,
 }
 
 /// Shared between the executors and the main thread: published watermarks (durable
@@ -141,8 +159,8 @@ struct Shared {
     stop: AtomicBool,
     /// Per partition: snapshot at the next batch (another partition took one).
     snapshot_wanted: Vec<AtomicBool>,
-    /// Set when publishing to Kafka.
-    kafka: Option<Arc<KafkaShared>>,
+    clerk: Arc<ClerkShared>,
+    copy_window: u64,
 }
 
 impl Shared {
@@ -157,12 +175,35 @@ impl Shared {
         self.next_offset.iter().map(|n| n.load(Ordering::Acquire)).collect()
     }
 
-    fn publishing(&self) -> Option<&KafkaShared> {
-        self.kafka.as_deref()
+    /// Per partition, the end below which the Ledger's outputs are no longer needed: the
+    /// persisted certified checkpoint, and what is known published while anyone publishes.
+    fn outputs_needed_from(&self, persisted_certified: &[u64]) -> Vec<u64> {
+        let publishing = self.clerk.publisher_exists.load(Ordering::Acquire);
+        (0..self.partitions as usize)
+            .map(|p| {
+                let published = self.clerk.published_known[p].load(Ordering::Acquire);
+                persisted_certified[p].min(if publishing { published } else { u64::MAX })
+            })
+            .collect()
     }
+}
 
-    fn published_ends(&self) -> Option<Vec<u64>> {
-        self.publishing().map(|k| k.published_end.iter().map(|e| e.load(Ordering::Acquire)).collect())
+/// Where the certified checkpoint lives: per partition, an end every offset below which
+/// was certified (spec: Clerk.CertifiedCheckpointPersisted).
+fn certified_path(layout: &Layout) -> PathBuf {
+    layout.status_path().with_file_name("certified.json")
+}
+
+fn read_certified(layout: &Layout, partitions: u32) -> anyhow::Result<Vec<u64>> {
+    let path = certified_path(layout);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let ends: Vec<u64> = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a list of certified ends", path.display()))?;
+            Ok((0..partitions as usize).map(|p| ends.get(p).copied().unwrap_or(0)).collect())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![0; partitions as usize]),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 
@@ -204,7 +245,8 @@ struct KafkaStart {
 pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let shard_count = config.cores.len() as u16;
-    cores::check_memlock(config.cores.len())?;
+    // One more executor: the Clerk's.
+    cores::check_memlock(config.cores.len() + 1)?;
     let layout = Layout::new(&config.data_dir);
     layout.prepare(shard_count)?;
     let recovering = Status {
@@ -219,15 +261,16 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         ledger_syncs: 0,
         uptime_ms: 0,
         recovery_ms: None,
+        federation: serde_json::Value::Null,
         records_processed: 0,
         processing_ms: 0,
     };
     write_status(&layout, &recovering);
 
-    let (local_log, mut kafka) = match config.log {
+    let (local_log, kafka) = match config.log {
         LogSource::Local(dir) => {
             let log = LocalLog::open(&dir).with_context(|| format!("opening the log {}", dir.display()))?;
-            (Some(log), None)
+            (Some((log, dir)), None)
         }
         LogSource::Kafka(kafka) => {
             // spec: KafkaLog.TopicsEnsured — waits (retrying) while the broker is away.
@@ -243,26 +286,43 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         }
     };
     let partitions = kafka.as_ref().map_or(1, |k| k.partitions);
+    // The local outputs log, where certified outputs are published with the embedded log.
+    let outputs_log = match (&local_log, config.publish) {
+        (Some((_, dir)), true) => {
+            let path = local_publisher::outputs_dir(dir);
+            let log = LocalLog::open(&path).with_context(|| format!("opening the outputs log {}", path.display()))?;
+            let end = local_publisher::published_end(&log).context("reading the outputs log")?;
+            Some((log, end))
+        }
+        _ => None,
+    };
 
     // spec: Recovery.RecoveryStarts .. Recovery.WardenRebuilt
     info!(shards = shard_count, partitions, data_dir = %config.data_dir.display(), "recovering");
     let mut manifest = ledger_io::read_manifest(&layout, shard_count)?;
     let snapshot = ledger_io::read_snapshot::<D>(&layout, &manifest).context("loading the snapshot")?;
     let logs = ledger_io::read_logs::<D>(&layout, shard_count)?;
-    // Outputs the outputs topic may lack: the publisher offers them again first.
+    let mut certified = read_certified(&layout, partitions)?;
+    // Where publication resumes: the outputs topic's or log's end (when this instance may
+    // publish); otherwise nothing is republished from here.
+    let mut published_start: Vec<u64> = match (&kafka, &outputs_log) {
+        (Some(KafkaStart { published_ends: Some(ends), .. }), _) => ends.clone(),
+        (_, Some((_, end))) => vec![*end],
+        _ => certified.clone(),
+    };
+    // Own outputs the Clerk or the publisher may still need: from the lower of the two.
     let mut from_ledger: Vec<DurableOutput> = Vec::new();
-    if let Some(ends) = kafka.as_ref().and_then(|k| k.published_ends.as_ref()) {
-        for scanned in logs.iter().flat_map(|l| &l.segments).flat_map(|s| &s.records) {
-            if let LedgerRecord::Entry { partition, offset, output, .. } = &scanned.record {
-                if ends.get(*partition as usize).is_some_and(|end| offset >= end) {
-                    from_ledger.push(DurableOutput { partition: *partition, offset: *offset, bytes: output.clone() });
-                }
+    for scanned in logs.iter().flat_map(|l| &l.segments).flat_map(|s| &s.records) {
+        if let LedgerRecord::Entry { partition, offset, output, .. } = &scanned.record {
+            let p = *partition as usize;
+            let needed_from = published_start.get(p).copied().unwrap_or(0).min(certified.get(p).copied().unwrap_or(0));
+            if *offset >= needed_from {
+                from_ledger.push(DurableOutput { partition: *partition, offset: *offset, bytes: output.clone() });
             }
         }
     }
-    if let Some(ends) = kafka.as_mut().and_then(|k| k.published_ends.as_mut()) {
-        skip_outputs_the_ledger_no_longer_holds(ends, &manifest, &mut from_ledger);
-    }
+    skip_outputs_the_ledger_no_longer_holds(&mut published_start, &manifest, &mut from_ledger, "published");
+    skip_outputs_the_ledger_no_longer_holds(&mut certified, &manifest, &mut from_ledger, "certified");
     let mut recovered = recover(shard_count, usher_config(shard_count, config.warden), logs, snapshot)
         .context("recovering the Ledger")?;
     for cut in &recovered.cuts {
@@ -290,19 +350,40 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         resume.push(next);
         ushers.push(usher);
     }
-    // Outputs past the durable watermark were cut with their records.
+    // Outputs past the durable watermark were cut with their records. The certified
+    // checkpoint never exceeds the durable watermark (spec: Recovery.RecoveryCompletes):
+    // a stale or foreign checkpoint must not make peers skip anything.
     from_ledger.retain(|o| o.offset < resume[o.partition as usize]);
     from_ledger.sort_by_key(|o| (o.partition, o.offset));
+    for (p, end) in certified.iter_mut().enumerate() {
+        if *end > resume[p] {
+            warn!(partition = p, checkpoint = *end, durable_end = resume[p], "the certified checkpoint is past the durable watermark; capping it");
+            *end = resume[p];
+        }
+    }
+    let (unpublished, recovered_outputs): (Vec<DurableOutput>, Vec<DurableOutput>) =
+        from_ledger.into_iter().partition(|o| o.offset < certified[o.partition as usize]);
+    let unpublished: Vec<DurableOutput> =
+        unpublished.into_iter().filter(|o| o.offset >= published_start[o.partition as usize]).collect();
     info!(
         snapshot_markers = ?manifest.partitions.iter().map(|p| (p.partition, p.marker_offset)).collect::<Vec<_>>(),
         resume_offsets = ?resume,
+        certified_ends = ?certified,
         replayed_entries = recovered.replayed_entries,
-        republish = from_ledger.len(),
+        to_compare = recovered_outputs.len(),
+        to_republish = unpublished.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovered"
     );
 
-    let kafka_shared = kafka.as_ref().and_then(|k| k.published_ends.as_deref()).map(|e| Arc::new(KafkaShared::new(e)));
+    // With Kafka, a KafkaShared carries readiness, failures and the publisher's acks.
+    let kafka_shared = kafka.as_ref().map(|k| {
+        let ends = k.published_ends.clone().unwrap_or_else(|| vec![0; partitions as usize]);
+        Arc::new(KafkaShared::new(&ends))
+    });
+    let published_now: Vec<u64> = published_start.iter().zip(&certified).map(|(p, c)| (*p).min(*c)).collect();
+    let clerk_shared = Arc::new(ClerkShared::new(partitions, &certified, &published_now));
+    let copy_window = ClerkConfig::DEFAULT_COPY_WINDOW;
     let shared = Arc::new(Shared {
         partitions,
         durable: (0..shard_count).flat_map(|_| resume.iter().map(|&r| AtomicU64::new(r))).collect(),
@@ -311,10 +392,27 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         in_flight: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         snapshot_wanted: resume.iter().map(|_| AtomicBool::new(false)).collect(),
-        kafka: kafka_shared.clone(),
+        clerk: clerk_shared.clone(),
+        copy_window,
     });
-    // With Kafka but not publishing, a KafkaShared still carries readiness and failures.
-    let source_shared = kafka.as_ref().map(|_| kafka_shared.clone().unwrap_or_else(|| Arc::new(KafkaShared::new(&[]))));
+
+    // The publisher sink: the outputs topic or the local outputs log.
+    let (sink_tx, sink_rx) = mpsc::channel::<PublishBatch>();
+    let mut sink_rx = Some(sink_rx);
+    let mut local_sink = None;
+    let sink_published: Arc<dyn Fn(u32) -> u64 + Send + Sync> = match (&kafka_shared, outputs_log) {
+        (Some(k), _) if config.publish => {
+            let k = k.clone();
+            Arc::new(move |p| k.published_end[p as usize].load(Ordering::Acquire))
+        }
+        (None, Some((log, end))) => {
+            let sink = local_publisher::spawn(log, end, sink_rx.take().expect("one sink"))?;
+            let published = sink.published.clone();
+            local_sink = Some(sink);
+            Arc::new(move |_| published.load(Ordering::Acquire))
+        }
+        _ => Arc::new(|_| 0),
+    };
 
     // Channels for every ordered pair of distinct shards.
     let n = shard_count as usize;
@@ -329,6 +427,55 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    // Durable outputs from each shard's Ledger task to the Clerk.
+    let mut output_senders = Vec::with_capacity(n);
+    let mut output_receivers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, rx) = shared_channel::new_bounded::<Vec<DurableOutput>>(OUTPUT_BATCHES_IN_FLIGHT);
+        output_senders.push(Some(tx));
+        output_receivers.push(rx);
+    }
+
+    // The Clerk, before the shards: a federation address in use is a start-up error.
+    let federation = &config.federation;
+    let peers: Vec<u32> = federation.peers.iter().map(|p| p.instance_id).collect();
+    let links = match (federation.listen, &federation.psk) {
+        (Some(listen), Some(psk)) if !peers.is_empty() => Some(LinksConfig::new(
+            config.instance_id,
+            listen,
+            federation.peers.iter().map(|p| (p.instance_id, p.address)).collect(),
+            psk.clone(),
+        )),
+        _ => None,
+    };
+    let clerk_config = ClerkConfig {
+        instance_id: config.instance_id,
+        peers,
+        partitions,
+        expected_copies: federation.expected_copies,
+        copy_window,
+        digest_retention: ClerkConfig::DEFAULT_DIGEST_RETENTION,
+        may_publish: config.publish,
+    };
+    let durable_view = shared.clone();
+    clerk_io::spawn(
+        ClerkSetup {
+            config: clerk_config,
+            links,
+            faults: federation.faults.clone(),
+            resume: certified.iter().zip(&resume).map(|(c, r)| (*c, *r)).collect(),
+            recovered_outputs,
+            unpublished,
+            sink: config.publish.then(|| sink_tx.clone()),
+            sink_published,
+            data_dir: config.data_dir.clone(),
+        },
+        output_receivers,
+        clerk_shared.clone(),
+        Arc::new(move |p| durable_view.durable_end(p)),
+        cores::IO_MEMORY_PER_SHARD_BYTES,
+    )?;
+    drop(sink_tx);
 
     // Where each Usher's records come from.
     let mut usher_sources: Vec<Vec<(Usher<D>, SourceSpec)>> = (0..n).map(|_| Vec::new()).collect();
@@ -341,8 +488,8 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     for (partition, usher) in ushers.into_iter().enumerate() {
         let home = home_shard(partition as u32, shard_count);
         let spec = match &local_log {
-            Some(log) if reader_shard == home => SourceSpec::Local(log.reader(resume[partition])?),
-            Some(log) => {
+            Some((log, _)) if reader_shard == home => SourceSpec::Local(log.reader(resume[partition])?),
+            Some((log, _)) => {
                 let (tx, rx) = shared_channel::new_bounded::<Vec<Decoded<D>>>(DECODED_BATCHES_IN_FLIGHT);
                 reader_log = Some((log.reader(resume[partition])?, tx));
                 SourceSpec::Remote(rx)
@@ -357,7 +504,6 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     }
 
     let (events_tx, events_rx) = mpsc::channel::<Event>();
-    let (outputs_tx, outputs_rx) = mpsc::channel::<Vec<DurableOutput>>();
     let mut arbiters: Vec<Option<Arbiter<D>>> = recovered.arbiters.into_iter().map(Some).collect();
     let mut handles = Vec::new();
     for (shard, core) in config.cores.iter().copied().enumerate() {
@@ -371,7 +517,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             inbound: std::mem::take(&mut receivers[shard as usize]),
             ushers: std::mem::take(&mut usher_sources[shard as usize]),
             reader: if shard == reader_shard { reader_log.take() } else { None },
-            outputs: shared.publishing().map(|_| outputs_tx.clone()),
+            outputs: output_senders[shard as usize].take().expect("one output channel per shard"),
             shared: shared.clone(),
             events: events_tx.clone(),
             stop_at_end: config.stop_at_end,
@@ -390,7 +536,6 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         handles.push(handle);
     }
     drop(events_tx);
-    drop(outputs_tx);
 
     // Start-up handshake: a shard that fails to start stops the process.
     let mut running = 0;
@@ -402,39 +547,36 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             Err(_) => anyhow::bail!("the shards stopped during start-up"),
         }
     }
-    if let (Some(start), Some(source_shared)) = (&kafka, &source_shared) {
-        if let (Some(ends), Some(kafka_shared)) = (&start.published_ends, &kafka_shared) {
-            kafka_log::spawn_publisher(
-                &start.config,
-                ends,
-                std::mem::take(&mut from_ledger),
-                resume.clone(),
-                outputs_rx,
-                kafka_shared.clone(),
-            )?;
+    if let (Some(start), Some(kafka_shared)) = (&kafka, &kafka_shared) {
+        if let (Some(ends), Some(sink_rx)) = (&start.published_ends, sink_rx.take()) {
+            kafka_log::spawn_publisher(&start.config, ends, sink_rx, kafka_shared.clone())?;
         }
-        kafka_log::spawn_source(&start.config, &config.instance_id, resume.clone(), feeds, source_shared.clone())?;
+        let client_id = format!("tribunal-{}", config.instance_id);
+        kafka_log::spawn_source(&start.config, &client_id, resume.clone(), feeds, kafka_shared.clone())?;
     }
+    // spec: Recovery.RecoveryCompletes — only now may the Clerk advertise and send.
+    clerk_shared.open_gate.store(true, Ordering::Release);
     let recovery_ms = started.elapsed().as_millis();
     let ready_at = Instant::now();
-    info!(cores = ?config.cores, recovery_ms = recovery_ms as u64, "ready");
+    info!(cores = ?config.cores, recovery_ms = recovery_ms as u64, instance_id = config.instance_id, "ready");
 
     let status = |phase: &'static str| {
         let next_offsets = shared.next_offsets();
-        let published = shared.published_ends();
-        let broker_connected = source_shared.as_ref().map(|k| k.broker_connected.load(Ordering::Relaxed));
-        let source_error = source_shared.as_ref().and_then(|k| k.source_error());
+        let broker_connected = kafka_shared.as_ref().map(|k| k.broker_connected.load(Ordering::Relaxed));
+        let source_error = kafka_shared.as_ref().and_then(|k| k.source_error());
+        let clerk_ready = clerk_shared.ready.load(Ordering::Acquire);
         let partitions: Vec<PartitionStatus> = (0..shared.partitions)
             .map(|p| PartitionStatus {
                 partition: p,
                 durable_watermark: shared.durable_end(p).checked_sub(1),
                 next_offset: next_offsets[p as usize],
-                published_watermark: published.as_ref().map(|e| e[p as usize].checked_sub(1)),
+                certified_watermark: if clerk_ready { clerk_shared.certified_end(p).checked_sub(1) } else { None },
+                published_watermark: clerk_shared.published_known[p as usize].load(Ordering::Acquire).checked_sub(1),
             })
             .collect();
         Status {
             phase,
-            ready: phase == "ready" && broker_connected != Some(false) && source_error.is_none(),
+            ready: phase == "ready" && clerk_ready && broker_connected != Some(false) && source_error.is_none(),
             shards: shard_count,
             durable_watermark: partitions[0].durable_watermark,
             next_offset: Some(next_offsets[0]),
@@ -444,34 +586,51 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             ledger_syncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
             uptime_ms: started.elapsed().as_millis(),
             recovery_ms: Some(recovery_ms),
+            federation: clerk_shared.status.lock().expect("not poisoned").clone(),
             records_processed: next_offsets.iter().zip(&resume).map(|(n, r)| n - r).sum(),
             processing_ms: ready_at.elapsed().as_millis(),
         }
     };
     let mut last_status = Instant::now() - STATUS_INTERVAL;
+    let mut last_checkpoint = Instant::now();
+    // The certified ends last made durable: deletion never passes them.
+    let mut persisted_certified = certified.clone();
     // Per (partition, marker): the parts that are durable, as (shard or Usher, first kept segment).
     type Parts = Vec<(Option<ShardId>, u64)>;
     let mut snapshot_parts: BTreeMap<(u32, u64), Parts> = BTreeMap::new();
     let mut finished: BTreeSet<u32> = BTreeSet::new();
-    // Deletion waits for publication, so it is retried until nothing is left to delete.
+    // Deletion waits for certification and publication, so it is retried until nothing is left to delete.
     let mut deletion_pending = !manifest.partitions.is_empty();
     loop {
         if last_status.elapsed() >= STATUS_INTERVAL {
             write_status(&layout, &status("ready"));
             last_status = Instant::now();
-            if let Some(failure) = source_shared.as_ref().and_then(|k| k.failure()) {
+            if let Some(failure) = kafka_shared.as_ref().and_then(|k| k.failure()) {
                 anyhow::bail!("{failure}");
             }
+            if let Some(failure) = clerk_shared.failure.lock().expect("not poisoned").clone() {
+                anyhow::bail!("the Clerk failed: {failure}");
+            }
+            if let Some(failure) = local_sink.as_ref().and_then(|s| s.failure.lock().expect("not poisoned").clone()) {
+                anyhow::bail!("{failure}");
+            }
+            if last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+                last_checkpoint = Instant::now();
+                let now: Vec<u64> = (0..partitions).map(|p| clerk_shared.certified_end(p)).collect();
+                if now != persisted_certified {
+                    // spec: Clerk.CertifiedCheckpointPersisted
+                    ledger_io::write_atomically(&certified_path(&layout), &serde_json::to_vec(&now)?)
+                        .context("writing the certified checkpoint")?;
+                    persisted_certified = now;
+                    deletion_pending |= !manifest.partitions.is_empty();
+                }
+            }
             if deletion_pending {
-                deletion_pending = delete_covered_segments(&layout, &manifest, &shared)?;
+                deletion_pending = delete_covered_segments(&layout, &manifest, &shared, &persisted_certified)?;
             }
         }
-        if finished.len() == partitions as usize {
-            // spec: KafkaLog.AtEndForStopAtEnd — and everything durable is published.
-            let published = shared.published_ends();
-            if published.is_none_or(|ends| ends.iter().enumerate().all(|(p, e)| *e >= shared.durable_end(p as u32))) {
-                break;
-            }
+        if finished.len() == partitions as usize && all_settled(&shared) {
+            break;
         }
         let wait = if finished.len() == partitions as usize { Duration::from_millis(10) } else { STATUS_INTERVAL };
         match events_rx.recv_timeout(wait) {
@@ -488,19 +647,38 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                 if parts.len() == n + 1 {
                     commit_snapshot(&layout, &mut manifest, partition, marker_offset, parts)?;
                     snapshot_parts.retain(|(p, m), _| *p != partition || *m > marker_offset);
-                    deletion_pending = delete_covered_segments(&layout, &manifest, &shared)?;
+                    deletion_pending = delete_covered_segments(&layout, &manifest, &shared, &persisted_certified)?;
                 }
             }
             Ok(Event::Started) | Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("every shard stopped"),
         }
     }
+    let _ = clerk_shared.fresh_status();
     shared.stop.store(true, Ordering::Release);
+    let now: Vec<u64> = (0..partitions).map(|p| clerk_shared.certified_end(p)).collect();
+    ledger_io::write_atomically(&certified_path(&layout), &serde_json::to_vec(&now)?)
+        .context("writing the certified checkpoint")?;
     write_status(&layout, &status("stopped"));
     let watermarks: Vec<Option<u64>> = (0..partitions).map(|p| shared.durable_end(p).checked_sub(1)).collect();
-    info!(durable_watermarks = ?watermarks, elapsed_ms = started.elapsed().as_millis() as u64, "every record is durable; stopping");
+    info!(durable_watermarks = ?watermarks, elapsed_ms = started.elapsed().as_millis() as u64, "every record is certified; stopping");
     // Everything is durable; the executors hold nothing that needs a clean shutdown.
     std::process::exit(0);
+}
+
+/// `--stop-at-end`: every durable output is certified here and by every eligible peer, and
+/// published when anyone publishes (spec: Clerk.StopAtEnd). Leaving earlier could take away
+/// the copy a peer still needs.
+fn all_settled(shared: &Shared) -> bool {
+    let clerk = &shared.clerk;
+    (0..shared.partitions).all(|p| {
+        let end = shared.durable_end(p);
+        let published_ok = !clerk.publisher_exists.load(Ordering::Acquire)
+            || clerk.published_known[p as usize].load(Ordering::Acquire) >= end;
+        clerk.certified_end(p) >= end
+            && clerk.peers_certified_end[p as usize].load(Ordering::Acquire) >= end
+            && published_ok
+    })
 }
 
 /// Outputs at or below a partition's snapshot marker may have left with the segments the
@@ -510,13 +688,14 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
 /// otherwise they cannot be, and waiting for them would stall the publisher for ever:
 /// publication resumes after the marker, loudly.
 fn skip_outputs_the_ledger_no_longer_holds(
-    published_ends: &mut [u64],
+    ends: &mut [u64],
     manifest: &Manifest,
     from_ledger: &mut Vec<DurableOutput>,
+    what: &str,
 ) {
     for entry in &manifest.partitions {
         let (partition, marker) = (entry.partition, entry.marker_offset);
-        let Some(end) = published_ends.get_mut(partition as usize) else { continue };
+        let Some(end) = ends.get_mut(partition as usize) else { continue };
         if *end > marker {
             continue;
         }
@@ -532,8 +711,9 @@ fn skip_outputs_the_ledger_no_longer_holds(
             partition,
             first_missing = *end,
             last_missing = marker,
-            "the outputs topic lacks outputs that the Ledger no longer holds (the topic was emptied or \
-             this data dir ran without --publish); publishing resumes after the snapshot marker"
+            "outputs not yet {what} are no longer in the Ledger (the outputs topic was emptied, this \
+             data dir ran without --publish, or it predates the certified checkpoint); resuming after \
+             the snapshot marker"
         );
         *end = marker + 1;
         from_ledger.retain(|o| o.partition != partition || o.offset > marker);
@@ -565,9 +745,14 @@ fn commit_snapshot(
 
 /// Deletes what the committed snapshots cover (spec: Ledger.SegmentsBelowSnapshotDeleted).
 /// Returns whether a later pass might delete more (publication still behind a marker).
-fn delete_covered_segments(layout: &Layout, manifest: &Manifest, shared: &Shared) -> anyhow::Result<bool> {
+fn delete_covered_segments(
+    layout: &Layout,
+    manifest: &Manifest,
+    shared: &Shared,
+    persisted_certified: &[u64],
+) -> anyhow::Result<bool> {
     let next_offsets = shared.next_offsets();
-    let published = shared.published_ends();
+    let published = Some(shared.outputs_needed_from(persisted_certified));
     let mut waiting = false;
     for shard in 0..manifest.shard_count {
         let bound = manifest.deletable_below(shard, &next_offsets, published.as_deref());
@@ -592,8 +777,8 @@ struct ShardContext {
     /// On the local log's reader shard, when it is not the Usher's: the reader, and where
     /// decoded batches go.
     reader: Option<(crate::local_log::LocalLogReader, SharedSender<Vec<Decoded<D>>>)>,
-    /// When publishing: where outputs go once durable (spec: Publisher.OnlyDurableOutputs).
-    outputs: Option<mpsc::Sender<Vec<DurableOutput>>>,
+    /// Where outputs go once durable: the Clerk (spec: Clerk.OwnCopyRecorded).
+    outputs: SharedSender<Vec<DurableOutput>>,
     shared: Arc<Shared>,
     events: mpsc::Sender<Event>,
     stop_at_end: bool,
@@ -621,8 +806,8 @@ struct ShardState {
     pending_bytes: Vec<u8>,
     pending_marks: Vec<(u32, u64)>,
     pending_snapshots: Vec<PendingSnapshot>,
-    /// When publishing: outputs among the pending records.
-    pending_outputs: Option<Vec<DurableOutput>>,
+    /// Outputs among the pending records, for the Clerk once durable.
+    pending_outputs: Vec<DurableOutput>,
     doorbell: LocalSender<()>,
     doorbell_rung: bool,
     effects: Vec<ShardEffect<D>>,
@@ -667,11 +852,9 @@ impl ShardState {
                         deltas: changes.into_vec(),
                     };
                     encode_record(&record, &mut self.pending_bytes).expect("an entry record fits the record bound");
-                    if let (Some(outputs), LedgerRecord::Entry { partition, offset, output, .. }) =
-                        (&mut self.pending_outputs, record)
-                    {
+                    if let LedgerRecord::Entry { partition, offset, output, .. } = record {
                         // Moved, not copied: the record is encoded already.
-                        outputs.push(DurableOutput { partition, offset, bytes: output });
+                        self.pending_outputs.push(DurableOutput { partition, offset, bytes: output });
                     }
                 }
                 ShardEffect::BatchDone { partition, last_offset, usher, snapshot } => {
@@ -737,7 +920,7 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
         pending_bytes: Vec::with_capacity(1 << 20),
         pending_marks: Vec::new(),
         pending_snapshots: Vec::new(),
-        pending_outputs: context.outputs.as_ref().map(|_| Vec::new()),
+        pending_outputs: Vec::new(),
         doorbell,
         doorbell_rung: false,
         effects: Vec::new(),
@@ -764,8 +947,9 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     let shared = context.shared.clone();
     let events = context.events.clone();
     let layout = context.layout.clone();
-    let outputs_tx = context.outputs.clone();
+    let outputs_tx = context.outputs;
     glommio::spawn_local(async move {
+        let outputs_tx = outputs_tx.connect().await;
         let mut bytes = Vec::with_capacity(1 << 20);
         let mut marks = Vec::new();
         let mut snapshots = Vec::new();
@@ -777,9 +961,7 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
                 std::mem::swap(&mut bytes, &mut st.pending_bytes);
                 std::mem::swap(&mut marks, &mut st.pending_marks);
                 std::mem::swap(&mut snapshots, &mut st.pending_snapshots);
-                if let Some(pending) = &mut st.pending_outputs {
-                    std::mem::swap(&mut outputs, pending);
-                }
+                std::mem::swap(&mut outputs, &mut st.pending_outputs);
             }
             if bytes.is_empty() {
                 continue;
@@ -826,12 +1008,10 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
                 shared.durable[index].store(last_offset + 1, Ordering::Release);
             }
             marks.clear();
-            // spec: Publisher.OnlyDurableOutputs
-            if let Some(tx) = &outputs_tx {
-                if !outputs.is_empty() && tx.send(std::mem::take(&mut outputs)).is_err() {
-                    let _ = events.send(Event::Failed(shard, "the publisher thread is gone".into()));
-                    return;
-                }
+            // spec: Clerk.OwnCopyRecorded — only durable outputs are compared.
+            if !outputs.is_empty() && outputs_tx.send(std::mem::take(&mut outputs)).await.is_err() {
+                let _ = events.send(Event::Failed(shard, "the Clerk is gone".into()));
+                return;
             }
         }
     })
@@ -874,6 +1054,11 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Batches of durable outputs in flight from a shard's Ledger task to the Clerk.
+const OUTPUT_BATCHES_IN_FLIGHT: usize = 64;
+/// How often the certified checkpoint is persisted.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Decoded batches in flight from the reader shard to the Usher's.
 const DECODED_BATCHES_IN_FLIGHT: usize = 4;
@@ -997,9 +1182,12 @@ async fn usher_loop(
         if shared.stop.load(Ordering::Acquire) {
             return Ok(());
         }
-        // spec: Publisher.BoundedBacklog
-        let unpublished = shared.publishing().map_or(0, |k| k.unpublished.load(Ordering::Relaxed));
-        if shared.in_flight.load(Ordering::Relaxed) > MAX_IN_FLIGHT_MESSAGES || unpublished > kafka_log::MAX_UNPUBLISHED
+        // spec: Clerk.CopyWindowBackpressure, Publisher.BoundedBacklog — own outputs always
+        // fit the Clerk's ring, and certified outputs wait for publication in bounded memory.
+        let window_end = shared.clerk.certified_end(partition) + shared.copy_window;
+        if shared.in_flight.load(Ordering::Relaxed) > MAX_IN_FLIGHT_MESSAGES
+            || usher.next_offset() + MAX_BATCH_RECORDS as u64 > window_end
+            || shared.clerk.backlog_full.load(Ordering::Relaxed)
         {
             glommio::timer::sleep(Duration::from_micros(200)).await;
             continue;
@@ -1031,16 +1219,12 @@ async fn usher_loop(
         if snapshot {
             usher.request_snapshot();
         }
-        let planned_from = usher.next_offset();
         let plan = match usher.plan_decoded(batch) {
             Ok(plan) => plan,
             Err(halted) => anyhow::bail!("the Usher of partition {partition} halted: {halted}"),
         };
         if snapshot {
             last_snapshot = usher.next_offset();
-        }
-        if let Some(kafka) = shared.publishing() {
-            kafka.unpublished.fetch_add(usher.next_offset() - planned_from, Ordering::Relaxed);
         }
         {
             let mut st = state.borrow_mut();

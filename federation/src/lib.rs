@@ -1,7 +1,9 @@
-//! Tribunal federation: the Clerk, the wire protocol, peer links, and the Publisher.
-//!
-//! Today it holds the Publisher's sans-IO core, which orders durable outputs for the
-//! outputs topic. Certification across instances (the Clerk) arrives with issue 5; the
-//! Publisher will then be fed certified outputs instead of durable ones.
+//! Tribunal federation: the Clerk (certification by comparing output copies), the wire
+//! protocol between instances (PSK handshake, MAC-sealed rkyv frames) and the publisher.
+//! Everything here is sans-IO: the engine's glommio shell moves the bytes.
 
+pub mod clerk;
+pub mod handshake;
+pub mod peer_links;
 pub mod publisher;
+pub mod wire;

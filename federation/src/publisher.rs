@@ -130,6 +130,21 @@ impl Publisher {
         }
     }
 
+    /// Another instance published `partition` below `end` (its heartbeats say so): this
+    /// one, taking over, starts there (spec: Clerk.PublisherHandOver). Waiting outputs
+    /// below `end` are dropped; released, unacknowledged ones still get their acks.
+    pub fn skip_to(&mut self, partition: u32, end: u64) {
+        let Some(queue) = self.partitions.get_mut(partition as usize) else { return };
+        if end <= queue.next_offset {
+            return;
+        }
+        let kept = queue.waiting.split_off(&end);
+        self.waiting_total -= queue.waiting.len();
+        queue.waiting = kept;
+        queue.next_offset = end;
+        queue.acked_end = queue.acked_end.max(end);
+    }
+
     /// One past the last acknowledged offset of `partition` (0: none).
     pub fn published_end(&self, partition: u32) -> u64 {
         self.partitions.get(partition as usize).map_or(0, |q| q.acked_end)
@@ -137,7 +152,7 @@ impl Publisher {
 
     /// Outputs released but not yet acknowledged, over all partitions.
     pub fn unacknowledged(&self) -> u64 {
-        self.partitions.iter().map(|q| q.next_offset - q.acked_end).sum()
+        self.partitions.iter().map(|q| q.next_offset.saturating_sub(q.acked_end)).sum()
     }
 
     pub fn waiting(&self) -> usize {

@@ -1,0 +1,625 @@
+//! The Clerk's IO shell: one glommio executor (thread `clerk`) that owns the sans-IO
+//! [`Clerk`], the peer links, the hand-over buffer of certified outputs and the fault
+//! injection (spec: specs/clerk.allium, specs/federation.allium).
+//!
+//! Inputs: own outputs, from each shard's Ledger task after its fdatasync (so only
+//! durable outputs are ever compared: spec Clerk.OwnCopyRecorded); frames from peers;
+//! a 10 ms tick (durable watermarks, heartbeats, status). Outputs: frames to peers,
+//! certified outputs to the publisher sink while this instance holds the role, fault
+//! reports (log, `faults.jsonl`, status), and atomics the Ushers and the main thread read
+//! (certified ends for backpressure and `--stop-at-end`).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use glommio::channels::local_channel;
+use glommio::channels::shared_channel::SharedReceiver;
+use glommio::{LocalExecutorBuilder, Placement};
+use serde_json::{json, Value};
+use tracing::{error, info, warn};
+use tribunal_federation::clerk::{Action, Clerk, ClerkConfig, ClerkStatus, FaultReport, InstanceId, Outgoing};
+use tribunal_federation::peer_links::{LinkEvent, LinksConfig, PeerLinks};
+use tribunal_federation::wire::Frame;
+
+use crate::federation_args::Fault;
+use crate::kafka_log::DurableOutput;
+use crate::output_json::OutputJson;
+
+/// Certified outputs kept for a hand-over per partition beyond what the publisher has
+/// published; past it the Ushers wait (spec: Publisher.BoundedBacklog).
+pub const MAX_UNPUBLISHED: u64 = 262_144;
+/// Fault reports and injected faults listed in status (all are in `faults.jsonl`).
+const STATUS_FAULTS: usize = 32;
+const MAX_INJECTED_LISTED: usize = 4_096;
+const TICK: Duration = Duration::from_millis(10);
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+const STATUS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What the publisher sink gets: where to start (a hand-over), then certified outputs in
+/// offset order per partition.
+pub struct PublishBatch {
+    pub skip_to: Vec<(u32, u64)>,
+    pub outputs: Vec<DurableOutput>,
+}
+
+/// Shared with the Ushers, the main thread and the publisher sink.
+pub struct ClerkShared {
+    pub partitions: u32,
+    /// Per partition: every offset below is certified here.
+    pub certified_end: Vec<AtomicU64>,
+    /// Per partition: published, as far as this instance knows (own sink or heartbeats).
+    pub published_known: Vec<AtomicU64>,
+    /// Per partition: the lowest certified end advertised by an eligible peer (u64::MAX: none).
+    pub peers_certified_end: Vec<AtomicU64>,
+    /// Some instance (this or an eligible peer) may publish.
+    pub publisher_exists: AtomicBool,
+    /// The hand-over buffer is full: the Ushers wait.
+    pub backlog_full: AtomicBool,
+    /// Set by the main thread once recovery is complete (spec: Recovery.RecoveryCompletes).
+    pub open_gate: AtomicBool,
+    pub ready: AtomicBool,
+    pub quarantined: AtomicBool,
+    pub status: Mutex<Value>,
+    /// Bumped on every status snapshot; the main thread asks for a fresh one at exit.
+    pub status_seq: AtomicU64,
+    pub status_wanted: AtomicBool,
+    pub failure: Mutex<Option<String>>,
+}
+
+impl ClerkShared {
+    pub fn new(partitions: u32, certified: &[u64], published: &[u64]) -> Self {
+        let atomics = |v: &[u64]| v.iter().map(|&x| AtomicU64::new(x)).collect();
+        ClerkShared {
+            partitions,
+            certified_end: atomics(certified),
+            published_known: atomics(published),
+            peers_certified_end: (0..partitions).map(|_| AtomicU64::new(u64::MAX)).collect(),
+            publisher_exists: AtomicBool::new(false),
+            backlog_full: AtomicBool::new(false),
+            open_gate: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
+            quarantined: AtomicBool::new(false),
+            status: Mutex::new(Value::Null),
+            status_seq: AtomicU64::new(0),
+            status_wanted: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        }
+    }
+
+    pub fn certified_end(&self, partition: u32) -> u64 {
+        self.certified_end[partition as usize].load(Ordering::Acquire)
+    }
+
+    /// Asks the Clerk for a status snapshot and waits (bounded) until it is taken.
+    pub fn fresh_status(&self) -> Value {
+        let seen = self.status_seq.load(Ordering::Acquire);
+        self.status_wanted.store(true, Ordering::Release);
+        for _ in 0..200 {
+            if self.status_seq.load(Ordering::Acquire) != seen {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.status.lock().expect("not poisoned").clone()
+    }
+}
+
+pub struct ClerkSetup {
+    pub config: ClerkConfig,
+    /// None: no peers (expected_copies 1).
+    pub links: Option<LinksConfig>,
+    pub faults: Vec<Fault>,
+    /// Per partition (certified end, durable end) as recovered.
+    pub resume: Vec<(u64, u64)>,
+    /// Own outputs from the Ledger at or past the certified end, in (partition, offset) order.
+    pub recovered_outputs: Vec<DurableOutput>,
+    /// Certified outputs from the Ledger that may not be published yet.
+    pub unpublished: Vec<DurableOutput>,
+    pub sink: Option<mpsc::Sender<PublishBatch>>,
+    /// Per partition, what this instance's own sink has published (end).
+    pub sink_published: Arc<dyn Fn(u32) -> u64 + Send + Sync>,
+    pub data_dir: PathBuf,
+}
+
+/// Starts the `clerk` executor; returns once the listener is bound (or failed to).
+pub fn spawn(
+    setup: ClerkSetup,
+    own_outputs: Vec<SharedReceiver<Vec<DurableOutput>>>,
+    shared: Arc<ClerkShared>,
+    durable_end: Arc<dyn Fn(u32) -> u64 + Send + Sync>,
+    io_memory_bytes: usize,
+) -> anyhow::Result<()> {
+    let (started_tx, started_rx) = mpsc::channel::<Result<(), String>>();
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .name("clerk")
+        .io_memory(io_memory_bytes)
+        .spawn(move || async move {
+            let failed = started_tx.clone();
+            let result = clerk_main(setup, own_outputs, shared.clone(), durable_end, started_tx).await;
+            if let Err(error) = result {
+                let message = format!("{error:#}");
+                let _ = failed.send(Err(message.clone()));
+                *shared.failure.lock().expect("not poisoned") = Some(message);
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("starting the clerk executor: {e}"))?;
+    match started_rx.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => anyhow::bail!("{error}"),
+        Err(_) => anyhow::bail!("the clerk executor stopped during start-up"),
+    }
+}
+
+struct Shell {
+    clerk: Clerk,
+    links: Option<PeerLinks>,
+    shared: Arc<ClerkShared>,
+    sink: Option<mpsc::Sender<PublishBatch>>,
+    sink_published: Arc<dyn Fn(u32) -> u64 + Send + Sync>,
+    /// Per partition, certified outputs not known to be published, in order.
+    buffer: Vec<VecDeque<(u64, Arc<[u8]>)>>,
+    faults_file: PathBuf,
+    faults_logged: u64,
+    injected: Injected,
+    bitflip_rate: Option<f64>,
+    delay: Option<Duration>,
+}
+
+#[derive(Default)]
+struct Injected {
+    rng: u64,
+    count: u64,
+    listed: Vec<(u32, u64)>,
+}
+
+impl Injected {
+    /// SplitMix64: flips are not evaluation, so a seed from the OS is fine here.
+    fn next_unit(&mut self) -> f64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+impl Shell {
+    fn apply(&mut self) {
+        let actions: Vec<Action> = self.clerk.drain_actions().collect();
+        let mut forward = Vec::new();
+        for action in actions {
+            match action {
+                Action::Send { peer, message } => {
+                    if let Some(links) = &self.links {
+                        links.send(peer, to_frame(message));
+                    }
+                }
+                Action::Certified { partition, offset, output } => {
+                    self.shared.certified_end[partition as usize].store(offset + 1, Ordering::Release);
+                    if self.clerk.is_publisher() {
+                        forward.push(DurableOutput { partition, offset, bytes: output.to_vec() });
+                    }
+                    self.buffer[partition as usize].push_back((offset, output));
+                }
+                Action::Fault(report) => self.fault(&report),
+                Action::Publisher(on) => {
+                    if on {
+                        self.take_over();
+                    } else {
+                        warn!("this instance hands over the publisher role");
+                    }
+                }
+            }
+        }
+        if !forward.is_empty() {
+            self.send_to_sink(PublishBatch { skip_to: Vec::new(), outputs: forward });
+        }
+        for partition in 0..self.shared.partitions {
+            let end = self.clerk.certified_end(partition);
+            self.shared.certified_end[partition as usize].store(end, Ordering::Release);
+        }
+    }
+
+    fn send_to_sink(&mut self, batch: PublishBatch) {
+        if let Some(sink) = &self.sink {
+            if sink.send(batch).is_err() {
+                *self.shared.failure.lock().expect("not poisoned") = Some("the publisher sink stopped".into());
+            }
+        }
+    }
+
+    /// spec: Clerk.PublisherElected, Clerk.PublisherHandOver — resume after the highest
+    /// published offset heard of; what lies between that and what the old publisher
+    /// really wrote is published again, byte-identical and keyed.
+    fn take_over(&mut self) {
+        let mut skip_to = Vec::new();
+        let mut outputs = Vec::new();
+        for partition in 0..self.shared.partitions {
+            let p = partition as usize;
+            let start = self.known_published(partition);
+            skip_to.push((partition, start));
+            let buffer = &mut self.buffer[p];
+            while buffer.front().is_some_and(|(o, _)| *o < start) {
+                buffer.pop_front();
+            }
+            outputs.extend(buffer.iter().map(|(offset, output)| DurableOutput {
+                partition,
+                offset: *offset,
+                bytes: output.to_vec(),
+            }));
+        }
+        info!(resume = ?skip_to, republish = outputs.len(), "this instance is the publisher");
+        self.send_to_sink(PublishBatch { skip_to, outputs });
+    }
+
+    fn known_published(&self, partition: u32) -> u64 {
+        let own = (self.sink_published)(partition);
+        own.max(self.clerk.peers_published_end(partition))
+    }
+
+    /// spec: Clerk.FaultReported — an error line with the differing fields, a line in
+    /// `faults.jsonl`, the counters and the status.
+    fn fault(&mut self, report: &FaultReport) {
+        let line = fault_json(report);
+        error!(
+            partition = report.partition,
+            offset = report.offset,
+            kind = ?report.kind,
+            differing = ?report.differing,
+            detail = %line["differing_fields"],
+            "detected fault: output copies differ"
+        );
+        self.faults_logged += 1;
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.faults_file)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            warn!("could not append to {}: {e}", self.faults_file.display());
+        }
+    }
+
+    fn own_outputs(&mut self, batch: Vec<DurableOutput>) {
+        for output in batch {
+            let mut bytes = output.bytes;
+            if let Some(rate) = self.bitflip_rate {
+                if !bytes.is_empty() && self.injected.next_unit() < rate {
+                    let bit = (self.injected.next_unit() * (bytes.len() * 8) as f64) as usize % (bytes.len() * 8);
+                    bytes[bit / 8] ^= 1 << (bit % 8);
+                    self.injected.count += 1;
+                    if self.injected.listed.len() < MAX_INJECTED_LISTED {
+                        self.injected.listed.push((output.partition, output.offset));
+                    }
+                    warn!(partition = output.partition, offset = output.offset, bit, "INJECTED FAULT: flipped a bit in an output");
+                }
+            }
+            self.clerk.own_output(output.partition, output.offset, Arc::from(bytes));
+        }
+        self.apply();
+    }
+
+    fn frame(&mut self, peer: InstanceId, frame: Frame) {
+        match frame {
+            Frame::Copy { partition, offset, output } => self.clerk.peer_copy(peer, partition, offset, Arc::from(output)),
+            Frame::CertifiedCopy { partition, offset, digest } => {
+                self.clerk.peer_certified_copy(peer, partition, offset, digest)
+            }
+            Frame::Watermark { partition, durable_end, certified_end } => {
+                self.clerk.peer_watermark(peer, partition, durable_end, certified_end)
+            }
+            Frame::Heartbeat { published_ends } => self.clerk.peer_heartbeat(peer, &published_ends),
+            Frame::Readiness { ready, quarantined, publisher } => {
+                self.clerk.peer_readiness(peer, ready, quarantined, publisher)
+            }
+            Frame::Readmit { instance_id } => self.clerk.readmit(instance_id),
+        }
+        self.apply();
+    }
+
+    fn tick(&mut self, durable_end: &dyn Fn(u32) -> u64) {
+        if self.clerk.status() == ClerkStatus::Recovering && self.shared.open_gate.load(Ordering::Acquire) {
+            self.clerk.open_gate();
+            self.shared.ready.store(true, Ordering::Release);
+            info!("the Clerk is ready: advertising watermarks and sending copies");
+        }
+        for partition in 0..self.shared.partitions {
+            self.clerk.own_durable(partition, durable_end(partition));
+        }
+        self.apply();
+        // Prune the hand-over buffer to what is known published.
+        let mut full = false;
+        for partition in 0..self.shared.partitions {
+            let p = partition as usize;
+            let known = self.known_published(partition);
+            self.shared.published_known[p].store(known, Ordering::Release);
+            let buffer = &mut self.buffer[p];
+            while buffer.front().is_some_and(|(o, _)| *o < known) {
+                buffer.pop_front();
+            }
+            full |= buffer.len() as u64 >= MAX_UNPUBLISHED;
+            let min_peer = self
+                .clerk
+                .peers()
+                .iter()
+                .filter(|v| v.link_up && v.ready && !v.quarantined && !v.says_quarantined)
+                .map(|v| v.advertised_certified_end[p].unwrap_or(0))
+                .min()
+                .unwrap_or(u64::MAX);
+            self.shared.peers_certified_end[p].store(min_peer, Ordering::Release);
+        }
+        let peer_publishes = self.clerk.peers().iter().any(|v| v.link_up && v.ready && v.may_publish && !v.quarantined);
+        let exists = self.clerk.is_publisher() || peer_publishes;
+        self.shared.publisher_exists.store(exists, Ordering::Release);
+        // With nobody to publish, the buffer must not stall the input: it only waits
+        // while a publisher exists (and a hand-over would need it).
+        if !exists {
+            for buffer in &mut self.buffer {
+                while buffer.len() as u64 > MAX_UNPUBLISHED {
+                    buffer.pop_front();
+                }
+            }
+            full = false;
+        }
+        self.shared.backlog_full.store(full, Ordering::Release);
+        self.shared.quarantined.store(self.clerk.self_quarantined(), Ordering::Release);
+    }
+
+    fn heartbeat(&mut self) {
+        let Some(links) = &self.links else { return };
+        let published_ends: Vec<u64> = (0..self.shared.partitions).map(|p| self.known_published(p)).collect();
+        for peer in &self.clerk.config().peers {
+            links.send(*peer, Frame::Heartbeat { published_ends: published_ends.clone() });
+        }
+    }
+
+    fn status(&self) -> Value {
+        let clerk = &self.clerk;
+        let faults: Vec<Value> = clerk.faults().rev().take(STATUS_FAULTS).map(fault_json).collect();
+        let peers: Vec<Value> = clerk
+            .peers()
+            .iter()
+            .map(|v| {
+                json!({
+                    "instance_id": v.instance_id,
+                    "link_up": v.link_up,
+                    "ready": v.ready,
+                    "quarantined": v.quarantined,
+                    "says_quarantined": v.says_quarantined,
+                    "may_publish": v.may_publish,
+                    "certified_watermarks": v.advertised_certified_end.iter().map(|e| e.and_then(|e| e.checked_sub(1))).collect::<Vec<_>>(),
+                    "published_ends": v.published_ends,
+                    "queued_copies": self.links.as_ref().map_or(0, |l| l.queued_copies(v.instance_id)),
+                })
+            })
+            .collect();
+        let partitions: Vec<Value> = (0..self.shared.partitions)
+            .map(|p| {
+                json!({
+                    "partition": p,
+                    "certified_watermark": clerk.certified_end(p).checked_sub(1),
+                    "published_watermark": self.known_published(p).checked_sub(1),
+                    "contested_at": clerk.contested_at(p),
+                    "handover_buffer": self.buffer[p as usize].len(),
+                })
+            })
+            .collect();
+        let links = self.links.as_ref().map(|l| {
+            let c = l.counters();
+            json!({
+                "frames_sent": c.frames_sent.get(),
+                "frames_received": c.frames_received.get(),
+                "writes": c.writes.get(),
+                "bytes_sent": c.bytes_sent.get(),
+                "copies_dropped": c.copies_dropped.get(),
+                "invalid_frames": c.invalid_frames.get(),
+                "handshakes_rejected": c.handshakes_rejected.get(),
+                "last_rejection": *c.last_rejection.borrow(),
+            })
+        });
+        let counters = clerk.counters();
+        json!({
+            "instance_id": clerk.config().instance_id,
+            "clerk": match clerk.status() { ClerkStatus::Recovering => "recovering", ClerkStatus::Ready => "ready" },
+            "quarantined": clerk.self_quarantined(),
+            "publisher": clerk.is_publisher(),
+            "expected_copies": clerk.config().expected_copies,
+            "partitions": partitions,
+            "peers": peers,
+            "faults_total": counters.faults,
+            "faults": faults,
+            "certified": counters.certified,
+            "copies_received": counters.copies_received,
+            "copies_sent": counters.copies_sent,
+            "copies_outside_window": counters.copies_outside_window,
+            "late_copies_checked": counters.late_copies_checked,
+            "links": links,
+            "injected_faults": if self.bitflip_rate.is_some() || self.delay.is_some() {
+                json!({"bitflip_rate": self.bitflip_rate, "delay_ms": self.delay.map(|d| d.as_millis() as u64),
+                       "bitflips": self.injected.count, "flipped": self.injected.listed})
+            } else { Value::Null },
+        })
+    }
+}
+
+fn to_frame(message: Outgoing) -> Frame {
+    match message {
+        Outgoing::Copy { partition, offset, output } => Frame::Copy { partition, offset, output: output.to_vec() },
+        Outgoing::CertifiedCopy { partition, offset, digest } => Frame::CertifiedCopy { partition, offset, digest },
+        Outgoing::Watermark { partition, durable_end, certified_end } => {
+            Frame::Watermark { partition, durable_end, certified_end }
+        }
+        // The wire's `publisher` field says whether the sender may take the role.
+        Outgoing::Readiness { ready, quarantined, may_publish } => {
+            Frame::Readiness { ready, quarantined, publisher: may_publish }
+        }
+    }
+}
+
+/// A fault as JSON, with the fields in which the two outputs differ.
+pub fn fault_json(report: &FaultReport) -> Value {
+    let digests: serde_json::Map<String, Value> =
+        report.digests.iter().map(|(id, d)| (id.to_string(), Value::String(format!("{d:032x}")))).collect();
+    json!({
+        "partition": report.partition,
+        "offset": report.offset,
+        "kind": format!("{:?}", report.kind),
+        "differing": report.differing,
+        "digests": digests,
+        "differing_fields": differing_fields(report.own_output.as_deref(), report.differing_output.as_deref()),
+    })
+}
+
+/// Names what differs: decoded fields when both outputs decode, else which one does not
+/// and the first differing byte.
+fn differing_fields(own: Option<&[u8]>, other: Option<&[u8]>) -> Value {
+    let (Some(own), Some(other)) = (own, other) else {
+        return json!("bytes not held (a certified digest or a late copy)");
+    };
+    let decode = |b: &[u8]| OutputJson::from_bytes(b).map(|j| serde_json::to_value(j).expect("serialises"));
+    let first_byte = own.iter().zip(other).position(|(a, b)| a != b).unwrap_or(own.len().min(other.len()));
+    match (decode(own), decode(other)) {
+        (Ok(a), Ok(b)) => {
+            let mut fields = Vec::new();
+            diff("", &a, &b, &mut fields);
+            json!({"fields": fields, "first_differing_byte": first_byte})
+        }
+        (Ok(_), Err(e)) => json!({"other_copy": format!("does not decode: {e}"), "first_differing_byte": first_byte}),
+        (Err(e), Ok(_)) => json!({"own_copy": format!("does not decode: {e}"), "first_differing_byte": first_byte}),
+        (Err(e), Err(_)) => json!({"both": format!("do not decode: {e}"), "first_differing_byte": first_byte}),
+    }
+}
+
+fn diff(path: &str, a: &Value, b: &Value, out: &mut Vec<Value>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for key in keys {
+                let null = Value::Null;
+                diff(&format!("{path}/{key}"), x.get(key).unwrap_or(&null), y.get(key).unwrap_or(&null), out);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                diff(&format!("{path}/{i}"), p, q, out);
+            }
+        }
+        _ if a != b => out.push(json!({"field": path, "own": a, "other": b})),
+        _ => {}
+    }
+}
+
+async fn clerk_main(
+    setup: ClerkSetup,
+    own_outputs: Vec<SharedReceiver<Vec<DurableOutput>>>,
+    shared: Arc<ClerkShared>,
+    durable_end: Arc<dyn Fn(u32) -> u64 + Send + Sync>,
+    started: mpsc::Sender<Result<(), String>>,
+) -> anyhow::Result<()> {
+    let (events_tx, events_rx) = local_channel::new_bounded::<LinkEvent>(4_096);
+    let links = match setup.links {
+        Some(config) => {
+            let listen = config.listen;
+            Some(PeerLinks::start(config, events_tx).with_context(|| format!("listening for peers on {listen}"))?)
+        }
+        None => None,
+    };
+    let mut bitflip_rate = None;
+    let mut delay = None;
+    for fault in &setup.faults {
+        match *fault {
+            Fault::BitFlip { rate } => bitflip_rate = Some(rate),
+            Fault::Delay { delay_ms } => delay = Some(Duration::from_millis(delay_ms)),
+        }
+        warn!(?fault, "FAULT INJECTION IS ON for this instance");
+    }
+    let mut seed = [0u8; 8];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("seeding fault injection: {e}"))?;
+    let partitions = setup.config.partitions;
+    let mut clerk = Clerk::new(setup.config, &setup.resume);
+    // Recovered own outputs enter before the gate opens; nothing is sent until it does.
+    for output in setup.recovered_outputs {
+        clerk.own_output(output.partition, output.offset, Arc::from(output.bytes));
+    }
+    let mut buffer: Vec<VecDeque<(u64, Arc<[u8]>)>> = (0..partitions).map(|_| VecDeque::new()).collect();
+    for output in setup.unpublished {
+        buffer[output.partition as usize].push_back((output.offset, Arc::from(output.bytes)));
+    }
+    let shell = Rc::new(RefCell::new(Shell {
+        clerk,
+        links,
+        shared: shared.clone(),
+        sink: setup.sink,
+        sink_published: setup.sink_published,
+        buffer,
+        faults_file: setup.data_dir.join("faults.jsonl"),
+        faults_logged: 0,
+        injected: Injected { rng: u64::from_le_bytes(seed), ..Injected::default() },
+        bitflip_rate,
+        delay,
+    }));
+    shell.borrow_mut().apply();
+    let _ = started.send(Ok(()));
+
+    for receiver in own_outputs {
+        let shell = shell.clone();
+        glommio::spawn_local(async move {
+            let receiver = receiver.connect().await;
+            while let Some(batch) = receiver.recv().await {
+                let delay = shell.borrow().delay;
+                if let Some(delay) = delay {
+                    glommio::timer::sleep(delay).await;
+                }
+                shell.borrow_mut().own_outputs(batch);
+            }
+        })
+        .detach();
+    }
+    {
+        let shell = shell.clone();
+        glommio::spawn_local(async move {
+            while let Some(event) = events_rx.recv().await {
+                let mut sh = shell.borrow_mut();
+                match event {
+                    LinkEvent::SendingUp(peer) => {
+                        sh.clerk.link_up(peer);
+                        sh.apply();
+                    }
+                    LinkEvent::ReceivingDown(peer) => {
+                        sh.clerk.link_down(peer);
+                        sh.apply();
+                    }
+                    LinkEvent::Frame(peer, frame) => sh.frame(peer, frame),
+                }
+            }
+        })
+        .detach();
+    }
+    let mut since_heartbeat = Duration::ZERO;
+    let mut since_status = STATUS_INTERVAL;
+    loop {
+        glommio::timer::sleep(TICK).await;
+        let mut sh = shell.borrow_mut();
+        sh.tick(durable_end.as_ref());
+        since_heartbeat += TICK;
+        since_status += TICK;
+        if since_heartbeat >= HEARTBEAT_INTERVAL {
+            since_heartbeat = Duration::ZERO;
+            sh.heartbeat();
+        }
+        if since_status >= STATUS_INTERVAL || shared.status_wanted.swap(false, Ordering::AcqRel) {
+            since_status = Duration::ZERO;
+            let status = sh.status();
+            *shared.status.lock().expect("not poisoned") = status;
+            shared.status_seq.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! Federations of real `tribunal run` processes on loopback: certification by comparing
+//! output copies, SIGKILLs of instances and of the publisher, a paused certification with
+//! one of two instances gone, bit-flip fault injection, and strangers on the federation
+//! port. Every test ends by checking the published outputs and every instance's state
+//! against the sequential reference interpreter.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{die_with_parent, ok, tribunal};
+
+mod support;
+
+/// Generous bounds for slow CI machines; tests never assert on how long things take.
+const PATIENCE: Duration = Duration::from_secs(300);
+
+struct Federation {
+    tmp: tempfile::TempDir,
+    ports: Vec<u16>,
+    expected_copies: u32,
+    children: BTreeMap<u32, Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Federation {
+    fn new(instances: u32, expected_copies: u32) -> Federation {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("psk"), "a test key of more than sixteen bytes").unwrap();
+        let ports = (0..instances).map(|_| free_port()).collect();
+        Federation { tmp, ports, expected_copies, children: BTreeMap::new() }
+    }
+
+    fn log(&self) -> PathBuf {
+        self.tmp.path().join("log")
+    }
+
+    fn log_arg(&self) -> String {
+        format!("local:{}", self.log().display())
+    }
+
+    fn data(&self, id: u32) -> PathBuf {
+        self.tmp.path().join(format!("instance-{id}"))
+    }
+
+    fn append(&self, events: u64, seed: u64) {
+        let commands = ok(tribunal().args(["sample", "--events", &events.to_string(), "--seed", &seed.to_string()]));
+        let file = self.tmp.path().join(format!("sample-{seed}.jsonl"));
+        std::fs::write(&file, commands).unwrap();
+        ok(tribunal().args(["log", "append", "--log", &self.log_arg()]).arg(&file));
+    }
+
+    fn spawn(&mut self, id: u32, stop_at_end: bool, extra: &[&str]) {
+        let peers: Vec<String> = (1..=self.ports.len() as u32)
+            .filter(|p| *p != id)
+            .map(|p| format!("{p}@127.0.0.1:{}", self.ports[p as usize - 1]))
+            .collect();
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.path().join(format!("instance-{id}.log")))
+            .unwrap();
+        let mut command = tribunal();
+        command
+            .args(["run", "--log", &self.log_arg(), "--cores", "0,1", "--instance-id", &id.to_string()])
+            .args(["--listen", &format!("127.0.0.1:{}", self.ports[id as usize - 1])])
+            .args(["--peers", &peers.join(",")])
+            .args(["--expected-copies", &self.expected_copies.to_string()])
+            .arg("--psk-file")
+            .arg(self.tmp.path().join("psk"))
+            .arg("--data-dir")
+            .arg(self.data(id))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        if stop_at_end {
+            command.arg("--stop-at-end");
+        }
+        let child = die_with_parent(&mut command).spawn().unwrap();
+        self.children.insert(id, child);
+    }
+
+    fn kill(&mut self, id: u32) {
+        let mut child = self.children.remove(&id).expect("running");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+
+    fn instance_log(&self, id: u32) -> String {
+        std::fs::read_to_string(self.tmp.path().join(format!("instance-{id}.log"))).unwrap_or_default()
+    }
+
+    /// `status.json` of an instance (Null while it does not exist or is being replaced).
+    fn status(&self, id: u32) -> Value {
+        std::fs::read(self.data(id).join("status.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    fn certified(&self, id: u32) -> i64 {
+        self.status(id)["partitions"][0]["certified_watermark"].as_i64().unwrap_or(-1)
+    }
+
+    fn wait_until(&mut self, what: &str, mut condition: impl FnMut(&Federation) -> bool) {
+        let start = Instant::now();
+        while !condition(self) {
+            let mut failed = None;
+            for (id, child) in &mut self.children {
+                if let Ok(Some(status)) = child.try_wait() {
+                    if !status.success() {
+                        failed = Some((*id, status));
+                    }
+                }
+            }
+            if let Some((id, status)) = failed {
+                panic!("instance {id} exited with {status} while waiting for {what}:\n{}", self.instance_log(id));
+            }
+            assert!(start.elapsed() < PATIENCE, "gave up waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for every running instance to exit 0 (they run with --stop-at-end).
+    fn wait_all_exit(&mut self) {
+        let start = Instant::now();
+        let ids: Vec<u32> = self.children.keys().copied().collect();
+        for id in ids {
+            let child = self.children.get_mut(&id).unwrap();
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert!(status.success(), "instance {id} exited with {status}:\n{}", self.instance_log(id));
+                    break;
+                }
+                assert!(start.elapsed() < PATIENCE, "instance {id} did not finish:\n{}", self.instance_log(id));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            self.children.remove(&id);
+        }
+    }
+
+    fn reference(&self) -> Value {
+        serde_json::from_slice(&ok(tribunal().args(["evaluate", "--json", "--log", &self.log_arg()]))).unwrap()
+    }
+
+    /// Every instance's state equals the reference's, and the outputs log holds every
+    /// input's certified output: each key at least once, copies byte-identical, and the
+    /// outputs in offset order digest to the reference's outputs digest.
+    fn check_against_reference(&self, ids: &[u32]) {
+        let expected = self.reference();
+        for id in ids {
+            let engine: Value =
+                serde_json::from_slice(&ok(tribunal().args(["inspect", "--json", "--data-dir"]).arg(self.data(*id))))
+                    .unwrap();
+            assert_eq!(engine["state_digest"], expected["state_digest"], "instance {id}'s state");
+            assert_eq!(engine["outputs_digest"], expected["outputs_digest"], "instance {id}'s outputs");
+        }
+        let published = published_outputs(&self.log());
+        let records = expected["records"].as_u64().unwrap();
+        assert_eq!(published.len() as u64, records, "one published output per input offset");
+        assert_eq!(*published.keys().next_back().unwrap(), records - 1);
+        let digest = tribunal_shards::digest::outputs_digest(
+            published.iter().map(|(offset, json)| (*offset, u128::from_str_radix(json["digest"].as_str().unwrap(), 16).unwrap())),
+        );
+        assert_eq!(format!("{digest:032x}"), expected["outputs_digest"].as_str().unwrap(), "published outputs");
+    }
+}
+
+impl Drop for Federation {
+    fn drop(&mut self) {
+        for child in self.children.values_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The outputs log, deduplicated by key; a key published twice must have identical bytes.
+fn published_outputs(log: &Path) -> BTreeMap<u64, Value> {
+    let outputs = format!("local:{}", log.join("outputs").display());
+    let lines = ok(tribunal().args(["log", "read", "--log", &outputs]));
+    let mut by_offset: BTreeMap<u64, (String, Value)> = BTreeMap::new();
+    for line in String::from_utf8(lines).unwrap().lines() {
+        let record: Value = serde_json::from_str(line).unwrap();
+        let payload = record["payload"].as_str().unwrap().to_string();
+        let json: Value = serde_json::from_str(&payload).unwrap();
+        let (partition, offset) = json["key"].as_str().unwrap().split_once(':').unwrap();
+        assert_eq!(partition, "0");
+        let offset: u64 = offset.parse().unwrap();
+        if let Some((earlier, _)) = by_offset.get(&offset) {
+            assert_eq!(*earlier, payload, "a key published twice with different bytes");
+        }
+        by_offset.insert(offset, (payload, json));
+    }
+    by_offset.into_iter().map(|(o, (_, j))| (o, j)).collect()
+}
+
+#[test]
+fn three_instances_certify_a_mixed_log_through_sigkills_of_a_peer_and_the_publisher() {
+    // spec: Clerk.OffsetCertified, Clerk.CertifiedOutputPublished, Clerk.PublisherHandOver,
+    // spec: Clerk.LaggingPeerCatchesUp, Recovery.NoWatermarkBeforeReady
+    let mut fed = Federation::new(3, 2);
+    fed.append(6_000, 1);
+    for id in 1..=3 {
+        fed.spawn(id, false, &[]);
+    }
+    fed.wait_until("instance 2 to certify", |f| f.certified(2) >= 1_000);
+    fed.kill(2);
+    // Seeds repeat: replays and conflicts of earlier keys, not only new ones.
+    fed.append(6_000, 2);
+    fed.wait_until("1 and 3 to certify without 2", |f| f.certified(1) >= 11_999 && f.certified(3) >= 11_999);
+    // A stale checkpoint from before a crash (or a foreign one) claims far more than is
+    // durable: it must be capped, never advertised (peers would skip what 2 lacks).
+    std::fs::write(fed.data(2).join("certified.json"), "[1000000000]").unwrap();
+    fed.spawn(2, false, &[]);
+    fed.append(6_000, 1);
+    fed.wait_until("2 to catch up", |f| f.certified(2) >= 17_999);
+    assert!(fed.instance_log(2).contains("capping it"), "the stale checkpoint was capped");
+    // Now the publisher (the lowest id) goes.
+    assert_eq!(fed.status(1)["federation"]["publisher"], true);
+    fed.kill(1);
+    fed.append(6_000, 3);
+    fed.wait_until("2 to take over publishing", |f| f.status(2)["federation"]["publisher"] == true);
+    fed.wait_until("2 and 3 to certify and publish without 1", |f| {
+        (2..=3).all(|id| f.status(id)["partitions"][0]["published_watermark"].as_i64() == Some(23_999))
+    });
+    fed.spawn(1, false, &[]);
+    fed.wait_until("everyone to agree to the end", |f| (1..=3).all(|id| f.certified(id) == 23_999));
+    for id in 1..=3 {
+        let status = fed.status(id);
+        assert_eq!(status["federation"]["faults_total"], 0, "instance {id}: no fault");
+        fed.kill(id);
+    }
+    fed.check_against_reference(&[1, 2, 3]);
+}
+
+#[test]
+fn two_instances_pause_certification_while_one_is_gone() {
+    // spec: Clerk.CertifiedHasEnoughCopies, Clerk.CopyWindowBackpressure
+    let mut fed = Federation::new(2, 2);
+    fed.append(5_000, 1);
+    fed.spawn(1, false, &[]);
+    fed.spawn(2, false, &[]);
+    fed.wait_until("both to certify the first part", |f| f.certified(1) == 4_999 && f.certified(2) == 4_999);
+    fed.kill(2);
+    fed.append(5_000, 2);
+    fed.wait_until("1 to make the rest durable", |f| {
+        f.status(1)["partitions"][0]["durable_watermark"].as_i64() == Some(9_999)
+    });
+    // Give any certification a chance to (wrongly) happen, then look.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(fed.certified(1), 4_999, "nothing certifies with one copy");
+    let published = published_outputs(&fed.log());
+    assert_eq!(published.keys().next_back(), Some(&4_999), "nothing uncertified is published");
+    fed.spawn(2, true, &[]);
+    fed.wait_until("1 to certify everything", |f| f.certified(1) == 9_999);
+    fed.kill(1);
+    fed.wait_all_exit();
+    fed.check_against_reference(&[1, 2]);
+}
+
+#[test]
+fn a_bit_flipping_instance_is_caught_and_quarantined_and_nothing_flipped_is_published() {
+    // spec: Clerk.MismatchDetected, Clerk.MinorityQuarantined, Clerk.OwnCopyInMinority,
+    // spec: Clerk.LateCopyChecked, Clerk.FaultReported
+    let mut fed = Federation::new(3, 2);
+    fed.append(25_000, 1);
+    fed.append(25_000, 2);
+    fed.spawn(1, true, &[]);
+    fed.spawn(2, true, &[]);
+    fed.spawn(3, true, &["--inject-fault", "bitflip:0.002"]);
+    fed.wait_until("instance 3 to have flipped", |f| {
+        f.status(3)["federation"]["injected_faults"]["bitflips"].as_u64().unwrap_or(0) > 0
+    });
+    fed.wait_all_exit();
+    let faulty = fed.status(3);
+    let flipped: Vec<u64> = faulty["federation"]["injected_faults"]["flipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f[1].as_u64().unwrap())
+        .collect();
+    assert!(flipped.len() >= 10, "a rate of 0.002 over 50,000 outputs flips about 100: {}", flipped.len());
+    assert!(fed.instance_log(3).contains("INJECTED FAULT"), "fault injection is loud");
+    assert_eq!(faulty["federation"]["quarantined"], true, "the faulty instance knows it is in the minority");
+    let mut detected = std::collections::BTreeSet::new();
+    for id in 1..=2 {
+        let status = fed.status(id);
+        let view = status["federation"]["peers"].as_array().unwrap().iter().find(|p| p["instance_id"] == 3).unwrap();
+        assert_eq!(view["quarantined"], true, "instance {id} quarantined 3");
+        let faults = std::fs::read_to_string(fed.data(id).join("faults.jsonl")).unwrap();
+        for line in faults.lines() {
+            let fault: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(fault["differing"], serde_json::json!([3]), "only 3 differs: {fault}");
+            assert!(!fault["differing_fields"].is_null());
+            detected.insert(fault["offset"].as_u64().unwrap());
+        }
+    }
+    let flipped: std::collections::BTreeSet<u64> = flipped.into_iter().collect();
+    assert_eq!(detected, flipped, "every flipped output is detected, and nothing else");
+    // Nothing flipped was published: the outputs log equals the reference's outputs.
+    fed.check_against_reference(&[1, 2, 3]);
+}
+
+#[test]
+fn strangers_on_the_federation_port_are_rejected_without_disturbing_certification() {
+    // spec: Federation.HandshakeRejected, Handshake.MutualProof, PeerWire.NoUnauthenticatedEffect
+    let mut fed = Federation::new(2, 2);
+    fed.append(20_000, 1);
+    fed.spawn(1, true, &[]);
+    fed.spawn(2, true, &[]);
+    let address = format!("127.0.0.1:{}", fed.ports[0]);
+    let start = Instant::now();
+    let connect = || loop {
+        match TcpStream::connect(&address) {
+            Ok(stream) => return stream,
+            Err(_) if start.elapsed() < PATIENCE => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("the federation port never opened: {e}"),
+        }
+    };
+    // Garbage instead of a hello.
+    let mut garbage = connect();
+    let _ = garbage.write_all(&[0xAB; 4_096]);
+    // A well-formed hello claiming to be instance 2, without the key: its proof is junk.
+    let mut impostor = connect();
+    let mut hello = b"TRBF".to_vec();
+    hello.extend_from_slice(&1u16.to_le_bytes());
+    hello.extend_from_slice(&2u32.to_le_bytes());
+    hello.extend_from_slice(&[7u8; 32]);
+    impostor.write_all(&hello).unwrap();
+    let mut reply = [0u8; 42 + 32];
+    impostor.read_exact(&mut reply).unwrap();
+    let _ = impostor.write_all(&[0u8; 32]);
+    // An unknown instance id.
+    let mut unknown = connect();
+    let mut hello = b"TRBF".to_vec();
+    hello.extend_from_slice(&1u16.to_le_bytes());
+    hello.extend_from_slice(&9u32.to_le_bytes());
+    hello.extend_from_slice(&[9u8; 32]);
+    let _ = unknown.write_all(&hello);
+    fed.wait_until("the strangers to be rejected", |f| {
+        f.status(1)["federation"]["links"]["handshakes_rejected"].as_u64().unwrap_or(0) >= 3
+            || !f.data(1).join("status.json").exists()
+    });
+    fed.wait_all_exit();
+    let status = fed.status(1);
+    assert!(status["federation"]["links"]["handshakes_rejected"].as_u64().unwrap() >= 3, "{status}");
+    assert_eq!(status["federation"]["faults_total"], 0);
+    fed.check_against_reference(&[1, 2]);
+}

@@ -1,0 +1,1273 @@
+//! The Clerk: certifies an output once `expected_copies` byte-identical copies of it
+//! exist, this instance's own included, and detects every disagreement (spec:
+//! specs/clerk.allium).
+//!
+//! Sans-IO: inputs are method calls (own durable outputs, frames from peers, link
+//! events), outputs are [`Action`]s the shell drains with [`Clerk::drain_actions`]. No
+//! clock, no sockets, no randomness: a simulator can drive several Clerks from a seed.
+//!
+//! Memory is bounded by construction. Each partition holds a ring of `copy_window`
+//! slots indexed by `offset & (copy_window - 1)`, covering `[certified_end,
+//! certified_end + copy_window)`; the certified watermark advances by popping settled
+//! slots off the front, so each offset is pushed and popped once (O(1) amortised, never
+//! a scan). Certified digests stay in a second ring of `digest_retention` entries, for
+//! late copies and lagging peers. The engine never plans an offset past the ring
+//! (spec: Clerk.CopyWindowBackpressure); only outputs recovered from the Ledger at
+//! start-up may lie beyond it, and they wait in `overflow` until the window reaches them.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+pub type Digest = u128;
+pub type InstanceId = u32;
+
+/// The digest copies are compared by: xxh3_128 of the canonical output bytes
+/// (spec: Arbiter.OutputCanonical), so equal digests stand for byte-identical outputs.
+pub fn digest_of(output: &[u8]) -> Digest {
+    xxhash_rust::xxh3::xxh3_128(output)
+}
+
+/// Fault reports kept for status and inspection; older ones are only counted.
+pub const MAX_FAULT_REPORTS: usize = 1_024;
+
+#[derive(Clone, Debug)]
+pub struct ClerkConfig {
+    pub instance_id: InstanceId,
+    /// Every other instance of the federation.
+    pub peers: Vec<InstanceId>,
+    pub partitions: u32,
+    pub expected_copies: u32,
+    /// Ring size in offsets, a power of two.
+    pub copy_window: u64,
+    /// Certified digests kept below the watermark, a power of two.
+    pub digest_retention: u64,
+    /// Whether this instance may take the publisher role (`--publish`).
+    pub may_publish: bool,
+}
+
+impl ClerkConfig {
+    pub const DEFAULT_COPY_WINDOW: u64 = 65_536;
+    pub const DEFAULT_DIGEST_RETENTION: u64 = 1_048_576;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClerkStatus {
+    /// Recovery is not complete: nothing is sent, advertised or certified
+    /// (spec: Recovery.NoWatermarkBeforeReady, Recovery.NoCopiesBeforeReady).
+    Recovering,
+    Ready,
+}
+
+/// What the Clerk asks its shell to send to one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outgoing {
+    Copy { partition: u32, offset: u64, output: Arc<[u8]> },
+    CertifiedCopy { partition: u32, offset: u64, digest: Digest },
+    Watermark { partition: u32, durable_end: u64, certified_end: u64 },
+    Readiness { ready: bool, quarantined: bool, may_publish: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Send { peer: InstanceId, message: Outgoing },
+    /// In offset order per partition: `offset` is certified, with this instance's bytes.
+    Certified { partition: u32, offset: u64, output: Arc<[u8]> },
+    Fault(FaultReport),
+    /// This instance's publisher role changed (spec: Clerk.PublisherElected).
+    Publisher(bool),
+}
+
+/// One detected fault: the copies of an offset that disagree (spec: Clerk.FaultReported).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FaultReport {
+    pub partition: u32,
+    pub offset: u64,
+    pub kind: FaultKind,
+    /// This instance's digest, or the certified one for a late copy.
+    pub own_digest: Option<Digest>,
+    /// (instance, digest) of every copy known, this instance's included.
+    pub digests: Vec<(InstanceId, Digest)>,
+    /// The instances whose copy differs from `own_digest`.
+    pub differing: Vec<InstanceId>,
+    /// Bytes of this instance's output and of a differing copy, when still held, so the
+    /// shell can name the differing fields.
+    pub own_output: Option<Arc<[u8]>>,
+    pub differing_output: Option<Arc<[u8]>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// A copy differs from ours; not settled yet (spec: Clerk.MismatchDetected).
+    Mismatch,
+    /// A copy for an offset certified here differs (spec: Clerk.LateCopyChecked).
+    LateCopy,
+    /// Another digest reached expected_copies without ours (spec: Clerk.OwnCopyInMinority).
+    OwnCopyOverruled,
+    /// Every eligible instance sent a copy and no digest can be certified
+    /// (spec: Clerk.OffsetContested): the watermark stops here.
+    Contested,
+}
+
+/// Counters for status and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClerkCounters {
+    pub certified: u64,
+    pub faults: u64,
+    pub copies_received: u64,
+    pub copies_outside_window: u64,
+    pub copies_before_ready: u64,
+    pub copies_sent: u64,
+    pub late_copies_checked: u64,
+}
+
+/// This Clerk's view of one peer (spec: Clerk entity Peer).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerView {
+    pub instance_id: InstanceId,
+    pub link_up: bool,
+    pub ready: bool,
+    /// The peer says it quarantined itself.
+    pub says_quarantined: bool,
+    pub may_publish: bool,
+    /// Quarantined by this Clerk: its copies are compared, never counted.
+    pub quarantined: bool,
+    /// Per partition, its advertised certified end; None until it advertises after it
+    /// became ready (spec: Recovery.NoWatermarkBeforeReady).
+    pub advertised_certified_end: Vec<Option<u64>>,
+    pub advertised_durable_end: Vec<Option<u64>>,
+    /// Per partition, the published end its heartbeats carry.
+    pub published_ends: Vec<u64>,
+}
+
+impl PeerView {
+    fn eligible(&self) -> bool {
+        self.link_up && self.ready && !self.says_quarantined && !self.quarantined
+    }
+}
+
+#[derive(Clone, Debug)]
+struct PeerCopy {
+    instance: InstanceId,
+    digest: Digest,
+    /// A catch-up copy: the sender certified this digest.
+    certified: bool,
+    /// The sender was not quarantined here when the copy arrived.
+    trusted: bool,
+    /// Compared with the own digest already (a mismatch is reported once).
+    compared: bool,
+    /// Kept only while it may be needed for a fault report.
+    output: Option<Arc<[u8]>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotStatus {
+    Empty,
+    Pending,
+    Contested,
+}
+
+#[derive(Clone, Debug)]
+struct Slot {
+    status: SlotStatus,
+    offset: u64,
+    own: Option<(Digest, Arc<[u8]>)>,
+    copies: SmallVec<[PeerCopy; 2]>,
+}
+
+impl Slot {
+    fn empty() -> Slot {
+        Slot { status: SlotStatus::Empty, offset: 0, own: None, copies: SmallVec::new() }
+    }
+}
+
+/// How a pending slot stands after a change.
+enum Verdict {
+    Wait,
+    Certify,
+    Overruled(Digest),
+    Contested,
+}
+
+struct PartitionClerk {
+    ring: Vec<Slot>,
+    /// Every offset below it is settled (certified or overruled) here.
+    certified_end: u64,
+    durable_end: u64,
+    /// Certified digests for `[retained_from, certified_end)`, indexed by offset & mask.
+    retained: Vec<Digest>,
+    retained_from: u64,
+    /// Own outputs recovered from the Ledger beyond the ring, in order.
+    overflow: BTreeMap<u64, (Digest, Arc<[u8]>)>,
+    /// A watermark advert is owed to the peers.
+    advert_due: bool,
+}
+
+pub struct Clerk {
+    config: ClerkConfig,
+    status: ClerkStatus,
+    self_quarantined: bool,
+    publisher: bool,
+    peers: Vec<PeerView>,
+    partitions: Vec<PartitionClerk>,
+    actions: Vec<Action>,
+    faults: VecDeque<FaultReport>,
+    counters: ClerkCounters,
+}
+
+impl Clerk {
+    /// A recovering Clerk. `resume` holds, per partition, (certified end, durable end) as
+    /// recovered: the certified end from the checkpoint, capped by the durable end.
+    pub fn new(config: ClerkConfig, resume: &[(u64, u64)]) -> Clerk {
+        assert!(config.copy_window.is_power_of_two(), "copy_window {} is a power of two", config.copy_window);
+        assert!(config.digest_retention.is_power_of_two(), "digest_retention is a power of two");
+        assert!(config.expected_copies >= 1, "at least the own copy");
+        assert!(
+            config.expected_copies as usize <= config.peers.len() + 1,
+            "expected_copies {} exceeds the {} instances",
+            config.expected_copies,
+            config.peers.len() + 1
+        );
+        assert!(!config.peers.contains(&config.instance_id), "an instance is not its own peer");
+        assert_eq!(resume.len(), config.partitions as usize, "one resume point per partition");
+        let partitions = resume
+            .iter()
+            .map(|&(certified_end, durable_end)| {
+                assert!(certified_end <= durable_end, "nothing certified that is not durable");
+                PartitionClerk {
+                    ring: vec![Slot::empty(); config.copy_window as usize],
+                    certified_end,
+                    durable_end,
+                    retained: vec![0; config.digest_retention as usize],
+                    retained_from: certified_end,
+                    overflow: BTreeMap::new(),
+                    advert_due: false,
+                }
+            })
+            .collect();
+        let n = config.partitions as usize;
+        let peers = config
+            .peers
+            .iter()
+            .map(|&instance_id| PeerView {
+                instance_id,
+                advertised_certified_end: vec![None; n],
+                advertised_durable_end: vec![None; n],
+                published_ends: vec![0; n],
+                ..PeerView::default()
+            })
+            .collect();
+        Clerk {
+            config,
+            status: ClerkStatus::Recovering,
+            self_quarantined: false,
+            publisher: false,
+            peers,
+            partitions,
+            actions: Vec::new(),
+            faults: VecDeque::new(),
+            counters: ClerkCounters::default(),
+        }
+    }
+
+    // ---- queries ----
+
+    pub fn status(&self) -> ClerkStatus {
+        self.status
+    }
+    pub fn self_quarantined(&self) -> bool {
+        self.self_quarantined
+    }
+    pub fn is_publisher(&self) -> bool {
+        self.publisher
+    }
+    pub fn certified_end(&self, partition: u32) -> u64 {
+        self.partitions[partition as usize].certified_end
+    }
+    pub fn durable_end(&self, partition: u32) -> u64 {
+        self.partitions[partition as usize].durable_end
+    }
+    pub fn peers(&self) -> &[PeerView] {
+        &self.peers
+    }
+    pub fn counters(&self) -> &ClerkCounters {
+        &self.counters
+    }
+    pub fn faults(&self) -> impl DoubleEndedIterator<Item = &FaultReport> {
+        self.faults.iter()
+    }
+    pub fn config(&self) -> &ClerkConfig {
+        &self.config
+    }
+    /// The offset at which `partition` waits for an operator, if a slot is contested.
+    pub fn contested_at(&self, partition: u32) -> Option<u64> {
+        let p = &self.partitions[partition as usize];
+        let slot = &p.ring[self.index(p.certified_end)];
+        (slot.status == SlotStatus::Contested && slot.offset == p.certified_end).then_some(p.certified_end)
+    }
+    /// The highest published end this instance knows of, its own publishing included.
+    pub fn peers_published_end(&self, partition: u32) -> u64 {
+        self.peers.iter().map(|p| p.published_ends[partition as usize]).max().unwrap_or(0)
+    }
+    /// Whether every eligible peer has advertised certifying up to `end`
+    /// (spec: Clerk.StopAtEnd).
+    pub fn peers_certified_through(&self, partition: u32, end: u64) -> bool {
+        self.peers
+            .iter()
+            .filter(|p| p.eligible())
+            .all(|p| p.advertised_certified_end[partition as usize].is_some_and(|e| e >= end))
+    }
+
+    pub fn drain_actions(&mut self) -> std::vec::Drain<'_, Action> {
+        self.actions.drain(..)
+    }
+
+    // ---- inputs ----
+
+    /// Recovery is complete (spec: Clerk.ReadyGateOpens, Recovery.RecoveryCompletes).
+    pub fn open_gate(&mut self) {
+        assert_eq!(self.status, ClerkStatus::Recovering, "the gate opens once");
+        self.status = ClerkStatus::Ready;
+        for partition in 0..self.config.partitions {
+            // Own outputs recovered before the gate may already have their copies.
+            self.settle_front(partition);
+        }
+        let peers: Vec<InstanceId> = self.config.peers.clone();
+        let window = self.config.copy_window;
+        for peer in peers {
+            self.greet(peer);
+            // Peers that advertised while we recovered get what their windows hold.
+            for partition in 0..self.config.partitions {
+                let view = self.peers.iter().find(|p| p.instance_id == peer).expect("a configured peer");
+                if let Some(end) = view.advertised_certified_end[partition as usize] {
+                    self.send_range(peer, partition, end, end + window);
+                }
+            }
+        }
+        self.role_check();
+    }
+
+    /// An own output, durable on its shard (spec: Clerk.OwnCopyRecorded, Clerk.OwnDigestPlaced).
+    pub fn own_output(&mut self, partition: u32, offset: u64, output: Arc<[u8]>) {
+        let digest = digest_of(&output);
+        let window = self.config.copy_window;
+        let p = &mut self.partitions[partition as usize];
+        if offset < p.certified_end {
+            return; // settled before a restart; the Ledger handed it over again
+        }
+        if offset >= p.certified_end + window {
+            p.overflow.insert(offset, (digest, output));
+            return;
+        }
+        self.place_own(partition, offset, digest, output);
+        self.after_change(partition, offset);
+    }
+
+    /// The instance durable watermark of `partition` advanced (advertised to peers).
+    pub fn own_durable(&mut self, partition: u32, durable_end: u64) {
+        let p = &mut self.partitions[partition as usize];
+        if durable_end > p.durable_end {
+            p.durable_end = durable_end;
+            p.advert_due = true;
+            self.flush_adverts();
+        }
+    }
+
+    /// A live copy from a peer: its output bytes (spec: Clerk.PeerCopyRecorded).
+    pub fn peer_copy(&mut self, peer: InstanceId, partition: u32, offset: u64, output: Arc<[u8]>) {
+        let digest = digest_of(&output);
+        self.record_copy(peer, partition, offset, digest, false, Some(output));
+    }
+
+    /// A catch-up copy: the digest the peer certified (spec: Clerk.LaggingPeerCatchesUp).
+    pub fn peer_certified_copy(&mut self, peer: InstanceId, partition: u32, offset: u64, digest: Digest) {
+        self.record_copy(peer, partition, offset, digest, true, None);
+    }
+
+    /// spec: Clerk.WatermarkReceived, Clerk.CertifiedDigestsResent
+    pub fn peer_watermark(&mut self, peer: InstanceId, partition: u32, durable_end: u64, certified_end: u64) {
+        if partition >= self.config.partitions {
+            return;
+        }
+        let Some(view) = self.peer_mut(peer) else { return };
+        let previous = view.advertised_certified_end[partition as usize];
+        view.advertised_certified_end[partition as usize] = Some(certified_end);
+        view.advertised_durable_end[partition as usize] = Some(durable_end);
+        if self.status != ClerkStatus::Ready {
+            return;
+        }
+        let window = self.config.copy_window;
+        // Offsets the peer's ring could not hold before and can now.
+        let from = match previous {
+            Some(previous) => (previous + window).max(certified_end),
+            None => certified_end,
+        };
+        self.send_range(peer, partition, from, certified_end + window);
+    }
+
+    /// spec: Clerk.ReadinessReceived
+    pub fn peer_readiness(&mut self, peer: InstanceId, ready: bool, quarantined: bool, may_publish: bool) {
+        let Some(view) = self.peer_mut(peer) else { return };
+        view.ready = ready;
+        view.says_quarantined = quarantined;
+        view.may_publish = may_publish;
+        view.link_up = true;
+        if !ready {
+            // A recovering peer's old watermark means nothing (spec: Recovery.NoWatermarkBeforeReady).
+            view.advertised_certified_end.iter_mut().for_each(|e| *e = None);
+        }
+        self.role_check();
+    }
+
+    /// spec: Clerk.PublisherHandOver (the heartbeat's published watermark)
+    pub fn peer_heartbeat(&mut self, peer: InstanceId, published_ends: &[u64]) {
+        let Some(view) = self.peer_mut(peer) else { return };
+        for (mine, theirs) in view.published_ends.iter_mut().zip(published_ends) {
+            *mine = (*mine).max(*theirs);
+        }
+        view.link_up = true;
+    }
+
+    /// A link to `peer` came up: it is told our readiness and, if ready, our watermarks.
+    pub fn link_up(&mut self, peer: InstanceId) {
+        let Some(view) = self.peer_mut(peer) else { return };
+        view.link_up = true;
+        let advertised = view.advertised_certified_end.clone();
+        self.greet(peer);
+        // What was in flight on a broken link is lost: send the peer's window again
+        // (it ignores copies it has).
+        if self.status == ClerkStatus::Ready {
+            let window = self.config.copy_window;
+            for (partition, end) in advertised.into_iter().enumerate() {
+                if let Some(end) = end {
+                    self.send_range(peer, partition as u32, end, end + window);
+                }
+            }
+        }
+    }
+
+    /// The peer is silent or its link failed (spec: Clerk.PublisherHandOver).
+    pub fn link_down(&mut self, peer: InstanceId) {
+        let Some(view) = self.peer_mut(peer) else { return };
+        view.link_up = false;
+        view.ready = false;
+        view.advertised_certified_end.iter_mut().for_each(|e| *e = None);
+        view.advertised_durable_end.iter_mut().for_each(|e| *e = None);
+        self.role_check();
+    }
+
+    /// An operator lifts a quarantine, of a peer or of this instance (spec: Clerk.QuarantineLifted).
+    pub fn readmit(&mut self, instance: InstanceId) {
+        if instance == self.config.instance_id {
+            self.self_quarantined = false;
+            let peers: Vec<InstanceId> = self.config.peers.clone();
+            for peer in peers {
+                self.send_readiness(peer);
+            }
+        } else if let Some(view) = self.peer_mut(instance) {
+            view.quarantined = false;
+        }
+        self.role_check();
+    }
+
+    // ---- internals ----
+
+    fn index(&self, offset: u64) -> usize {
+        (offset & (self.config.copy_window - 1)) as usize
+    }
+
+    fn peer_mut(&mut self, peer: InstanceId) -> Option<&mut PeerView> {
+        self.peers.iter_mut().find(|p| p.instance_id == peer)
+    }
+
+    fn peer_trusted(&self, peer: InstanceId) -> bool {
+        self.peers.iter().any(|p| p.instance_id == peer && !p.quarantined)
+    }
+
+    fn greet(&mut self, peer: InstanceId) {
+        self.send_readiness(peer);
+        if self.status == ClerkStatus::Ready {
+            for partition in 0..self.config.partitions {
+                let p = &self.partitions[partition as usize];
+                let message = Outgoing::Watermark { partition, durable_end: p.durable_end, certified_end: p.certified_end };
+                self.actions.push(Action::Send { peer, message });
+            }
+        }
+    }
+
+    fn send_readiness(&mut self, peer: InstanceId) {
+        let message = Outgoing::Readiness {
+            ready: self.status == ClerkStatus::Ready,
+            quarantined: self.self_quarantined,
+            may_publish: self.config.may_publish,
+        };
+        self.actions.push(Action::Send { peer, message });
+    }
+
+    fn place_own(&mut self, partition: u32, offset: u64, digest: Digest, output: Arc<[u8]>) {
+        let index = self.index(offset);
+        let p = &mut self.partitions[partition as usize];
+        debug_assert!(offset >= p.certified_end && offset < p.certified_end + self.config.copy_window);
+        let slot = &mut p.ring[index];
+        match slot.status {
+            SlotStatus::Empty => {
+                *slot = Slot { status: SlotStatus::Pending, offset, own: None, copies: SmallVec::new() };
+            }
+            _ => assert_eq!(slot.offset, offset, "a ring slot holds one offset"),
+        }
+        if slot.own.is_some() {
+            return; // the Ledger handed it over twice (recovery, then the live path)
+        }
+        slot.own = Some((digest, output.clone()));
+        if self.status != ClerkStatus::Ready {
+            return;
+        }
+        // spec: Clerk.CopiesSentWithinPeerWindow
+        let window = self.config.copy_window;
+        for i in 0..self.peers.len() {
+            let Some(end) = self.peers[i].advertised_certified_end[partition as usize] else { continue };
+            if offset < end + window {
+                let peer = self.peers[i].instance_id;
+                let message = Outgoing::Copy { partition, offset, output: output.clone() };
+                self.actions.push(Action::Send { peer, message });
+                self.counters.copies_sent += 1;
+            }
+        }
+    }
+
+    /// Sends `peer` what we hold for `[from, to)`: own copies, or certified digests.
+    fn send_range(&mut self, peer: InstanceId, partition: u32, from: u64, to: u64) {
+        let (mask_ring, mask_retained) = (self.config.copy_window - 1, self.config.digest_retention - 1);
+        let p = &self.partitions[partition as usize];
+        let from = from.max(p.retained_from);
+        for offset in from..to {
+            let message = if offset < p.certified_end {
+                let digest = p.retained[(offset & mask_retained) as usize];
+                Outgoing::CertifiedCopy { partition, offset, digest }
+            } else {
+                let slot = &p.ring[(offset & mask_ring) as usize];
+                match (&slot.own, slot.status) {
+                    (Some((_, output)), SlotStatus::Pending | SlotStatus::Contested) if slot.offset == offset => {
+                        Outgoing::Copy { partition, offset, output: output.clone() }
+                    }
+                    // Not durable here yet: sent when it is (place_own).
+                    _ => continue,
+                }
+            };
+            self.actions.push(Action::Send { peer, message });
+            self.counters.copies_sent += 1;
+        }
+    }
+
+    fn record_copy(
+        &mut self,
+        peer: InstanceId,
+        partition: u32,
+        offset: u64,
+        digest: Digest,
+        certified: bool,
+        output: Option<Arc<[u8]>>,
+    ) {
+        if partition >= self.config.partitions || !self.config.peers.contains(&peer) {
+            return;
+        }
+        self.counters.copies_received += 1;
+        if self.status != ClerkStatus::Ready {
+            self.counters.copies_before_ready += 1;
+            return;
+        }
+        let trusted = self.peer_trusted(peer);
+        let window = self.config.copy_window;
+        let mask_retained = self.config.digest_retention - 1;
+        let index = self.index(offset);
+        let p = &mut self.partitions[partition as usize];
+        if offset < p.certified_end {
+            // spec: Clerk.LateCopyChecked
+            if offset < p.retained_from {
+                return;
+            }
+            self.counters.late_copies_checked += 1;
+            let retained = p.retained[(offset & mask_retained) as usize];
+            if retained != digest {
+                let report = FaultReport {
+                    partition,
+                    offset,
+                    kind: FaultKind::LateCopy,
+                    own_digest: Some(retained),
+                    digests: vec![(self.config.instance_id, retained), (peer, digest)],
+                    differing: vec![peer],
+                    own_output: None,
+                    differing_output: output,
+                };
+                self.report(report);
+                self.quarantine_peer(peer);
+            }
+            return;
+        }
+        if offset >= p.certified_end + window {
+            // spec: Clerk.CopyOutsideWindowIgnored
+            self.counters.copies_outside_window += 1;
+            return;
+        }
+        let slot = &mut p.ring[index];
+        match slot.status {
+            SlotStatus::Empty => {
+                *slot = Slot { status: SlotStatus::Pending, offset, own: None, copies: SmallVec::new() };
+            }
+            _ => assert_eq!(slot.offset, offset, "a ring slot holds one offset"),
+        }
+        if slot.copies.iter().any(|c| c.instance == peer) {
+            return; // a resend: same key, same bytes
+        }
+        let keep_output = match &slot.own {
+            None => output,
+            Some((own, _)) if *own != digest => output,
+            Some(_) => None,
+        };
+        slot.copies.push(PeerCopy { instance: peer, digest, certified, trusted, compared: false, output: keep_output });
+        self.after_change(partition, offset);
+    }
+
+    /// Re-evaluates the slot of `offset` and advances the watermark.
+    fn after_change(&mut self, partition: u32, offset: u64) {
+        if self.status != ClerkStatus::Ready {
+            return;
+        }
+        self.report_mismatches(partition, offset);
+        if self.partitions[partition as usize].certified_end == offset {
+            self.settle_front(partition);
+        } else {
+            // A contested slot is reported when it is found, wherever it is.
+            let index = self.index(offset);
+            if let Verdict::Contested = self.verdict(partition, index) {
+                self.contest(partition, index);
+            }
+        }
+    }
+
+    /// Reports each copy that differs from the own digest, once (spec: Clerk.MismatchDetected).
+    fn report_mismatches(&mut self, partition: u32, offset: u64) {
+        let index = self.index(offset);
+        let instance_id = self.config.instance_id;
+        let p = &mut self.partitions[partition as usize];
+        let slot = &mut p.ring[index];
+        let Some((own, own_output)) = slot.own.clone() else { return };
+        let mut differing = Vec::new();
+        let mut differing_output = None;
+        for copy in slot.copies.iter_mut().filter(|c| !c.compared) {
+            copy.compared = true;
+            if copy.digest != own {
+                differing.push(copy.instance);
+                differing_output = differing_output.take().or_else(|| copy.output.clone());
+            } else {
+                copy.output = None; // matches ours: the bytes are not needed
+            }
+        }
+        if differing.is_empty() {
+            return;
+        }
+        let mut digests = vec![(instance_id, own)];
+        digests.extend(slot.copies.iter().map(|c| (c.instance, c.digest)));
+        let report = FaultReport {
+            partition,
+            offset,
+            kind: FaultKind::Mismatch,
+            own_digest: Some(own),
+            digests,
+            differing,
+            own_output: Some(own_output),
+            differing_output,
+        };
+        self.report(report);
+    }
+
+    fn verdict(&self, partition: u32, index: usize) -> Verdict {
+        let p = &self.partitions[partition as usize];
+        let slot = &p.ring[index];
+        if slot.status != SlotStatus::Pending {
+            return Verdict::Wait;
+        }
+        let Some((own, _)) = slot.own else { return Verdict::Wait };
+        let expected = self.config.expected_copies as usize;
+        let trusted = || slot.copies.iter().filter(|c| c.trusted);
+        // spec: Clerk.OffsetCertified, Clerk.LaggingPeerCatchesUp
+        let matching = 1 + trusted().filter(|c| c.digest == own).count();
+        if matching >= expected || trusted().any(|c| c.certified && c.digest == own) {
+            return Verdict::Certify;
+        }
+        // spec: Clerk.OwnCopyInMinority
+        for copy in trusted().filter(|c| c.digest != own) {
+            let agreeing = trusted().filter(|c| c.digest == copy.digest).count();
+            if agreeing >= expected || copy.certified {
+                return Verdict::Overruled(copy.digest);
+            }
+        }
+        // spec: Clerk.OffsetContested — no digest can reach expected_copies even if every
+        // trusted peer that has not answered yet agreed with it. Peers that are merely
+        // unreachable now still count as able to answer: a slow link is not a verdict.
+        let answered = trusted().count();
+        let trusted_peers = self.peers.iter().filter(|p| !p.quarantined).count();
+        let unanswered = trusted_peers.saturating_sub(answered);
+        let best = trusted()
+            .map(|c| trusted().filter(|d| d.digest == c.digest).count() + usize::from(c.digest == own))
+            .max()
+            .unwrap_or(1)
+            .max(matching);
+        let mismatch = trusted().any(|c| c.digest != own);
+        if mismatch && best + unanswered < expected {
+            return Verdict::Contested;
+        }
+        Verdict::Wait
+    }
+
+    /// Pops settled slots off the front of the ring (spec: Clerk.CertifiedWatermarkAdvances).
+    fn settle_front(&mut self, partition: u32) {
+        let mut advanced = false;
+        while self.pop_settled(partition) {
+            advanced = true;
+            // Own outputs recovered beyond the ring enter it as the window reaches them.
+            self.place_overflow(partition);
+        }
+        if advanced {
+            self.partitions[partition as usize].advert_due = true;
+            self.flush_adverts();
+        }
+    }
+
+    /// Pops the run of settled slots at the front; whether any was popped.
+    fn pop_settled(&mut self, partition: u32) -> bool {
+        let mut advanced = false;
+        loop {
+            let front = self.partitions[partition as usize].certified_end;
+            let index = self.index(front);
+            let slot = &self.partitions[partition as usize].ring[index];
+            if slot.status == SlotStatus::Empty || slot.offset != front {
+                break;
+            }
+            let digest = match self.verdict(partition, index) {
+                Verdict::Wait => break,
+                Verdict::Contested => {
+                    self.contest(partition, index);
+                    break;
+                }
+                Verdict::Certify => {
+                    let slot = &self.partitions[partition as usize].ring[index];
+                    let (digest, output) = slot.own.clone().expect("certified with an own copy");
+                    self.minority_quarantined(partition, index, digest);
+                    self.counters.certified += 1;
+                    self.actions.push(Action::Certified { partition, offset: front, output });
+                    digest
+                }
+                Verdict::Overruled(digest) => {
+                    let slot = &self.partitions[partition as usize].ring[index];
+                    let (own, own_output) = slot.own.clone().expect("overruled with an own copy");
+                    let report = FaultReport {
+                        partition,
+                        offset: front,
+                        kind: FaultKind::OwnCopyOverruled,
+                        own_digest: Some(own),
+                        digests: std::iter::once((self.config.instance_id, own))
+                            .chain(slot.copies.iter().map(|c| (c.instance, c.digest)))
+                            .collect(),
+                        differing: vec![self.config.instance_id],
+                        own_output: Some(own_output),
+                        differing_output: slot.copies.iter().find(|c| c.digest == digest).and_then(|c| c.output.clone()),
+                    };
+                    self.report(report);
+                    self.quarantine_self();
+                    digest
+                }
+            };
+            self.pop_front(partition, digest);
+            advanced = true;
+        }
+        advanced
+    }
+
+    fn pop_front(&mut self, partition: u32, digest: Digest) {
+        let (retention, mask_retained) = (self.config.digest_retention, self.config.digest_retention - 1);
+        let index = self.index(self.partitions[partition as usize].certified_end);
+        let p = &mut self.partitions[partition as usize];
+        let front = p.certified_end;
+        p.ring[index] = Slot::empty();
+        // spec: Clerk.CertifiedDigestsPruned — the retention ring overwrites the oldest.
+        p.retained[(front & mask_retained) as usize] = digest;
+        p.certified_end = front + 1;
+        if p.certified_end - p.retained_from > retention {
+            p.retained_from = p.certified_end - retention;
+        }
+    }
+
+    fn place_overflow(&mut self, partition: u32) {
+        let window = self.config.copy_window;
+        loop {
+            let p = &mut self.partitions[partition as usize];
+            let limit = p.certified_end + window;
+            let Some(entry) = p.overflow.first_entry() else { break };
+            if *entry.key() >= limit {
+                break;
+            }
+            let (offset, (digest, output)) = entry.remove_entry();
+            if offset < p.certified_end {
+                continue;
+            }
+            self.place_own(partition, offset, digest, output);
+            self.report_mismatches(partition, offset);
+        }
+    }
+
+    /// spec: Clerk.MinorityQuarantined — copies that differ from a certified digest.
+    fn minority_quarantined(&mut self, partition: u32, index: usize, digest: Digest) {
+        let minority: Vec<InstanceId> = self.partitions[partition as usize].ring[index]
+            .copies
+            .iter()
+            .filter(|c| c.digest != digest)
+            .map(|c| c.instance)
+            .collect();
+        for peer in minority {
+            self.quarantine_peer(peer);
+        }
+    }
+
+    fn contest(&mut self, partition: u32, index: usize) {
+        let instance_id = self.config.instance_id;
+        let slot = &mut self.partitions[partition as usize].ring[index];
+        if slot.status == SlotStatus::Contested {
+            return;
+        }
+        slot.status = SlotStatus::Contested;
+        let (own, own_output) = slot.own.clone().expect("contested with an own copy");
+        let report = FaultReport {
+            partition,
+            offset: slot.offset,
+            kind: FaultKind::Contested,
+            own_digest: Some(own),
+            digests: std::iter::once((instance_id, own)).chain(slot.copies.iter().map(|c| (c.instance, c.digest))).collect(),
+            differing: slot.copies.iter().filter(|c| c.digest != own).map(|c| c.instance).collect(),
+            own_output: Some(own_output),
+            differing_output: slot.copies.iter().find(|c| c.digest != own).and_then(|c| c.output.clone()),
+        };
+        self.report(report);
+    }
+
+    /// spec: Clerk.PeerQuarantineApplied
+    fn quarantine_peer(&mut self, peer: InstanceId) {
+        if let Some(view) = self.peer_mut(peer) {
+            if !view.quarantined {
+                view.quarantined = true;
+                self.role_check();
+            }
+        }
+    }
+
+    /// spec: Clerk.SelfQuarantined — this instance keeps certifying with the cluster's
+    /// digests (so it stays in step and keeps comparing) but never publishes, and its
+    /// readiness says quarantined so peers do not count it.
+    fn quarantine_self(&mut self) {
+        if self.self_quarantined {
+            return;
+        }
+        self.self_quarantined = true;
+        let peers: Vec<InstanceId> = self.config.peers.clone();
+        for peer in peers {
+            self.send_readiness(peer);
+        }
+        self.role_check();
+    }
+
+    fn report(&mut self, report: FaultReport) {
+        self.counters.faults += 1;
+        if self.faults.len() == MAX_FAULT_REPORTS {
+            self.faults.pop_front();
+        }
+        self.faults.push_back(report.clone());
+        self.actions.push(Action::Fault(report));
+    }
+
+    /// spec: Clerk.WatermarkAdvertised — one advert per partition per input.
+    fn flush_adverts(&mut self) {
+        if self.status != ClerkStatus::Ready {
+            return;
+        }
+        for partition in 0..self.config.partitions {
+            let p = &mut self.partitions[partition as usize];
+            if !p.advert_due {
+                continue;
+            }
+            p.advert_due = false;
+            let (durable_end, certified_end) = (p.durable_end, p.certified_end);
+            for peer in &self.config.peers {
+                let message = Outgoing::Watermark { partition, durable_end, certified_end };
+                self.actions.push(Action::Send { peer: *peer, message });
+            }
+        }
+    }
+
+    /// spec: Clerk.PublisherElected — the lowest eligible id that may publish.
+    fn role_check(&mut self) {
+        let self_eligible = self.status == ClerkStatus::Ready && !self.self_quarantined && self.config.may_publish;
+        let lowest_peer = self.peers.iter().filter(|p| p.eligible() && p.may_publish).map(|p| p.instance_id).min();
+        let publisher = self_eligible && lowest_peer.is_none_or(|peer| self.config.instance_id < peer);
+        if publisher != self.publisher {
+            self.publisher = publisher;
+            self.actions.push(Action::Publisher(publisher));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// Clerks wired by an in-memory network: what a Clerk sends is delivered in order
+    /// per link, while the link is up.
+    struct Net {
+        clerks: Vec<Clerk>,
+        queue: VecDeque<(InstanceId, InstanceId, Outgoing)>,
+        down: Vec<(InstanceId, InstanceId)>,
+        certified: Vec<Vec<(u32, u64, Arc<[u8]>)>>,
+        faults: Vec<Vec<FaultReport>>,
+        publisher: Vec<bool>,
+    }
+
+    fn config(id: InstanceId, n: u32, expected: u32, window: u64) -> ClerkConfig {
+        ClerkConfig {
+            instance_id: id,
+            peers: (1..=n).filter(|p| *p != id).collect(),
+            partitions: 1,
+            expected_copies: expected,
+            copy_window: window,
+            digest_retention: 1 << 12,
+            may_publish: true,
+        }
+    }
+
+    fn output(offset: u64) -> Arc<[u8]> {
+        Arc::from(format!("output of {offset}").into_bytes())
+    }
+
+    impl Net {
+        fn new(n: u32, expected: u32, window: u64) -> Net {
+            let clerks = (1..=n).map(|id| Clerk::new(config(id, n, expected, window), &[(0, 0)])).collect();
+            let k = n as usize;
+            Net {
+                clerks,
+                queue: VecDeque::new(),
+                down: Vec::new(),
+                certified: vec![Vec::new(); k],
+                faults: vec![Vec::new(); k],
+                publisher: vec![false; k],
+            }
+        }
+        fn clerk(&mut self, id: InstanceId) -> &mut Clerk {
+            &mut self.clerks[id as usize - 1]
+        }
+        fn open_all(&mut self) {
+            let n = self.clerks.len() as u32;
+            for id in 1..=n {
+                self.clerk(id).open_gate();
+                self.collect(id);
+            }
+            for id in 1..=n {
+                for peer in (1..=n).filter(|p| *p != id) {
+                    self.clerk(id).link_up(peer);
+                }
+                self.collect(id);
+            }
+        }
+        fn collect(&mut self, id: InstanceId) {
+            let actions: Vec<Action> = self.clerk(id).drain_actions().collect();
+            for action in actions {
+                match action {
+                    Action::Send { peer, message } => self.queue.push_back((id, peer, message)),
+                    Action::Certified { partition, offset, output } => {
+                        self.certified[id as usize - 1].push((partition, offset, output))
+                    }
+                    Action::Fault(report) => self.faults[id as usize - 1].push(report),
+                    Action::Publisher(on) => self.publisher[id as usize - 1] = on,
+                }
+            }
+        }
+        fn own(&mut self, id: InstanceId, offset: u64, bytes: Arc<[u8]>) {
+            self.clerk(id).own_output(0, offset, bytes);
+            self.collect(id);
+        }
+        fn run(&mut self) {
+            while let Some((from, to, message)) = self.queue.pop_front() {
+                if self.down.contains(&(from, to)) || self.down.contains(&(to, from)) {
+                    continue;
+                }
+                let clerk = self.clerk(to);
+                match message {
+                    Outgoing::Copy { partition, offset, output } => clerk.peer_copy(from, partition, offset, output),
+                    Outgoing::CertifiedCopy { partition, offset, digest } => {
+                        clerk.peer_certified_copy(from, partition, offset, digest)
+                    }
+                    Outgoing::Watermark { partition, durable_end, certified_end } => {
+                        clerk.peer_watermark(from, partition, durable_end, certified_end)
+                    }
+                    Outgoing::Readiness { ready, quarantined, may_publish } => {
+                        clerk.peer_readiness(from, ready, quarantined, may_publish)
+                    }
+                }
+                self.collect(to);
+            }
+        }
+        fn cut(&mut self, a: InstanceId, b: InstanceId) {
+            self.down.push((a, b));
+            self.clerk(a).link_down(b);
+            self.collect(a);
+            self.clerk(b).link_down(a);
+            self.collect(b);
+        }
+        fn heal(&mut self, a: InstanceId, b: InstanceId) {
+            self.down.retain(|l| *l != (a, b) && *l != (b, a));
+            self.clerk(a).link_up(b);
+            self.collect(a);
+            self.clerk(b).link_up(a);
+            self.collect(b);
+            self.run();
+        }
+        fn offsets(&self, id: InstanceId) -> Vec<u64> {
+            self.certified[id as usize - 1].iter().map(|c| c.1).collect()
+        }
+    }
+
+    /// A deterministic shuffle, so that own outputs arrive out of order as they do from shards.
+    fn shuffled(n: u64, seed: u64) -> Vec<u64> {
+        let mut v: Vec<u64> = (0..n).collect();
+        let mut x = seed | 1;
+        for i in (1..v.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        v
+    }
+
+    #[test]
+    fn three_instances_certify_every_offset_in_order() {
+        // spec: Clerk.OffsetCertified, Clerk.CertifiedWatermarkAdvances, Clerk.OwnDigestPlaced
+        let mut net = Net::new(3, 2, 64);
+        net.open_all();
+        net.run();
+        for (id, seed) in [(1, 7), (2, 11), (3, 13)] {
+            for offset in shuffled(60, seed) {
+                net.own(id, offset, output(offset));
+            }
+            net.run();
+        }
+        for id in 1..=3 {
+            assert_eq!(net.offsets(id), (0..60).collect::<Vec<_>>(), "instance {id}");
+            assert_eq!(net.clerk(id).certified_end(0), 60);
+            assert!(net.faults[id as usize - 1].is_empty());
+        }
+        assert_eq!(net.certified[0][5].2, output(5), "certified with the output's bytes");
+    }
+
+    #[test]
+    fn expected_copies_one_certifies_alone() {
+        let mut clerk = Clerk::new(config(1, 1, 1, 16), &[(0, 0)]);
+        clerk.open_gate();
+        clerk.own_output(0, 1, output(1));
+        assert_eq!(clerk.certified_end(0), 0, "offset 0 first");
+        clerk.own_output(0, 0, output(0));
+        assert_eq!(clerk.certified_end(0), 2);
+    }
+
+    #[test]
+    fn nothing_certifies_without_a_second_copy() {
+        // spec: Clerk.CertifiedHasEnoughCopies — two instances, one silent.
+        let mut net = Net::new(2, 2, 64);
+        net.open_all();
+        net.run();
+        net.cut(1, 2);
+        for offset in 0..10 {
+            net.own(1, offset, output(offset));
+        }
+        net.run();
+        assert!(net.offsets(1).is_empty(), "certification pauses");
+        for offset in 0..10 {
+            net.own(2, offset, output(offset));
+        }
+        net.heal(1, 2);
+        assert_eq!(net.offsets(1), (0..10).collect::<Vec<_>>());
+        assert_eq!(net.offsets(2), (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_differing_copy_is_detected_never_certified_and_its_sender_quarantined() {
+        // spec: Clerk.MismatchDetected, Clerk.MinorityQuarantined, Clerk.OwnCopyInMinority, Clerk.SelfQuarantined
+        let mut net = Net::new(3, 2, 64);
+        net.open_all();
+        net.run();
+        for offset in 0..20 {
+            for id in 1..=3 {
+                let bytes = if id == 3 && offset == 7 { Arc::from(&b"flipped"[..]) } else { output(offset) };
+                net.own(id, offset, bytes);
+            }
+            net.run();
+        }
+        for id in [1, 2] {
+            assert_eq!(net.offsets(id), (0..20).collect::<Vec<_>>());
+            let faults = &net.faults[id as usize - 1];
+            assert!(faults.iter().all(|f| f.offset == 7 && f.differing == vec![3]), "{faults:?}");
+            assert!(!faults.is_empty());
+            assert!(net.clerk(id).peers().iter().any(|p| p.instance_id == 3 && p.quarantined));
+        }
+        let own = &net.faults[2];
+        assert!(own.iter().any(|f| f.kind == FaultKind::OwnCopyOverruled && f.offset == 7));
+        assert!(net.clerk(3).self_quarantined());
+        assert!(!net.offsets(3).contains(&7), "an overruled output is never certified here");
+        assert_eq!(net.clerk(3).certified_end(0), 20, "the quarantined instance keeps in step");
+        assert!(!net.publisher[2], "a quarantined instance never publishes");
+    }
+
+    #[test]
+    fn a_quarantined_peers_copies_are_compared_but_not_counted() {
+        // spec: Clerk.PeerCopyRecorded (trusted = false), Clerk.LateCopyChecked
+        let mut net = Net::new(3, 2, 64);
+        net.open_all();
+        net.run();
+        let flips = [3u64, 9, 15];
+        for offset in 0..20 {
+            for id in 1..=3 {
+                let bytes = if id == 3 && flips.contains(&offset) { Arc::from(&b"bad"[..]) } else { output(offset) };
+                net.own(id, offset, bytes);
+            }
+            net.run();
+        }
+        let mut seen: Vec<u64> = net.faults[0].iter().map(|f| f.offset).collect();
+        seen.dedup();
+        assert_eq!(seen, flips, "every differing copy is detected, the quarantined one's too");
+        // Instance 2 silent: instance 3's matching copies must not certify at 1.
+        net.cut(1, 2);
+        net.own(1, 20, output(20));
+        net.own(3, 20, output(20));
+        net.run();
+        assert_eq!(net.clerk(1).certified_end(0), 20, "a quarantined copy does not count");
+    }
+
+    #[test]
+    fn a_recovering_clerk_sends_nothing_and_ignores_copies() {
+        // spec: Clerk.ReadyGateOpens, Recovery.NoWatermarkBeforeReady, Recovery.NoCopiesBeforeReady
+        let mut clerk = Clerk::new(config(1, 2, 2, 16), &[(5, 9)]);
+        clerk.link_up(2);
+        clerk.own_output(0, 5, output(5));
+        clerk.peer_watermark(2, 0, 0, 0);
+        clerk.peer_copy(2, 0, 5, output(5));
+        let actions: Vec<Action> = clerk.drain_actions().collect();
+        assert!(
+            actions.iter().all(|a| matches!(a, Action::Send { message: Outgoing::Readiness { ready: false, .. }, .. })),
+            "only 'not ready' leaves a recovering instance: {actions:?}"
+        );
+        assert_eq!(clerk.counters().copies_before_ready, 1);
+        assert_eq!(clerk.certified_end(0), 5);
+        clerk.open_gate();
+        let actions: Vec<Action> = clerk.drain_actions().collect();
+        assert!(actions.contains(&Action::Send {
+            peer: 2,
+            message: Outgoing::Watermark { partition: 0, durable_end: 9, certified_end: 5 }
+        }));
+        // The peer advertised end 0 earlier, so our copy of 5 goes out once ready.
+        assert!(actions.iter().any(|a| matches!(a, Action::Send { message: Outgoing::Copy { offset: 5, .. }, .. })));
+    }
+
+    #[test]
+    fn a_lagging_instance_catches_up_against_certified_digests() {
+        // spec: Clerk.CertifiedDigestsResent, Clerk.LaggingPeerCatchesUp
+        let mut net = Net::new(3, 2, 16);
+        net.open_all();
+        net.run();
+        net.cut(1, 3);
+        net.cut(2, 3);
+        for offset in 0..100 {
+            net.own(1, offset, output(offset));
+            net.own(2, offset, output(offset));
+            net.run();
+        }
+        assert_eq!(net.clerk(1).certified_end(0), 100);
+        // Instance 3 restarts from nothing and reconnects; the others are far ahead.
+        net.clerks[2] = Clerk::new(config(3, 3, 2, 16), &[(0, 0)]);
+        net.clerk(3).open_gate();
+        net.collect(3);
+        net.heal(1, 3);
+        net.heal(2, 3);
+        for offset in shuffled(100, 3) {
+            net.own(3, offset, output(offset));
+            net.run();
+        }
+        assert_eq!(net.offsets(3), (0..100).collect::<Vec<_>>());
+        assert!(net.faults.iter().all(|f| f.is_empty()));
+        assert!(!net.clerk(3).self_quarantined());
+    }
+
+    #[test]
+    fn copies_beyond_the_window_wait_and_outputs_beyond_it_overflow() {
+        // spec: Clerk.CopyOutsideWindowIgnored, Clerk.SlotsInsideWindow
+        let mut clerk = Clerk::new(config(1, 2, 2, 8), &[(0, 0)]);
+        clerk.open_gate();
+        clerk.peer_copy(2, 0, 8, output(8));
+        assert_eq!(clerk.counters().copies_outside_window, 1);
+        // Recovered own outputs beyond the ring wait, then enter as it moves.
+        for offset in 0..12 {
+            clerk.own_output(0, offset, output(offset));
+        }
+        for offset in 0..12 {
+            clerk.peer_copy(2, 0, offset, output(offset));
+        }
+        assert_eq!(clerk.certified_end(0), 12);
+    }
+
+    #[test]
+    fn the_lowest_eligible_instance_publishes_and_hands_over() {
+        // spec: Clerk.PublisherElected, Clerk.PublisherHandOver
+        let mut net = Net::new(3, 2, 16);
+        net.open_all();
+        net.run();
+        assert_eq!(net.publisher, vec![true, false, false]);
+        net.cut(1, 2);
+        net.cut(1, 3);
+        assert_eq!(net.publisher[1..], [true, false], "2 takes over when 1 goes silent");
+        net.heal(1, 2);
+        net.heal(1, 3);
+        assert_eq!(net.publisher, vec![true, false, false]);
+    }
+
+    #[test]
+    fn a_mismatch_while_the_third_instance_is_unreachable_waits_for_it() {
+        // spec: Clerk.OffsetContested — only when no digest can still reach expected_copies.
+        let mut net = Net::new(3, 2, 16);
+        net.open_all();
+        net.run();
+        net.cut(1, 2);
+        net.own(1, 0, output(0));
+        net.own(3, 0, Arc::from(&b"flipped"[..]));
+        net.run();
+        assert_eq!(net.clerk(1).contested_at(0), None, "instance 2 may still agree");
+        net.own(2, 0, output(0));
+        net.heal(1, 2);
+        assert_eq!(net.offsets(1), vec![0]);
+    }
+
+    #[test]
+    fn two_instances_that_disagree_contest_the_offset() {
+        // spec: Clerk.OffsetContested
+        let mut net = Net::new(2, 2, 16);
+        net.open_all();
+        net.run();
+        net.own(1, 0, output(0));
+        net.own(2, 0, Arc::from(&b"other"[..]));
+        net.own(1, 1, output(1));
+        net.own(2, 1, output(1));
+        net.run();
+        for id in 1..=2 {
+            assert_eq!(net.clerk(id).contested_at(0), Some(0));
+            assert!(net.faults[id as usize - 1].iter().any(|f| f.kind == FaultKind::Contested));
+            assert!(net.offsets(id).is_empty(), "the watermark stops below a contested offset");
+        }
+    }
+}
