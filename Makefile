@@ -13,7 +13,7 @@ KAFKA ?= 0
 EVENTS ?= 100000
 RUN_DIR ?= target/run
 
-.PHONY: run test lint test-rust specs tools bench bench-engine bench-kafka clean
+.PHONY: run test lint test-rust specs tools bench bench-engine bench-kafka bench-federation clean
 
 ## run: the main job on the embedded default. A sample workload is appended to a local
 ## log in $(RUN_DIR), a 3-instance federation (`tribunal cluster`) processes it until every
@@ -69,6 +69,11 @@ bench-engine:
 ## durable Ledger and published outputs, against a plain consumer's rate on the same topic.
 bench-kafka: tools
 	scripts/bench-kafka.sh
+
+## bench-federation: certified events/s of a 3-instance cluster against one instance with
+## expected_copies 1, on the same pre-filled log (target/bench/federation.json).
+bench-federation:
+	scripts/bench-federation.sh
 
 clean:
 	$(CARGO) clean

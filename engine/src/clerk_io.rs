@@ -41,6 +41,9 @@ const MAX_INJECTED_LISTED: usize = 4_096;
 const TICK: Duration = Duration::from_millis(10);
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 const STATUS_INTERVAL: Duration = Duration::from_millis(100);
+/// Ticks a peer must stay unreachable before `--stop-at-end` stops waiting for it: a
+/// peer that is only slow (a starved link times out) may still need our copies.
+const STOP_GRACE_TICKS: u32 = 500;
 
 /// What the publisher sink gets: where to start (a hand-over), then certified outputs in
 /// offset order per partition.
@@ -170,6 +173,8 @@ struct Shell {
     injected: Injected,
     bitflip_rate: Option<f64>,
     delay: Option<Duration>,
+    /// Per peer (in config order), consecutive ticks unreachable or not ready.
+    down_ticks: Vec<u32>,
 }
 
 #[derive(Default)]
@@ -299,7 +304,12 @@ impl Shell {
                     if self.injected.listed.len() < MAX_INJECTED_LISTED {
                         self.injected.listed.push((output.partition, output.offset));
                     }
-                    warn!(partition = output.partition, offset = output.offset, bit, "INJECTED FAULT: flipped a bit in an output");
+                    warn!(
+                        partition = output.partition,
+                        offset = output.offset,
+                        bit,
+                        "INJECTED FAULT: flipped a bit in an output"
+                    );
                 }
             }
             self.clerk.own_output(output.partition, output.offset, Arc::from(bytes));
@@ -309,7 +319,9 @@ impl Shell {
 
     fn frame(&mut self, peer: InstanceId, frame: Frame) {
         match frame {
-            Frame::Copy { partition, offset, output } => self.clerk.peer_copy(peer, partition, offset, Arc::from(output)),
+            Frame::Copy { partition, offset, output } => {
+                self.clerk.peer_copy(peer, partition, offset, Arc::from(output))
+            }
             Frame::CertifiedCopy { partition, offset, digest } => {
                 self.clerk.peer_certified_copy(peer, partition, offset, digest)
             }
@@ -335,6 +347,9 @@ impl Shell {
             self.clerk.own_durable(partition, durable_end(partition));
         }
         self.apply();
+        for (view, down) in self.clerk.peers().iter().zip(self.down_ticks.iter_mut()) {
+            *down = if view.link_up && view.ready { 0 } else { down.saturating_add(1) };
+        }
         // Prune the hand-over buffer to what is known published.
         let mut full = false;
         for partition in 0..self.shared.partitions {
@@ -346,12 +361,14 @@ impl Shell {
                 buffer.pop_front();
             }
             full |= buffer.len() as u64 >= MAX_UNPUBLISHED;
+            // spec: Clerk.StopAtEnd — every trusted peer, unless it has been gone a while.
             let min_peer = self
                 .clerk
                 .peers()
                 .iter()
-                .filter(|v| v.link_up && v.ready && !v.quarantined && !v.says_quarantined)
-                .map(|v| v.advertised_certified_end[p].unwrap_or(0))
+                .zip(&self.down_ticks)
+                .filter(|(v, down)| !v.quarantined && !v.says_quarantined && **down < STOP_GRACE_TICKS)
+                .map(|(v, _)| v.advertised_certified_end[p].unwrap_or(0))
                 .min()
                 .unwrap_or(u64::MAX);
             self.shared.peers_certified_end[p].store(min_peer, Ordering::Release);
@@ -544,6 +561,7 @@ async fn clerk_main(
     let mut seed = [0u8; 8];
     getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("seeding fault injection: {e}"))?;
     let partitions = setup.config.partitions;
+    let peer_count = setup.config.peers.len();
     let mut clerk = Clerk::new(setup.config, &setup.resume);
     // Recovered own outputs enter before the gate opens; nothing is sent until it does.
     for output in setup.recovered_outputs {
@@ -565,6 +583,7 @@ async fn clerk_main(
         injected: Injected { rng: u64::from_le_bytes(seed), ..Injected::default() },
         bitflip_rate,
         delay,
+        down_ticks: vec![0; peer_count],
     }));
     shell.borrow_mut().apply();
     let _ = started.send(Ok(()));

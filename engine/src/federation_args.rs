@@ -40,8 +40,12 @@ pub struct PeerAddress {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Fault {
     /// Share of outputs, in (0, 1], that get one flipped bit.
-    BitFlip { rate: f64 },
-    Delay { delay_ms: u64 },
+    BitFlip {
+        rate: f64,
+    },
+    Delay {
+        delay_ms: u64,
+    },
 }
 
 pub fn parse_peer(text: &str) -> anyhow::Result<PeerAddress> {
@@ -52,7 +56,8 @@ pub fn parse_peer(text: &str) -> anyhow::Result<PeerAddress> {
 }
 
 pub fn parse_fault(text: &str) -> anyhow::Result<Fault> {
-    let (kind, value) = text.split_once(':').with_context(|| format!("--inject-fault {text:?}: expected bitflip:RATE or delay:MS"))?;
+    let (kind, value) =
+        text.split_once(':').with_context(|| format!("--inject-fault {text:?}: expected bitflip:RATE or delay:MS"))?;
     match kind {
         "bitflip" => {
             let rate: f64 = value.parse().with_context(|| format!("--inject-fault {text:?}: bad rate"))?;

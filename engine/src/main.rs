@@ -34,9 +34,10 @@ use clap::{Parser, Subcommand};
     about = "Tribunal: deterministic event sourcing for inventory movements",
     long_about = "Tribunal: deterministic event sourcing for inventory movements.\n\n\
         `run` processes a command log (the embedded `local:DIR` log, or Kafka) on pinned \
-        shards with a durable Ledger, recovers after any crash, and with Kafka publishes \
-        every output to the outputs topic. `evaluate` checks a log against the sequential \
-        reference interpreter. Federation between instances and HTTP are not built yet."
+        shards with a durable Ledger, recovers after any crash, compares its durable outputs \
+        with its peers' (--peers) and publishes only certified ones. `cluster` runs a local \
+        federation. `evaluate` checks a log against the sequential reference interpreter. \
+        HTTP is not built yet."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -166,7 +167,10 @@ fn run_node(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Checks the federation options together: clear errors before anything starts.
-fn federation_config(instance_id: u32, args: &federation_args::FederationArgs) -> anyhow::Result<node::FederationConfig> {
+fn federation_config(
+    instance_id: u32,
+    args: &federation_args::FederationArgs,
+) -> anyhow::Result<node::FederationConfig> {
     let peers = args.peers.iter().map(|p| federation_args::parse_peer(p)).collect::<anyhow::Result<Vec<_>>>()?;
     let mut ids: Vec<u32> = peers.iter().map(|p| p.instance_id).collect();
     ids.sort_unstable();
@@ -186,8 +190,12 @@ fn federation_config(instance_id: u32, args: &federation_args::FederationArgs) -
         (None, false) => anyhow::bail!("--peers needs --psk-file (the federation's pre-shared key)"),
         (_, true) => None,
     };
-    anyhow::ensure!(peers.is_empty() || args.listen.is_some(), "--peers needs --listen (where this instance accepts peers)");
-    let faults = args.inject_fault.iter().map(|f| federation_args::parse_fault(f)).collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(
+        peers.is_empty() || args.listen.is_some(),
+        "--peers needs --listen (where this instance accepts peers)"
+    );
+    let faults =
+        args.inject_fault.iter().map(|f| federation_args::parse_fault(f)).collect::<anyhow::Result<Vec<_>>>()?;
     Ok(node::FederationConfig { listen: args.listen, peers, psk, expected_copies: args.expected_copies, faults })
 }
 

@@ -35,6 +35,8 @@ use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::{LocalExecutorBuilder, Placement};
 use serde::Serialize;
 use tracing::{error, info, warn};
+use tribunal_federation::clerk::ClerkConfig;
+use tribunal_federation::peer_links::LinksConfig;
 use tribunal_shards::arbiter::{Arbiter, ShardEffect, ShardMessage};
 use tribunal_shards::envelope::Envelope;
 use tribunal_shards::inventory::Inventory;
@@ -43,16 +45,14 @@ use tribunal_shards::recovery::recover;
 use tribunal_shards::router::ShardId;
 use tribunal_shards::usher::{home_shard, Decoded, Record, Usher, UsherConfig};
 use tribunal_shards::warden::WardenConfig;
-use tribunal_federation::clerk::ClerkConfig;
-use tribunal_federation::peer_links::LinksConfig;
 
 use crate::clerk_io::{self, ClerkSetup, ClerkShared, PublishBatch};
 use crate::cores;
 use crate::federation_args::{Fault, PeerAddress};
 use crate::kafka_log::{self, DurableOutput, Feed, KafkaConfig, KafkaShared};
-use crate::local_publisher;
 use crate::ledger_io::{self, Layout, Manifest, PartitionManifest, SegmentWriter};
 use crate::local_log::LocalLog;
+use crate::local_publisher;
 
 type D = Inventory;
 type Message = ShardMessage<D>;
@@ -357,7 +357,12 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     from_ledger.sort_by_key(|o| (o.partition, o.offset));
     for (p, end) in certified.iter_mut().enumerate() {
         if *end > resume[p] {
-            warn!(partition = p, checkpoint = *end, durable_end = resume[p], "the certified checkpoint is past the durable watermark; capping it");
+            warn!(
+                partition = p,
+                checkpoint = *end,
+                durable_end = resume[p],
+                "the certified checkpoint is past the durable watermark; capping it"
+            );
             *end = resume[p];
         }
     }

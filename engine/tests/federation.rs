@@ -167,7 +167,9 @@ impl Federation {
         assert_eq!(published.len() as u64, records, "one published output per input offset");
         assert_eq!(*published.keys().next_back().unwrap(), records - 1);
         let digest = tribunal_shards::digest::outputs_digest(
-            published.iter().map(|(offset, json)| (*offset, u128::from_str_radix(json["digest"].as_str().unwrap(), 16).unwrap())),
+            published
+                .iter()
+                .map(|(offset, json)| (*offset, u128::from_str_radix(json["digest"].as_str().unwrap(), 16).unwrap())),
         );
         assert_eq!(format!("{digest:032x}"), expected["outputs_digest"].as_str().unwrap(), "published outputs");
     }

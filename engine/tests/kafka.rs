@@ -113,7 +113,15 @@ impl Instance {
     fn spawn_with(&self, broker: &Broker, extra: &[&str]) -> Child {
         let mut command = tribunal();
         command
-            .args(["run", "--expected-copies", "1", "--log", &broker.log_arg(), "--kafka-partitions", &PARTITIONS.to_string()])
+            .args([
+                "run",
+                "--expected-copies",
+                "1",
+                "--log",
+                &broker.log_arg(),
+                "--kafka-partitions",
+                &PARTITIONS.to_string(),
+            ])
             .args(["--cores", "0,1", "--snapshot-every", "400", "--data-dir"])
             .arg(&self.data)
             .args(extra)

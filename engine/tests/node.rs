@@ -45,7 +45,17 @@ fn append_raw(log: &Path, lines: &[&[u8]]) {
 
 fn spawn_run(dirs: &Dirs, cores: &str) -> Child {
     tribunal()
-        .args(["run", "--expected-copies", "1", "--log", &log_arg(&dirs.log), "--stop-at-end", "--cores", cores, "--data-dir"])
+        .args([
+            "run",
+            "--expected-copies",
+            "1",
+            "--log",
+            &log_arg(&dirs.log),
+            "--stop-at-end",
+            "--cores",
+            cores,
+            "--data-dir",
+        ])
         .arg(&dirs.data)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -240,7 +250,18 @@ fn snapshots_replace_old_segments_and_recovery_starts_from_them() {
     append_sample(&dirs.log, 3_000, 20);
     let spawn = |dirs: &Dirs| {
         tribunal()
-            .args(["run", "--expected-copies", "1", "--log", &log_arg(&dirs.log), "--stop-at-end", "--cores", "0,1", "--snapshot-every", "2500"])
+            .args([
+                "run",
+                "--expected-copies",
+                "1",
+                "--log",
+                &log_arg(&dirs.log),
+                "--stop-at-end",
+                "--cores",
+                "0,1",
+                "--snapshot-every",
+                "2500",
+            ])
             .arg("--data-dir")
             .arg(&dirs.data)
             .stdout(Stdio::null())

@@ -71,9 +71,16 @@ pub enum Outgoing {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    Send { peer: InstanceId, message: Outgoing },
+    Send {
+        peer: InstanceId,
+        message: Outgoing,
+    },
     /// In offset order per partition: `offset` is certified, with this instance's bytes.
-    Certified { partition: u32, offset: u64, output: Arc<[u8]> },
+    Certified {
+        partition: u32,
+        offset: u64,
+        output: Arc<[u8]>,
+    },
     Fault(FaultReport),
     /// This instance's publisher role changed (spec: Clerk.PublisherElected).
     Publisher(bool),
@@ -490,7 +497,8 @@ impl Clerk {
         if self.status == ClerkStatus::Ready {
             for partition in 0..self.config.partitions {
                 let p = &self.partitions[partition as usize];
-                let message = Outgoing::Watermark { partition, durable_end: p.durable_end, certified_end: p.certified_end };
+                let message =
+                    Outgoing::Watermark { partition, durable_end: p.durable_end, certified_end: p.certified_end };
                 self.actions.push(Action::Send { peer, message });
             }
         }
@@ -772,7 +780,11 @@ impl Clerk {
                             .collect(),
                         differing: vec![self.config.instance_id],
                         own_output: Some(own_output),
-                        differing_output: slot.copies.iter().find(|c| c.digest == digest).and_then(|c| c.output.clone()),
+                        differing_output: slot
+                            .copies
+                            .iter()
+                            .find(|c| c.digest == digest)
+                            .and_then(|c| c.output.clone()),
                     };
                     self.report(report);
                     self.quarantine_self();
@@ -843,7 +855,9 @@ impl Clerk {
             offset: slot.offset,
             kind: FaultKind::Contested,
             own_digest: Some(own),
-            digests: std::iter::once((instance_id, own)).chain(slot.copies.iter().map(|c| (c.instance, c.digest))).collect(),
+            digests: std::iter::once((instance_id, own))
+                .chain(slot.copies.iter().map(|c| (c.instance, c.digest)))
+                .collect(),
             differing: slot.copies.iter().filter(|c| c.digest != own).map(|c| c.instance).collect(),
             own_output: Some(own_output),
             differing_output: slot.copies.iter().find(|c| c.digest != own).and_then(|c| c.output.clone()),

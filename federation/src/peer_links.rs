@@ -229,12 +229,12 @@ async fn with_timeout<T>(
     limit: Duration,
     future: impl std::future::Future<Output = std::io::Result<T>>,
 ) -> std::io::Result<T> {
-    glommio::timer::timeout(limit, async { future.await.map_err(glommio::GlommioError::from) })
-        .await
-        .map_err(|e| match e {
+    glommio::timer::timeout(limit, async { future.await.map_err(glommio::GlommioError::from) }).await.map_err(|e| {
+        match e {
             glommio::GlommioError::IoError(e) => e,
             other => std::io::Error::new(std::io::ErrorKind::TimedOut, other.to_string()),
-        })
+        }
+    })
 }
 
 async fn dial_loop(
@@ -335,7 +335,9 @@ async fn receive(
         let mut acceptor = Acceptor::new(&config.psk, own_id, nonce());
         let mut hello = [0u8; HELLO_BYTES];
         stream.read_exact(&mut hello).await?;
-        let denied = |e: crate::handshake::HandshakeError| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string());
+        let denied = |e: crate::handshake::HandshakeError| {
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+        };
         let reply = acceptor.on_hello(&hello, |id| id != own_id && known.contains(&id)).map_err(denied)?;
         stream.write_all(&reply).await?;
         let mut proof = [0u8; PROOF_BYTES];

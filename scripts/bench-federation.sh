@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Federation benchmark (issue 5): the cost of certification, measured by the engine
+# itself (status.json: records processed / time from ready to every record certified,
+# published and confirmed by the peers), not by a wrapper.
+#   1. A 3-instance cluster (expected_copies 2) on a pre-filled local log.
+#   2. One instance with expected_copies 1 on an identical log, in the same run.
+# Certified events/s of each and their ratio go to stdout and target/bench/federation.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EVENTS=${EVENTS:-300000}
+BIN=target/release/tribunal
+OUT=target/bench
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/tribunal-bench-fed.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+cargo build --release -p tribunal >/dev/null
+
+echo "generating and appending $EVENTS events (twice: one log per run, each with its own outputs log)..."
+"$BIN" sample --events "$EVENTS" --skus 10000 --warehouses 20 > "$WORK/commands.jsonl"
+"$BIN" log append --log "local:$WORK/log-cluster" "$WORK/commands.jsonl" > /dev/null
+"$BIN" log append --log "local:$WORK/log-single" "$WORK/commands.jsonl" > /dev/null
+
+field() { python3 -c "import json,sys; s=json.load(open(sys.argv[2] + '/status.json')); print(s[sys.argv[1]])" "$1" "$2"; }
+
+echo "3 instances, expected_copies 2..."
+"$BIN" cluster --instances 3 --log "local:$WORK/log-cluster" --data-dir "$WORK/cluster" --stop-at-end \
+    -- --snapshot-every 0 > "$WORK/cluster.out" 2>&1
+cluster_ms=0
+for i in 1 2 3; do
+    ms=$(field processing_ms "$WORK/cluster/instance-$i")
+    [ "$ms" -gt "$cluster_ms" ] && cluster_ms=$ms
+done
+echo "1 instance, expected_copies 1..."
+"$BIN" run --expected-copies 1 --log "local:$WORK/log-single" --data-dir "$WORK/single" --stop-at-end \
+    --snapshot-every 0 2> "$WORK/single.log"
+single_ms=$(field processing_ms "$WORK/single")
+python3 - "$EVENTS" "$cluster_ms" "$single_ms" "$OUT/federation.json" <<'PY'
+import json, sys
+events, cluster_ms, single_ms, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+cluster = events * 1000 / cluster_ms
+single = events * 1000 / single_ms
+result = {
+    "events": events,
+    "cluster_3x_expected_2_certified_events_per_s": round(cluster),
+    "single_expected_1_certified_events_per_s": round(single),
+    "ratio_cluster_over_single": round(cluster / single, 3),
+}
+json.dump(result, open(out, "w"), indent=2)
+print(f"3 instances, expected_copies 2: {cluster:,.0f} certified events/s ({cluster_ms} ms)")
+print(f"1 instance,  expected_copies 1: {single:,.0f} certified events/s ({single_ms} ms)")
+print(f"ratio (the cost of certification on one 2-core host): {cluster / single:.2f}")
+PY
