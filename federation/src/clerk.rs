@@ -935,13 +935,15 @@ mod tests {
     use super::*;
     use std::collections::VecDeque;
 
+    type CertifiedOutput = (u32, u64, Arc<[u8]>);
+
     /// Clerks wired by an in-memory network: what a Clerk sends is delivered in order
     /// per link, while the link is up.
     struct Net {
         clerks: Vec<Clerk>,
         queue: VecDeque<(InstanceId, InstanceId, Outgoing)>,
         down: Vec<(InstanceId, InstanceId)>,
-        certified: Vec<Vec<(u32, u64, Arc<[u8]>)>>,
+        certified: Vec<Vec<CertifiedOutput>>,
         faults: Vec<Vec<FaultReport>>,
         publisher: Vec<bool>,
     }
