@@ -698,7 +698,10 @@ impl Clerk {
         }
         let Some((own, _)) = slot.own else { return Verdict::Wait };
         let expected = self.config.expected_copies as usize;
-        let trusted = || slot.copies.iter().filter(|c| c.trusted);
+        // A copy counts if its sender was trusted when it arrived and still is: a peer
+        // quarantined since (at an earlier offset) counts for nothing here either.
+        let quarantined = |id: InstanceId| self.peers.iter().any(|p| p.instance_id == id && p.quarantined);
+        let trusted = || slot.copies.iter().filter(move |c| c.trusted && !quarantined(c.instance));
         // spec: Clerk.OffsetCertified, Clerk.LaggingPeerCatchesUp
         let matching = 1 + trusted().filter(|c| c.digest == own).count();
         if matching >= expected || trusted().any(|c| c.certified && c.digest == own) {
@@ -714,9 +717,11 @@ impl Clerk {
         // spec: Clerk.OffsetContested — no digest can reach expected_copies even if every
         // trusted peer that has not answered yet agreed with it. Peers that are merely
         // unreachable now still count as able to answer: a slow link is not a verdict.
-        let answered = trusted().count();
-        let trusted_peers = self.peers.iter().filter(|p| !p.quarantined).count();
-        let unanswered = trusted_peers.saturating_sub(answered);
+        let unanswered = self
+            .peers
+            .iter()
+            .filter(|p| !p.quarantined && !slot.copies.iter().any(|c| c.instance == p.instance_id))
+            .count();
         let best = trusted()
             .map(|c| trusted().filter(|d| d.digest == c.digest).count() + usize::from(c.digest == own))
             .max()
@@ -1267,6 +1272,27 @@ mod tests {
         net.own(2, 0, output(0));
         net.heal(1, 2);
         assert_eq!(net.offsets(1), vec![0]);
+    }
+
+    #[test]
+    fn a_copy_from_a_peer_quarantined_after_it_arrived_neither_counts_nor_contests() {
+        // spec: Clerk.OffsetContested, Clerk.PeerCopyRecorded (trusted)
+        let mut net = Net::new(3, 2, 16);
+        net.open_all();
+        net.run();
+        net.cut(1, 2);
+        // 3's differing copy of 1 arrives first, trusted; then 3 is caught at offset 0.
+        net.own(3, 1, Arc::from(&b"flipped"[..]));
+        net.own(3, 0, Arc::from(&b"flipped too"[..]));
+        net.run();
+        net.own(1, 1, output(1));
+        net.own(1, 0, output(0));
+        net.own(2, 0, output(0));
+        net.own(2, 1, output(1));
+        net.heal(1, 2);
+        assert_eq!(net.clerk(1).contested_at(0), None);
+        assert_eq!(net.offsets(1), vec![0, 1], "instance 2's copies certify both");
+        assert!(net.clerk(1).peers().iter().any(|p| p.instance_id == 3 && p.quarantined));
     }
 
     #[test]
