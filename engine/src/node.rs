@@ -382,8 +382,9 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     );
 
     // With Kafka, a KafkaShared carries readiness, failures and the publisher's acks.
+    // (Its published ends are where publication resumes: past outputs the Ledger lost.)
     let kafka_shared = kafka.as_ref().map(|k| {
-        let ends = k.published_ends.clone().unwrap_or_else(|| vec![0; partitions as usize]);
+        let ends = if k.published_ends.is_some() { published_start.clone() } else { vec![0; partitions as usize] };
         Arc::new(KafkaShared::new(&ends))
     });
     let published_now: Vec<u64> = published_start.iter().zip(&certified).map(|(p, c)| (*p).min(*c)).collect();
@@ -410,8 +411,8 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             let k = k.clone();
             Arc::new(move |p| k.published_end[p as usize].load(Ordering::Acquire))
         }
-        (None, Some((log, end))) => {
-            let sink = local_publisher::spawn(log, end, sink_rx.take().expect("one sink"))?;
+        (None, Some((log, _))) => {
+            let sink = local_publisher::spawn(log, published_start[0], sink_rx.take().expect("one sink"))?;
             let published = sink.published.clone();
             local_sink = Some(sink);
             Arc::new(move |_| published.load(Ordering::Acquire))
@@ -553,8 +554,8 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         }
     }
     if let (Some(start), Some(kafka_shared)) = (&kafka, &kafka_shared) {
-        if let (Some(ends), Some(sink_rx)) = (&start.published_ends, sink_rx.take()) {
-            kafka_log::spawn_publisher(&start.config, ends, sink_rx, kafka_shared.clone())?;
+        if let (Some(_), Some(sink_rx)) = (&start.published_ends, sink_rx.take()) {
+            kafka_log::spawn_publisher(&start.config, &published_start, sink_rx, kafka_shared.clone())?;
         }
         let client_id = format!("tribunal-{}", config.instance_id);
         kafka_log::spawn_source(&start.config, &client_id, resume.clone(), feeds, kafka_shared.clone())?;

@@ -469,6 +469,10 @@ fn outputs_the_ledger_no_longer_holds_are_skipped_loudly_instead_of_stalling_the
     let status = wait_bounded(&instance, instance.spawn_with(&broker, &["--stop-at-end", "--publish", "false"]));
     assert!(status.success(), "{}", instance.log());
     assert!(read_topic(&broker, "tribunal.outputs").is_empty(), "--publish false publishes nothing");
+    // Segments go once the certified checkpoint covers them; it is persisted at exit, so
+    // a second run (nothing new to read) deletes them.
+    let status = wait_bounded(&instance, instance.spawn_with(&broker, &["--stop-at-end", "--publish", "false"]));
+    assert!(status.success(), "{}", instance.log());
     let markers: BTreeMap<u64, u64> = instance.inspect()["partitions"]
         .as_array()
         .unwrap()
@@ -481,7 +485,7 @@ fn outputs_the_ledger_no_longer_holds_are_skipped_loudly_instead_of_stalling_the
     let status = wait_bounded(&instance, instance.spawn_with(&broker, &["--stop-at-end"]));
     let log = instance.log()[before..].to_string();
     assert!(status.success(), "{log}");
-    assert!(log.contains("publishing resumes after the snapshot marker"), "{log}");
+    assert!(log.contains("resuming after the snapshot marker"), "{log}");
     let expected = expected(&broker);
     let published: BTreeSet<(u64, u64)> = read_topic(&broker, "tribunal.outputs")
         .iter()
