@@ -665,6 +665,9 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let now: Vec<u64> = (0..partitions).map(|p| clerk_shared.certified_end(p)).collect();
     ledger_io::write_atomically(&certified_path(&layout), &serde_json::to_vec(&now)?)
         .context("writing the certified checkpoint")?;
+    if !manifest.partitions.is_empty() {
+        delete_covered_segments(&layout, &manifest, &shared, &now)?;
+    }
     write_status(&layout, &status("stopped"));
     let watermarks: Vec<Option<u64>> = (0..partitions).map(|p| shared.durable_end(p).checked_sub(1)).collect();
     info!(durable_watermarks = ?watermarks, elapsed_ms = started.elapsed().as_millis() as u64, "every record is certified; stopping");
