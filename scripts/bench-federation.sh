@@ -11,7 +11,7 @@ EVENTS=${EVENTS:-300000}
 BIN=target/release/tribunal
 OUT=target/bench
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tribunal-bench-fed.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+trap '[ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 cargo build --release -p tribunal >/dev/null
 
@@ -23,12 +23,12 @@ echo "generating and appending $EVENTS events (twice: one log per run, each with
 field() { python3 -c "import json,sys; s=json.load(open(sys.argv[2] + '/status.json')); print(s[sys.argv[1]])" "$1" "$2"; }
 
 echo "3 instances, expected_copies 2..."
-"$BIN" cluster --instances 3 --log "local:$WORK/log-cluster" --data-dir "$WORK/cluster" --stop-at-end \
-    -- --snapshot-every 0 > "$WORK/cluster.out" 2>&1
+"$BIN" cluster --instances 3 --log "local:$WORK/log-cluster" --data-dir "$WORK/cluster" --stop-at-end --snapshot-every 0 \
+    > "$WORK/cluster.out" 2>&1
 cluster_ms=0
 for i in 1 2 3; do
     ms=$(field processing_ms "$WORK/cluster/instance-$i")
-    [ "$ms" -gt "$cluster_ms" ] && cluster_ms=$ms
+    if [ "$ms" -gt "$cluster_ms" ]; then cluster_ms=$ms; fi
 done
 echo "1 instance, expected_copies 1..."
 "$BIN" run --expected-copies 1 --log "local:$WORK/log-single" --data-dir "$WORK/single" --stop-at-end \
