@@ -169,7 +169,6 @@ struct Shell {
     /// Per partition, certified outputs not known to be published, in order.
     buffer: Vec<VecDeque<(u64, Arc<[u8]>)>>,
     faults_file: PathBuf,
-    faults_logged: u64,
     injected: Injected,
     bitflip_rate: Option<f64>,
     delay: Option<Duration>,
@@ -208,7 +207,6 @@ impl Shell {
                     }
                 }
                 Action::Certified { partition, offset, output } => {
-                    self.shared.certified_end[partition as usize].store(offset + 1, Ordering::Release);
                     if self.clerk.is_publisher() {
                         forward.push(DurableOutput { partition, offset, bytes: output.to_vec() });
                     }
@@ -282,7 +280,6 @@ impl Shell {
             detail = %line["differing_fields"],
             "detected fault: output copies differ"
         );
-        self.faults_logged += 1;
         let written = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -373,7 +370,7 @@ impl Shell {
                 .unwrap_or(u64::MAX);
             self.shared.peers_certified_end[p].store(min_peer, Ordering::Release);
         }
-        let peer_publishes = self.clerk.peers().iter().any(|v| v.link_up && v.ready && v.may_publish && !v.quarantined);
+        let peer_publishes = self.clerk.peers().iter().any(|v| v.eligible() && v.may_publish);
         let exists = self.clerk.is_publisher() || peer_publishes;
         self.shared.publisher_exists.store(exists, Ordering::Release);
         // With nobody to publish, the buffer must not stall the input: it only waits
@@ -579,7 +576,6 @@ async fn clerk_main(
         sink_published: setup.sink_published,
         buffer,
         faults_file: setup.data_dir.join("faults.jsonl"),
-        faults_logged: 0,
         injected: Injected { rng: u64::from_le_bytes(seed), ..Injected::default() },
         bitflip_rate,
         delay,

@@ -194,6 +194,12 @@ fn certified_path(layout: &Layout) -> PathBuf {
     layout.status_path().with_file_name("certified.json")
 }
 
+/// spec: Clerk.CertifiedCheckpointPersisted
+fn write_certified(layout: &Layout, ends: &[u64]) -> anyhow::Result<()> {
+    ledger_io::write_atomically(&certified_path(layout), &serde_json::to_vec(ends)?)
+        .context("writing the certified checkpoint")
+}
+
 fn read_certified(layout: &Layout, partitions: u32) -> anyhow::Result<Vec<u64>> {
     let path = certified_path(layout);
     match std::fs::read(&path) {
@@ -624,9 +630,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                 last_checkpoint = Instant::now();
                 let now: Vec<u64> = (0..partitions).map(|p| clerk_shared.certified_end(p)).collect();
                 if now != persisted_certified {
-                    // spec: Clerk.CertifiedCheckpointPersisted
-                    ledger_io::write_atomically(&certified_path(&layout), &serde_json::to_vec(&now)?)
-                        .context("writing the certified checkpoint")?;
+                    write_certified(&layout, &now)?;
                     persisted_certified = now;
                     deletion_pending |= !manifest.partitions.is_empty();
                 }
@@ -663,8 +667,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let _ = clerk_shared.fresh_status();
     shared.stop.store(true, Ordering::Release);
     let now: Vec<u64> = (0..partitions).map(|p| clerk_shared.certified_end(p)).collect();
-    ledger_io::write_atomically(&certified_path(&layout), &serde_json::to_vec(&now)?)
-        .context("writing the certified checkpoint")?;
+    write_certified(&layout, &now)?;
     if !manifest.partitions.is_empty() {
         delete_covered_segments(&layout, &manifest, &shared, &now)?;
     }

@@ -311,6 +311,15 @@ fn a_bit_flipping_instance_is_caught_and_quarantined_and_nothing_flipped_is_publ
     fed.check_against_reference(&[1, 2, 3]);
 }
 
+/// A well-formed handshake hello (magic, protocol version 1, instance id, nonce).
+fn hello(instance_id: u32, nonce_byte: u8) -> Vec<u8> {
+    let mut hello = b"TRBF".to_vec();
+    hello.extend_from_slice(&1u16.to_le_bytes());
+    hello.extend_from_slice(&instance_id.to_le_bytes());
+    hello.extend_from_slice(&[nonce_byte; 32]);
+    hello
+}
+
 #[test]
 fn strangers_on_the_federation_port_are_rejected_without_disturbing_certification() {
     // spec: Federation.HandshakeRejected, Handshake.MutualProof, PeerWire.NoUnauthenticatedEffect
@@ -332,21 +341,13 @@ fn strangers_on_the_federation_port_are_rejected_without_disturbing_certificatio
     let _ = garbage.write_all(&[0xAB; 4_096]);
     // A well-formed hello claiming to be instance 2, without the key: its proof is junk.
     let mut impostor = connect();
-    let mut hello = b"TRBF".to_vec();
-    hello.extend_from_slice(&1u16.to_le_bytes());
-    hello.extend_from_slice(&2u32.to_le_bytes());
-    hello.extend_from_slice(&[7u8; 32]);
-    impostor.write_all(&hello).unwrap();
+    impostor.write_all(&hello(2, 7)).unwrap();
     let mut reply = [0u8; 42 + 32];
     impostor.read_exact(&mut reply).unwrap();
     let _ = impostor.write_all(&[0u8; 32]);
     // An unknown instance id.
     let mut unknown = connect();
-    let mut hello = b"TRBF".to_vec();
-    hello.extend_from_slice(&1u16.to_le_bytes());
-    hello.extend_from_slice(&9u32.to_le_bytes());
-    hello.extend_from_slice(&[9u8; 32]);
-    let _ = unknown.write_all(&hello);
+    let _ = unknown.write_all(&hello(9, 9));
     fed.wait_until("the strangers to be rejected", |f| {
         f.status(1)["federation"]["links"]["handshakes_rejected"].as_u64().unwrap_or(0) >= 3
             || !f.data(1).join("status.json").exists()

@@ -149,7 +149,8 @@ pub struct PeerView {
 }
 
 impl PeerView {
-    fn eligible(&self) -> bool {
+    /// Reachable, ready, and trusted: may publish and counts for liveness.
+    pub fn eligible(&self) -> bool {
         self.link_up && self.ready && !self.says_quarantined && !self.quarantined
     }
 }
@@ -186,6 +187,38 @@ struct Slot {
 impl Slot {
     fn empty() -> Slot {
         Slot { status: SlotStatus::Empty, offset: 0, own: None, copies: SmallVec::new() }
+    }
+
+    /// Makes an empty slot pending for `offset`; a taken slot must already hold it.
+    fn claim(&mut self, offset: u64) {
+        if self.status == SlotStatus::Empty {
+            *self = Slot { status: SlotStatus::Pending, offset, own: None, copies: SmallVec::new() };
+        }
+        assert_eq!(self.offset, offset, "a ring slot holds one offset");
+    }
+
+    /// A fault about this slot, whose own copy is present: every known digest, ours first.
+    fn fault(
+        &self,
+        partition: u32,
+        instance_id: InstanceId,
+        kind: FaultKind,
+        differing: Vec<InstanceId>,
+        differing_output: Option<Arc<[u8]>>,
+    ) -> FaultReport {
+        let (own, own_output) = self.own.clone().expect("a fault about a slot with an own copy");
+        FaultReport {
+            partition,
+            offset: self.offset,
+            kind,
+            own_digest: Some(own),
+            digests: std::iter::once((instance_id, own))
+                .chain(self.copies.iter().map(|c| (c.instance, c.digest)))
+                .collect(),
+            differing,
+            own_output: Some(own_output),
+            differing_output,
+        }
     }
 }
 
@@ -317,15 +350,6 @@ impl Clerk {
     pub fn peers_published_end(&self, partition: u32) -> u64 {
         self.peers.iter().map(|p| p.published_ends[partition as usize]).max().unwrap_or(0)
     }
-    /// Whether every eligible peer has advertised certifying up to `end`
-    /// (spec: Clerk.StopAtEnd).
-    pub fn peers_certified_through(&self, partition: u32, end: u64) -> bool {
-        self.peers
-            .iter()
-            .filter(|p| p.eligible())
-            .all(|p| p.advertised_certified_end[partition as usize].is_some_and(|e| e >= end))
-    }
-
     pub fn drain_actions(&mut self) -> std::vec::Drain<'_, Action> {
         self.actions.drain(..)
     }
@@ -518,12 +542,7 @@ impl Clerk {
         let p = &mut self.partitions[partition as usize];
         debug_assert!(offset >= p.certified_end && offset < p.certified_end + self.config.copy_window);
         let slot = &mut p.ring[index];
-        match slot.status {
-            SlotStatus::Empty => {
-                *slot = Slot { status: SlotStatus::Pending, offset, own: None, copies: SmallVec::new() };
-            }
-            _ => assert_eq!(slot.offset, offset, "a ring slot holds one offset"),
-        }
+        slot.claim(offset);
         if slot.own.is_some() {
             return; // the Ledger handed it over twice (recovery, then the live path)
         }
@@ -619,12 +638,7 @@ impl Clerk {
             return;
         }
         let slot = &mut p.ring[index];
-        match slot.status {
-            SlotStatus::Empty => {
-                *slot = Slot { status: SlotStatus::Pending, offset, own: None, copies: SmallVec::new() };
-            }
-            _ => assert_eq!(slot.offset, offset, "a ring slot holds one offset"),
-        }
+        slot.claim(offset);
         if slot.copies.iter().any(|c| c.instance == peer) {
             return; // a resend: same key, same bytes
         }
@@ -660,7 +674,7 @@ impl Clerk {
         let instance_id = self.config.instance_id;
         let p = &mut self.partitions[partition as usize];
         let slot = &mut p.ring[index];
-        let Some((own, own_output)) = slot.own.clone() else { return };
+        let Some((own, _)) = slot.own else { return };
         let mut differing = Vec::new();
         let mut differing_output = None;
         for copy in slot.copies.iter_mut().filter(|c| !c.compared) {
@@ -675,18 +689,7 @@ impl Clerk {
         if differing.is_empty() {
             return;
         }
-        let mut digests = vec![(instance_id, own)];
-        digests.extend(slot.copies.iter().map(|c| (c.instance, c.digest)));
-        let report = FaultReport {
-            partition,
-            offset,
-            kind: FaultKind::Mismatch,
-            own_digest: Some(own),
-            digests,
-            differing,
-            own_output: Some(own_output),
-            differing_output,
-        };
+        let report = slot.fault(partition, instance_id, FaultKind::Mismatch, differing, differing_output);
         self.report(report);
     }
 
@@ -774,23 +777,16 @@ impl Clerk {
                 }
                 Verdict::Overruled(digest) => {
                     let slot = &self.partitions[partition as usize].ring[index];
-                    let (own, own_output) = slot.own.clone().expect("overruled with an own copy");
-                    let report = FaultReport {
+                    let instance_id = self.config.instance_id;
+                    let majority_output =
+                        slot.copies.iter().find(|c| c.digest == digest).and_then(|c| c.output.clone());
+                    let report = slot.fault(
                         partition,
-                        offset: front,
-                        kind: FaultKind::OwnCopyOverruled,
-                        own_digest: Some(own),
-                        digests: std::iter::once((self.config.instance_id, own))
-                            .chain(slot.copies.iter().map(|c| (c.instance, c.digest)))
-                            .collect(),
-                        differing: vec![self.config.instance_id],
-                        own_output: Some(own_output),
-                        differing_output: slot
-                            .copies
-                            .iter()
-                            .find(|c| c.digest == digest)
-                            .and_then(|c| c.output.clone()),
-                    };
+                        instance_id,
+                        FaultKind::OwnCopyOverruled,
+                        vec![instance_id],
+                        majority_output,
+                    );
                     self.report(report);
                     self.quarantine_self();
                     digest
@@ -854,19 +850,10 @@ impl Clerk {
             return;
         }
         slot.status = SlotStatus::Contested;
-        let (own, own_output) = slot.own.clone().expect("contested with an own copy");
-        let report = FaultReport {
-            partition,
-            offset: slot.offset,
-            kind: FaultKind::Contested,
-            own_digest: Some(own),
-            digests: std::iter::once((instance_id, own))
-                .chain(slot.copies.iter().map(|c| (c.instance, c.digest)))
-                .collect(),
-            differing: slot.copies.iter().filter(|c| c.digest != own).map(|c| c.instance).collect(),
-            own_output: Some(own_output),
-            differing_output: slot.copies.iter().find(|c| c.digest != own).and_then(|c| c.output.clone()),
-        };
+        let (own, _) = slot.own.as_ref().expect("contested with an own copy");
+        let differing = slot.copies.iter().filter(|c| c.digest != *own).map(|c| c.instance).collect();
+        let differing_output = slot.copies.iter().find(|c| c.digest != *own).and_then(|c| c.output.clone());
+        let report = slot.fault(partition, instance_id, FaultKind::Contested, differing, differing_output);
         self.report(report);
     }
 
