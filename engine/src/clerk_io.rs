@@ -24,13 +24,16 @@ use glommio::channels::shared_channel::SharedReceiver;
 use glommio::{LocalExecutorBuilder, Placement};
 use serde_json::{json, Value};
 use tracing::{error, info, warn};
-use tribunal_federation::clerk::{Action, Clerk, ClerkConfig, ClerkStatus, FaultReport, InstanceId, Outgoing};
+use tribunal_federation::clerk::{
+    Action, Clerk, ClerkConfig, ClerkStatus, FaultReport, InstanceId, Outgoing, QuarantineState,
+};
 use tribunal_federation::peer_links::{LinkEvent, LinksConfig, PeerLinks};
 use tribunal_federation::wire::Frame;
 
 use crate::federation_args::Fault;
 use crate::kafka_log::DurableOutput;
 use crate::output_json::OutputJson;
+use crate::quarantine_store::{self, ReadmitRequest};
 
 /// Certified outputs kept for a hand-over per partition beyond what the publisher has
 /// published; past it the Ushers wait (spec: Publisher.BoundedBacklog).
@@ -174,6 +177,9 @@ struct Shell {
     delay: Option<Duration>,
     /// Per peer (in config order), consecutive ticks unreachable or not ready.
     down_ticks: Vec<u32>,
+    data_dir: PathBuf,
+    /// The Clerk's quarantine version last written to `quarantine.json`.
+    persisted_quarantine: u64,
 }
 
 #[derive(Default)]
@@ -326,8 +332,8 @@ impl Shell {
                 self.clerk.peer_watermark(peer, partition, durable_end, certified_end)
             }
             Frame::Heartbeat { published_ends } => self.clerk.peer_heartbeat(peer, &published_ends),
-            Frame::Readiness { ready, quarantined, publisher } => {
-                self.clerk.peer_readiness(peer, ready, quarantined, publisher)
+            Frame::Readiness { ready, quarantined, publisher, incarnation } => {
+                self.clerk.peer_readiness(peer, ready, quarantined, publisher, incarnation)
             }
             Frame::Readmit { instance_id } => self.clerk.readmit(instance_id),
         }
@@ -387,6 +393,46 @@ impl Shell {
         self.shared.quarantined.store(self.clerk.self_quarantined(), Ordering::Release);
     }
 
+    /// spec: Clerk.QuarantineLifted — operator requests left by `tribunal readmit`.
+    fn take_readmits(&mut self) {
+        let requests = match quarantine_store::take_readmit_requests(&self.data_dir) {
+            Ok(requests) => requests,
+            Err(e) => {
+                warn!("could not read readmit requests in {}: {e}", self.data_dir.display());
+                return;
+            }
+        };
+        for request in requests {
+            match request {
+                ReadmitRequest::Instance(instance) if self.clerk.operator_readmit(instance) => {
+                    warn!(instance, "OPERATOR READMIT: instance {instance} is trusted again; telling the peers")
+                }
+                ReadmitRequest::Instance(instance) => {
+                    warn!(instance, "readmit request ignored: instance {instance} is not in this federation")
+                }
+                ReadmitRequest::Malformed(name) => warn!("readmit request ignored: {name:?} is not an instance id"),
+            }
+        }
+        self.apply();
+    }
+
+    /// spec: Clerk.QuarantinePersisted — before anything else can forget it. A failed
+    /// write is retried on the next tick.
+    fn persist_quarantine(&mut self) {
+        let version = self.clerk.quarantine_version();
+        if version == self.persisted_quarantine {
+            return;
+        }
+        let state = self.clerk.quarantine_state();
+        match quarantine_store::write_quarantine(&self.data_dir, &state) {
+            Ok(()) => {
+                self.persisted_quarantine = version;
+                info!(quarantined = state.self_quarantined, peers = ?state.peers, "quarantine recorded");
+            }
+            Err(e) => warn!("{e:#}"),
+        }
+    }
+
     fn heartbeat(&mut self) {
         let Some(links) = &self.links else { return };
         let published_ends: Vec<u64> = (0..self.shared.partitions).map(|p| self.known_published(p)).collect();
@@ -408,6 +454,8 @@ impl Shell {
                     "ready": v.ready,
                     "quarantined": v.quarantined,
                     "says_quarantined": v.says_quarantined,
+                    "incarnation": v.incarnation,
+                    "quarantined_incarnation": v.quarantined_incarnation,
                     "may_publish": v.may_publish,
                     "certified_watermarks": v.advertised_certified_end.iter().map(|e| e.and_then(|e| e.checked_sub(1))).collect::<Vec<_>>(),
                     "published_ends": v.published_ends,
@@ -444,6 +492,7 @@ impl Shell {
             "instance_id": clerk.config().instance_id,
             "clerk": match clerk.status() { ClerkStatus::Recovering => "recovering", ClerkStatus::Ready => "ready" },
             "quarantined": clerk.self_quarantined(),
+            "incarnation": clerk.config().incarnation,
             "publisher": clerk.is_publisher(),
             "expected_copies": clerk.config().expected_copies,
             "partitions": partitions,
@@ -472,9 +521,10 @@ fn to_frame(message: Outgoing) -> Frame {
             Frame::Watermark { partition, durable_end, certified_end }
         }
         // The wire's `publisher` field says whether the sender may take the role.
-        Outgoing::Readiness { ready, quarantined, may_publish } => {
-            Frame::Readiness { ready, quarantined, publisher: may_publish }
+        Outgoing::Readiness { ready, quarantined, may_publish, incarnation } => {
+            Frame::Readiness { ready, quarantined, publisher: may_publish, incarnation }
         }
+        Outgoing::Readmit { instance } => Frame::Readmit { instance_id: instance },
     }
 }
 
@@ -560,6 +610,12 @@ async fn clerk_main(
     let partitions = setup.config.partitions;
     let peer_count = setup.config.peers.len();
     let mut clerk = Clerk::new(setup.config, &setup.resume);
+    let quarantine = quarantine_store::read_quarantine(&setup.data_dir)?;
+    if quarantine != QuarantineState::default() {
+        warn!(quarantined = quarantine.self_quarantined, peers = ?quarantine.peers, "quarantine restored from the data dir");
+    }
+    clerk.restore_quarantine(&quarantine);
+    let persisted_quarantine = clerk.quarantine_version();
     // Recovered own outputs enter before the gate opens; nothing is sent until it does.
     for output in setup.recovered_outputs {
         clerk.own_output(output.partition, output.offset, Arc::from(output.bytes));
@@ -580,6 +636,8 @@ async fn clerk_main(
         bitflip_rate,
         delay,
         down_ticks: vec![0; peer_count],
+        data_dir: setup.data_dir,
+        persisted_quarantine,
     }));
     shell.borrow_mut().apply();
     let _ = started.send(Ok(()));
@@ -630,8 +688,11 @@ async fn clerk_main(
             since_heartbeat = Duration::ZERO;
             sh.heartbeat();
         }
+        sh.persist_quarantine();
         if since_status >= STATUS_INTERVAL || shared.status_wanted.swap(false, Ordering::AcqRel) {
             since_status = Duration::ZERO;
+            sh.take_readmits();
+            sh.persist_quarantine();
             let status = sh.status();
             *shared.status.lock().expect("not poisoned") = status;
             shared.status_seq.fetch_add(1, Ordering::AcqRel);

@@ -20,6 +20,7 @@ mod local_publisher;
 mod log_cli;
 mod node;
 mod output_json;
+mod quarantine_store;
 mod sample;
 mod stock_table;
 
@@ -58,6 +59,9 @@ enum Command {
     Cluster(cluster::Args),
     /// Print the state a data directory recovers to (offline, read-only).
     Inspect(inspect::Args),
+    /// Lift a quarantine: the running instance at --data-dir re-admits --instance and
+    /// tells its peers.
+    Readmit(quarantine_store::Args),
 }
 
 #[derive(clap::Args)]
@@ -214,6 +218,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_node(args),
         Command::Cluster(args) => cluster::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Readmit(args) => quarantine_store::run(args),
     };
     match result {
         Ok(code) => code,

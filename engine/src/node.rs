@@ -53,6 +53,7 @@ use crate::kafka_log::{self, DurableOutput, Feed, KafkaConfig, KafkaShared};
 use crate::ledger_io::{self, Layout, Manifest, PartitionManifest, SegmentWriter};
 use crate::local_log::LocalLog;
 use crate::local_publisher;
+use crate::quarantine_store;
 
 type D = Inventory;
 type Message = ShardMessage<D>;
@@ -468,6 +469,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         copy_window,
         digest_retention: ClerkConfig::DEFAULT_DIGEST_RETENTION,
         may_publish: config.publish,
+        incarnation: quarantine_store::incarnation(&config.data_dir)?,
     };
     let durable_view = shared.clone();
     clerk_io::spawn(

@@ -271,7 +271,8 @@ fn two_instances_pause_certification_while_one_is_gone() {
 #[test]
 fn a_bit_flipping_instance_is_caught_and_quarantined_and_nothing_flipped_is_published() {
     // spec: Clerk.MismatchDetected, Clerk.MinorityQuarantined, Clerk.OwnCopyInMinority,
-    // spec: Clerk.LateCopyChecked, Clerk.FaultReported
+    // spec: Clerk.LateCopyChecked, Clerk.FaultReported, Clerk.QuarantinePersisted,
+    // spec: Clerk.QuarantineLifted, Clerk.ReadmitReceived
     let mut fed = Federation::new(3, 2);
     fed.append(25_000, 1);
     fed.append(25_000, 2);
@@ -309,6 +310,32 @@ fn a_bit_flipping_instance_is_caught_and_quarantined_and_nothing_flipped_is_publ
     assert_eq!(detected, flipped, "every flipped output is detected, and nothing else");
     // Nothing flipped was published: the outputs log equals the reference's outputs.
     fed.check_against_reference(&[1, 2, 3]);
+
+    // Restarts forget no quarantine (spec: Clerk.QuarantinePersisted): 3 restarts without
+    // the fault and 2 restarts; 1 stays down, so the new events need 3's copies at 2.
+    fed.append(2_000, 3);
+    fed.spawn(2, false, &[]);
+    fed.spawn(3, false, &[]);
+    fed.wait_until("3 to certify the new events with 2's copies", |f| f.certified(3) == 51_999);
+    fed.wait_until("2 to have 3's copies", |f| {
+        f.status(2)["federation"]["copies_received"].as_u64().unwrap_or(0) >= 2_000
+    });
+    assert_eq!(fed.status(3)["federation"]["quarantined"], true, "3 is still quarantined after its restart");
+    assert_eq!(fed.certified(2), 49_999, "2 still does not count 3's copies after its restart");
+    // An operator re-admits 3 through 2 (spec: Clerk.QuarantineLifted, Clerk.ReadmitReceived).
+    let readmit = tribunal().args(["readmit", "--instance", "3", "--data-dir"]).arg(fed.data(2)).output().unwrap();
+    assert!(readmit.status.success(), "{}", String::from_utf8_lossy(&readmit.stderr));
+    fed.wait_until("2 to certify with 3's copies", |f| f.certified(2) == 51_999);
+    fed.wait_until("3 to lift its own quarantine", |f| f.status(3)["federation"]["quarantined"] == false);
+    assert!(fed.instance_log(2).contains("OPERATOR READMIT"));
+    let record: Value = serde_json::from_slice(&std::fs::read(fed.data(3).join("quarantine.json")).unwrap()).unwrap();
+    assert_eq!(record["self_quarantined"], false, "the lifted quarantine is recorded: {record}");
+    fed.wait_until("2 to publish the new events", |f| {
+        f.status(2)["partitions"][0]["published_watermark"].as_i64() == Some(51_999)
+    });
+    fed.kill(2);
+    fed.kill(3);
+    fed.check_against_reference(&[2, 3]);
 }
 
 /// A well-formed handshake hello (magic, protocol version 1, instance id, nonce).

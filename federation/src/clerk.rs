@@ -45,6 +45,17 @@ pub struct ClerkConfig {
     pub digest_retention: u64,
     /// Whether this instance may take the publisher role (`--publish`).
     pub may_publish: bool,
+    /// Made with the data dir: a peer announcing another one was rebuilt
+    /// (spec: Clerk.RebuiltPeerReadmitted).
+    pub incarnation: u64,
+}
+
+/// The quarantine decisions a restart must not forget (spec: Clerk.QuarantinePersisted).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QuarantineState {
+    pub self_quarantined: bool,
+    /// Each quarantined peer with the incarnation it had then (None: not yet known).
+    pub peers: Vec<(InstanceId, Option<u64>)>,
 }
 
 impl ClerkConfig {
@@ -63,10 +74,31 @@ pub enum ClerkStatus {
 /// What the Clerk asks its shell to send to one peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outgoing {
-    Copy { partition: u32, offset: u64, output: Arc<[u8]> },
-    CertifiedCopy { partition: u32, offset: u64, digest: Digest },
-    Watermark { partition: u32, durable_end: u64, certified_end: u64 },
-    Readiness { ready: bool, quarantined: bool, may_publish: bool },
+    Copy {
+        partition: u32,
+        offset: u64,
+        output: Arc<[u8]>,
+    },
+    CertifiedCopy {
+        partition: u32,
+        offset: u64,
+        digest: Digest,
+    },
+    Watermark {
+        partition: u32,
+        durable_end: u64,
+        certified_end: u64,
+    },
+    Readiness {
+        ready: bool,
+        quarantined: bool,
+        may_publish: bool,
+        incarnation: u64,
+    },
+    /// An operator re-admitted this instance (spec: Clerk.QuarantineLifted).
+    Readmit {
+        instance: InstanceId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,6 +172,10 @@ pub struct PeerView {
     pub may_publish: bool,
     /// Quarantined by this Clerk: its copies are compared, never counted.
     pub quarantined: bool,
+    /// From its readiness frames.
+    pub incarnation: Option<u64>,
+    /// Its incarnation when this Clerk quarantined it.
+    pub quarantined_incarnation: Option<u64>,
     /// Per partition, its advertised certified end; None until it advertises after it
     /// became ready (spec: Recovery.NoWatermarkBeforeReady).
     pub advertised_certified_end: Vec<Option<u64>>,
@@ -254,6 +290,8 @@ pub struct Clerk {
     actions: Vec<Action>,
     faults: VecDeque<FaultReport>,
     counters: ClerkCounters,
+    /// Bumped on every quarantine change, so the shell knows when to persist.
+    quarantine_version: u64,
 }
 
 impl Clerk {
@@ -308,7 +346,36 @@ impl Clerk {
             actions: Vec::new(),
             faults: VecDeque::new(),
             counters: ClerkCounters::default(),
+            quarantine_version: 0,
         }
+    }
+
+    /// Quarantines persisted before a restart (spec: Clerk.QuarantinePersisted). Peers
+    /// not in the federation any more are ignored.
+    pub fn restore_quarantine(&mut self, state: &QuarantineState) {
+        self.self_quarantined = state.self_quarantined;
+        for &(peer, incarnation) in &state.peers {
+            if let Some(view) = self.peer_mut(peer) {
+                view.quarantined = true;
+                view.quarantined_incarnation = incarnation;
+            }
+        }
+    }
+
+    pub fn quarantine_state(&self) -> QuarantineState {
+        QuarantineState {
+            self_quarantined: self.self_quarantined,
+            peers: self
+                .peers
+                .iter()
+                .filter(|v| v.quarantined)
+                .map(|v| (v.instance_id, v.quarantined_incarnation))
+                .collect(),
+        }
+    }
+
+    pub fn quarantine_version(&self) -> u64 {
+        self.quarantine_version
     }
 
     // ---- queries ----
@@ -437,13 +504,29 @@ impl Clerk {
         self.send_range(peer, partition, from, certified_end + window);
     }
 
-    /// spec: Clerk.ReadinessReceived
-    pub fn peer_readiness(&mut self, peer: InstanceId, ready: bool, quarantined: bool, may_publish: bool) {
+    /// spec: Clerk.ReadinessReceived, Clerk.RebuiltPeerReadmitted
+    pub fn peer_readiness(
+        &mut self,
+        peer: InstanceId,
+        ready: bool,
+        quarantined: bool,
+        may_publish: bool,
+        incarnation: u64,
+    ) {
         let Some(view) = self.peer_mut(peer) else { return };
         view.ready = ready;
         view.says_quarantined = quarantined;
         view.may_publish = may_publish;
         view.link_up = true;
+        view.incarnation = Some(incarnation);
+        let rebuilt = view.quarantined && view.quarantined_incarnation.is_some_and(|q| q != incarnation);
+        if rebuilt {
+            view.quarantined = false;
+            view.quarantined_incarnation = None;
+            self.quarantine_version += 1;
+            self.trust_again(peer);
+        }
+        let Some(view) = self.peer_mut(peer) else { return };
         if !ready {
             // A recovering peer's old watermark means nothing (spec: Recovery.NoWatermarkBeforeReady).
             view.advertised_certified_end.iter_mut().for_each(|e| *e = None);
@@ -488,18 +571,54 @@ impl Clerk {
         self.role_check();
     }
 
-    /// An operator lifts a quarantine, of a peer or of this instance (spec: Clerk.QuarantineLifted).
+    /// An operator lifts a quarantine here, of a peer or of this instance, and tells
+    /// every peer (spec: Clerk.QuarantineLifted). False: `instance` is not a member.
+    pub fn operator_readmit(&mut self, instance: InstanceId) -> bool {
+        if instance != self.config.instance_id && !self.config.peers.contains(&instance) {
+            return false;
+        }
+        self.readmit(instance);
+        for peer in self.config.peers.clone() {
+            self.actions.push(Action::Send { peer, message: Outgoing::Readmit { instance } });
+        }
+        true
+    }
+
+    /// A peer relays an operator's readmit: applied, never forwarded (spec: Clerk.ReadmitReceived).
     pub fn readmit(&mut self, instance: InstanceId) {
         if instance == self.config.instance_id {
-            self.self_quarantined = false;
-            let peers: Vec<InstanceId> = self.config.peers.clone();
-            for peer in peers {
-                self.send_readiness(peer);
+            if self.self_quarantined {
+                self.self_quarantined = false;
+                self.quarantine_version += 1;
+                for peer in self.config.peers.clone() {
+                    self.send_readiness(peer);
+                }
             }
         } else if let Some(view) = self.peer_mut(instance) {
-            view.quarantined = false;
+            if view.quarantined {
+                view.quarantined = false;
+                view.quarantined_incarnation = None;
+                self.quarantine_version += 1;
+                self.trust_again(instance);
+            }
         }
         self.role_check();
+    }
+
+    /// A lifted quarantine: the peer's copies waiting in the ring count from now on, or
+    /// offsets they arrived for could wait forever (a resend of a copy we hold is
+    /// ignored). O(copy_window) per partition, once per operator decision.
+    fn trust_again(&mut self, peer: InstanceId) {
+        for partition in 0..self.config.partitions {
+            for slot in self.partitions[partition as usize].ring.iter_mut() {
+                if slot.status == SlotStatus::Pending {
+                    slot.copies.iter_mut().filter(|c| c.instance == peer).for_each(|c| c.trusted = true);
+                }
+            }
+            if self.status == ClerkStatus::Ready {
+                self.settle_front(partition);
+            }
+        }
     }
 
     // ---- internals ----
@@ -533,6 +652,7 @@ impl Clerk {
             ready: self.status == ClerkStatus::Ready,
             quarantined: self.self_quarantined,
             may_publish: self.config.may_publish,
+            incarnation: self.config.incarnation,
         };
         self.actions.push(Action::Send { peer, message });
     }
@@ -862,6 +982,8 @@ impl Clerk {
         if let Some(view) = self.peer_mut(peer) {
             if !view.quarantined {
                 view.quarantined = true;
+                view.quarantined_incarnation = view.incarnation;
+                self.quarantine_version += 1;
                 self.role_check();
             }
         }
@@ -875,6 +997,7 @@ impl Clerk {
             return;
         }
         self.self_quarantined = true;
+        self.quarantine_version += 1;
         let peers: Vec<InstanceId> = self.config.peers.clone();
         for peer in peers {
             self.send_readiness(peer);
@@ -949,6 +1072,7 @@ mod tests {
             copy_window: window,
             digest_retention: 1 << 12,
             may_publish: true,
+            incarnation: 100 + id as u64,
         }
     }
 
@@ -1016,9 +1140,10 @@ mod tests {
                     Outgoing::Watermark { partition, durable_end, certified_end } => {
                         clerk.peer_watermark(from, partition, durable_end, certified_end)
                     }
-                    Outgoing::Readiness { ready, quarantined, may_publish } => {
-                        clerk.peer_readiness(from, ready, quarantined, may_publish)
+                    Outgoing::Readiness { ready, quarantined, may_publish, incarnation } => {
+                        clerk.peer_readiness(from, ready, quarantined, may_publish, incarnation)
                     }
+                    Outgoing::Readmit { instance } => clerk.readmit(instance),
                 }
                 self.collect(to);
             }
@@ -1157,6 +1282,90 @@ mod tests {
         net.own(3, 20, output(20));
         net.run();
         assert_eq!(net.clerk(1).certified_end(0), 20, "a quarantined copy does not count");
+    }
+
+    /// Three instances; instance 3's copy of offset 7 differs, so it is quarantined.
+    fn net_with_instance_3_quarantined() -> Net {
+        let mut net = Net::new(3, 2, 64);
+        net.open_all();
+        net.run();
+        for offset in 0..20 {
+            for id in 1..=3 {
+                let bytes = if id == 3 && offset == 7 { Arc::from(&b"flipped"[..]) } else { output(offset) };
+                net.own(id, offset, bytes);
+            }
+            net.run();
+        }
+        assert!(net.clerk(3).self_quarantined());
+        net
+    }
+
+    fn quarantines(net: &mut Net, id: InstanceId, peer: InstanceId) -> bool {
+        net.clerk(id).peers().iter().any(|p| p.instance_id == peer && p.quarantined)
+    }
+
+    #[test]
+    fn an_operator_readmit_on_one_instance_lifts_the_quarantine_everywhere() {
+        // spec: Clerk.QuarantineLifted, Clerk.ReadmitReceived
+        let mut net = net_with_instance_3_quarantined();
+        assert!(!net.clerk(1).operator_readmit(9), "not a member");
+        let before = net.clerk(2).quarantine_version();
+        assert!(net.clerk(1).operator_readmit(3));
+        net.collect(1);
+        net.run();
+        assert!(!quarantines(&mut net, 1, 3) && !quarantines(&mut net, 2, 3));
+        assert!(!net.clerk(3).self_quarantined());
+        assert!(net.clerk(2).quarantine_version() > before, "the change is persisted");
+        // Instance 2 silent: instance 3's copy counts again at instance 1.
+        net.cut(1, 2);
+        net.own(1, 20, output(20));
+        net.own(3, 20, output(20));
+        net.run();
+        assert_eq!(net.clerk(1).certified_end(0), 21, "a readmitted peer's copy counts");
+    }
+
+    #[test]
+    fn quarantines_survive_a_restart_and_a_rebuild_lifts_them() {
+        // spec: Clerk.QuarantinePersisted, Clerk.RebuiltPeerReadmitted
+        let mut net = net_with_instance_3_quarantined();
+        let healthy = net.clerk(1).quarantine_state();
+        assert_eq!(healthy, QuarantineState { self_quarantined: false, peers: vec![(3, Some(103))] });
+        let faulty = net.clerk(3).quarantine_state();
+        assert!(faulty.self_quarantined);
+
+        // The faulty instance restarts: it still says quarantined.
+        let mut restarted = Clerk::new(config(3, 3, 2, 64), &[(20, 20)]);
+        restarted.restore_quarantine(&faulty);
+        restarted.open_gate();
+        restarted.link_up(1);
+        let says: Vec<bool> = restarted
+            .drain_actions()
+            .filter_map(|a| match a {
+                Action::Send { message: Outgoing::Readiness { quarantined, .. }, .. } => Some(quarantined),
+                _ => None,
+            })
+            .collect();
+        assert!(!says.is_empty() && says.iter().all(|q| *q), "{says:?}");
+
+        // A healthy instance restarts: it still quarantines 3, whose restart kept its incarnation.
+        let mut clerk = Clerk::new(config(1, 3, 2, 64), &[(20, 20)]);
+        clerk.restore_quarantine(&healthy);
+        clerk.open_gate();
+        clerk.peer_readiness(3, true, false, true, 103);
+        assert!(clerk.peers().iter().any(|p| p.instance_id == 3 && p.quarantined), "same incarnation");
+        clerk.peer_copy(3, 0, 20, output(20));
+        clerk.own_output(0, 20, output(20));
+        assert_eq!(clerk.certified_end(0), 20, "its copy does not count after the restart");
+
+        // Instance 3 is wiped and rebuilt: a new incarnation lifts the quarantine.
+        let version = clerk.quarantine_version();
+        clerk.peer_readiness(3, true, false, true, 999);
+        assert!(clerk.peers().iter().all(|p| !p.quarantined));
+        assert!(clerk.quarantine_version() > version);
+        assert_eq!(clerk.certified_end(0), 21, "its waiting copy counts now");
+        clerk.peer_copy(3, 0, 21, output(21));
+        clerk.own_output(0, 21, output(21));
+        assert_eq!(clerk.certified_end(0), 22, "a rebuilt peer's copies count");
     }
 
     #[test]

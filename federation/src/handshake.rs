@@ -502,7 +502,7 @@ mod tests {
         let mut sealer = FrameSealer::new(dialer_key);
         let mut opener = FrameOpener::new(acceptor_key, MAX_FRAME_BYTES);
         let frames = [
-            Frame::Readiness { ready: true, quarantined: false, publisher: false },
+            Frame::Readiness { ready: true, quarantined: false, publisher: false, incarnation: 1 },
             Frame::Watermark { partition: 0, durable_end: 10, certified_end: 8 },
             Frame::Copy { partition: 0, offset: 9, output: vec![1, 2, 3] },
         ];

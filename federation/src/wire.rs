@@ -51,38 +51,24 @@ pub enum Frame {
     /// A live copy of one of the sender's durable outputs: the canonical output bytes.
     /// The receiver computes the digest itself, so a copy cannot claim a digest its
     /// bytes do not have.
-    Copy {
-        partition: u32,
-        offset: u64,
-        output: Vec<u8>,
-    },
+    Copy { partition: u32, offset: u64, output: Vec<u8> },
     /// Catch-up: the digest (xxh3_128) the sender certified for this offset. The output
     /// bytes are not resent: the receiver only compares digests.
-    CertifiedCopy {
-        partition: u32,
-        offset: u64,
-        digest: u128,
-    },
+    CertifiedCopy { partition: u32, offset: u64, digest: u128 },
     /// Watermarks as "ends": one past the last offset (0 = none).
-    Watermark {
-        partition: u32,
-        durable_end: u64,
-        certified_end: u64,
-    },
+    Watermark { partition: u32, durable_end: u64, certified_end: u64 },
     /// Liveness, and per partition one past the last offset the sender knows to be
     /// published (index = partition).
-    Heartbeat {
-        published_ends: Vec<u64>,
-    },
+    Heartbeat { published_ends: Vec<u64> },
     Readiness {
         ready: bool,
         quarantined: bool,
         publisher: bool,
+        /// The sender's data-dir incarnation (spec: Clerk.RebuiltPeerReadmitted).
+        incarnation: u64,
     },
     /// Operator command relayed: lift a quarantine of `instance_id`.
-    Readmit {
-        instance_id: u32,
-    },
+    Readmit { instance_id: u32 },
 }
 
 impl Frame {
@@ -299,8 +285,8 @@ mod tests {
             Frame::Watermark { partition: 2, durable_end: 100, certified_end: 90 },
             Frame::Heartbeat { published_ends: vec![5, 0, u64::MAX] },
             Frame::Heartbeat { published_ends: Vec::new() },
-            Frame::Readiness { ready: true, quarantined: false, publisher: true },
-            Frame::Readiness { ready: false, quarantined: true, publisher: false },
+            Frame::Readiness { ready: true, quarantined: false, publisher: true, incarnation: 7 },
+            Frame::Readiness { ready: false, quarantined: true, publisher: false, incarnation: u64::MAX },
             Frame::Readmit { instance_id: 9 },
         ]
     }
@@ -545,8 +531,14 @@ mod tests {
             }),
             proptest::collection::vec(any::<u64>(), 0..64)
                 .prop_map(|published_ends| Frame::Heartbeat { published_ends }),
-            (any::<bool>(), any::<bool>(), any::<bool>())
-                .prop_map(|(ready, quarantined, publisher)| Frame::Readiness { ready, quarantined, publisher }),
+            (any::<bool>(), any::<bool>(), any::<bool>(), any::<u64>()).prop_map(
+                |(ready, quarantined, publisher, incarnation)| Frame::Readiness {
+                    ready,
+                    quarantined,
+                    publisher,
+                    incarnation
+                }
+            ),
             any::<u32>().prop_map(|instance_id| Frame::Readmit { instance_id }),
         ]
     }
