@@ -499,3 +499,105 @@ fn outputs_the_ledger_no_longer_holds_are_skipped_loudly_instead_of_stalling_the
     assert!(!wanted.is_empty());
     assert_eq!(published, wanted, "exactly the outputs after each marker are published");
 }
+
+/// `run` arguments for instance `id` of a federation of `ports.len()` instances on loopback.
+fn federation_args(id: u32, ports: &[u16], psk: &Path) -> Vec<String> {
+    let peers: Vec<String> = (1..=ports.len() as u32)
+        .filter(|p| *p != id)
+        .map(|p| format!("{p}@127.0.0.1:{}", ports[p as usize - 1]))
+        .collect();
+    vec![
+        "--instance-id".into(),
+        id.to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{}", ports[id as usize - 1]),
+        "--peers".into(),
+        peers.join(","),
+        "--psk-file".into(),
+        psk.display().to_string(),
+        "--expected-copies".into(),
+        "2".into(),
+    ]
+}
+
+impl Instance {
+    fn spawn_federated(&self, broker: &Broker, args: &[String]) -> Child {
+        let mut command = tribunal();
+        command
+            .args(["run", "--log", &broker.log_arg(), "--kafka-partitions", &PARTITIONS.to_string()])
+            .args(["--cores", "0,1", "--snapshot-every", "400", "--data-dir"])
+            .arg(&self.data)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap());
+        die_with_parent(&mut command).spawn().unwrap()
+    }
+
+    /// Per partition, the certified and published watermarks (-1: none yet).
+    fn watermarks(&self, key: &str) -> Vec<i64> {
+        let status = self.status().unwrap_or(Value::Null);
+        (0..PARTITIONS as usize).map(|p| status["partitions"][p][key].as_i64().unwrap_or(-1)).collect()
+    }
+}
+
+#[test]
+fn three_instances_on_kafka_certify_publish_once_through_the_publisher_and_hand_over_on_its_sigkill() {
+    // spec: Clerk.OffsetCertified, Clerk.CertifiedOutputPublished, Clerk.PublisherElected,
+    // spec: Clerk.PublisherHandOver, Publisher.KeyedByInput, KafkaLog.EveryInstanceReadsEveryPartition
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let broker = Broker::start();
+    let psk = broker.dir.path().join("psk");
+    std::fs::write(&psk, "a federation key of more than sixteen bytes").unwrap();
+    let ports: Vec<u16> =
+        (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+    let instances: Vec<Instance> = (0..3).map(|_| Instance::new()).collect();
+    let mut positions = append(&broker, broker.dir.path(), &sample(6_000, 21), false);
+    let mut children: Vec<Option<Child>> = (1..=3u32)
+        .map(|id| Some(instances[id as usize - 1].spawn_federated(&broker, &federation_args(id, &ports, &psk))))
+        .collect();
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let started = Instant::now();
+        while !done() {
+            assert!(started.elapsed() < PATIENCE, "gave up waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("instance 1 to publish", &|| instances[0].watermarks("published_watermark").iter().any(|w| *w >= 0));
+    assert_eq!(instances[0].status().unwrap()["federation"]["publisher"], true, "the lowest id publishes");
+    // SIGKILL the publisher mid-stream; more input arrives while it is gone.
+    let mut publisher = children[0].take().unwrap();
+    publisher.kill().unwrap();
+    publisher.wait().unwrap();
+    positions.extend(append(&broker, broker.dir.path(), &sample(4_000, 22), false));
+    let ends = last_offsets(&positions);
+    let all_published = |instance: &Instance| {
+        let published = instance.watermarks("published_watermark");
+        ends.iter().all(|(p, last)| published[*p as usize] >= *last as i64)
+    };
+    wait("instance 2 to take over and publish everything", &|| all_published(&instances[1]));
+    assert_eq!(instances[1].status().unwrap()["federation"]["publisher"], true);
+    // The old publisher comes back, catches up and agrees.
+    children[0] = Some(instances[0].spawn_federated(&broker, &federation_args(1, &ports, &psk)));
+    wait("every instance to certify everything", &|| {
+        instances.iter().all(|i| {
+            let certified = i.watermarks("certified_watermark");
+            ends.iter().all(|(p, last)| certified[*p as usize] >= *last as i64)
+        })
+    });
+    for (i, child) in children.iter_mut().enumerate() {
+        let mut child = child.take().unwrap();
+        assert!(child.try_wait().unwrap().is_none(), "instance {} exited: {}", i + 1, instances[i].log());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let status = instances[i].status().unwrap();
+        assert_eq!(status["federation"]["faults_total"], 0, "instance {}: no fault", i + 1);
+    }
+    // Every input has exactly its reference output on the topic (a duplicate from the
+    // hand-over is identical), and every instance's state is the reference's.
+    for instance in &instances {
+        check(&broker, instance, true);
+    }
+    // One publisher at a time: at most the hand-over's outputs appear twice.
+    let records = read_topic(&broker, "tribunal.outputs").len();
+    assert!(records < 2 * positions.len(), "{records} outputs for {} inputs", positions.len());
+}
