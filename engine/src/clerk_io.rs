@@ -371,7 +371,7 @@ impl Shell {
                 .iter()
                 .zip(&self.down_ticks)
                 .filter(|(v, down)| !v.quarantined && !v.says_quarantined && **down < STOP_GRACE_TICKS)
-                .map(|(v, _)| v.advertised_certified_end[p].unwrap_or(0))
+                .map(|(v, _)| v.advertised_certified_end[p].unwrap_or(v.last_certified_end[p]))
                 .min()
                 .unwrap_or(u64::MAX);
             self.shared.peers_certified_end[p].store(min_peer, Ordering::Release);

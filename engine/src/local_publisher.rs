@@ -25,11 +25,10 @@ pub fn outputs_dir(log_dir: &Path) -> PathBuf {
 
 /// The JSON record of one output on the outputs log: the output's JSON plus its key.
 pub fn output_record(partition: u32, offset: u64, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let json =
+    let mut json =
         OutputJson::from_bytes(bytes).with_context(|| format!("output ({partition}, {offset}) does not decode"))?;
-    let mut value = serde_json::to_value(json)?;
-    value["key"] = serde_json::Value::String(OutputJson::key(partition, offset));
-    Ok(serde_json::to_vec(&value)?)
+    json.key = Some(OutputJson::key(partition, offset));
+    Ok(serde_json::to_vec(&json)?)
 }
 
 /// One past the last input offset published on the outputs log (0: none), from the key

@@ -9,6 +9,9 @@ use tribunal_shards::output::{Output, OutputDecodeError, Verdict};
 
 #[derive(Debug, Serialize)]
 pub struct OutputJson {
+    /// On the local outputs log, which has no record keys, the key travels inside.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     pub partition: u32,
     pub offset: u64,
     pub verdict: &'static str,
@@ -53,6 +56,7 @@ impl OutputJson {
         }
         let (levels, event) = body.map_or((Vec::new(), None), |b| (b.levels, b.event));
         Ok(Self {
+            key: None,
             partition: output.partition,
             offset: output.offset,
             verdict: output.verdict.name(),

@@ -182,6 +182,9 @@ pub struct PeerView {
     pub advertised_durable_end: Vec<Option<u64>>,
     /// Per partition, the published end its heartbeats carry.
     pub published_ends: Vec<u64>,
+    /// Per partition, its last advertised certified end, kept when its link goes down:
+    /// only for `--stop-at-end` (spec: Clerk.StopAtEnd), never for certification.
+    pub last_certified_end: Vec<u64>,
 }
 
 impl PeerView {
@@ -333,6 +336,7 @@ impl Clerk {
                 advertised_certified_end: vec![None; n],
                 advertised_durable_end: vec![None; n],
                 published_ends: vec![0; n],
+                last_certified_end: vec![0; n],
                 ..PeerView::default()
             })
             .collect();
@@ -492,6 +496,7 @@ impl Clerk {
         let previous = view.advertised_certified_end[partition as usize];
         view.advertised_certified_end[partition as usize] = Some(certified_end);
         view.advertised_durable_end[partition as usize] = Some(durable_end);
+        view.last_certified_end[partition as usize] = certified_end;
         if self.status != ClerkStatus::Ready {
             return;
         }
@@ -1366,6 +1371,18 @@ mod tests {
         clerk.peer_copy(3, 0, 21, output(21));
         clerk.own_output(0, 21, output(21));
         assert_eq!(clerk.certified_end(0), 22, "a rebuilt peer's copies count");
+    }
+
+    #[test]
+    fn a_peers_last_certified_end_outlives_its_link_but_its_advert_does_not() {
+        // spec: Clerk.StopAtEnd (last_advertised_certified), Recovery.NoWatermarkBeforeReady
+        let mut clerk = Clerk::new(config(1, 2, 2, 16), &[(0, 0)]);
+        clerk.open_gate();
+        clerk.peer_watermark(2, 0, 10, 10);
+        clerk.link_down(2);
+        let view = &clerk.peers()[0];
+        assert_eq!(view.advertised_certified_end, vec![None], "never trusted for certification once gone");
+        assert_eq!(view.last_certified_end, vec![10], "a peer that stopped at the end needs nothing more");
     }
 
     #[test]

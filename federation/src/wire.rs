@@ -11,7 +11,7 @@
 //! ```text
 //! [length: u32 LE][body: rkyv archive of Frame][mac: 32 bytes]
 //! length = body + mac
-//! mac    = HMAC-SHA256(session_key, seq: u64 LE || length: u32 LE || body)
+//! mac    = BLAKE3-keyed(session_key, seq: u64 LE || length: u32 LE || body)
 //! ```
 //!
 //! `seq` counts the frames of the connection from 0 and is not sent: both sides count,
@@ -23,9 +23,6 @@
 //! the stream position can no longer be trusted and the connection must be closed
 //! (spec: Federation.InvalidFrameDropped).
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
 pub const MAC_BYTES: usize = 32;
 pub const LENGTH_PREFIX_BYTES: usize = 4;
 /// Default bound on one frame (body + MAC). A Copy frame carries one canonical output,
@@ -33,8 +30,6 @@ pub const LENGTH_PREFIX_BYTES: usize = 4;
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// A per-connection key, from the handshake.
 pub type SessionKey = [u8; 32];
-
-type HmacSha256 = Hmac<Sha256>;
 
 // The length prefix is a u32, so every bound must fit in it.
 const _: () = assert!(MAX_FRAME_BYTES <= u32::MAX as usize);
@@ -109,25 +104,24 @@ impl WireError {
     }
 }
 
-/// The MAC of one frame. `keyed` is the HMAC already keyed with the session key: cloning
-/// it skips the key schedule (two SHA-256 blocks) on every frame.
-fn frame_mac(keyed: &HmacSha256, seq: u64, length: u32, body: &[u8]) -> HmacSha256 {
+/// The MAC of one frame: BLAKE3 in keyed mode, which is a MAC by design. `keyed` is a
+/// hasher already keyed with the session key, cloned per frame.
+fn frame_mac(keyed: &blake3::Hasher, seq: u64, length: u32, body: &[u8]) -> blake3::Hash {
     let mut mac = keyed.clone();
     mac.update(&seq.to_le_bytes());
     mac.update(&length.to_le_bytes());
     mac.update(body);
-    mac
+    mac.finalize()
 }
 
-fn keyed_mac(key: &SessionKey) -> HmacSha256 {
-    // HMAC takes keys of any length; only the type's generic signature is fallible.
-    HmacSha256::new_from_slice(key).expect("HMAC accepts a 32-byte key")
+fn keyed_mac(key: &SessionKey) -> blake3::Hasher {
+    blake3::Hasher::new_keyed(key)
 }
 
 /// Seals frames for one connection, in order. Holds the session key, so its `Debug`
 /// shows only the counter.
 pub struct FrameSealer {
-    keyed: HmacSha256,
+    keyed: blake3::Hasher,
     next_seq: u64,
 }
 
@@ -175,8 +169,8 @@ impl FrameSealer {
         }
         let length = u32::try_from(length_bytes).expect("MAX_FRAME_BYTES fits in u32");
         out[frame_start..body_start].copy_from_slice(&length.to_le_bytes());
-        let mac = frame_mac(&self.keyed, self.next_seq, length, &out[body_start..]).finalize().into_bytes();
-        out.extend_from_slice(&mac);
+        let mac = frame_mac(&self.keyed, self.next_seq, length, &out[body_start..]);
+        out.extend_from_slice(mac.as_bytes());
         assert_eq!(out.len() - frame_start, LENGTH_PREFIX_BYTES + length_bytes);
 
         // 2^64 frames take millions of years at any real rate.
@@ -192,7 +186,7 @@ impl FrameSealer {
 /// Opens the frames of one connection, in order. Holds the session key, so its `Debug`
 /// shows only the counter and the bound.
 pub struct FrameOpener {
-    keyed: HmacSha256,
+    keyed: blake3::Hasher,
     next_seq: u64,
     max_frame_bytes: usize,
     /// The first error. After it the stream position is untrusted and the connection
@@ -259,8 +253,11 @@ impl FrameOpener {
         assert_eq!(mac.len(), MAC_BYTES);
 
         // Authenticate before decoding: unauthenticated bytes never reach rkyv.
-        // `verify_slice` compares in constant time.
-        frame_mac(&self.keyed, self.next_seq, length, body).verify_slice(mac).map_err(|_| WireError::BadMac)?;
+        // `blake3::Hash` equality is constant-time.
+        let mac: [u8; MAC_BYTES] = mac.try_into().expect("split at MAC_BYTES");
+        if frame_mac(&self.keyed, self.next_seq, length, body) != blake3::Hash::from_bytes(mac) {
+            return Err(WireError::BadMac);
+        }
         let frame = rkyv::from_bytes::<Frame, rkyv::rancor::Error>(body)
             .map_err(|error| WireError::Undecodable(error.to_string()))?;
 
@@ -317,7 +314,7 @@ mod tests {
         let length = u32::try_from(body.len() + MAC_BYTES).unwrap();
         let mut out = length.to_le_bytes().to_vec();
         out.extend_from_slice(body);
-        out.extend_from_slice(&frame_mac(&keyed_mac(key), seq, length, body).finalize().into_bytes());
+        out.extend_from_slice(frame_mac(&keyed_mac(key), seq, length, body).as_bytes());
         out
     }
 
