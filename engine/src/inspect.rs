@@ -64,6 +64,42 @@ struct Report {
     would_cut: Vec<CutReport>,
     stock: Vec<crate::stock_table::StockRow>,
     partitions: Vec<PartitionReport>,
+    federation: FederationReport,
+}
+
+/// What the Clerk recorded in the data dir: detected faults (spec: Clerk.FaultReported)
+/// and quarantines (spec: Clerk.QuarantinePersisted).
+#[derive(Serialize)]
+struct FederationReport {
+    faults_detected: u64,
+    /// The last few, as logged (with the fields that differ).
+    last_faults: Vec<serde_json::Value>,
+    self_quarantined: bool,
+    quarantined_peers: Vec<u32>,
+}
+
+const LAST_FAULTS: usize = 5;
+
+fn federation_report(data_dir: &std::path::Path) -> anyhow::Result<FederationReport> {
+    let path = data_dir.join("faults.jsonl");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    // A line torn by a crash mid-append is shown as it is rather than refused.
+    let last_faults = lines[lines.len().saturating_sub(LAST_FAULTS)..]
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| serde_json::Value::String((*l).to_string())))
+        .collect();
+    let quarantine = crate::quarantine_store::read_quarantine(data_dir)?;
+    Ok(FederationReport {
+        faults_detected: lines.len() as u64,
+        last_faults,
+        self_quarantined: quarantine.self_quarantined,
+        quarantined_peers: quarantine.peers.iter().map(|p| p.0).collect(),
+    })
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -130,6 +166,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .collect(),
         stock: first.stock.clone(),
         partitions,
+        federation: federation_report(&args.data_dir)?,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -149,6 +186,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             println!(
                 "would cut         shard {} segment {} at byte {}: {}",
                 cut.shard, cut.segment, cut.position, cut.reason
+            );
+        }
+        let federation = &report.federation;
+        println!("faults detected   {} (faults.jsonl)", federation.faults_detected);
+        for fault in &federation.last_faults {
+            println!("  {fault}");
+        }
+        if federation.self_quarantined {
+            println!("quarantined       this instance (its copies are not counted by its peers)");
+        }
+        if !federation.quarantined_peers.is_empty() {
+            println!(
+                "quarantines       instances {:?} (their copies are not counted here)",
+                federation.quarantined_peers
             );
         }
         crate::stock_table::print("stock", &report.stock);

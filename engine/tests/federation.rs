@@ -308,6 +308,10 @@ fn a_bit_flipping_instance_is_caught_and_quarantined_and_nothing_flipped_is_publ
     }
     let flipped: std::collections::BTreeSet<u64> = flipped.into_iter().collect();
     assert_eq!(detected, flipped, "every flipped output is detected, and nothing else");
+    let inspected: Value =
+        serde_json::from_slice(&ok(tribunal().args(["inspect", "--json", "--data-dir"]).arg(fed.data(1)))).unwrap();
+    assert!(inspected["federation"]["faults_detected"].as_u64().unwrap() >= 1, "inspect shows faults: {inspected}");
+    assert_eq!(inspected["federation"]["quarantined_peers"], serde_json::json!([3]));
     // Nothing flipped was published: the outputs log equals the reference's outputs.
     fed.check_against_reference(&[1, 2, 3]);
 
