@@ -41,6 +41,12 @@ pub const MAX_UNPUBLISHED: u64 = 262_144;
 /// Fault reports and injected faults listed in status (all are in `faults.jsonl`).
 const STATUS_FAULTS: usize = 32;
 const MAX_INJECTED_LISTED: usize = 4_096;
+/// Fault reports per differing instance that are decoded field by field and logged as
+/// errors; past it (a diverged instance differs at every offset) each fault is still a
+/// line in `faults.jsonl`, without the decoding, and the log gets one line per
+/// `FAULT_LOG_EVERY`, so a fault does not slow certification down to a crawl.
+const DETAILED_FAULTS_PER_INSTANCE: u64 = 100;
+const FAULT_LOG_EVERY: u64 = 1_000;
 const TICK: Duration = Duration::from_millis(10);
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 const STATUS_INTERVAL: Duration = Duration::from_millis(100);
@@ -172,6 +178,12 @@ struct Shell {
     /// Per partition, certified outputs not known to be published, in order.
     buffer: Vec<VecDeque<(u64, Arc<[u8]>)>>,
     faults_file: PathBuf,
+    /// Opened on the first fault; flushed every tick.
+    faults_writer: Option<std::io::BufWriter<std::fs::File>>,
+    /// Per differing instance, faults reported so far (bounded by the instance count).
+    faults_by_instance: std::collections::BTreeMap<InstanceId, u64>,
+    /// The last STATUS_FAULTS fault lines, for status.
+    recent_faults: VecDeque<Value>,
     injected: Injected,
     bitflip_rate: Option<f64>,
     delay: Option<Duration>,
@@ -180,6 +192,10 @@ struct Shell {
     data_dir: PathBuf,
     /// The Clerk's quarantine version last written to `quarantine.json`.
     persisted_quarantine: u64,
+    /// Certified outputs held back while a quarantine could not be persisted.
+    unforwarded: Vec<DurableOutput>,
+    /// Per partition, one past the last output trimmed from the hand-over buffer.
+    trimmed_end: Vec<u64>,
 }
 
 #[derive(Default)]
@@ -228,6 +244,12 @@ impl Shell {
                 }
             }
         }
+        // A quarantine decided in this batch is on disk before anything past it leaves.
+        if !self.persist_quarantine() {
+            self.unforwarded.extend(forward);
+            return;
+        }
+        forward.splice(0..0, self.unforwarded.drain(..));
         if !forward.is_empty() {
             self.send_to_sink(PublishBatch { skip_to: Vec::new(), outputs: forward });
         }
@@ -253,7 +275,12 @@ impl Shell {
         let mut outputs = Vec::new();
         for partition in 0..self.shared.partitions {
             let p = partition as usize;
-            let start = self.known_published(partition);
+            // Outputs trimmed while nobody could publish cannot be republished by us.
+            let known = self.known_published(partition);
+            let start = known.max(self.trimmed_end[p]);
+            if start > known {
+                warn!(partition, from = known, to = start, "outputs trimmed while no publisher existed are skipped");
+            }
             skip_to.push((partition, start));
             let buffer = &mut self.buffer[p];
             while buffer.front().is_some_and(|(o, _)| *o < start) {
@@ -277,22 +304,55 @@ impl Shell {
     /// spec: Clerk.FaultReported — an error line with the differing fields, a line in
     /// `faults.jsonl`, the counters and the status.
     fn fault(&mut self, report: &FaultReport) {
-        let line = fault_json(report);
-        error!(
-            partition = report.partition,
-            offset = report.offset,
-            kind = ?report.kind,
-            differing = ?report.differing,
-            detail = %line["differing_fields"],
-            "detected fault: output copies differ"
-        );
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.faults_file)
-            .and_then(|mut f| writeln!(f, "{line}"));
-        if let Err(e) = written {
-            warn!("could not append to {}: {e}", self.faults_file.display());
+        let mut seen = 0;
+        for instance in &report.differing {
+            let count = self.faults_by_instance.entry(*instance).or_insert(0);
+            *count += 1;
+            seen = seen.max(*count);
+        }
+        let detailed = seen <= DETAILED_FAULTS_PER_INSTANCE;
+        let line = if detailed { fault_json(report) } else { fault_json_brief(report) };
+        if detailed {
+            error!(
+                partition = report.partition,
+                offset = report.offset,
+                kind = ?report.kind,
+                differing = ?report.differing,
+                detail = %line["differing_fields"],
+                "detected fault: output copies differ"
+            );
+        } else if seen % FAULT_LOG_EVERY == 0 {
+            error!(
+                differing = ?report.differing,
+                faults = seen,
+                "detected faults keep coming from the same instance (all in faults.jsonl)"
+            );
+        }
+        if self.faults_writer.is_none() {
+            let opened = std::fs::OpenOptions::new().create(true).append(true).open(&self.faults_file);
+            match opened {
+                Ok(file) => self.faults_writer = Some(std::io::BufWriter::new(file)),
+                Err(e) => warn!("could not open {}: {e}", self.faults_file.display()),
+            }
+        }
+        if let Some(writer) = &mut self.faults_writer {
+            if let Err(e) = writeln!(writer, "{line}") {
+                warn!("could not append to {}: {e}", self.faults_file.display());
+                self.faults_writer = None;
+            }
+        }
+        if self.recent_faults.len() == STATUS_FAULTS {
+            self.recent_faults.pop_front();
+        }
+        self.recent_faults.push_back(line);
+    }
+
+    fn flush_faults(&mut self) {
+        if let Some(writer) = &mut self.faults_writer {
+            if let Err(e) = writer.flush() {
+                warn!("could not append to {}: {e}", self.faults_file.display());
+                self.faults_writer = None;
+            }
         }
     }
 
@@ -382,9 +442,11 @@ impl Shell {
         // With nobody to publish, the buffer must not stall the input: it only waits
         // while a publisher exists (and a hand-over would need it).
         if !exists {
-            for buffer in &mut self.buffer {
+            for (buffer, trimmed_end) in self.buffer.iter_mut().zip(&mut self.trimmed_end) {
                 while buffer.len() as u64 > MAX_UNPUBLISHED {
-                    buffer.pop_front();
+                    if let Some((offset, _)) = buffer.pop_front() {
+                        *trimmed_end = offset + 1;
+                    }
                 }
             }
             full = false;
@@ -395,41 +457,59 @@ impl Shell {
 
     /// spec: Clerk.QuarantineLifted — operator requests left by `tribunal readmit`.
     fn take_readmits(&mut self) {
-        let requests = match quarantine_store::take_readmit_requests(&self.data_dir) {
+        let requests = match quarantine_store::list_readmit_requests(&self.data_dir) {
             Ok(requests) => requests,
             Err(e) => {
                 warn!("could not read readmit requests in {}: {e}", self.data_dir.display());
                 return;
             }
         };
-        for request in requests {
-            match request {
+        if requests.is_empty() {
+            return;
+        }
+        for (_, request) in &requests {
+            match *request {
                 ReadmitRequest::Instance(instance) if self.clerk.operator_readmit(instance) => {
                     warn!(instance, "OPERATOR READMIT: instance {instance} is trusted again; telling the peers")
                 }
                 ReadmitRequest::Instance(instance) => {
                     warn!(instance, "readmit request ignored: instance {instance} is not in this federation")
                 }
-                ReadmitRequest::Malformed(name) => warn!("readmit request ignored: {name:?} is not an instance id"),
+                ReadmitRequest::Malformed(ref name) => {
+                    warn!("readmit request ignored: {name:?} is not an instance id")
+                }
             }
         }
         self.apply();
+        if !self.persist_quarantine() {
+            return; // the requests stay, and are applied again next time
+        }
+        for (path, _) in requests {
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!("could not remove the readmit request {}: {e}", path.display());
+            }
+        }
     }
 
-    /// spec: Clerk.QuarantinePersisted — before anything else can forget it. A failed
-    /// write is retried on the next tick.
-    fn persist_quarantine(&mut self) {
+    /// spec: Clerk.QuarantinePersisted — before the certified ends that passed the offset
+    /// that caused it are shown to anyone (the checkpoint is written from them), so no
+    /// restart can forget it. False: the write failed; it is retried on the next call.
+    fn persist_quarantine(&mut self) -> bool {
         let version = self.clerk.quarantine_version();
         if version == self.persisted_quarantine {
-            return;
+            return true;
         }
         let state = self.clerk.quarantine_state();
         match quarantine_store::write_quarantine(&self.data_dir, &state) {
             Ok(()) => {
                 self.persisted_quarantine = version;
                 info!(quarantined = state.self_quarantined, peers = ?state.peers, "quarantine recorded");
+                true
             }
-            Err(e) => warn!("{e:#}"),
+            Err(e) => {
+                warn!("{e:#}");
+                false
+            }
         }
     }
 
@@ -443,7 +523,7 @@ impl Shell {
 
     fn status(&self) -> Value {
         let clerk = &self.clerk;
-        let faults: Vec<Value> = clerk.faults().rev().take(STATUS_FAULTS).map(fault_json).collect();
+        let faults: Vec<Value> = self.recent_faults.iter().rev().cloned().collect();
         let peers: Vec<Value> = clerk
             .peers()
             .iter()
@@ -528,8 +608,15 @@ fn to_frame(message: Outgoing) -> Frame {
     }
 }
 
-/// A fault as JSON, with the fields in which the two outputs differ.
-pub fn fault_json(report: &FaultReport) -> Value {
+/// A fault as JSON without decoding the outputs: for the stream of faults from an
+/// instance that already differs everywhere.
+fn fault_json_brief(report: &FaultReport) -> Value {
+    let mut line = fault_json_head(report);
+    line["differing_fields"] = json!("not decoded: this instance already differed many times");
+    line
+}
+
+fn fault_json_head(report: &FaultReport) -> Value {
     let digests: serde_json::Map<String, Value> =
         report.digests.iter().map(|(id, d)| (id.to_string(), Value::String(format!("{d:032x}")))).collect();
     json!({
@@ -538,8 +625,14 @@ pub fn fault_json(report: &FaultReport) -> Value {
         "kind": format!("{:?}", report.kind),
         "differing": report.differing,
         "digests": digests,
-        "differing_fields": differing_fields(report.own_output.as_deref(), report.differing_output.as_deref()),
     })
+}
+
+/// A fault as JSON, with the fields in which the two outputs differ.
+fn fault_json(report: &FaultReport) -> Value {
+    let mut line = fault_json_head(report);
+    line["differing_fields"] = differing_fields(report.own_output.as_deref(), report.differing_output.as_deref());
+    line
 }
 
 /// Names what differs: decoded fields when both outputs decode, else which one does not
@@ -632,12 +725,17 @@ async fn clerk_main(
         sink_published: setup.sink_published,
         buffer,
         faults_file: setup.data_dir.join("faults.jsonl"),
+        faults_writer: None,
+        faults_by_instance: std::collections::BTreeMap::new(),
+        recent_faults: VecDeque::new(),
         injected: Injected { rng: u64::from_le_bytes(seed), ..Injected::default() },
         bitflip_rate,
         delay,
         down_ticks: vec![0; peer_count],
         data_dir: setup.data_dir,
         persisted_quarantine,
+        unforwarded: Vec::new(),
+        trimmed_end: vec![0; partitions as usize],
     }));
     shell.borrow_mut().apply();
     let _ = started.send(Ok(()));
@@ -688,11 +786,11 @@ async fn clerk_main(
             since_heartbeat = Duration::ZERO;
             sh.heartbeat();
         }
-        sh.persist_quarantine();
+        let _ = sh.persist_quarantine();
+        sh.flush_faults();
         if since_status >= STATUS_INTERVAL || shared.status_wanted.swap(false, Ordering::AcqRel) {
             since_status = Duration::ZERO;
             sh.take_readmits();
-            sh.persist_quarantine();
             let status = sh.status();
             *shared.status.lock().expect("not poisoned") = status;
             shared.status_seq.fetch_add(1, Ordering::AcqRel);

@@ -94,8 +94,11 @@ pub enum ReadmitRequest {
     Malformed(String),
 }
 
-/// Takes (reads and deletes) up to [`MAX_READMITS_PER_TICK`] requests.
-pub fn take_readmit_requests(data_dir: &Path) -> std::io::Result<Vec<ReadmitRequest>> {
+/// Lists up to [`MAX_READMITS_PER_TICK`] pending requests, each with its file. The caller
+/// deletes a file only once its request is applied and persisted, so a crash in between
+/// repeats the request (readmitting twice is harmless) instead of losing it. Entries
+/// that are not plain files are skipped, so one odd entry cannot block the rest.
+pub fn list_readmit_requests(data_dir: &Path) -> std::io::Result<Vec<(PathBuf, ReadmitRequest)>> {
     let dir = data_dir.join(READMIT_DIR);
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
@@ -103,17 +106,19 @@ pub fn take_readmit_requests(data_dir: &Path) -> std::io::Result<Vec<ReadmitRequ
         Err(e) => return Err(e),
     };
     let mut requests = Vec::new();
-    for entry in entries.take(MAX_READMITS_PER_TICK) {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".tmp") {
-            continue; // being written
+    for entry in entries.flatten() {
+        if requests.len() == MAX_READMITS_PER_TICK {
+            break;
         }
-        std::fs::remove_file(entry.path())?;
-        requests.push(match name.parse() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".tmp") || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue; // being written, or not a request
+        }
+        let request = match name.parse() {
             Ok(id) => ReadmitRequest::Instance(id),
             Err(_) => ReadmitRequest::Malformed(name),
-        });
+        };
+        requests.push((entry.path(), request));
     }
     Ok(requests)
 }
@@ -197,16 +202,20 @@ mod tests {
     }
 
     #[test]
-    fn requests_are_taken_once_and_bad_names_reported() {
+    fn requests_are_listed_until_deleted_and_odd_entries_skipped() {
         // spec: Clerk.QuarantineLifted
         let dir = tempfile::tempdir().unwrap();
-        assert!(take_readmit_requests(dir.path()).unwrap().is_empty());
-        std::fs::create_dir_all(dir.path().join(READMIT_DIR)).unwrap();
+        assert!(list_readmit_requests(dir.path()).unwrap().is_empty());
+        std::fs::create_dir_all(dir.path().join(READMIT_DIR).join("5")).unwrap();
         std::fs::write(request_path(dir.path(), 3), b"").unwrap();
         std::fs::write(dir.path().join(READMIT_DIR).join("three"), b"").unwrap();
-        let mut taken = take_readmit_requests(dir.path()).unwrap();
-        taken.sort_by_key(|r| format!("{r:?}"));
-        assert_eq!(taken, vec![ReadmitRequest::Instance(3), ReadmitRequest::Malformed("three".into())]);
-        assert!(take_readmit_requests(dir.path()).unwrap().is_empty());
+        let mut listed: Vec<ReadmitRequest> =
+            list_readmit_requests(dir.path()).unwrap().into_iter().map(|(_, r)| r).collect();
+        listed.sort_by_key(|r| format!("{r:?}"));
+        assert_eq!(listed, vec![ReadmitRequest::Instance(3), ReadmitRequest::Malformed("three".into())]);
+        for (path, _) in list_readmit_requests(dir.path()).unwrap() {
+            std::fs::remove_file(path).unwrap();
+        }
+        assert!(list_readmit_requests(dir.path()).unwrap().is_empty(), "a directory is not a request");
     }
 }

@@ -15,7 +15,7 @@
 //! (spec: Clerk.CopyWindowBackpressure); only outputs recovered from the Ledger at
 //! start-up may lie beyond it, and they wait in `overflow` until the window reaches them.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use smallvec::SmallVec;
@@ -28,9 +28,6 @@ pub type InstanceId = u32;
 pub fn digest_of(output: &[u8]) -> Digest {
     xxhash_rust::xxh3::xxh3_128(output)
 }
-
-/// Fault reports kept for status and inspection; older ones are only counted.
-pub const MAX_FAULT_REPORTS: usize = 1_024;
 
 #[derive(Clone, Debug)]
 pub struct ClerkConfig {
@@ -188,6 +185,11 @@ pub struct PeerView {
 }
 
 impl PeerView {
+    /// Its copies do not count: quarantined here, or by itself (spec: Clerk.SelfQuarantined).
+    pub fn distrusted(&self) -> bool {
+        self.quarantined || self.says_quarantined
+    }
+
     /// Reachable, ready, and trusted: may publish and counts for liveness.
     pub fn eligible(&self) -> bool {
         self.link_up && self.ready && !self.says_quarantined && !self.quarantined
@@ -291,7 +293,6 @@ pub struct Clerk {
     peers: Vec<PeerView>,
     partitions: Vec<PartitionClerk>,
     actions: Vec<Action>,
-    faults: VecDeque<FaultReport>,
     counters: ClerkCounters,
     /// Bumped on every quarantine change, so the shell knows when to persist.
     quarantine_version: u64,
@@ -348,7 +349,6 @@ impl Clerk {
             peers,
             partitions,
             actions: Vec::new(),
-            faults: VecDeque::new(),
             counters: ClerkCounters::default(),
             quarantine_version: 0,
         }
@@ -404,9 +404,6 @@ impl Clerk {
     }
     pub fn counters(&self) -> &ClerkCounters {
         &self.counters
-    }
-    pub fn faults(&self) -> impl DoubleEndedIterator<Item = &FaultReport> {
-        self.faults.iter()
     }
     pub fn config(&self) -> &ClerkConfig {
         &self.config
@@ -519,33 +516,46 @@ impl Clerk {
         incarnation: u64,
     ) {
         let Some(view) = self.peer_mut(peer) else { return };
+        let lifted_itself = view.says_quarantined && !quarantined;
         view.ready = ready;
         view.says_quarantined = quarantined;
         view.may_publish = may_publish;
         view.link_up = true;
         view.incarnation = Some(incarnation);
         let rebuilt = view.quarantined && view.quarantined_incarnation.is_some_and(|q| q != incarnation);
+        if !ready {
+            // A recovering peer's old watermark means nothing (spec: Recovery.NoWatermarkBeforeReady),
+            // and it may come back with less certified than it said before (Clerk.StopAtEnd).
+            view.advertised_certified_end.iter_mut().for_each(|e| *e = None);
+            view.last_certified_end.iter_mut().for_each(|e| *e = 0);
+        }
         if rebuilt {
             view.quarantined = false;
             view.quarantined_incarnation = None;
             self.quarantine_version += 1;
+            // What its old incarnation sent is not evidence about the new one; its
+            // fresh copies replace it.
+            self.forget_copies(peer);
+        } else if lifted_itself && !view.quarantined {
+            // An operator re-admitted it: its waiting copies count now.
             self.trust_again(peer);
-        }
-        let Some(view) = self.peer_mut(peer) else { return };
-        if !ready {
-            // A recovering peer's old watermark means nothing (spec: Recovery.NoWatermarkBeforeReady).
-            view.advertised_certified_end.iter_mut().for_each(|e| *e = None);
         }
         self.role_check();
     }
 
     /// spec: Clerk.PublisherHandOver (the heartbeat's published watermark)
     pub fn peer_heartbeat(&mut self, peer: InstanceId, published_ends: &[u64]) {
+        let certified: Vec<u64> = self.partitions.iter().map(|p| p.certified_end).collect();
         let Some(view) = self.peer_mut(peer) else { return };
-        for (mine, theirs) in view.published_ends.iter_mut().zip(published_ends) {
-            *mine = (*mine).max(*theirs);
-        }
         view.link_up = true;
+        // A quarantined peer's word cannot prune what a hand-over needs, and nobody can
+        // have published what is not certified here yet.
+        if view.quarantined || view.says_quarantined {
+            return;
+        }
+        for ((mine, theirs), certified) in view.published_ends.iter_mut().zip(published_ends).zip(certified) {
+            *mine = (*mine).max((*theirs).min(certified));
+        }
     }
 
     /// A link to `peer` came up: it is told our readiness and, if ready, our watermarks.
@@ -614,9 +624,23 @@ impl Clerk {
     /// offsets they arrived for could wait forever (a resend of a copy we hold is
     /// ignored). O(copy_window) per partition, once per operator decision.
     fn trust_again(&mut self, peer: InstanceId) {
+        self.rework_copies(peer, false);
+    }
+
+    /// A rebuilt peer: its pending copies are dropped, so its next copies are recorded.
+    fn forget_copies(&mut self, peer: InstanceId) {
+        self.rework_copies(peer, true);
+    }
+
+    fn rework_copies(&mut self, peer: InstanceId, forget: bool) {
         for partition in 0..self.config.partitions {
             for slot in self.partitions[partition as usize].ring.iter_mut() {
-                if slot.status == SlotStatus::Pending {
+                if slot.status != SlotStatus::Pending {
+                    continue;
+                }
+                if forget {
+                    slot.copies.retain(|c| c.instance != peer);
+                } else {
                     slot.copies.iter_mut().filter(|c| c.instance == peer).for_each(|c| c.trusted = true);
                 }
             }
@@ -637,7 +661,7 @@ impl Clerk {
     }
 
     fn peer_trusted(&self, peer: InstanceId) -> bool {
-        self.peers.iter().any(|p| p.instance_id == peer && !p.quarantined)
+        self.peers.iter().any(|p| p.instance_id == peer && !p.distrusted())
     }
 
     fn greet(&mut self, peer: InstanceId) {
@@ -828,7 +852,7 @@ impl Clerk {
         let expected = self.config.expected_copies as usize;
         // A copy counts if its sender was trusted when it arrived and still is: a peer
         // quarantined since (at an earlier offset) counts for nothing here either.
-        let quarantined = |id: InstanceId| self.peers.iter().any(|p| p.instance_id == id && p.quarantined);
+        let quarantined = |id: InstanceId| self.peers.iter().any(|p| p.instance_id == id && p.distrusted());
         let trusted = || slot.copies.iter().filter(move |c| c.trusted && !quarantined(c.instance));
         // spec: Clerk.OffsetCertified, Clerk.LaggingPeerCatchesUp
         let matching = 1 + trusted().filter(|c| c.digest == own).count();
@@ -848,7 +872,7 @@ impl Clerk {
         let unanswered = self
             .peers
             .iter()
-            .filter(|p| !p.quarantined && !slot.copies.iter().any(|c| c.instance == p.instance_id))
+            .filter(|p| !p.distrusted() && !slot.copies.iter().any(|c| c.instance == p.instance_id))
             .count();
         let best = trusted()
             .map(|c| trusted().filter(|d| d.digest == c.digest).count() + usize::from(c.digest == own))
@@ -1012,10 +1036,6 @@ impl Clerk {
 
     fn report(&mut self, report: FaultReport) {
         self.counters.faults += 1;
-        if self.faults.len() == MAX_FAULT_REPORTS {
-            self.faults.pop_front();
-        }
-        self.faults.push_back(report.clone());
         self.actions.push(Action::Fault(report));
     }
 
@@ -1367,7 +1387,9 @@ mod tests {
         clerk.peer_readiness(3, true, false, true, 999);
         assert!(clerk.peers().iter().all(|p| !p.quarantined));
         assert!(clerk.quarantine_version() > version);
-        assert_eq!(clerk.certified_end(0), 21, "its waiting copy counts now");
+        assert_eq!(clerk.certified_end(0), 20, "its old incarnation's copy is not evidence");
+        clerk.peer_copy(3, 0, 20, output(20));
+        assert_eq!(clerk.certified_end(0), 21, "the rebuilt peer's fresh copy counts");
         clerk.peer_copy(3, 0, 21, output(21));
         clerk.own_output(0, 21, output(21));
         assert_eq!(clerk.certified_end(0), 22, "a rebuilt peer's copies count");
@@ -1383,6 +1405,24 @@ mod tests {
         let view = &clerk.peers()[0];
         assert_eq!(view.advertised_certified_end, vec![None], "never trusted for certification once gone");
         assert_eq!(view.last_certified_end, vec![10], "a peer that stopped at the end needs nothing more");
+    }
+
+    #[test]
+    fn a_peer_that_says_it_is_quarantined_is_not_counted_nor_heard_on_publication() {
+        // spec: Clerk.SelfQuarantined (peers do not count its copies), Clerk.PublisherHandOver
+        let mut clerk = Clerk::new(config(1, 3, 2, 16), &[(0, 0)]);
+        clerk.open_gate();
+        clerk.peer_readiness(3, true, true, true, 7);
+        clerk.peer_copy(3, 0, 0, output(0));
+        clerk.own_output(0, 0, output(0));
+        assert_eq!(clerk.certified_end(0), 0, "a self-quarantined peer's copy does not count");
+        clerk.peer_heartbeat(3, &[u64::MAX]);
+        assert_eq!(clerk.peers_published_end(0), 0, "nor does its word on what is published");
+        // Re-admitted (its readiness says so): its waiting copy counts.
+        clerk.peer_readiness(3, true, false, true, 7);
+        assert_eq!(clerk.certified_end(0), 1);
+        clerk.peer_heartbeat(3, &[u64::MAX]);
+        assert_eq!(clerk.peers_published_end(0), 1, "capped by what is certified here");
     }
 
     #[test]
