@@ -132,6 +132,8 @@ pub struct ClerkSetup {
     pub resume: Vec<(u64, u64)>,
     /// Own outputs from the Ledger at or past the certified end, in (partition, offset) order.
     pub recovered_outputs: Vec<DurableOutput>,
+    /// Per partition, digests of own outputs below the certified end, in offset order.
+    pub retained_seed: Vec<Vec<(u64, u128)>>,
     /// Certified outputs from the Ledger that may not be published yet.
     pub unpublished: Vec<DurableOutput>,
     pub sink: Option<mpsc::Sender<PublishBatch>>,
@@ -708,6 +710,9 @@ async fn clerk_main(
         warn!(quarantined = quarantine.self_quarantined, peers = ?quarantine.peers, "quarantine restored from the data dir");
     }
     clerk.restore_quarantine(&quarantine);
+    for (partition, seed) in setup.retained_seed.iter().enumerate() {
+        clerk.seed_retained(partition as u32, seed);
+    }
     let persisted_quarantine = clerk.quarantine_version();
     // Recovered own outputs enter before the gate opens; nothing is sent until it does.
     for output in setup.recovered_outputs {

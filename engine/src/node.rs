@@ -319,9 +319,17 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     };
     // Own outputs the Clerk or the publisher may still need: from the lower of the two.
     let mut from_ledger: Vec<DurableOutput> = Vec::new();
+    // Digests of own outputs below the certified checkpoint, for peers that restarted
+    // further behind (spec: Clerk.CertifiedDigestsResent).
+    let retention = ClerkConfig::DEFAULT_DIGEST_RETENTION;
+    let mut certified_digests: Vec<(u32, u64, u128)> = Vec::new();
     for scanned in logs.iter().flat_map(|l| &l.segments).flat_map(|s| &s.records) {
         if let LedgerRecord::Entry { partition, offset, output, .. } = &scanned.record {
             let p = *partition as usize;
+            let checkpoint = certified.get(p).copied().unwrap_or(0);
+            if *offset < checkpoint && *offset + retention >= checkpoint {
+                certified_digests.push((*partition, *offset, tribunal_federation::clerk::digest_of(output)));
+            }
             let needed_from = published_start.get(p).copied().unwrap_or(0).min(certified.get(p).copied().unwrap_or(0));
             if *offset >= needed_from {
                 from_ledger.push(DurableOutput { partition: *partition, offset: *offset, bytes: output.clone() });
@@ -371,6 +379,15 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                 "the certified checkpoint is past the durable watermark; capping it"
             );
             *end = resume[p];
+        }
+    }
+    certified_digests.sort_unstable_by_key(|(p, o, _)| (*p, *o));
+    let mut retained_seed: Vec<Vec<(u64, u128)>> = vec![Vec::new(); partitions as usize];
+    for (partition, offset, digest) in certified_digests {
+        if let Some(seed) = retained_seed.get_mut(partition as usize) {
+            if offset < certified[partition as usize] {
+                seed.push((offset, digest));
+            }
         }
     }
     let (unpublished, recovered_outputs): (Vec<DurableOutput>, Vec<DurableOutput>) =
@@ -479,6 +496,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             faults: federation.faults.clone(),
             resume: certified.iter().zip(&resume).map(|(c, r)| (*c, *r)).collect(),
             recovered_outputs,
+            retained_seed,
             unpublished,
             sink: config.publish.then(|| sink_tx.clone()),
             sink_published,

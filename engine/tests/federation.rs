@@ -269,6 +269,31 @@ fn two_instances_pause_certification_while_one_is_gone() {
 }
 
 #[test]
+fn after_a_crash_of_every_instance_one_with_an_older_checkpoint_catches_up() {
+    // spec: Clerk.CertifiedDigestsResent, Clerk.LaggingPeerCatchesUp — checkpoints are
+    // written every second, so after both instances die they disagree on how far they
+    // certified; the one further behind needs certified digests from below the other's
+    // checkpoint, which the other seeds from its Ledger at start-up.
+    let mut fed = Federation::new(2, 2);
+    fed.append(5_000, 1);
+    fed.spawn(1, false, &[]);
+    fed.spawn(2, false, &[]);
+    fed.wait_until("both to certify", |f| f.certified(1) == 4_999 && f.certified(2) == 4_999);
+    fed.kill(1);
+    fed.kill(2);
+    // Instance 1's checkpoint is an old one (legitimately: it only lags).
+    std::fs::write(fed.data(1).join("certified.json"), "[1000]").unwrap();
+    fed.append(1_000, 2);
+    fed.spawn(1, true, &[]);
+    fed.spawn(2, true, &[]);
+    fed.wait_all_exit();
+    for id in 1..=2 {
+        assert_eq!(fed.certified(id), 5_999, "instance {id} certified everything");
+    }
+    fed.check_against_reference(&[1, 2]);
+}
+
+#[test]
 fn a_bit_flipping_instance_is_caught_and_quarantined_and_nothing_flipped_is_published() {
     // spec: Clerk.MismatchDetected, Clerk.MinorityQuarantined, Clerk.OwnCopyInMinority,
     // spec: Clerk.LateCopyChecked, Clerk.FaultReported, Clerk.QuarantinePersisted,

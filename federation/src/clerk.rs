@@ -366,6 +366,26 @@ impl Clerk {
         }
     }
 
+    /// Digests of own outputs below the recovered certified end, from the Ledger: they
+    /// were certified, so a peer that restarted further behind (its checkpoint is up to
+    /// a second older) can still catch up against them (spec: Clerk.CertifiedDigestsResent).
+    /// `digests` in offset order; only the gap-free run ending right below the certified
+    /// end, within the retention, is kept.
+    pub fn seed_retained(&mut self, partition: u32, digests: &[(u64, Digest)]) {
+        let mask = self.config.digest_retention - 1;
+        let retention = self.config.digest_retention;
+        let p = &mut self.partitions[partition as usize];
+        assert_eq!(p.retained_from, p.certified_end, "seeded once, before anything is certified");
+        let lowest = p.certified_end.saturating_sub(retention);
+        for &(offset, digest) in digests.iter().rev() {
+            if offset + 1 != p.retained_from || offset < lowest {
+                continue; // above the end (ignored), or a gap: what is below it cannot be served
+            }
+            p.retained[(offset & mask) as usize] = digest;
+            p.retained_from = offset;
+        }
+    }
+
     pub fn quarantine_state(&self) -> QuarantineState {
         QuarantineState {
             self_quarantined: self.self_quarantined,
@@ -1423,6 +1443,29 @@ mod tests {
         assert_eq!(clerk.certified_end(0), 1);
         clerk.peer_heartbeat(3, &[u64::MAX]);
         assert_eq!(clerk.peers_published_end(0), 1, "capped by what is certified here");
+    }
+
+    #[test]
+    fn a_peer_restarted_behind_catches_up_against_digests_seeded_from_the_ledger() {
+        // spec: Clerk.CertifiedDigestsResent, Clerk.LaggingPeerCatchesUp — after a crash
+        // of both, instance 2's checkpoint says 10 and instance 1's only 4.
+        let mut ahead = Clerk::new(config(2, 2, 2, 16), &[(10, 10)]);
+        let seeds: Vec<(u64, Digest)> = (0..12).map(|o| (o, digest_of(&output(o)))).collect();
+        ahead.seed_retained(0, &seeds[..3]); // a gap below 3..10: ignored
+        ahead.seed_retained(0, &seeds);
+        ahead.open_gate();
+        let mut behind = Clerk::new(config(1, 2, 2, 16), &[(4, 10)]);
+        behind.open_gate();
+        for offset in 4..10 {
+            behind.own_output(0, offset, output(offset));
+        }
+        ahead.peer_watermark(1, 0, 10, 4);
+        for action in ahead.drain_actions() {
+            if let Action::Send { peer: 1, message: Outgoing::CertifiedCopy { partition, offset, digest } } = action {
+                behind.peer_certified_copy(2, partition, offset, digest);
+            }
+        }
+        assert_eq!(behind.certified_end(0), 10, "certified against the seeded digests");
     }
 
     #[test]
