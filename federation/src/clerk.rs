@@ -1279,16 +1279,7 @@ mod tests {
     #[test]
     fn a_differing_copy_is_detected_never_certified_and_its_sender_quarantined() {
         // spec: Clerk.MismatchDetected, Clerk.MinorityQuarantined, Clerk.OwnCopyInMinority, Clerk.SelfQuarantined
-        let mut net = Net::new(3, 2, 64);
-        net.open_all();
-        net.run();
-        for offset in 0..20 {
-            for id in 1..=3 {
-                let bytes = if id == 3 && offset == 7 { Arc::from(&b"flipped"[..]) } else { output(offset) };
-                net.own(id, offset, bytes);
-            }
-            net.run();
-        }
+        let mut net = net_with_instance_3_quarantined();
         for id in [1, 2] {
             assert_eq!(net.offsets(id), (0..20).collect::<Vec<_>>());
             let faults = &net.faults[id as usize - 1];
