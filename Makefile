@@ -32,8 +32,9 @@ endif
 ## test: install missing tools, then formatting, clippy (warnings denied), every Rust test, and the specs.
 test: tools lint test-rust specs
 
-## tools: allium-cli for the specs, and tansu, the Kafka broker the tests start (about
-## 21 minutes to build cold; cached in ~/.cargo/bin afterwards).
+## tools: allium-cli for the specs, tansu, the Kafka broker the tests start (about
+## 21 minutes to build cold; cached in ~/.cargo/bin afterwards), and schemathesis (PyPI,
+## pinned, in a venv under target/tools) for the Gateway's OpenAPI tests.
 tools:
 	@command -v allium >/dev/null 2>&1 || { \
 		echo "installing allium-cli $(ALLIUM_VERSION) (about 2 minutes)"; \
@@ -41,6 +42,7 @@ tools:
 	@tansu --version 2>/dev/null | grep -q "$(TANSU_VERSION)" || { \
 		echo "installing tansu $(TANSU_VERSION), the Kafka broker for the tests (about 21 minutes cold)"; \
 		$(CARGO) install tansu --version $(TANSU_VERSION) --locked --features dynostore,libsql; }
+	@scripts/install-schemathesis.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -140,6 +140,10 @@ pub struct ClerkSetup {
     /// Per partition, what this instance's own sink has published (end).
     pub sink_published: Arc<dyn Fn(u32) -> u64 + Send + Sync>,
     pub data_dir: PathBuf,
+    /// The Gateway's certified view, fed every certified output (spec: Gateway.CertifiedViewAdvances).
+    pub view: Option<Arc<crate::gateway::SharedView>>,
+    /// Fault injection replaced at run time through the admin API.
+    pub fault_control: Option<Arc<crate::gateway::FaultControl>>,
 }
 
 /// Starts the `clerk` executor; returns once the listener is bound (or failed to).
@@ -198,6 +202,10 @@ struct Shell {
     unforwarded: Vec<DurableOutput>,
     /// Per partition, one past the last output trimmed from the hand-over buffer.
     trimmed_end: Vec<u64>,
+    view: Option<Arc<crate::gateway::SharedView>>,
+    /// Certified outputs held back from the view while a quarantine could not be persisted.
+    unviewed: Vec<(u32, u64, Arc<[u8]>)>,
+    fault_control: Option<Arc<crate::gateway::FaultControl>>,
 }
 
 #[derive(Default)]
@@ -234,6 +242,9 @@ impl Shell {
                     if self.clerk.is_publisher() {
                         forward.push(DurableOutput { partition, offset, bytes: output.to_vec() });
                     }
+                    if self.view.is_some() {
+                        self.unviewed.push((partition, offset, output.clone()));
+                    }
                     self.buffer[partition as usize].push_back((offset, output));
                 }
                 Action::Fault(report) => self.fault(&report),
@@ -250,6 +261,11 @@ impl Shell {
         if !self.persist_quarantine() {
             self.unforwarded.extend(forward);
             return;
+        }
+        if let Some(view) = &self.view {
+            // spec: Gateway.CertifiedViewAdvances — answers leave only past a persisted quarantine.
+            crate::gateway::feed_view(view, &self.unviewed);
+            self.unviewed.clear();
         }
         forward.splice(0..0, self.unforwarded.drain(..));
         if !forward.is_empty() {
@@ -356,6 +372,15 @@ impl Shell {
                 self.faults_writer = None;
             }
         }
+    }
+
+    /// spec: Gateway.FaultInjectionReplaced
+    fn take_injected_faults(&mut self) {
+        let Some(control) = &self.fault_control else { return };
+        let Some(faults) = control.pending.lock().expect("not poisoned").take() else { return };
+        self.bitflip_rate = faults.bitflip_rate;
+        self.delay = faults.delay_ms.map(Duration::from_millis);
+        warn!(bitflip_rate = ?self.bitflip_rate, delay = ?self.delay, "injected faults replaced");
     }
 
     fn own_outputs(&mut self, batch: Vec<DurableOutput>) {
@@ -741,6 +766,9 @@ async fn clerk_main(
         persisted_quarantine,
         unforwarded: Vec::new(),
         trimmed_end: vec![0; partitions as usize],
+        view: setup.view,
+        unviewed: Vec::new(),
+        fault_control: setup.fault_control,
     }));
     shell.borrow_mut().apply();
     let _ = started.send(Ok(()));
@@ -784,6 +812,7 @@ async fn clerk_main(
     loop {
         glommio::timer::sleep(TICK).await;
         let mut sh = shell.borrow_mut();
+        sh.take_injected_faults();
         sh.tick(durable_end.as_ref());
         since_heartbeat += TICK;
         since_status += TICK;

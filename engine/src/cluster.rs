@@ -60,6 +60,7 @@ const RESERVED_RUN_FLAGS: &[(&str, &str)] = &[
     ("--stop-at-end", "use tribunal cluster --stop-at-end"),
     ("--snapshot-every", "use tribunal cluster --snapshot-every"),
     ("--inject-fault", "use tribunal cluster --fault ID:SPEC"),
+    ("--http", "each instance gets its own port; use tribunal cluster --http-base-port"),
 ];
 
 #[derive(clap::Args)]
@@ -86,6 +87,9 @@ pub struct Args {
     /// Federation ports are P, P+1, ... on 127.0.0.1; 0 picks free ports.
     #[arg(long, value_name = "P", default_value_t = 0)]
     base_port: u16,
+    /// Serve the REST API: instance i on 127.0.0.1:(H + i - 1) (`run --http`); off when absent.
+    #[arg(long, value_name = "H")]
+    http_base_port: Option<u16>,
     /// Byte-identical copies that certify an output; at most --instances.
     #[arg(long, value_name = "K", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     expected_copies: u32,
@@ -148,6 +152,7 @@ enum State {
 struct Instance {
     id: u32,
     listen: SocketAddr,
+    http: Option<SocketAddr>,
     data_dir: PathBuf,
     log_file: PathBuf,
     status_file: PathBuf,
@@ -233,6 +238,9 @@ struct InstanceEntry {
     /// or `stopped`.
     state: &'static str,
     listen: String,
+    /// The REST API's address, with --http-base-port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http: Option<String>,
     data_dir: String,
     log_file: String,
     status_file: String,
@@ -290,6 +298,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         cluster.instances.push(Instance {
             id,
             listen,
+            http: http_address(&args, id),
             log_file: data_dir.join("tribunal.log"),
             status_file: data_dir.join("status.json"),
             data_dir,
@@ -341,6 +350,14 @@ fn validate(args: &Args) -> anyhow::Result<()> {
         "--instances {}: a federation needs at least 2 instances (or --expected-copies 1)",
         args.instances
     );
+    if let Some(http) = args.http_base_port {
+        anyhow::ensure!(
+            http != 0 && u32::from(http) + args.instances - 1 <= u32::from(u16::MAX),
+            "--http-base-port {http} with {} instances needs ports {http}..{} in 1..=65535",
+            args.instances,
+            u32::from(http) + args.instances - 1
+        );
+    }
     if args.base_port != 0 {
         let last = u32::from(args.base_port) + args.instances - 1;
         anyhow::ensure!(
@@ -374,6 +391,12 @@ fn validate(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Instance `id`'s REST address, with --http-base-port.
+fn http_address(args: &Args, id: u32) -> Option<SocketAddr> {
+    let port = u32::from(args.http_base_port?) + id - 1;
+    Some(SocketAddr::from((Ipv4Addr::LOCALHOST, u16::try_from(port).ok()?)))
+}
+
 /// The `run` arguments of instance `id`.
 fn run_args(
     args: &Args,
@@ -405,6 +428,9 @@ fn run_args(
     ]);
     if let Some(cores) = &args.cores {
         run.extend(["--cores".into(), cores.into()]);
+    }
+    if let Some(http) = http_address(args, id) {
+        run.extend(["--http".into(), http.to_string().into()]);
     }
     if args.stop_at_end {
         run.push("--stop-at-end".into());
@@ -672,6 +698,7 @@ impl Cluster {
                     pid: i.pid(),
                     state: i.state_name(),
                     listen: i.listen.to_string(),
+                    http: i.http.map(|a| a.to_string()),
                     data_dir: i.data_dir.display().to_string(),
                     log_file: i.log_file.display().to_string(),
                     status_file: i.status_file.display().to_string(),

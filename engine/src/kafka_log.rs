@@ -74,7 +74,7 @@ pub fn parse_brokers(spec: &str) -> Option<&str> {
     valid.then_some(brokers)
 }
 
-fn client_config(brokers: &str) -> ClientConfig {
+pub(crate) fn client_config(brokers: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", brokers)

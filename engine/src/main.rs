@@ -4,14 +4,14 @@
 //! the local log or Kafka, and (Kafka) publishing outputs. `log` appends to and reads
 //! either log; `inspect` shows what a data directory recovers to; `evaluate` runs a log
 //! through the core on simulated shards against the reference interpreter; `sample`
-//! writes a workload. Federation and HTTP arrive with later issues; the help text says
-//! only what is here.
+//! writes a workload. `run --http` serves the REST API (the Gateway).
 
 mod clerk_io;
 mod cluster;
 mod cores;
 mod evaluate;
 mod federation_args;
+mod gateway;
 mod inspect;
 mod kafka_log;
 mod ledger_io;
@@ -26,6 +26,7 @@ mod stock_table;
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -38,7 +39,7 @@ use clap::{Parser, Subcommand};
         shards with a durable Ledger, recovers after any crash, compares its durable outputs \
         with its peers' (--peers) and publishes only certified ones. `cluster` runs a local \
         federation. `evaluate` checks a log against the sequential reference interpreter. \
-        HTTP is not built yet."
+        `run --http ADDR` serves the REST API, answered with certified outputs."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -54,7 +55,7 @@ enum Command {
     /// Append commands to an input log (`--log local:DIR`), or print its records.
     Log(log_cli::Args),
     /// Run one instance: recover, then process the log on pinned shards with a durable Ledger.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Launch and supervise a local N-instance federation on this host.
     Cluster(cluster::Args),
     /// Print the state a data directory recovers to (offline, read-only).
@@ -100,6 +101,66 @@ struct RunArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    #[command(flatten)]
+    http: HttpArgs,
+}
+
+/// The REST API (the Gateway): off unless --http is given.
+#[derive(clap::Args)]
+struct HttpArgs {
+    /// Serve the REST API here, e.g. `127.0.0.1:8080`; every shard accepts on it.
+    #[arg(long)]
+    http: Option<std::net::SocketAddr>,
+    /// How long a movement waits for its certified output before 504 (safe to retry).
+    #[arg(long, default_value_t = 5_000)]
+    http_deadline_ms: u64,
+    /// Largest request body accepted (413 past it).
+    #[arg(long, default_value_t = 64 * 1024)]
+    http_max_body_bytes: usize,
+    /// A request must arrive whole within this long of its first byte (408 past it).
+    #[arg(long, default_value_t = 10_000)]
+    http_read_timeout_ms: u64,
+    /// Close keep-alive connections idle this long.
+    #[arg(long, default_value_t = 60_000)]
+    http_idle_timeout_ms: u64,
+    /// Movements appending or waiting for certification at once (503 overloaded past it).
+    #[arg(long, default_value_t = gateway::certified_view::DEFAULT_MAX_WAITING)]
+    http_max_waiting: usize,
+    /// File holding the bearer token of the admin endpoints (or set TRIBUNAL_ADMIN_TOKEN);
+    /// without one they do not exist.
+    #[arg(long)]
+    admin_token_file: Option<std::path::PathBuf>,
+}
+
+impl HttpArgs {
+    fn config(&self) -> anyhow::Result<Option<gateway::GatewayConfig>> {
+        let Some(listen) = self.http else { return Ok(None) };
+        anyhow::ensure!(self.http_deadline_ms > 0, "--http-deadline-ms must be positive");
+        anyhow::ensure!(self.http_max_body_bytes >= 1024, "--http-max-body-bytes must be at least 1024");
+        anyhow::ensure!(self.http_read_timeout_ms > 0, "--http-read-timeout-ms must be positive");
+        anyhow::ensure!(self.http_max_waiting > 0, "--http-max-waiting must be positive");
+        let token = match (&self.admin_token_file, std::env::var("TRIBUNAL_ADMIN_TOKEN")) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the admin token {}", path.display()))?;
+                Some(text.trim().to_owned())
+            }
+            (None, Ok(token)) => Some(token.trim().to_owned()),
+            (None, Err(_)) => None,
+        };
+        if let Some(token) = &token {
+            anyhow::ensure!(token.len() >= 16, "the admin token must have at least 16 characters");
+        }
+        Ok(Some(gateway::GatewayConfig {
+            deadline_ms: self.http_deadline_ms,
+            max_body_bytes: self.http_max_body_bytes,
+            read_timeout_ms: self.http_read_timeout_ms,
+            idle_timeout_ms: self.http_idle_timeout_ms,
+            max_waiting: self.http_max_waiting,
+            admin_token: token,
+            ..gateway::GatewayConfig::new(listen)
+        }))
+    }
 }
 
 /// Kafka options shared by `run` and `log`.
@@ -167,6 +228,7 @@ fn run_node(args: RunArgs) -> anyhow::Result<ExitCode> {
         warden: tribunal_shards::warden::WardenConfig { ttl_ms: args.ttl_ms, ..Default::default() },
         stop_at_end: args.stop_at_end,
         snapshot_every: args.snapshot_every,
+        gateway: args.http.config()?,
     })
 }
 
@@ -215,7 +277,7 @@ fn main() -> ExitCode {
         Command::Evaluate(args) => evaluate::run(args),
         Command::Sample(args) => sample::run(args),
         Command::Log(args) => log_cli::run(args),
-        Command::Run(args) => run_node(args),
+        Command::Run(args) => run_node(*args),
         Command::Cluster(args) => cluster::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Readmit(args) => quarantine_store::run(args),

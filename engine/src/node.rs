@@ -49,6 +49,10 @@ use tribunal_shards::warden::WardenConfig;
 use crate::clerk_io::{self, ClerkSetup, ClerkShared, PublishBatch};
 use crate::cores;
 use crate::federation_args::{Fault, PeerAddress};
+use crate::gateway::appender;
+use crate::gateway::certified_view::CertifiedView;
+use crate::gateway::metrics::{Figures, Metrics};
+use crate::gateway::{self, FaultControl, GatewayConfig, GatewayShared, NodeProbe};
 use crate::kafka_log::{self, DurableOutput, Feed, KafkaConfig, KafkaShared};
 use crate::ledger_io::{self, Layout, Manifest, PartitionManifest, SegmentWriter};
 use crate::local_log::LocalLog;
@@ -103,6 +107,8 @@ pub struct NodeConfig {
     pub stop_at_end: bool,
     /// Take a snapshot of a partition every this many of its records (0: never).
     pub snapshot_every: u64,
+    /// Serve the REST API (spec: Gateway).
+    pub gateway: Option<GatewayConfig>,
 }
 
 /// `status.json`: what an operator or a test can read while the instance runs.
@@ -466,6 +472,73 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         output_receivers.push(rx);
     }
 
+    // The Gateway's certified view starts from the recovered state (spec: Gateway.ViewValidFromRecovery).
+    let node_probe = Arc::new(NodeProbe::default());
+    let fault_control = Arc::new(FaultControl::default());
+    let gateway = match &config.gateway {
+        None => None,
+        Some(gateway_config) => {
+            let seed: Vec<_> = (0..partitions)
+                .map(|p| {
+                    let entities: Vec<_> =
+                        recovered.arbiters.iter().flat_map(|a| a.registrar().entities_sorted(p)).collect();
+                    (entities, resume[p as usize])
+                })
+                .collect();
+            let view = Arc::new(std::sync::Mutex::new(CertifiedView::new(
+                seed,
+                &certified,
+                gateway_config.answer_capacity,
+                gateway_config.max_waiting,
+            )));
+            let target = match (&local_log, &kafka) {
+                (Some((_, dir)), _) => appender::Target::Local(dir.clone()),
+                (None, Some(k)) => appender::Target::Kafka(k.config.clone()),
+                (None, None) => unreachable!("a node reads one log"),
+            };
+            let appender = appender::spawn(target, partitions, gateway_config.max_waiting)
+                .context("starting the Gateway's log appender")?;
+            let figures = {
+                let (shared, clerk, view) = (shared.clone(), clerk_shared.clone(), view.clone());
+                let appended = appender.appended_end.clone();
+                let probe = node_probe.clone();
+                let log = local_log.as_ref().map(|(_, dir)| LocalLog::open(dir)).transpose()?;
+                Arc::new(move || {
+                    let durable_end: Vec<u64> = (0..shared.partitions).map(|p| shared.durable_end(p)).collect();
+                    let next = shared.next_offsets();
+                    let log_end = match &log {
+                        Some(log) => vec![log.end_offset().unwrap_or(0)],
+                        None => (0..shared.partitions as usize)
+                            .map(|p| appended[p].load(Ordering::Relaxed).max(next[p]))
+                            .collect(),
+                    };
+                    let status = probe.status.lock().expect("not poisoned");
+                    Figures {
+                        certified_end: (0..shared.partitions).map(|p| clerk.certified_end(p)).collect(),
+                        durable_end,
+                        log_end,
+                        ledger_fsyncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
+                        faults_detected: status["federation"]["faults_total"].as_u64().unwrap_or(0),
+                        ready: probe.ready.load(Ordering::Acquire),
+                        waiting_requests: view.lock().expect("not poisoned").waiting() as u64,
+                    }
+                })
+            };
+            Some(Arc::new(GatewayShared {
+                config: gateway_config.clone(),
+                instance_id: config.instance_id,
+                partitions,
+                view,
+                appender,
+                metrics: Metrics::new(figures),
+                node: node_probe.clone(),
+                faults: fault_control.clone(),
+                data_dir: config.data_dir.clone(),
+                in_flight: std::sync::atomic::AtomicUsize::new(0),
+            }))
+        }
+    };
+
     // The Clerk, before the shards: a federation address in use is a start-up error.
     let federation = &config.federation;
     let peers: Vec<u32> = federation.peers.iter().map(|p| p.instance_id).collect();
@@ -501,6 +574,8 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             sink: config.publish.then(|| sink_tx.clone()),
             sink_published,
             data_dir: config.data_dir.clone(),
+            view: gateway.as_ref().map(|g| g.view.clone()),
+            fault_control: Some(fault_control.clone()),
         },
         output_receivers,
         clerk_shared.clone(),
@@ -554,6 +629,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             events: events_tx.clone(),
             stop_at_end: config.stop_at_end,
             snapshot_every: config.snapshot_every,
+            gateway: gateway.clone(),
         };
         let failed = events_tx.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(core))
@@ -635,7 +711,9 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let mut deletion_pending = !manifest.partitions.is_empty();
     loop {
         if last_status.elapsed() >= STATUS_INTERVAL {
-            write_status(&layout, &status("ready"));
+            let current = status("ready");
+            write_status(&layout, &current);
+            update_probe(&node_probe, &current);
             last_status = Instant::now();
             if let Some(failure) = kafka_shared.as_ref().and_then(|k| k.failure()) {
                 anyhow::bail!("{failure}");
@@ -696,6 +774,28 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     info!(durable_watermarks = ?watermarks, elapsed_ms = started.elapsed().as_millis() as u64, "every record is certified; stopping");
     // Everything is durable; the executors hold nothing that needs a clean shutdown.
     std::process::exit(0);
+}
+
+/// What the Gateway answers with: ready, or why not (spec: Gateway.NotReadyRefuses). A
+/// self-quarantined instance does not answer: its own outputs are not to be trusted.
+fn update_probe(probe: &NodeProbe, status: &Status) {
+    let self_quarantined = status.federation["quarantined"].as_bool() == Some(true);
+    let reason = if status.phase != "ready" {
+        format!("phase {}", status.phase)
+    } else if status.broker_connected == Some(false) {
+        "the Kafka broker cannot be reached".into()
+    } else if let Some(error) = &status.source_error {
+        format!("reading the log: {error}")
+    } else if self_quarantined {
+        "this instance quarantined itself (its outputs differed from the certified ones)".into()
+    } else if !status.ready {
+        "the Clerk is not ready yet".into()
+    } else {
+        String::new()
+    };
+    *probe.not_ready_reason.lock().expect("not poisoned") = reason.clone();
+    *probe.status.lock().expect("not poisoned") = serde_json::to_value(status).unwrap_or_default();
+    probe.ready.store(reason.is_empty(), Ordering::Release);
 }
 
 /// `--stop-at-end`: every durable output is certified here and by every eligible peer, and
@@ -815,6 +915,7 @@ struct ShardContext {
     events: mpsc::Sender<Event>,
     stop_at_end: bool,
     snapshot_every: u64,
+    gateway: Option<Arc<GatewayShared>>,
 }
 
 /// A snapshot this shard owes: its entities as of the marker, and where the marker's
@@ -1049,6 +1150,11 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     })
     .detach();
 
+    // spec: Gateway — every shard accepts; an address in use stops the start-up.
+    if let Some(gateway) = context.gateway {
+        let listener = gateway::bind(&gateway.config)?;
+        glommio::spawn_local(gateway::serve(gateway, listener, shard)).detach();
+    }
     let _ = context.events.send(Event::Started);
 
     if let Some((reader, tx)) = context.reader {

@@ -123,6 +123,14 @@ pub fn list_readmit_requests(data_dir: &Path) -> std::io::Result<Vec<(PathBuf, R
     Ok(requests)
 }
 
+/// Leaves a readmit request for the running instance (the CLI's and the admin API's way in).
+pub fn request_readmit(data_dir: &Path, instance: InstanceId) -> anyhow::Result<()> {
+    let path = request_path(data_dir, instance);
+    let dir = path.parent().expect("a request has a directory");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_atomically(&path, b"").with_context(|| format!("writing {}", path.display()))
+}
+
 fn request_path(data_dir: &Path, instance: InstanceId) -> PathBuf {
     data_dir.join(READMIT_DIR).join(instance.to_string())
 }
@@ -148,10 +156,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         "{} is not an instance's data directory (no meta.json)",
         args.data_dir.display()
     );
+    request_readmit(&args.data_dir, args.instance)?;
     let path = request_path(&args.data_dir, args.instance);
     let dir = path.parent().expect("a request has a directory");
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_atomically(&path, b"").with_context(|| format!("writing {}", path.display()))?;
     let deadline = Instant::now() + Duration::from_millis(args.wait_ms);
     while path.exists() {
         if Instant::now() >= deadline {

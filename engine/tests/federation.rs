@@ -6,146 +6,17 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::net::TcpStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{die_with_parent, ok, tribunal};
+use support::federation::{Federation, PATIENCE};
+use support::{ok, tribunal};
 
 mod support;
 
-/// Generous bounds for slow CI machines; tests never assert on how long things take.
-const PATIENCE: Duration = Duration::from_secs(300);
-
-struct Federation {
-    tmp: tempfile::TempDir,
-    ports: Vec<u16>,
-    expected_copies: u32,
-    children: BTreeMap<u32, Child>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 impl Federation {
-    fn new(instances: u32, expected_copies: u32) -> Federation {
-        let tmp = tempfile::tempdir().unwrap();
-        std::fs::write(tmp.path().join("psk"), "a test key of more than sixteen bytes").unwrap();
-        let ports = (0..instances).map(|_| free_port()).collect();
-        Federation { tmp, ports, expected_copies, children: BTreeMap::new() }
-    }
-
-    fn log(&self) -> PathBuf {
-        self.tmp.path().join("log")
-    }
-
-    fn log_arg(&self) -> String {
-        format!("local:{}", self.log().display())
-    }
-
-    fn data(&self, id: u32) -> PathBuf {
-        self.tmp.path().join(format!("instance-{id}"))
-    }
-
-    fn append(&self, events: u64, seed: u64) {
-        let commands = ok(tribunal().args(["sample", "--events", &events.to_string(), "--seed", &seed.to_string()]));
-        let file = self.tmp.path().join(format!("sample-{seed}.jsonl"));
-        std::fs::write(&file, commands).unwrap();
-        ok(tribunal().args(["log", "append", "--log", &self.log_arg()]).arg(&file));
-    }
-
-    fn spawn(&mut self, id: u32, stop_at_end: bool, extra: &[&str]) {
-        let peers: Vec<String> = (1..=self.ports.len() as u32)
-            .filter(|p| *p != id)
-            .map(|p| format!("{p}@127.0.0.1:{}", self.ports[p as usize - 1]))
-            .collect();
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.tmp.path().join(format!("instance-{id}.log")))
-            .unwrap();
-        let mut command = tribunal();
-        command
-            .args(["run", "--log", &self.log_arg(), "--cores", "0,1", "--instance-id", &id.to_string()])
-            .args(["--listen", &format!("127.0.0.1:{}", self.ports[id as usize - 1])])
-            .args(["--peers", &peers.join(",")])
-            .args(["--expected-copies", &self.expected_copies.to_string()])
-            .arg("--psk-file")
-            .arg(self.tmp.path().join("psk"))
-            .arg("--data-dir")
-            .arg(self.data(id))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        if stop_at_end {
-            command.arg("--stop-at-end");
-        }
-        let child = die_with_parent(&mut command).spawn().unwrap();
-        self.children.insert(id, child);
-    }
-
-    fn kill(&mut self, id: u32) {
-        let mut child = self.children.remove(&id).expect("running");
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-    }
-
-    fn instance_log(&self, id: u32) -> String {
-        std::fs::read_to_string(self.tmp.path().join(format!("instance-{id}.log"))).unwrap_or_default()
-    }
-
-    /// `status.json` of an instance (Null while it does not exist or is being replaced).
-    fn status(&self, id: u32) -> Value {
-        std::fs::read(self.data(id).join("status.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(Value::Null)
-    }
-
-    fn certified(&self, id: u32) -> i64 {
-        self.status(id)["partitions"][0]["certified_watermark"].as_i64().unwrap_or(-1)
-    }
-
-    fn wait_until(&mut self, what: &str, mut condition: impl FnMut(&Federation) -> bool) {
-        let start = Instant::now();
-        while !condition(self) {
-            let mut failed = None;
-            for (id, child) in &mut self.children {
-                if let Ok(Some(status)) = child.try_wait() {
-                    if !status.success() {
-                        failed = Some((*id, status));
-                    }
-                }
-            }
-            if let Some((id, status)) = failed {
-                panic!("instance {id} exited with {status} while waiting for {what}:\n{}", self.instance_log(id));
-            }
-            assert!(start.elapsed() < PATIENCE, "gave up waiting for {what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Waits for every running instance to exit 0 (they run with --stop-at-end).
-    fn wait_all_exit(&mut self) {
-        let start = Instant::now();
-        let ids: Vec<u32> = self.children.keys().copied().collect();
-        for id in ids {
-            let child = self.children.get_mut(&id).unwrap();
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    assert!(status.success(), "instance {id} exited with {status}:\n{}", self.instance_log(id));
-                    break;
-                }
-                assert!(start.elapsed() < PATIENCE, "instance {id} did not finish:\n{}", self.instance_log(id));
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            self.children.remove(&id);
-        }
-    }
-
     fn reference(&self) -> Value {
         serde_json::from_slice(&ok(tribunal().args(["evaluate", "--json", "--log", &self.log_arg()]))).unwrap()
     }
@@ -172,15 +43,6 @@ impl Federation {
                 .map(|(offset, json)| (*offset, u128::from_str_radix(json["digest"].as_str().unwrap(), 16).unwrap())),
         );
         assert_eq!(format!("{digest:032x}"), expected["outputs_digest"].as_str().unwrap(), "published outputs");
-    }
-}
-
-impl Drop for Federation {
-    fn drop(&mut self) {
-        for child in self.children.values_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 

@@ -176,7 +176,8 @@ struct EnvelopeOut<'a, C: Serialize> {
     command: &'a C,
 }
 
-fn valid_key(key: &str) -> bool {
+/// What the Usher accepts as an idempotency key (the Gateway checks the same).
+pub fn valid_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= MAX_KEY_BYTES && key.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
 }
 

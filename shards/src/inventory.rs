@@ -169,6 +169,16 @@ fn encode_body(record: &InventoryBodyRef<'_>, body: &mut Vec<u8>) {
     });
 }
 
+/// The canonical body of an output that carries `levels` and no event: what a reader of
+/// outputs (the Gateway's certified view) is fed, built the way the Arbiter builds it.
+pub fn levels_body(levels: &[StockLevel]) -> Vec<u8> {
+    let refs: Vec<StockLevelRef<'_>> =
+        levels.iter().map(|l| StockLevelRef { warehouse: &l.warehouse, sku: &l.sku, qty: l.qty }).collect();
+    let mut body = Vec::new();
+    encode_body(&InventoryBodyRef { levels: &refs, event: None }, &mut body);
+    body
+}
+
 impl InventoryBody {
     /// Decodes and validates a body produced by [`Inventory::evaluate`]; never panics.
     /// Only the canonical encoding decodes (spec: Inventory.CanonicalBody).

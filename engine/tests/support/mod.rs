@@ -2,6 +2,8 @@
 //! not every one uses every helper).
 #![allow(dead_code)]
 
+pub mod federation;
+
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 

@@ -1,0 +1,184 @@
+//! The Gateway's appender: one thread that appends commands to the input log for every
+//! shard's handlers, and hands each request its (partition, offset).
+//!
+//! Why a thread: appending to the local log is blocking std IO with several fsyncs, and a
+//! Kafka producer is driven by polling; neither may run on a shard's executor. Why one
+//! thread: whatever queued while one append was syncing goes out as the next batch, so the
+//! log's fsyncs are shared by every request waiting (group commit, spec: Gateway.MovementAppended).
+//! Replies travel on oneshot channels; glommio wakes the waiting task from this thread.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use futures_channel::oneshot;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::ClientContext;
+use tracing::{error, info};
+
+use crate::kafka_log::KafkaConfig;
+use crate::local_log::LocalLog;
+
+/// Commands appended as one local-log batch at most.
+const MAX_APPEND_BATCH: usize = 1_024;
+
+/// Where a command went, or why it did not (spec: Gateway.LogUnavailable).
+pub type AppendReply = Result<(u32, u64), String>;
+
+pub struct AppendRequest {
+    /// The idempotency key: with Kafka, the record key, so every retry reaches the same
+    /// partition (spec: KafkaLog.AppendIdempotent).
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub reply: oneshot::Sender<AppendReply>,
+}
+
+/// The handlers' side of the appender.
+pub struct Appender {
+    requests: mpsc::SyncSender<AppendRequest>,
+    /// Per partition, one past the highest offset this appender was given (Kafka: the only
+    /// log end known without asking the broker).
+    pub appended_end: Arc<Vec<AtomicU64>>,
+}
+
+/// Why a request could not even be queued.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the append queue is full")]
+    Full,
+    #[error("the appender stopped")]
+    Stopped,
+}
+
+impl Appender {
+    pub fn submit(&self, request: AppendRequest) -> Result<(), QueueError> {
+        self.requests.try_send(request).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => QueueError::Full,
+            mpsc::TrySendError::Disconnected(_) => QueueError::Stopped,
+        })
+    }
+}
+
+/// Where the appender writes.
+pub enum Target {
+    Local(PathBuf),
+    Kafka(KafkaConfig),
+}
+
+/// Starts the appender thread. `queue_bound` bounds the requests waiting to be appended.
+pub fn spawn(target: Target, partitions: u32, queue_bound: usize) -> anyhow::Result<Appender> {
+    let (requests, rx) = mpsc::sync_channel::<AppendRequest>(queue_bound);
+    let appended_end: Arc<Vec<AtomicU64>> = Arc::new((0..partitions).map(|_| AtomicU64::new(0)).collect());
+    let ends = appended_end.clone();
+    match target {
+        Target::Local(dir) => {
+            let log = LocalLog::open(&dir)?;
+            std::thread::Builder::new().name("gateway-append".into()).spawn(move || append_local(log, rx, ends))?;
+        }
+        Target::Kafka(config) => {
+            let producer: BaseProducer<Deliveries> = crate::kafka_log::client_config(&config.brokers)
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("message.timeout.ms", "30000")
+                // Latency matters more than batching here: requests wait on every ack.
+                .set("linger.ms", "1")
+                // The Java client's partitioner, as `tribunal log append` uses.
+                .set("partitioner", "murmur2_random")
+                .create_with_context(Deliveries { ends: ends.clone() })?;
+            let topic = config.commands_topic.clone();
+            std::thread::Builder::new()
+                .name("gateway-produce".into())
+                .spawn(move || append_kafka(producer, topic, rx))?;
+        }
+    }
+    Ok(Appender { requests, appended_end })
+}
+
+fn append_local(log: LocalLog, rx: mpsc::Receiver<AppendRequest>, ends: Arc<Vec<AtomicU64>>) {
+    info!("the Gateway appends to the local log");
+    let mut batch: Vec<AppendRequest> = Vec::with_capacity(MAX_APPEND_BATCH);
+    let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(MAX_APPEND_BATCH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_APPEND_BATCH {
+            match rx.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        payloads.extend(batch.iter_mut().map(|r| std::mem::take(&mut r.payload)));
+        let result = log.append(&payloads);
+        payloads.clear();
+        match result {
+            Ok(range) => {
+                assert_eq!(range.end - range.start, batch.len() as u64, "one offset per appended command");
+                ends[0].fetch_max(range.end, Ordering::Relaxed);
+                for (request, offset) in batch.drain(..).zip(range) {
+                    let _ = request.reply.send(Ok((0, offset)));
+                }
+            }
+            Err(e) => {
+                error!("the Gateway could not append to the local log: {e}");
+                for request in batch.drain(..) {
+                    let _ = request.reply.send(Err(format!("appending to the log: {e}")));
+                }
+            }
+        }
+    }
+}
+
+/// Hands each delivery report to its request.
+struct Deliveries {
+    ends: Arc<Vec<AtomicU64>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Box<oneshot::Sender<AppendReply>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, reply: Self::DeliveryOpaque) {
+        let answer = match result {
+            Ok(message) => {
+                let (partition, offset) = (message.partition() as u32, message.offset() as u64);
+                if let Some(end) = self.ends.get(partition as usize) {
+                    end.fetch_max(offset + 1, Ordering::Relaxed);
+                }
+                Ok((partition, offset))
+            }
+            Err((error, _)) => Err(format!("the broker refused the command: {error}")),
+        };
+        let _ = reply.send(answer);
+    }
+}
+
+fn append_kafka(producer: BaseProducer<Deliveries>, topic: String, rx: mpsc::Receiver<AppendRequest>) {
+    info!(%topic, "the Gateway produces to Kafka");
+    loop {
+        match rx.recv_timeout(Duration::from_millis(1)) {
+            Ok(request) => {
+                let record = BaseRecord::with_opaque_to(&topic, Box::new(request.reply))
+                    .key(request.key.as_bytes())
+                    .payload(&request.payload);
+                if let Err((error, record)) = producer.send(record) {
+                    let message = match error {
+                        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                            "the producer queue is full".to_string()
+                        }
+                        other => other.to_string(),
+                    };
+                    let _ = record.delivery_opaque.send(Err(message));
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = producer.flush(Duration::from_secs(5));
+                return;
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+}

@@ -1,0 +1,246 @@
+//! The Gateway: the REST API (DESIGN.md §2, §8; spec: specs/gateway.allium).
+//!
+//! hyper 1 serves HTTP/1.1 from every shard's glommio executor: each shard binds the
+//! address with SO_REUSEPORT and the kernel spreads connections over them, so no core is
+//! the funnel and no second runtime runs. A connection is a task; a request waiting for
+//! certification awaits a oneshot channel, so a slow request never blocks a shard.
+//!
+//! - [`certified_view`] holds the certified stock view, the recent answers and the
+//!   waiters (sans-IO; fed by the Clerk's shell);
+//! - [`appender`] is the thread that appends commands to the log (group commit);
+//! - [`http_io`] adapts hyper's IO traits to glommio's `TcpStream`;
+//! - [`routes`] has the endpoints;
+//! - [`metrics`] renders `/metrics`.
+
+pub mod appender;
+pub mod certified_view;
+pub mod http_io;
+pub mod metrics;
+pub mod routes;
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_channel::oneshot;
+use futures_lite::AsyncWriteExt;
+use glommio::net::{TcpListener, TcpStream};
+use hyper::server::conn::http1;
+use tracing::{debug, info, warn};
+
+use certified_view::{Answer, CertifiedView};
+use http_io::{HyperIo, Phase};
+
+/// The request head (request line and headers) may use this many bytes at most; past it
+/// hyper answers 431. (hyper's smallest allowed read buffer is 8 KiB.)
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// How often a connection's watchdog looks at its phase.
+const WATCHDOG_TICK: Duration = Duration::from_millis(250);
+
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    /// How long a movement waits for its certified output before 504.
+    pub deadline_ms: u64,
+    pub max_body_bytes: usize,
+    /// A request must arrive whole within this long of its first byte (else 408).
+    pub read_timeout_ms: u64,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout_ms: u64,
+    pub max_connections_per_shard: usize,
+    /// Movements in flight (appending or waiting) per instance; past it, 503 overloaded.
+    pub max_waiting: usize,
+    /// Certified outputs kept for answers and replays.
+    pub answer_capacity: usize,
+    /// Bearer token of the admin endpoints; None: they do not exist.
+    pub admin_token: Option<String>,
+}
+
+impl GatewayConfig {
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            deadline_ms: 5_000,
+            max_body_bytes: 64 * 1024,
+            read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections_per_shard: 4_096,
+            max_waiting: certified_view::DEFAULT_MAX_WAITING,
+            answer_capacity: certified_view::DEFAULT_ANSWER_CAPACITY,
+            admin_token: None,
+        }
+    }
+}
+
+/// The view as the Clerk's executor and every shard share it.
+pub type SharedView = Mutex<CertifiedView<oneshot::Sender<Answer>>>;
+
+/// Hands certified outputs to the view, then wakes their waiters outside the lock.
+pub fn feed_view(view: &SharedView, certified: &[(u32, u64, Answer)]) {
+    if certified.is_empty() {
+        return;
+    }
+    let mut woken = Vec::new();
+    {
+        let mut view = view.lock().expect("the view lock is never poisoned");
+        for (partition, offset, output) in certified {
+            if let Some(waiter) = view.feed(*partition, *offset, output.clone()).waiter {
+                woken.push(waiter);
+            }
+        }
+    }
+    for (waiter, answer) in woken {
+        let _ = waiter.send(answer);
+    }
+}
+
+/// What the node tells the Gateway: readiness and the last status (refreshed by the main
+/// thread every status interval).
+#[derive(Default)]
+pub struct NodeProbe {
+    pub ready: AtomicBool,
+    /// Why not ready, when not.
+    pub not_ready_reason: Mutex<String>,
+    /// The node's `status.json`, as last written.
+    pub status: Mutex<serde_json::Value>,
+}
+
+/// Run-time fault injection (admin), taken by the Clerk's shell on its next tick
+/// (spec: Gateway.FaultInjectionReplaced).
+#[derive(Default)]
+pub struct FaultControl {
+    pub pending: Mutex<Option<InjectedFaults>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectedFaults {
+    #[serde(default)]
+    pub bitflip_rate: Option<f64>,
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+}
+
+pub struct GatewayShared {
+    pub config: GatewayConfig,
+    pub instance_id: u32,
+    pub partitions: u32,
+    pub view: Arc<SharedView>,
+    pub appender: appender::Appender,
+    pub metrics: metrics::Metrics,
+    pub node: Arc<NodeProbe>,
+    pub faults: Arc<FaultControl>,
+    pub data_dir: PathBuf,
+    /// Movements appending or waiting right now (spec: Gateway.WaitingBound).
+    pub in_flight: AtomicUsize,
+}
+
+/// Binds this shard's listener (a start-up error if the address is taken).
+pub fn bind(config: &GatewayConfig) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(config.listen).map_err(|e| anyhow::anyhow!("binding the HTTP address {}: {e}", config.listen))
+}
+
+/// One shard's accept loop: every connection is its own task.
+pub async fn serve(shared: Arc<GatewayShared>, listener: TcpListener, shard: u16) {
+    info!(shard, address = %shared.config.listen, "the Gateway accepts HTTP");
+    let open = Rc::new(Cell::new(0usize));
+    loop {
+        let stream = match listener.accept().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                warn!(shard, "accepting an HTTP connection: {e}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if open.get() >= shared.config.max_connections_per_shard {
+            debug!(shard, "too many HTTP connections; closing a new one");
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        open.set(open.get() + 1);
+        let (shared, open) = (shared.clone(), open.clone());
+        glommio::spawn_local(async move {
+            connection(shared, stream).await;
+            open.set(open.get() - 1);
+        })
+        .detach();
+    }
+}
+
+enum Ended {
+    /// hyper finished: the client closed, or an error hyper already answered or logged.
+    Served,
+    /// spec: Gateway.SlowClientTimedOut
+    ReadTimeout,
+    /// spec: Gateway.IdleConnectionClosed
+    Idle,
+}
+
+async fn connection(shared: Arc<GatewayShared>, stream: TcpStream) {
+    let stream = Rc::new(RefCell::new(stream));
+    let phase = Rc::new(Cell::new(Phase::Idle { since: Instant::now() }));
+    let io = HyperIo::new(stream.clone(), phase.clone());
+    let service = {
+        let (shared, phase) = (shared.clone(), phase.clone());
+        hyper::service::service_fn(move |request| {
+            let (shared, phase) = (shared.clone(), phase.clone());
+            async move { Ok::<_, std::convert::Infallible>(routes::handle(&shared, request, &phase).await) }
+        })
+    };
+    let served = http1::Builder::new().keep_alive(true).max_buf_size(MAX_HEADER_BYTES).serve_connection(io, service);
+    let read_timeout = Duration::from_millis(shared.config.read_timeout_ms);
+    let idle_timeout = Duration::from_millis(shared.config.idle_timeout_ms);
+    let watchdog = {
+        let phase = phase.clone();
+        async move {
+            loop {
+                glommio::timer::sleep(WATCHDOG_TICK).await;
+                match phase.get() {
+                    Phase::Reading { since } if since.elapsed() >= read_timeout => return Ended::ReadTimeout,
+                    Phase::Idle { since } if since.elapsed() >= idle_timeout => return Ended::Idle,
+                    _ => {}
+                }
+            }
+        }
+    };
+    let ended = futures_lite::future::or(
+        async {
+            if let Err(e) = served.await {
+                debug!("HTTP connection ended: {e}");
+            }
+            Ended::Served
+        },
+        watchdog,
+    )
+    .await;
+    // hyper's connection is dropped by now: the stream is ours again.
+    let Ok(stream) = Rc::try_unwrap(stream) else { return };
+    let mut stream = stream.into_inner();
+    if let Ended::ReadTimeout = ended {
+        let body = routes::error_body(
+            "request_timeout",
+            &format!("the request did not arrive whole within {} ms", read_timeout.as_millis()),
+        );
+        let head = format!(
+            "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        shared.metrics.observe("timeout", 408, read_timeout.as_secs_f64());
+        // A client that does not read either gets no more than the read timeout again.
+        let write = async {
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(&body).await;
+        };
+        futures_lite::future::or(write, glommio::timer::sleep(read_timeout)).await;
+    }
+    if let Ended::Idle = ended {
+        debug!("closing an idle HTTP connection");
+    }
+    let _ = stream.close().await;
+}

@@ -1,0 +1,301 @@
+//! The REST Gateway against real `tribunal run` processes on loopback: a 3-instance
+//! federation (expected_copies 2) answering every documented code, retries with the same
+//! key, read-your-writes, fault injection and readmit through the admin API, a deadline
+//! passed while peers are gone, slow and keep-alive clients, and schemathesis against
+//! the served OpenAPI document.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::federation::{Federation, PATIENCE};
+use support::{ok, tribunal};
+
+mod support;
+
+const TOKEN: &str = "an admin token for the gateway tests";
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build()
+}
+
+/// Status and JSON body (a non-JSON body comes back as a string).
+fn answer(result: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    let response = match result {
+        Ok(response) => response,
+        Err(ureq::Error::Status(_, response)) => response,
+        Err(e) => panic!("the request did not get an answer: {e}"),
+    };
+    let status = response.status();
+    let text = response.into_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn get(url: &str) -> (u16, Value) {
+    answer(agent().get(url).call())
+}
+
+fn post(url: &str, key: Option<&str>, body: &str) -> (u16, Value) {
+    let mut request = agent().post(url).set("content-type", "application/json");
+    if let Some(key) = key {
+        request = request.set("Idempotency-Key", key);
+    }
+    answer(request.send_string(body))
+}
+
+fn admin(url: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+    let mut request = agent().post(url).set("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.set("Authorization", &format!("Bearer {token}"));
+    }
+    answer(request.send_string(body))
+}
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("")
+}
+
+/// Records in the input log: what the Gateway appended.
+fn log_records(cluster: &Federation) -> usize {
+    ok(tribunal().args(["log", "read", "--log", &cluster.log_arg()]))
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count()
+}
+
+fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < PATIENCE, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start(cluster: &mut Federation, id: u32) {
+    let token_file = cluster.tmp.path().join("admin-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let token_file = token_file.to_str().unwrap().to_owned();
+    // Instance 3 has no admin token: its admin endpoints do not exist.
+    let mut extra = vec!["--http-deadline-ms", "2000", "--http-read-timeout-ms", "1000"];
+    if id != 3 {
+        extra.extend(["--admin-token-file", &token_file]);
+    }
+    cluster.spawn(id, false, &extra);
+    let health = format!("{}/healthz", cluster.url(id));
+    wait_for(&format!("instance {id} to serve"), || agent().get(&health).call().is_ok_and(|r| r.status() == 200));
+}
+
+#[test]
+fn three_instances_answer_every_documented_code_with_certified_outputs() {
+    let mut cluster = Federation::new(3, 2).with_http();
+    for id in 1..=3 {
+        start(&mut cluster, id);
+    }
+    let urls: Vec<String> = (1..=3).map(|id| cluster.url(id)).collect();
+    let movements = |id: u32| format!("{}/v1/movements", urls[id as usize - 1]);
+
+    // spec: Gateway.AnsweredWhenCertified — accepted: 200 with the certified levels.
+    let (status, body) =
+        post(&movements(1), Some("a1"), r#"{"type":"adjust","sku":"s1","warehouse":"w1","delta":100}"#);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["verdict"], "accepted");
+    assert_eq!(body["replayed"], false);
+    assert_eq!(body["levels"], json!([{"warehouse": "w1", "sku": "s1", "qty": 100}]));
+    // spec: Gateway.ReadYourWrites — at once, on the instance that answered.
+    let (status, stock) = get(&format!("{}/v1/stock/w1/s1", cluster.url(1)));
+    assert_eq!((status, stock["qty"].as_u64()), (200, Some(100)), "{stock}");
+
+    // A rule violation: 422 with the rule's code; nothing changes.
+    let (status, body) = post(
+        &movements(1),
+        Some("big"),
+        r#"{"type":"transfer","sku":"s1","from_warehouse":"w1","to_warehouse":"w2","qty":1000}"#,
+    );
+    assert_eq!(
+        (status, code(&body), body["verdict"].as_str()),
+        (422, "insufficient_stock", Some("rejected")),
+        "{body}"
+    );
+
+    // spec: Gateway.ReplayReturnsOriginal — a retry, on another instance, gets the original.
+    let transfer = r#"{"type":"transfer","sku":"s1","from_warehouse":"w1","to_warehouse":"w2","qty":30}"#;
+    let (status, original) = post(&movements(2), Some("t1"), transfer);
+    assert_eq!((status, original["replayed"].as_bool()), (200, Some(false)), "{original}");
+    let (status, retry) = post(&movements(3), Some("t1"), transfer);
+    assert_eq!(status, 200, "{retry}");
+    assert_eq!(retry["replayed"], true);
+    assert_eq!(retry["offset"], original["offset"], "the original's result, not a new one");
+    assert_eq!(retry["digest"], original["digest"]);
+    assert!(retry["replay_offset"].as_u64() > original["offset"].as_u64());
+    // A retry with another payload: 409.
+    let (status, body) = post(&movements(1), Some("t1"), &transfer.replace("30", "31"));
+    assert_eq!((status, code(&body)), (409, "idempotency_key_reused"), "{body}");
+
+    // spec: Gateway.InvalidInputRefused, Gateway.BodyTooLarge — each refused, nothing appended.
+    let appended = log_records(&cluster);
+    let adjust = r#"{"type":"adjust","sku":"s1","warehouse":"w1","delta":1}"#;
+    let long_key = "k".repeat(129);
+    let oversized =
+        format!(r#"{{"type":"adjust","sku":"s1","warehouse":"w1","delta":1,"reason":"{}"}}"#, "r".repeat(70_000));
+    let refusals: Vec<(Option<&str>, &str, u16, &str)> = vec![
+        (None, adjust, 400, "missing_idempotency_key"),
+        (Some(&long_key), adjust, 400, "invalid_idempotency_key"),
+        (Some("m1"), r#"{"type":"adjust""#, 400, "malformed_json"),
+        (
+            Some("m2"),
+            r#"{"type":"adjust","sku":"s1","warehouse":"w1","delta":1,"colour":"red"}"#,
+            400,
+            "malformed_json",
+        ),
+        (Some("m3"), r#"{"type":"adjust","sku":"bad name","warehouse":"w1","delta":1}"#, 400, "invalid_name"),
+        (Some("m4"), &oversized, 413, "body_too_large"),
+    ];
+    for (key, body, expected_status, expected_code) in refusals {
+        let (status, answer) = post(&movements(1), key, body);
+        assert_eq!((status, code(&answer)), (expected_status, expected_code), "{key:?}: {answer}");
+    }
+    assert_eq!(log_records(&cluster), appended, "refused requests append nothing");
+
+    // spec: Gateway.StockRead — every instance answers the same certified levels.
+    for id in 1..=3 {
+        let url = format!("{}/v1/stock?sku=s1", cluster.url(id));
+        wait_for(&format!("instance {id} to certify the transfer"), || {
+            let (status, body) = get(&url);
+            status == 200 && body["levels"] == json!([{"warehouse": "w1", "qty": 70}, {"warehouse": "w2", "qty": 30}])
+        });
+        let (status, body) = get(&format!("{}/v1/stock/nowhere/s1", cluster.url(id)));
+        assert_eq!((status, body["qty"].as_u64()), (200, Some(0)), "an untouched entity reads 0");
+    }
+    let (status, body) = get(&format!("{}/v1/stock", cluster.url(1)));
+    assert_eq!((status, code(&body)), (400, "invalid_query"));
+    let (status, body) = get(&format!("{}/v1/stock/w1/s1?partition=5", cluster.url(1)));
+    assert_eq!((status, code(&body)), (400, "invalid_query"));
+    let (status, body) = get(&format!("{}/v1/stock/bad%20name/s1", cluster.url(1)));
+    assert_eq!((status, code(&body)), (400, "invalid_name"));
+
+    // spec: Gateway.ClusterView, Gateway.MetricsExposed; the document served is the repo's.
+    let (status, view) = get(&format!("{}/v1/cluster", cluster.url(1)));
+    assert_eq!((status, view["instance_id"].as_u64(), view["ready"].as_bool()), (200, Some(1), Some(true)), "{view}");
+    assert_eq!(view["peers"].as_array().map(Vec::len), Some(2), "{view}");
+    assert_eq!(view["faults_detected"], 0);
+    let metrics = agent().get(&format!("{}/metrics", cluster.url(1))).call().unwrap().into_string().unwrap();
+    for name in [
+        "tribunal_http_request_duration_seconds_bucket{",
+        "tribunal_certified_watermark{partition=\"0\"}",
+        "tribunal_faults_detected_total",
+        "tribunal_ledger_fsyncs_total",
+        "tribunal_log_lag_records{partition=\"0\"}",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
+    }
+    let (status, served) = get(&format!("{}/openapi.json", cluster.url(1)));
+    let kept: Value =
+        serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json")).unwrap())
+            .unwrap();
+    assert_eq!((status, served), (200, kept));
+    let (status, body) = get(&format!("{}/nowhere", cluster.url(1)));
+    assert_eq!((status, code(&body)), (404, "not_found"));
+    let (status, body) = answer(agent().delete(&movements(1)).call());
+    assert_eq!((status, code(&body)), (405, "method_not_allowed"));
+
+    // spec: Gateway.AdminRequiresToken
+    let faults = |id: u32| format!("{}/v1/admin/faults", urls[id as usize - 1]);
+    assert_eq!(admin(&faults(3), Some(TOKEN), "{}").0, 404, "no token configured: no admin endpoints");
+    assert_eq!(admin(&faults(1), None, "{}").0, 401);
+    assert_eq!(admin(&faults(1), Some("not the admin token at all"), "{}").0, 401);
+
+    // spec: Gateway.FaultInjectionReplaced — instance 2 flips a bit in every output; 1 and 3
+    // certify without it; it quarantines itself and stops answering (Gateway.NotReadyRefuses).
+    let (status, body) = admin(&faults(2), Some(TOKEN), r#"{"bitflip_rate":1.0,"delay_ms":null}"#);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&movements(1), Some("f1"), adjust);
+    assert_eq!(status, 200, "1 and 3 certify without the flipping instance: {body}");
+    wait_for("instance 2 to quarantine itself", || get(&format!("{}/healthz", cluster.url(2))).0 == 503);
+    let (status, body) = post(&movements(2), Some("f2"), adjust);
+    assert_eq!((status, code(&body)), (503, "not_ready"), "{body}");
+    let (_, view) = get(&format!("{}/v1/cluster", cluster.url(1)));
+    assert!(view["faults_detected"].as_u64() > Some(0), "{view}");
+    assert_eq!(view["quarantined_peers"], json!([2]), "{view}");
+
+    // spec: Gateway.ReadmitQueued — faults off, readmitted through instance 1's API.
+    assert_eq!(admin(&faults(2), Some(TOKEN), r#"{"bitflip_rate":null,"delay_ms":null}"#).0, 200);
+    let (status, body) = admin(&format!("{}/v1/admin/readmit/2", cluster.url(1)), Some(TOKEN), "");
+    assert_eq!((status, body["queued"].as_bool()), (202, Some(true)), "{body}");
+    wait_for("instance 2 to be readmitted", || get(&format!("{}/healthz", cluster.url(2))).0 == 200);
+    let (status, body) = post(&movements(2), Some("f3"), adjust);
+    assert_eq!(status, 200, "readmitted, instance 2 answers again: {body}");
+
+    // spec: Gateway.DeadlinePassed — alone, instance 2 cannot certify (expected_copies 2).
+    cluster.kill(1);
+    cluster.kill(3);
+    let (status, timed_out) = post(&movements(2), Some("d1"), adjust);
+    assert_eq!((status, code(&timed_out)), (504, "deadline_exceeded"), "{timed_out}");
+    start(&mut cluster, 1);
+    let (status, retry) = post(&movements(2), Some("d1"), adjust);
+    assert_eq!(status, 200, "{retry}");
+    assert_eq!(retry["replayed"], true, "the command from the 504 was applied once: {retry}");
+    assert_eq!(retry["offset"], timed_out["offset"]);
+}
+
+#[test]
+fn slow_clients_get_408_while_others_are_served_and_keep_alive_works() {
+    let mut cluster = Federation::new(3, 2).with_http();
+    for id in 1..=3 {
+        start(&mut cluster, id);
+    }
+    let address = cluster.url(1).trim_start_matches("http://").to_owned();
+    // spec: Gateway.SlowClientTimedOut — half a request head, then nothing.
+    let mut slow = TcpStream::connect(&address).unwrap();
+    slow.write_all(b"POST /v1/movements HTTP/1.1\r\nHost: tribunal\r\nIdempotency-Key: slow\r\n").unwrap();
+    let (status, body) = post(
+        &format!("{}/v1/movements", cluster.url(1)),
+        Some("fast"),
+        r#"{"type":"adjust","sku":"s","warehouse":"w","delta":1}"#,
+    );
+    assert_eq!(status, 200, "another client is served meanwhile: {body}");
+    slow.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"request_timeout\""), "{answer}");
+
+    // HTTP/1.1 keep-alive: two requests, one connection.
+    let mut stream = TcpStream::connect(&address).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    for _ in 0..2 {
+        stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: tribunal\r\n\r\n").unwrap();
+        let mut buffer = [0u8; 4096];
+        let read = stream.read(&mut buffer).unwrap();
+        let text = String::from_utf8_lossy(&buffer[..read]);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("{\"status\":\"ready\"}"), "{text}");
+    }
+    // Headers past the bound: hyper's 431, and the server goes on.
+    let mut big = TcpStream::connect(&address).unwrap();
+    big.set_read_timeout(Some(PATIENCE)).unwrap();
+    let header = format!("GET /healthz HTTP/1.1\r\nHost: tribunal\r\nX-Big: {}\r\n\r\n", "b".repeat(40_000));
+    let _ = big.write_all(header.as_bytes());
+    let mut answer = Vec::new();
+    let _ = big.read_to_end(&mut answer);
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 431"), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(get(&format!("{}/healthz", cluster.url(1))).0, 200);
+}
+
+#[test]
+fn schemathesis_finds_no_server_error_and_every_answer_matches_the_document() {
+    let mut cluster = Federation::new(3, 2).with_http();
+    for id in 1..=3 {
+        start(&mut cluster, id);
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/schemathesis.sh");
+    let output = std::process::Command::new(script).arg(cluster.url(1)).output().expect("schemathesis.sh runs");
+    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "schemathesis found failures:\n{report}");
+    assert!(report.contains("schemathesis PASS"), "{report}");
+    // It sent movements: the cluster certified them and is still healthy.
+    assert!(log_records(&cluster) > 0, "schemathesis appended movements");
+    for id in 1..=3 {
+        assert_eq!(get(&format!("{}/healthz", cluster.url(id))).0, 200, "instance {id} after the run");
+    }
+}
