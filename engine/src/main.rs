@@ -138,6 +138,7 @@ impl HttpArgs {
         anyhow::ensure!(self.http_deadline_ms > 0, "--http-deadline-ms must be positive");
         anyhow::ensure!(self.http_max_body_bytes >= 1024, "--http-max-body-bytes must be at least 1024");
         anyhow::ensure!(self.http_read_timeout_ms > 0, "--http-read-timeout-ms must be positive");
+        anyhow::ensure!(self.http_idle_timeout_ms > 0, "--http-idle-timeout-ms must be positive");
         anyhow::ensure!(self.http_max_waiting > 0, "--http-max-waiting must be positive");
         let token = match (&self.admin_token_file, std::env::var("TRIBUNAL_ADMIN_TOKEN")) {
             (Some(path), _) => {

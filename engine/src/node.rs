@@ -343,6 +343,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         }
     }
     skip_outputs_the_ledger_no_longer_holds(&mut published_start, &manifest, &mut from_ledger, "published");
+    let certified_before_skip = certified.clone();
     skip_outputs_the_ledger_no_longer_holds(&mut certified, &manifest, &mut from_ledger, "certified");
     let mut recovered = recover(shard_count, usher_config(shard_count, config.warden), logs, snapshot)
         .context("recovering the Ledger")?;
@@ -485,18 +486,22 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                     (entities, resume[p as usize])
                 })
                 .collect();
-            let view = Arc::new(std::sync::Mutex::new(CertifiedView::new(
-                seed,
-                &certified,
-                gateway_config.answer_capacity,
-                gateway_config.max_waiting,
-            )));
+            let mut view =
+                CertifiedView::new(seed, &certified, gateway_config.answer_capacity, gateway_config.max_waiting);
+            for (p, (before, after)) in certified_before_skip.iter().zip(&certified).enumerate() {
+                if after > before {
+                    // Offsets skipped loudly above were never certified, yet the recovered
+                    // state holds them: the view cannot claim to be certified state.
+                    view.mark_gap(p as u32, *before);
+                }
+            }
+            let view = Arc::new(std::sync::Mutex::new(view));
             let target = match (&local_log, &kafka) {
                 (Some((_, dir)), _) => appender::Target::Local(dir.clone()),
                 (None, Some(k)) => appender::Target::Kafka(k.config.clone()),
                 (None, None) => unreachable!("a node reads one log"),
             };
-            let appender = appender::spawn(target, partitions, gateway_config.max_waiting)
+            let appender = appender::spawn(target, partitions, gateway_config.max_waiting, gateway_config.deadline_ms)
                 .context("starting the Gateway's log appender")?;
             let figures = {
                 let (shared, clerk, view) = (shared.clone(), clerk_shared.clone(), view.clone());
@@ -527,6 +532,10 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             Some(Arc::new(GatewayShared {
                 config: gateway_config.clone(),
                 instance_id: config.instance_id,
+                members: std::iter::once(config.instance_id)
+                    .chain(config.federation.peers.iter().map(|p| p.instance_id))
+                    .collect(),
+                expected_copies: config.federation.expected_copies,
                 partitions,
                 view,
                 appender,

@@ -209,28 +209,56 @@ fn three_instances_answer_every_documented_code_with_certified_outputs() {
     // certify without it; it quarantines itself and stops answering (Gateway.NotReadyRefuses).
     let (status, body) = admin(&faults(2), Some(TOKEN), r#"{"bitflip_rate":1.0,"delay_ms":null}"#);
     assert_eq!(status, 200, "{body}");
-    let (status, body) = post(&movements(1), Some("f1"), adjust);
-    assert_eq!(status, 200, "1 and 3 certify without the flipping instance: {body}");
-    wait_for("instance 2 to quarantine itself", || get(&format!("{}/healthz", cluster.url(2))).0 == 503);
-    let (status, body) = post(&movements(2), Some("f2"), adjust);
+    // The injection takes effect at instance 2's next Clerk tick: movements until it shows.
+    let mut flipped = 0;
+    wait_for("instance 2 to quarantine itself", || {
+        flipped += 1;
+        let (status, body) = post(&movements(1), Some(&format!("f{flipped}")), adjust);
+        assert_eq!(status, 200, "1 and 3 certify without the flipping instance: {body}");
+        get(&format!("{}/healthz", cluster.url(2))).0 == 503
+    });
+    let (status, body) = post(&movements(2), Some("quarantined"), adjust);
     assert_eq!((status, code(&body)), (503, "not_ready"), "{body}");
-    let (_, view) = get(&format!("{}/v1/cluster", cluster.url(1)));
-    assert!(view["faults_detected"].as_u64() > Some(0), "{view}");
-    assert_eq!(view["quarantined_peers"], json!([2]), "{view}");
+    // spec: Gateway.ClusterView — instance 1 reports the fault and the quarantine (its
+    // status is refreshed every 200 ms).
+    wait_for("instance 1 to report the fault and the quarantine", || {
+        let (_, view) = get(&format!("{}/v1/cluster", cluster.url(1)));
+        view["faults_detected"].as_u64() > Some(0) && view["quarantined_peers"] == json!([2])
+    });
 
     // spec: Gateway.ReadmitQueued — faults off, readmitted through instance 1's API.
     assert_eq!(admin(&faults(2), Some(TOKEN), r#"{"bitflip_rate":null,"delay_ms":null}"#).0, 200);
     let (status, body) = admin(&format!("{}/v1/admin/readmit/2", cluster.url(1)), Some(TOKEN), "");
     assert_eq!((status, body["queued"].as_bool()), (202, Some(true)), "{body}");
     wait_for("instance 2 to be readmitted", || get(&format!("{}/healthz", cluster.url(2))).0 == 200);
-    let (status, body) = post(&movements(2), Some("f3"), adjust);
+    let (status, body) = post(&movements(2), Some("readmitted"), adjust);
     assert_eq!(status, 200, "readmitted, instance 2 answers again: {body}");
+    // spec: Gateway.OverruledOffsetLeavesAGap — offsets settled without instance 2's output
+    // are unknown to its view: its stock reads refuse rather than serve a wrong level.
+    let (status, body) = get(&format!("{}/v1/stock/w1/s1", cluster.url(2)));
+    assert_eq!((status, code(&body)), (503, "not_ready"), "{body}");
+    assert_eq!(get(&format!("{}/v1/stock/w1/s1", cluster.url(1))).0, 200);
 
     // spec: Gateway.DeadlinePassed — alone, instance 2 cannot certify (expected_copies 2).
     cluster.kill(1);
     cluster.kill(3);
     let (status, timed_out) = post(&movements(2), Some("d1"), adjust);
     assert_eq!((status, code(&timed_out)), (504, "deadline_exceeded"), "{timed_out}");
+    // A client that goes away while its movement waits: its waiter is forgotten at once.
+    let waiting = || {
+        let metrics = agent().get(&format!("{}/metrics", urls[1])).call().unwrap().into_string().unwrap();
+        let line = metrics.lines().find(|l| l.starts_with("tribunal_gateway_waiting_requests ")).unwrap().to_owned();
+        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+    };
+    let mut gone = TcpStream::connect(urls[1].trim_start_matches("http://")).unwrap();
+    let request = format!(
+        "POST /v1/movements HTTP/1.1\r\nHost: t\r\nIdempotency-Key: gone\r\ncontent-length: {}\r\n\r\n{adjust}",
+        adjust.len()
+    );
+    gone.write_all(request.as_bytes()).unwrap();
+    wait_for("the request to wait for certification", || waiting() == 1);
+    drop(gone);
+    wait_for("the gone client's waiter to be forgotten", || waiting() == 0);
     start(&mut cluster, 1);
     let (status, retry) = post(&movements(2), Some("d1"), adjust);
     assert_eq!(status, 200, "{retry}");

@@ -601,3 +601,54 @@ fn three_instances_on_kafka_certify_publish_once_through_the_publisher_and_hand_
     let records = read_topic(&broker, "tribunal.outputs").len();
     assert!(records < 2 * positions.len(), "{records} outputs for {} inputs", positions.len());
 }
+
+/// Status and JSON body of a Gateway answer.
+fn http_answer(result: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    let response = match result {
+        Ok(response) => response,
+        Err(ureq::Error::Status(_, response)) => response,
+        Err(e) => panic!("the request did not get an answer: {e}"),
+    };
+    (response.status(), response.into_json().unwrap())
+}
+
+#[test]
+fn the_gateway_appends_to_kafka_and_answers_with_certified_outputs_on_every_partition() {
+    // spec: Gateway.MovementAppended, Gateway.AnsweredWhenCertified, Gateway.ReplayReturnsOriginal
+    let broker = Broker::start();
+    let instance = Instance::new();
+    let address = format!("127.0.0.1:{}", support::federation::free_port());
+    let mut child = instance.spawn_with(&broker, &["--http", &address]);
+    let base = format!("http://{address}");
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
+    let start = Instant::now();
+    while agent.get(&format!("{base}/healthz")).call().map(|r| r.status()).unwrap_or(0) != 200 {
+        assert!(child.try_wait().unwrap().is_none(), "the instance exited:\n{}", instance.log());
+        assert!(start.elapsed() < Duration::from_secs(300), "the Gateway never became ready:\n{}", instance.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let post = |key: &str, body: &str| {
+        http_answer(agent.post(&format!("{base}/v1/movements")).set("Idempotency-Key", key).send_string(body))
+    };
+    let mut partitions = BTreeSet::new();
+    for i in 0..24 {
+        let body = format!(r#"{{"type":"adjust","sku":"s{i}","warehouse":"w","delta":{}}}"#, i + 1);
+        let (status, answer) = post(&format!("kafka-{i}"), &body);
+        assert_eq!((status, answer["verdict"].as_str()), (200, Some("accepted")), "{answer}");
+        let partition = answer["partition"].as_u64().unwrap();
+        partitions.insert(partition);
+        // Read-your-writes on the partition the key went to.
+        let (status, stock) = http_answer(agent.get(&format!("{base}/v1/stock/w/s{i}?partition={partition}")).call());
+        assert_eq!((status, stock["qty"].as_u64()), (200, Some(i + 1)), "{stock}");
+        // A retry reaches the same partition (keyed) and gets the original.
+        let (status, retry) = post(&format!("kafka-{i}"), &body);
+        assert_eq!((status, retry["replayed"].as_bool()), (200, Some(true)), "{retry}");
+        assert_eq!(
+            (retry["partition"].as_u64(), retry["offset"].as_u64()),
+            (Some(partition), answer["offset"].as_u64())
+        );
+    }
+    assert!(partitions.len() > 1, "24 keys spread over the {PARTITIONS} partitions: {partitions:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -69,7 +69,9 @@ pub enum Target {
 }
 
 /// Starts the appender thread. `queue_bound` bounds the requests waiting to be appended.
-pub fn spawn(target: Target, partitions: u32, queue_bound: usize) -> anyhow::Result<Appender> {
+/// With Kafka, a record the broker has not acknowledged within `deadline_ms` fails, so a
+/// request learns of a lost broker (503 log_unavailable) rather than waiting past its deadline.
+pub fn spawn(target: Target, partitions: u32, queue_bound: usize, deadline_ms: u64) -> anyhow::Result<Appender> {
     let (requests, rx) = mpsc::sync_channel::<AppendRequest>(queue_bound);
     let appended_end: Arc<Vec<AtomicU64>> = Arc::new((0..partitions).map(|_| AtomicU64::new(0)).collect());
     let ends = appended_end.clone();
@@ -82,7 +84,8 @@ pub fn spawn(target: Target, partitions: u32, queue_bound: usize) -> anyhow::Res
             let producer: BaseProducer<Deliveries> = crate::kafka_log::client_config(&config.brokers)
                 .set("enable.idempotence", "true")
                 .set("acks", "all")
-                .set("message.timeout.ms", "30000")
+                .set("message.timeout.ms", deadline_ms.max(1_000).to_string())
+                .set("queue.buffering.max.messages", queue_bound.to_string())
                 // Latency matters more than batching here: requests wait on every ack.
                 .set("linger.ms", "1")
                 // The Java client's partitioner, as `tribunal log append` uses.

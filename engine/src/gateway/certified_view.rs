@@ -48,8 +48,9 @@ struct PartitionView {
     seeded_end: u64,
     /// One past the last certified output fed in.
     end: u64,
-    /// Answers for offsets `answers_start .. end`, dense.
-    answers: VecDeque<Answer>,
+    /// Answers for offsets `answers_start .. end`, dense; None for an offset that settled
+    /// without this instance's output.
+    answers: VecDeque<Option<Answer>>,
     answers_start: u64,
     /// The first offset that settled without this instance's output (it was overruled:
     /// self-quarantine). The stock from there on is unknown here until a restart rebuilds
@@ -107,6 +108,14 @@ impl<W> CertifiedView<W> {
         self.partitions.get(partition as usize).is_some_and(|p| p.end >= p.seeded_end && p.gap_at.is_none())
     }
 
+    /// The view's stock is not the certified state from `offset` on (start-up found offsets
+    /// treated as certified that never were).
+    pub fn mark_gap(&mut self, partition: u32, offset: u64) {
+        if let Some(view) = self.partitions.get_mut(partition as usize) {
+            view.gap_at.get_or_insert(offset);
+        }
+    }
+
     /// Where the view lost track of certified state, if it did.
     pub fn gap_at(&self, partition: u32) -> Option<u64> {
         self.partitions.get(partition as usize).and_then(|p| p.gap_at)
@@ -122,7 +131,9 @@ impl<W> CertifiedView<W> {
     }
 
     /// spec: Gateway.CertifiedViewAdvances — apply, store, then hand to the waiter.
-    pub fn feed(&mut self, partition: u32, offset: u64, output: Answer) -> Fed<W> {
+    /// `levels` are the output's accepted levels, decoded by the caller outside the lock
+    /// ([`accepted_levels`]).
+    pub fn feed(&mut self, partition: u32, offset: u64, output: Answer, levels: Option<Levels>) -> Fed<W> {
         let capacity = self.answer_capacity_per_partition;
         let Some(view) = self.partitions.get_mut(partition as usize) else {
             return Fed { waiter: None };
@@ -132,16 +143,34 @@ impl<W> CertifiedView<W> {
             return Fed { waiter: None };
         }
         if offset > view.end {
-            // Offsets settled without our output (overruled): their effect is unknown here.
+            // spec: Gateway.OverruledOffsetLeavesAGap — offsets settled without our output:
+            // their effect is unknown here, and their waiters will get no answer.
+            let skipped = view.end..offset;
             view.gap_at.get_or_insert(view.end);
-            view.answers.clear();
-            view.answers_start = offset;
+            if skipped.end - skipped.start <= capacity as u64 {
+                for missing in skipped.clone() {
+                    view.answers.push_back(None);
+                    self.waiters.remove(&(partition, missing));
+                }
+            } else {
+                view.answers.clear();
+                view.answers_start = offset;
+                self.waiters.retain(|(p, o), _| *p != partition || !skipped.contains(o));
+            }
         }
-        if offset >= view.seeded_end {
-            apply_levels(&mut view.stock, &output);
+        // Once a gap is open the stock is unknown: applying more would pass off a state
+        // that is no certified prefix as one.
+        if offset >= view.seeded_end && view.gap_at.is_none() {
+            for (key, qty) in levels.into_iter().flatten() {
+                if qty == 0 {
+                    view.stock.remove(&key);
+                } else {
+                    view.stock.insert(key, qty);
+                }
+            }
         }
         view.end = offset + 1;
-        view.answers.push_back(output.clone());
+        view.answers.push_back(Some(output.clone()));
         while view.answers.len() > capacity {
             view.answers.pop_front();
             view.answers_start += 1;
@@ -160,7 +189,10 @@ impl<W> CertifiedView<W> {
             if offset < view.answers_start {
                 return Lookup::Evicted;
             }
-            return Lookup::Ready(view.answers[(offset - view.answers_start) as usize].clone());
+            return match &view.answers[(offset - view.answers_start) as usize] {
+                Some(answer) => Lookup::Ready(answer.clone()),
+                None => Lookup::Evicted,
+            };
         }
         if self.waiters.len() >= self.max_waiting {
             return Lookup::Full(waiter);
@@ -175,7 +207,7 @@ impl<W> CertifiedView<W> {
         if offset >= view.end || offset < view.answers_start {
             return None;
         }
-        Some(view.answers[(offset - view.answers_start) as usize].clone())
+        view.answers[(offset - view.answers_start) as usize].clone()
     }
 
     /// A request gave up (deadline): forget its waiter.
@@ -200,33 +232,31 @@ impl<W> CertifiedView<W> {
     }
 }
 
+/// The stock levels an output sets, as (entity, quantity).
+pub type Levels = Vec<(StockKey, u64)>;
+
 /// An accepted output's levels are the entities' states after it; other verdicts change
-/// nothing (a rejected output repeats the unchanged levels, a replay carries none).
-fn apply_levels(stock: &mut BTreeMap<StockKey, u64>, bytes: &[u8]) {
+/// nothing (a rejected output repeats the unchanged levels, a replay carries none). Called
+/// outside the view's lock: decoding is the costly part of feeding the view.
+pub fn accepted_levels(bytes: &[u8]) -> Option<Levels> {
     // Certified outputs are this instance's own durable outputs: they decode. One that
     // does not is reported, never applied half.
     let output = match Output::decode(bytes) {
         Ok(output) => output,
         Err(error) => {
             tracing::error!(%error, "a certified output does not decode; the stock view skips it");
-            return;
+            return None;
         }
     };
     if !matches!(output.verdict, Verdict::Accepted { .. }) || output.body.is_empty() {
-        return;
+        return None;
     }
     match InventoryBody::decode(&output.body) {
-        Ok(body) => {
-            for level in body.levels {
-                let key = StockKey::new(&level.warehouse, &level.sku);
-                if level.qty == 0 {
-                    stock.remove(&key);
-                } else {
-                    stock.insert(key, level.qty);
-                }
-            }
+        Ok(body) => Some(body.levels.into_iter().map(|l| (StockKey::new(&l.warehouse, &l.sku), l.qty)).collect()),
+        Err(error) => {
+            tracing::error!(%error, offset = output.offset, "a certified body does not decode");
+            None
         }
-        Err(error) => tracing::error!(%error, offset = output.offset, "a certified body does not decode"),
     }
 }
 
@@ -251,6 +281,12 @@ mod tests {
         tribunal_shards::inventory::levels_body(&levels)
     }
 
+    /// Feeds an output the way the engine does: levels decoded first, outside the lock.
+    fn feed(view: &mut CertifiedView<u32>, offset: u64, output: Answer) -> Fed<u32> {
+        let levels = accepted_levels(&output);
+        view.feed(0, offset, output, levels)
+    }
+
     fn rejected(partition: u32, offset: u64) -> Answer {
         let output = Output {
             partition,
@@ -266,9 +302,9 @@ mod tests {
         // spec: Gateway.CertifiedViewAdvances, Gateway.ReadYourWrites
         let mut view: CertifiedView<u32> = CertifiedView::new(vec![(vec![], 0)], &[0], 16, 4);
         assert!(matches!(view.lookup_or_wait(0, 1, 7), Lookup::Registered));
-        assert!(view.feed(0, 0, accepted(0, 0, &[("w1", "s", 5)])).waiter.is_none());
+        assert!(feed(&mut view, 0, accepted(0, 0, &[("w1", "s", 5)])).waiter.is_none());
         assert_eq!(view.level(0, &StockKey::new("w1", "s")), 5);
-        let fed = view.feed(0, 1, accepted(0, 1, &[("w1", "s", 3), ("w2", "s", 2)]));
+        let fed = feed(&mut view, 1, accepted(0, 1, &[("w1", "s", 3), ("w2", "s", 2)]));
         let (waiter, answer) = fed.waiter.expect("the waiter of offset 1 is woken");
         assert_eq!(waiter, 7);
         assert_eq!(Output::decode(&answer).unwrap().offset, 1);
@@ -282,8 +318,8 @@ mod tests {
     fn rejected_outputs_change_nothing_and_a_late_lookup_finds_the_answer() {
         // spec: Gateway.StockRead
         let mut view: CertifiedView<u32> = CertifiedView::new(vec![(vec![], 0)], &[0], 16, 4);
-        view.feed(0, 0, accepted(0, 0, &[("w1", "s", 5)]));
-        view.feed(0, 1, rejected(0, 1));
+        feed(&mut view, 0, accepted(0, 0, &[("w1", "s", 5)]));
+        feed(&mut view, 1, rejected(0, 1));
         assert_eq!(view.level(0, &StockKey::new("w1", "s")), 5, "a rejection's levels are not applied");
         match view.lookup_or_wait(0, 1, 9) {
             Lookup::Ready(answer) => assert_eq!(Output::decode(&answer).unwrap().offset, 1),
@@ -297,7 +333,7 @@ mod tests {
         // spec: Gateway.WaitingBound
         let mut view: CertifiedView<u32> = CertifiedView::new(vec![(vec![], 0)], &[0], 2, 2);
         for offset in 0..5 {
-            view.feed(0, offset, accepted(0, offset, &[("w", "s", offset + 1)]));
+            feed(&mut view, offset, accepted(0, offset, &[("w", "s", offset + 1)]));
         }
         assert!(matches!(view.lookup_or_wait(0, 2, 0), Lookup::Evicted));
         assert!(view.answer(0, 3).is_some() && view.answer(0, 4).is_some() && view.answer(0, 2).is_none());
@@ -315,23 +351,29 @@ mod tests {
         let mut view: CertifiedView<u32> = CertifiedView::new(vec![(seed, 3)], &[1], 16, 4);
         assert!(!view.is_valid(0), "outputs 1 and 2 are durable but not certified yet");
         // Outputs below the seed are already in it: applying them would go back in time.
-        view.feed(0, 1, accepted(0, 1, &[("w", "s", 2)]));
-        view.feed(0, 2, accepted(0, 2, &[("w", "s", 4)]));
+        feed(&mut view, 1, accepted(0, 1, &[("w", "s", 2)]));
+        feed(&mut view, 2, accepted(0, 2, &[("w", "s", 4)]));
         assert!(view.is_valid(0));
         assert_eq!(view.level(0, &StockKey::new("w", "s")), 8);
-        view.feed(0, 3, accepted(0, 3, &[("w", "s", 6)]));
+        feed(&mut view, 3, accepted(0, 3, &[("w", "s", 6)]));
         assert_eq!(view.level(0, &StockKey::new("w", "s")), 6);
         assert!(view.answer(0, 1).is_some(), "answers below the seed are still held for replays");
     }
 
     #[test]
     fn an_offset_settled_without_our_output_makes_the_stock_unknown_but_answers_go_on() {
-        // spec: Gateway.ViewValidFromRecovery (an overruled offset is never applied here)
+        // spec: Gateway.OverruledOffsetLeavesAGap
         let mut view: CertifiedView<u32> = CertifiedView::new(vec![(vec![], 0)], &[0], 16, 4);
-        view.feed(0, 0, accepted(0, 0, &[("w", "s", 1)]));
-        view.feed(0, 2, accepted(0, 2, &[("w", "t", 1)]));
+        feed(&mut view, 0, accepted(0, 0, &[("w", "s", 1)]));
+        assert!(matches!(view.lookup_or_wait(0, 1, 11), Lookup::Registered));
+        let fed = feed(&mut view, 2, accepted(0, 2, &[("w", "t", 1)]));
+        assert!(fed.waiter.is_none());
+        assert_eq!(view.waiting(), 0, "the skipped offset's waiter is dropped, so it answers at once");
         assert!(!view.is_valid(0));
         assert_eq!(view.gap_at(0), Some(1));
+        assert_eq!(view.level(0, &StockKey::new("w", "t")), 0, "nothing is applied past a gap");
+        assert!(view.answer(0, 0).is_some(), "answers before the gap are kept for replays");
         assert!(view.answer(0, 2).is_some() && view.answer(0, 1).is_none());
+        assert!(matches!(view.lookup_or_wait(0, 1, 12), Lookup::Evicted));
     }
 }

@@ -84,11 +84,13 @@ pub fn feed_view(view: &SharedView, certified: &[(u32, u64, Answer)]) {
     if certified.is_empty() {
         return;
     }
+    // Decoded before the lock: handlers on every shard take it too.
+    let levels: Vec<_> = certified.iter().map(|(_, _, output)| certified_view::accepted_levels(output)).collect();
     let mut woken = Vec::new();
     {
         let mut view = view.lock().expect("the view lock is never poisoned");
-        for (partition, offset, output) in certified {
-            if let Some(waiter) = view.feed(*partition, *offset, output.clone()).waiter {
+        for ((partition, offset, output), levels) in certified.iter().zip(levels) {
+            if let Some(waiter) = view.feed(*partition, *offset, output.clone(), levels).waiter {
                 woken.push(waiter);
             }
         }
@@ -128,6 +130,9 @@ pub struct InjectedFaults {
 pub struct GatewayShared {
     pub config: GatewayConfig,
     pub instance_id: u32,
+    /// Every instance of the federation, this one included (readmit targets).
+    pub members: Vec<u32>,
+    pub expected_copies: u32,
     pub partitions: u32,
     pub view: Arc<SharedView>,
     pub appender: appender::Appender,

@@ -24,6 +24,9 @@ use super::http_io::Phase;
 use super::GatewayShared;
 use crate::output_json::OutputJson;
 
+/// The longest delay the admin API injects (a longer one would stall certification).
+const MAX_INJECTED_DELAY_MS: u64 = 60_000;
+
 /// The OpenAPI document, kept in the repository and served verbatim.
 pub const OPENAPI_JSON: &str = include_str!("../../openapi.json");
 
@@ -55,23 +58,52 @@ pub fn error_body(code: &str, message: &str) -> Vec<u8> {
 /// Routes a request, records its latency, and marks the connection idle again.
 pub async fn handle(shared: &GatewayShared, request: Request<Incoming>, phase: &Cell<Phase>) -> Response<Body> {
     let started = Instant::now();
-    let (route, answered) = route(shared, request, phase).await;
+    let has_body = !hyper::body::Body::is_end_stream(request.body());
+    let (route, answered, body_read) = route(shared, request, phase).await;
     shared.metrics.observe(route, answered.status.as_u16(), started.elapsed().as_secs_f64());
     phase.set(Phase::Idle { since: Instant::now() });
     let mut response = Response::new(Full::new(Bytes::from(answered.body)));
     *response.status_mut() = answered.status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(answered.content_type));
+    if has_body && !body_read {
+        response.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 
-async fn route(shared: &GatewayShared, request: Request<Incoming>, phase: &Cell<Phase>) -> (&'static str, Answered) {
+/// The route's name, its answer, and whether the request's body was read.
+async fn route(
+    shared: &GatewayShared,
+    request: Request<Incoming>,
+    phase: &Cell<Phase>,
+) -> (&'static str, Answered, bool) {
+    // A refusal that leaves a body unread closes the connection: hyper would otherwise
+    // drain the body after the answer, and the watchdog would take that for a new, slow
+    // request.
+    let body_read = Cell::new(false);
+    let (name, answered) = route_inner(shared, request, &Connection { phase, body_read: &body_read }).await;
+    (name, answered, body_read.get())
+}
+
+/// What a handler may mark on its connection.
+struct Connection<'a> {
+    phase: &'a Cell<Phase>,
+    body_read: &'a Cell<bool>,
+}
+
+async fn route_inner(
+    shared: &GatewayShared,
+    request: Request<Incoming>,
+    connection: &Connection<'_>,
+) -> (&'static str, Answered) {
+    let phase = connection.phase;
     let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = request.method().clone();
     let get = method == Method::GET;
     let post = method == Method::POST;
     match segments.as_slice() {
-        ["v1", "movements"] if post => ("post_movements", post_movement(shared, request, phase).await),
+        ["v1", "movements"] if post => ("post_movements", post_movement(shared, request, connection).await),
         ["v1", "stock", warehouse, sku] if get => {
             phase.set(Phase::Handling);
             ("get_stock_entry", stock_entry(shared, warehouse, sku, request.uri().query()))
@@ -99,7 +131,10 @@ async fn route(shared: &GatewayShared, request: Request<Incoming>, phase: &Cell<
             };
             ("openapi", answered)
         }
-        ["v1", "admin", action @ ..] if post => ("admin", admin(shared, request, action, phase).await),
+        ["v1", "admin", ..] if shared.config.admin_token.is_none() => {
+            ("admin", Answered::error(StatusCode::NOT_FOUND, "not_found", "no such resource"))
+        }
+        ["v1", "admin", action @ ..] if post => ("admin", admin(shared, request, action, connection).await),
         ["v1", "movements"]
         | ["v1", "stock", ..]
         | ["v1", "cluster"]
@@ -132,7 +167,11 @@ fn not_ready(shared: &GatewayShared) -> Option<Answered> {
 }
 
 /// Reads a JSON body within the size bound (spec: Gateway.BodyTooLarge).
-async fn read_body(shared: &GatewayShared, request: Request<Incoming>) -> Result<Bytes, Answered> {
+async fn read_body(
+    shared: &GatewayShared,
+    request: Request<Incoming>,
+    connection: &Connection<'_>,
+) -> Result<Bytes, Answered> {
     let limit = shared.config.max_body_bytes;
     let too_large = || {
         Answered::error(
@@ -147,7 +186,11 @@ async fn read_body(shared: &GatewayShared, request: Request<Incoming>) -> Result
         return Err(too_large());
     }
     match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
+        Ok(collected) => {
+            connection.body_read.set(true);
+            connection.phase.set(Phase::Handling);
+            Ok(collected.to_bytes())
+        }
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
         Err(e) => Err(Answered::error(
             StatusCode::BAD_REQUEST,
@@ -175,7 +218,7 @@ fn idempotency_key(request: &Request<Incoming>) -> Result<String, Answered> {
     })
 }
 
-async fn post_movement(shared: &GatewayShared, request: Request<Incoming>, phase: &Cell<Phase>) -> Answered {
+async fn post_movement(shared: &GatewayShared, request: Request<Incoming>, connection: &Connection<'_>) -> Answered {
     if let Some(refused) = not_ready(shared) {
         return refused;
     }
@@ -183,11 +226,10 @@ async fn post_movement(shared: &GatewayShared, request: Request<Incoming>, phase
         Ok(key) => key,
         Err(refused) => return refused,
     };
-    let body = match read_body(shared, request).await {
+    let body = match read_body(shared, request, connection).await {
         Ok(body) => body,
         Err(refused) => return refused,
     };
-    phase.set(Phase::Handling);
     // spec: Gateway.InvalidInputRefused
     let command: InventoryCommand = match serde_json::from_slice(&body) {
         Ok(command) => command,
@@ -235,9 +277,10 @@ async fn submit(shared: &GatewayShared, envelope: Envelope<Inventory>) -> Answer
         }
         None => {
             return Answered::error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "deadline_exceeded",
-                "the log did not acknowledge the command in time; retrying with the same Idempotency-Key is safe",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "log_unavailable",
+                "the log did not acknowledge the command before the deadline; retrying with the same \
+                 Idempotency-Key is safe",
             )
         }
     };
@@ -246,18 +289,32 @@ async fn submit(shared: &GatewayShared, envelope: Envelope<Inventory>) -> Answer
     let lookup = shared.view.lock().expect("not poisoned").lookup_or_wait(partition, offset, waiter);
     let answer = match lookup {
         Lookup::Ready(answer) => answer,
-        Lookup::Registered => match with_deadline(answered, deadline).await {
-            Some(Ok(answer)) => answer,
-            _ => {
-                shared.view.lock().expect("not poisoned").cancel(partition, offset);
+        Lookup::Registered => {
+            // Forgets the waiter however the wait ends, the client going away included
+            // (hyper then drops this future).
+            let _registered = Registered { shared, partition, offset };
+            match with_deadline(answered, deadline).await {
+                Some(Ok(answer)) => answer,
                 // spec: Gateway.DeadlinePassed
-                return deadline_passed(partition, offset);
+                _ => return deadline_passed(partition, offset),
             }
-        },
+        }
         Lookup::Evicted => return deadline_passed(partition, offset),
         Lookup::Full(_) => return overloaded(),
     };
     render(shared, &envelope.key, &answer, offset)
+}
+
+struct Registered<'a> {
+    shared: &'a GatewayShared,
+    partition: u32,
+    offset: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.shared.view.lock().expect("not poisoned").cancel(self.partition, self.offset);
+    }
 }
 
 struct InFlight<'a>(&'a GatewayShared);
@@ -395,16 +452,16 @@ fn invalid_name(what: &str) -> Answered {
     Answered::error(StatusCode::BAD_REQUEST, "invalid_name", &format!("{what} must be 1..=64 bytes of [A-Za-z0-9._:-]"))
 }
 
-/// Readiness and the view's validity for `partition` (spec: Gateway.ViewValidFromRecovery).
-fn view_not_ready(shared: &GatewayShared, partition: u32) -> Option<Answered> {
-    if let Some(refused) = not_ready(shared) {
-        return Some(refused);
-    }
-    let view = shared.view.lock().expect("not poisoned");
+/// The view's validity for `partition` (spec: Gateway.ViewValidFromRecovery,
+/// Gateway.OverruledOffsetLeavesAGap).
+fn view_not_valid(
+    view: &super::certified_view::CertifiedView<oneshot::Sender<Answer>>,
+    partition: u32,
+) -> Option<Answered> {
     if let Some(gap) = view.gap_at(partition) {
         let message = format!(
-            "offset {gap} was certified without this instance's output (it was quarantined); its \
-             certified stock is rebuilt when it restarts"
+            "offset {gap} was certified without this instance's output (it was quarantined, or its \
+             Ledger lost outputs); its certified stock is rebuilt when it restarts"
         );
         return Some(Answered::error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &message));
     }
@@ -420,6 +477,9 @@ fn view_not_ready(shared: &GatewayShared, partition: u32) -> Option<Answered> {
 
 /// spec: Gateway.StockRead
 fn stock_entry(shared: &GatewayShared, warehouse: &str, sku: &str, query: Option<&str>) -> Answered {
+    if let Some(refused) = not_ready(shared) {
+        return refused;
+    }
     if !valid_name(warehouse) {
         return invalid_name("warehouse");
     }
@@ -430,10 +490,11 @@ fn stock_entry(shared: &GatewayShared, warehouse: &str, sku: &str, query: Option
         Ok(p) => p,
         Err(refused) => return refused,
     };
-    if let Some(refused) = view_not_ready(shared, partition) {
+    // Checked and read under one lock: a gap cannot open in between.
+    let view = shared.view.lock().expect("not poisoned");
+    if let Some(refused) = view_not_valid(&view, partition) {
         return refused;
     }
-    let view = shared.view.lock().expect("not poisoned");
     let qty = view.level(partition, &StockKey::new(warehouse, sku));
     let certified_watermark = view.end(partition).checked_sub(1);
     drop(view);
@@ -448,6 +509,9 @@ fn stock_entry(shared: &GatewayShared, warehouse: &str, sku: &str, query: Option
 
 /// spec: Gateway.StockRead
 fn stock_by_sku(shared: &GatewayShared, query: Option<&str>) -> Answered {
+    if let Some(refused) = not_ready(shared) {
+        return refused;
+    }
     let Some(sku) = query_param(query, "sku") else {
         return Answered::error(StatusCode::BAD_REQUEST, "invalid_query", "the sku query parameter is required");
     };
@@ -458,10 +522,10 @@ fn stock_by_sku(shared: &GatewayShared, query: Option<&str>) -> Answered {
         Ok(p) => p,
         Err(refused) => return refused,
     };
-    if let Some(refused) = view_not_ready(shared, partition) {
+    let view = shared.view.lock().expect("not poisoned");
+    if let Some(refused) = view_not_valid(&view, partition) {
         return refused;
     }
-    let view = shared.view.lock().expect("not poisoned");
     let levels: Vec<serde_json::Value> = view
         .levels_of_sku(partition, sku)
         .into_iter()
@@ -524,8 +588,9 @@ fn authorised(shared: &GatewayShared, request: &Request<Incoming>) -> Result<(),
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
     // Compared through keyed digests: the time taken does not depend on where they differ.
     let key = [0x5Au8; 32];
     if blake3::keyed_hash(&key, presented.as_bytes()) == blake3::keyed_hash(&key, token.as_bytes()) {
@@ -535,7 +600,12 @@ fn authorised(shared: &GatewayShared, request: &Request<Incoming>) -> Result<(),
     }
 }
 
-async fn admin(shared: &GatewayShared, request: Request<Incoming>, action: &[&str], phase: &Cell<Phase>) -> Answered {
+async fn admin(
+    shared: &GatewayShared,
+    request: Request<Incoming>,
+    action: &[&str],
+    connection: &Connection<'_>,
+) -> Answered {
     if let Err(refused) = authorised(shared, &request) {
         return refused;
     }
@@ -548,11 +618,10 @@ async fn admin(shared: &GatewayShared, request: Request<Incoming>, action: &[&st
                 Ok(key) => key,
                 Err(refused) => return refused,
             };
-            let body = match read_body(shared, request).await {
+            let body = match read_body(shared, request, connection).await {
                 Ok(body) => body,
                 Err(refused) => return refused,
             };
-            phase.set(Phase::Handling);
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]
             struct Activate {
@@ -571,11 +640,10 @@ async fn admin(shared: &GatewayShared, request: Request<Incoming>, action: &[&st
             }
         }
         ["faults"] => {
-            let body = match read_body(shared, request).await {
+            let body = match read_body(shared, request, connection).await {
                 Ok(body) => body,
                 Err(refused) => return refused,
             };
-            phase.set(Phase::Handling);
             let faults: super::InjectedFaults = match serde_json::from_slice(&body) {
                 Ok(faults) => faults,
                 Err(e) => {
@@ -589,15 +657,27 @@ async fn admin(shared: &GatewayShared, request: Request<Incoming>, action: &[&st
             if faults.bitflip_rate.is_some_and(|r| !(r > 0.0 && r <= 1.0)) {
                 return Answered::error(StatusCode::BAD_REQUEST, "invalid_command", "bitflip_rate must be in (0, 1]");
             }
+            if faults.delay_ms.is_some_and(|d| d > MAX_INJECTED_DELAY_MS) {
+                let message = format!("delay_ms must be at most {MAX_INJECTED_DELAY_MS}");
+                return Answered::error(StatusCode::BAD_REQUEST, "invalid_command", &message);
+            }
+            if faults.bitflip_rate.is_some() && shared.expected_copies < 2 {
+                // With one copy certifying, a flipped output would be certified and served.
+                return Answered::error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_command",
+                    "bit flips need expected_copies of at least 2, or they would be certified",
+                );
+            }
             // spec: Gateway.FaultInjectionReplaced
             *shared.faults.pending.lock().expect("not poisoned") = Some(faults);
             tracing::warn!(?faults, "fault injection replaced through the admin API");
             Answered::json(StatusCode::OK, &faults)
         }
         ["readmit", instance] => {
-            phase.set(Phase::Handling);
-            let Ok(instance) = instance.parse::<u32>() else {
-                return Answered::error(StatusCode::BAD_REQUEST, "invalid_query", "the instance must be an integer id");
+            let Some(instance) = instance.parse::<u32>().ok().filter(|i| shared.members.contains(i)) else {
+                let message = format!("the instance must be one of the federation's ids {:?}", shared.members);
+                return Answered::error(StatusCode::BAD_REQUEST, "invalid_query", &message);
             };
             // spec: Gateway.ReadmitQueued
             match crate::quarantine_store::request_readmit(&shared.data_dir, instance) {
