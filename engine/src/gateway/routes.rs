@@ -19,7 +19,7 @@ use tribunal_shards::envelope::{bounded_detail, AdminCommand, Envelope};
 use tribunal_shards::inventory::{Inventory, InventoryCommand, StockKey};
 
 use super::appender::{AppendRequest, QueueError};
-use super::certified_view::{Answer, Lookup};
+use super::certified_view::{Answer, CertifiedView, Lookup};
 use super::http_io::Phase;
 use super::GatewayShared;
 use crate::output_json::OutputJson;
@@ -477,46 +477,51 @@ fn view_not_valid(
 
 /// spec: Gateway.StockRead
 fn stock_entry(shared: &GatewayShared, warehouse: &str, sku: &str, query: Option<&str>) -> Answered {
-    if let Some(refused) = not_ready(shared) {
-        return refused;
-    }
-    if !valid_name(warehouse) {
-        return invalid_name("warehouse");
-    }
-    if !valid_name(sku) {
-        return invalid_name("sku");
-    }
-    let partition = match partition_param(shared, query) {
-        Ok(p) => p,
-        Err(refused) => return refused,
-    };
-    // Checked and read under one lock: a gap cannot open in between.
-    let view = shared.view.lock().expect("not poisoned");
-    if let Some(refused) = view_not_valid(&view, partition) {
-        return refused;
-    }
-    let qty = view.level(partition, &StockKey::new(warehouse, sku));
-    let certified_watermark = view.end(partition).checked_sub(1);
-    drop(view);
-    Answered::json(
-        StatusCode::OK,
-        &json!({
-            "warehouse": warehouse, "sku": sku, "qty": qty,
-            "partition": partition, "certified_watermark": certified_watermark,
-        }),
-    )
+    stock_answer(shared, query, &[("warehouse", Some(warehouse)), ("sku", Some(sku))], |view, partition| {
+        json!({
+            "warehouse": warehouse, "sku": sku, "qty": view.level(partition, &StockKey::new(warehouse, sku)),
+            "partition": partition, "certified_watermark": view.end(partition).checked_sub(1),
+        })
+    })
 }
 
 /// spec: Gateway.StockRead
 fn stock_by_sku(shared: &GatewayShared, query: Option<&str>) -> Answered {
+    let sku = query_param(query, "sku");
+    stock_answer(shared, query, &[("sku", sku)], |view, partition| {
+        let sku = sku.expect("checked by stock_answer");
+        let levels: Vec<serde_json::Value> = view
+            .levels_of_sku(partition, sku)
+            .into_iter()
+            .map(|(warehouse, qty)| json!({ "warehouse": warehouse, "qty": qty }))
+            .collect();
+        json!({
+            "sku": sku, "partition": partition,
+            "certified_watermark": view.end(partition).checked_sub(1), "levels": levels,
+        })
+    })
+}
+
+/// A stock read: readiness first, then the names (None: a missing query parameter) and the
+/// partition; the view is checked and read under one lock, so a gap cannot open in between.
+fn stock_answer(
+    shared: &GatewayShared,
+    query: Option<&str>,
+    names: &[(&str, Option<&str>)],
+    read: impl FnOnce(&CertifiedView<oneshot::Sender<Answer>>, u32) -> serde_json::Value,
+) -> Answered {
     if let Some(refused) = not_ready(shared) {
         return refused;
     }
-    let Some(sku) = query_param(query, "sku") else {
-        return Answered::error(StatusCode::BAD_REQUEST, "invalid_query", "the sku query parameter is required");
-    };
-    if !valid_name(sku) {
-        return invalid_name("sku");
+    for (what, name) in names {
+        match name {
+            None => {
+                let message = format!("the {what} query parameter is required");
+                return Answered::error(StatusCode::BAD_REQUEST, "invalid_query", &message);
+            }
+            Some(name) if !valid_name(name) => return invalid_name(what),
+            Some(_) => {}
+        }
     }
     let partition = match partition_param(shared, query) {
         Ok(p) => p,
@@ -526,17 +531,9 @@ fn stock_by_sku(shared: &GatewayShared, query: Option<&str>) -> Answered {
     if let Some(refused) = view_not_valid(&view, partition) {
         return refused;
     }
-    let levels: Vec<serde_json::Value> = view
-        .levels_of_sku(partition, sku)
-        .into_iter()
-        .map(|(warehouse, qty)| json!({ "warehouse": warehouse, "qty": qty }))
-        .collect();
-    let certified_watermark = view.end(partition).checked_sub(1);
+    let answer = read(&view, partition);
     drop(view);
-    Answered::json(
-        StatusCode::OK,
-        &json!({ "sku": sku, "partition": partition, "certified_watermark": certified_watermark, "levels": levels }),
-    )
+    Answered::json(StatusCode::OK, &answer)
 }
 
 /// spec: Gateway.ClusterView
