@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::federation::{Federation, PATIENCE};
-use support::{ok, tribunal};
+use support::{http_answer as answer, ok, tribunal};
 
 mod support;
 
@@ -18,18 +18,6 @@ const TOKEN: &str = "an admin token for the gateway tests";
 
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build()
-}
-
-/// Status and JSON body (a non-JSON body comes back as a string).
-fn answer(result: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
-    let response = match result {
-        Ok(response) => response,
-        Err(ureq::Error::Status(_, response)) => response,
-        Err(e) => panic!("the request did not get an answer: {e}"),
-    };
-    let status = response.status();
-    let text = response.into_string().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
 fn get(url: &str) -> (u16, Value) {

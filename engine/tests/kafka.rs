@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 mod support;
 
 use serde_json::Value;
-use support::{die_with_parent, ok, tribunal};
+use support::{die_with_parent, http_answer, ok, tribunal};
 use tribunal_shards::inventory::Inventory;
 use tribunal_shards::reference::Reference;
 use tribunal_shards::simulator::SplitMix64;
@@ -600,16 +600,6 @@ fn three_instances_on_kafka_certify_publish_once_through_the_publisher_and_hand_
     // One publisher at a time: at most the hand-over's outputs appear twice.
     let records = read_topic(&broker, "tribunal.outputs").len();
     assert!(records < 2 * positions.len(), "{records} outputs for {} inputs", positions.len());
-}
-
-/// Status and JSON body of a Gateway answer.
-fn http_answer(result: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
-    let response = match result {
-        Ok(response) => response,
-        Err(ureq::Error::Status(_, response)) => response,
-        Err(e) => panic!("the request did not get an answer: {e}"),
-    };
-    (response.status(), response.into_json().unwrap())
 }
 
 #[test]

@@ -219,29 +219,39 @@ fn idempotency_key(request: &Request<Incoming>) -> Result<String, Answered> {
 }
 
 async fn post_movement(shared: &GatewayShared, request: Request<Incoming>, connection: &Connection<'_>) -> Answered {
-    if let Some(refused) = not_ready(shared) {
-        return refused;
-    }
-    let key = match idempotency_key(&request) {
-        Ok(key) => key,
-        Err(refused) => return refused,
-    };
-    let body = match read_body(shared, request, connection).await {
-        Ok(body) => body,
+    let (key, body) = match keyed_body(shared, request, connection).await {
+        Ok(keyed) => keyed,
         Err(refused) => return refused,
     };
     // spec: Gateway.InvalidInputRefused
-    let command: InventoryCommand = match serde_json::from_slice(&body) {
-        Ok(command) => command,
-        Err(e) => {
-            return Answered::error(
-                StatusCode::BAD_REQUEST,
-                "malformed_json",
-                &format!("the body is not a movement: {}", bounded_detail(&e.to_string())),
-            )
-        }
-    };
-    submit(shared, Envelope::<Inventory>::domain(key, command)).await
+    match parse_json::<InventoryCommand>(&body, "the body is not a movement") {
+        Ok(command) => submit(shared, Envelope::<Inventory>::domain(key, command)).await,
+        Err(refused) => refused,
+    }
+}
+
+/// What every command sent through the log needs first: a ready instance, a valid
+/// Idempotency-Key and a body within bounds (spec: Gateway.NotReadyRefuses,
+/// Gateway.InvalidInputRefused, Gateway.BodyTooLarge).
+async fn keyed_body(
+    shared: &GatewayShared,
+    request: Request<Incoming>,
+    connection: &Connection<'_>,
+) -> Result<(String, Bytes), Answered> {
+    if let Some(refused) = not_ready(shared) {
+        return Err(refused);
+    }
+    let key = idempotency_key(&request)?;
+    let body = read_body(shared, request, connection).await?;
+    Ok((key, body))
+}
+
+/// A JSON body as `T`, or 400 malformed_json saying what was expected.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, Answered> {
+    serde_json::from_slice(body).map_err(|e| {
+        let message = format!("{expected}: {}", bounded_detail(&e.to_string()));
+        Answered::error(StatusCode::BAD_REQUEST, "malformed_json", &message)
+    })
 }
 
 /// Validates with the Usher's own decoder, appends, and waits for the certified output.
@@ -608,15 +618,8 @@ async fn admin(
     }
     match action {
         ["activate-version"] => {
-            if let Some(refused) = not_ready(shared) {
-                return refused;
-            }
-            let key = match idempotency_key(&request) {
-                Ok(key) => key,
-                Err(refused) => return refused,
-            };
-            let body = match read_body(shared, request, connection).await {
-                Ok(body) => body,
+            let (key, body) = match keyed_body(shared, request, connection).await {
+                Ok(keyed) => keyed,
                 Err(refused) => return refused,
             };
             #[derive(serde::Deserialize)]
@@ -624,16 +627,12 @@ async fn admin(
             struct Activate {
                 version: u32,
             }
-            match serde_json::from_slice::<Activate>(&body) {
+            match parse_json::<Activate>(&body, "expected {\"version\": N}") {
                 // spec: Gateway.ActivateVersionThroughLog
                 Ok(Activate { version }) => {
                     submit(shared, Envelope::admin(key, AdminCommand::ActivateVersion { version })).await
                 }
-                Err(e) => Answered::error(
-                    StatusCode::BAD_REQUEST,
-                    "malformed_json",
-                    &format!("expected {{\"version\": N}}: {}", bounded_detail(&e.to_string())),
-                ),
+                Err(refused) => refused,
             }
         }
         ["faults"] => {
@@ -641,15 +640,9 @@ async fn admin(
                 Ok(body) => body,
                 Err(refused) => return refused,
             };
-            let faults: super::InjectedFaults = match serde_json::from_slice(&body) {
+            let faults: super::InjectedFaults = match parse_json(&body, "expected {\"bitflip_rate\", \"delay_ms\"}") {
                 Ok(faults) => faults,
-                Err(e) => {
-                    return Answered::error(
-                        StatusCode::BAD_REQUEST,
-                        "malformed_json",
-                        &format!("expected {{\"bitflip_rate\", \"delay_ms\"}}: {}", bounded_detail(&e.to_string())),
-                    )
-                }
+                Err(refused) => return refused,
             };
             if faults.bitflip_rate.is_some_and(|r| !(r > 0.0 && r <= 1.0)) {
                 return Answered::error(StatusCode::BAD_REQUEST, "invalid_command", "bitflip_rate must be in (0, 1]");

@@ -31,3 +31,16 @@ pub fn die_with_parent(command: &mut Command) -> &mut Command {
     }
     command
 }
+
+/// Status and JSON body of a Gateway answer, whatever its status (a non-JSON body comes
+/// back as a JSON string).
+pub fn http_answer(result: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Value) {
+    let response = match result {
+        Ok(response) => response,
+        Err(ureq::Error::Status(_, response)) => response,
+        Err(e) => panic!("the request did not get an answer: {e}"),
+    };
+    let status = response.status();
+    let text = response.into_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+}
