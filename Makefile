@@ -13,7 +13,7 @@ KAFKA ?= 0
 EVENTS ?= 100000
 RUN_DIR ?= target/run
 
-.PHONY: run test lint test-rust specs tools bench bench-engine bench-kafka bench-federation clean
+.PHONY: run test lint test-rust specs tools bench bench-core bench-bulk bench-engine bench-kafka bench-federation clean
 
 ## run: the main job on the embedded default. A sample workload is appended to a local
 ## log in $(RUN_DIR), a 3-instance federation (`tribunal cluster`) processes it until every
@@ -57,8 +57,26 @@ specs: tools
 	if grep -q '"severity": "error"' <<<"$$out"; then echo "$$out"; echo "allium check: errors in specs/"; exit 1; fi; \
 	echo "allium check: specs/*.allium, no error-severity diagnostics ($$(grep -c '"severity"' <<<"$$out") info/warning)"
 
-## bench: criterion evaluation throughput of the core, and Warden memory per entry.
+## bench: a 3-instance cluster serving the REST API, driven by loadgen at 10,000 requests/s
+## for 60 s (open loop, latency from the intended send time), invariants checked at the end;
+## report in target/bench/loadgen/ (scripts/bench-loadgen.sh; RATE, DURATION, CONNECTIONS
+## override). `make bench KAFKA=1`: the same through a Kafka broker it starts
+## (target/bench/loadgen-kafka/).
 bench:
+ifeq ($(KAFKA),1)
+	$(MAKE) --no-print-directory tools
+endif
+	KAFKA=$(KAFKA) scripts/bench-loadgen.sh
+
+## bench-bulk: `loadgen bulk`, the end-to-end certified events/s of a 3-instance cluster on a
+## log pre-filled with $(EVENTS) loadgen commands, without HTTP (target/bench/bulk.json).
+bench-bulk:
+	$(CARGO) build --release -p tribunal -p tribunal-loadgen
+	rm -rf target/bench/bulk
+	target/release/loadgen bulk --events $(EVENTS) --summary-json target/bench/bulk.json
+
+## bench-core: criterion evaluation throughput of the core, and Warden memory per entry.
+bench-core:
 	$(CARGO) bench -p tribunal-shards --bench evaluation
 	$(CARGO) bench -p tribunal-shards --bench warden_memory
 

@@ -266,7 +266,8 @@ async fn submit(shared: &GatewayShared, envelope: Envelope<Inventory>) -> Answer
     if in_flight >= shared.config.max_waiting {
         return overloaded();
     }
-    let deadline = Instant::now() + Duration::from_millis(shared.config.deadline_ms);
+    let submitted_at = Instant::now();
+    let deadline = submitted_at + Duration::from_millis(shared.config.deadline_ms);
     let (reply, replied) = oneshot::channel();
     // spec: Gateway.MovementAppended
     match shared.appender.submit(AppendRequest { key: envelope.key.clone(), payload, reply }) {
@@ -295,6 +296,8 @@ async fn submit(shared: &GatewayShared, envelope: Envelope<Inventory>) -> Answer
         }
     };
     let (partition, offset) = appended;
+    let appended_at = Instant::now();
+    shared.metrics.stage_append.observe((appended_at - submitted_at).as_secs_f64());
     let (waiter, answered) = oneshot::channel();
     let lookup = shared.view.lock().expect("not poisoned").lookup_or_wait(partition, offset, waiter);
     let answer = match lookup {
@@ -312,6 +315,7 @@ async fn submit(shared: &GatewayShared, envelope: Envelope<Inventory>) -> Answer
         Lookup::Evicted => return deadline_passed(partition, offset),
         Lookup::Full(_) => return overloaded(),
     };
+    shared.metrics.stage_certify.observe(appended_at.elapsed().as_secs_f64());
     render(shared, &envelope.key, &answer, offset)
 }
 

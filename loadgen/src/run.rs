@@ -1,0 +1,654 @@
+//! `loadgen run`: opening stock, then the open-loop schedule, then the drain, the stock
+//! read-back and the verdict. Everything runs on one glommio executor thread: the
+//! connections are tasks sharing one `RefCell`ed state, so nothing is locked.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::IsTerminal;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use hyper::{Method, StatusCode};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+use tribunal_shards::inventory::InventoryCommand;
+
+use crate::client::{AttemptError, Connection, Target};
+use crate::ledger::{AnswerRecord, Decision, Ledger, LedgerEntry, StockRow, StockTable, Unresolved};
+use crate::report::{RunFigures, TimelinePoint};
+use crate::workload::{Generator, WorkloadConfig};
+
+/// Highest latency the histograms hold (µs); a slower answer is recorded as this.
+const HISTOGRAM_MAX_US: u64 = 120_000_000;
+/// Answered keys a duplicate may be drawn from (the most recent ones): bounded, and recent
+/// enough that the instance still holds the original answer.
+const RECENT_KEYS: usize = 4096;
+const BACKOFF_INITIAL: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+/// Without a terminal, a plain progress line this often.
+const PROGRESS_LINE_EVERY: u32 = 5;
+/// io_uring memory of loadgen's executor: the engine's instances need the rest of the
+/// 8 MiB RLIMIT_MEMLOCK budget of a process, and loadgen moves little data.
+const IO_MEMORY_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub targets: Vec<Target>,
+    pub rate_per_s: f64,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub connections: usize,
+    pub request_timeout: Duration,
+    /// After the schedule, how long retries may go on (spec: Loadgen.RetrySameKey).
+    pub drain: Duration,
+    pub ready_timeout: Duration,
+    pub stock_read_wait: Duration,
+    pub workload: WorkloadConfig,
+}
+
+impl RunConfig {
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.targets.is_empty() {
+            bail!("give at least one --target");
+        }
+        if !(self.rate_per_s.is_finite() && self.rate_per_s > 0.0) {
+            bail!("--rate must be a positive number of requests per second");
+        }
+        if self.connections == 0 {
+            bail!("--connections must be at least 1");
+        }
+        if self.duration.is_zero() {
+            bail!("--duration-s must be positive");
+        }
+        self.workload.check()
+    }
+
+    fn scheduled_requests(&self) -> u64 {
+        ((self.warmup + self.duration).as_secs_f64() * self.rate_per_s).ceil() as u64
+    }
+}
+
+/// What a run produced: figures for the report, the ledger and the stock read back.
+pub struct RunOutcome {
+    pub figures: RunFigures,
+    pub ledger: Ledger,
+    pub tables: Vec<StockTable>,
+    pub partitions: u32,
+}
+
+/// Runs the whole thing on a fresh glommio executor thread.
+pub fn run(config: RunConfig) -> anyhow::Result<RunOutcome> {
+    config.check()?;
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name("loadgen")
+        .io_memory(IO_MEMORY_BYTES)
+        .spawn(move || async move { drive(config).await })
+        .map_err(|e| anyhow::anyhow!("starting the glommio executor: {e}"))?
+        .join()
+        .map_err(|e| anyhow::anyhow!("the loadgen executor failed: {e}"))?
+}
+
+async fn drive(config: RunConfig) -> anyhow::Result<RunOutcome> {
+    let partitions = wait_until_ready(&config).await?;
+    let state = Rc::new(RefCell::new(State::new(&config)));
+
+    eprintln!(
+        "loadgen: opening stock ({} adjustments) over {} connections to {} instance(s)",
+        config.workload.warehouses * config.workload.skus,
+        config.connections,
+        config.targets.len()
+    );
+    open_stock(&config, &state).await?;
+
+    eprintln!(
+        "loadgen: {:.0} requests/s for {:?} (+{:?} warm-up) over {} connections",
+        config.rate_per_s, config.duration, config.warmup, config.connections
+    );
+    let start = Instant::now() + Duration::from_millis(50);
+    let schedule =
+        Schedule { start, measure_from: start + config.warmup, end: start + config.warmup + config.duration };
+    let drain_deadline = schedule.end + config.drain;
+    let progress = spawn_progress(&config, &state, schedule);
+    let mut tasks = Vec::with_capacity(config.connections);
+    for c in 0..config.connections {
+        let (config, state) = (config.clone(), state.clone());
+        tasks.push(glommio::spawn_local(
+            async move { connection_loop(&config, &state, schedule, drain_deadline, c).await },
+        ));
+    }
+    for task in tasks {
+        task.await;
+    }
+    progress.finish(&state).await;
+
+    eprintln!("loadgen: reading stock back from every instance");
+    let state = Rc::try_unwrap(state).ok().expect("every task ended").into_inner();
+    let tables = read_stock(&config, &state.ledger, partitions).await;
+    let figures = state.figures(&config, schedule);
+    Ok(RunOutcome { figures, ledger: state.ledger, tables, partitions })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+}
+
+struct State {
+    ledger: Ledger,
+    index: HashMap<String, usize>,
+    recent: VecDeque<usize>,
+    histogram: Histogram<u64>,
+    /// Per second of intended time (measured window): latency and errors.
+    seconds: Vec<(Histogram<u64>, u64)>,
+    status_counts: BTreeMap<String, u64>,
+    retries: u64,
+    duplicates: u64,
+    answered: u64,
+    errors: u64,
+    measured: u64,
+    last_measured_answer: Option<Instant>,
+}
+
+impl State {
+    fn new(config: &RunConfig) -> Self {
+        let seconds = config.duration.as_secs() as usize + 1;
+        let histogram = || Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3).expect("valid bounds");
+        let second = || Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 2).expect("valid bounds");
+        let expected = config.scheduled_requests() as usize;
+        Self {
+            ledger: Ledger {
+                run_prefix: config.workload.run_prefix.clone(),
+                entries: Vec::with_capacity(expected),
+                unresolved: Vec::new(),
+            },
+            index: HashMap::with_capacity(expected),
+            recent: VecDeque::with_capacity(RECENT_KEYS),
+            histogram: histogram(),
+            seconds: (0..seconds).map(|_| (second(), 0)).collect(),
+            status_counts: BTreeMap::new(),
+            retries: 0,
+            duplicates: 0,
+            answered: 0,
+            errors: 0,
+            measured: 0,
+            last_measured_answer: None,
+        }
+    }
+
+    fn record_entry(&mut self, key: String, command: InventoryCommand, answer: AnswerRecord) {
+        let index = self.ledger.entries.len();
+        self.index.insert(key.clone(), index);
+        self.ledger.entries.push(LedgerEntry { key, command, answer, duplicates: Vec::new() });
+        if self.recent.len() == RECENT_KEYS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(index);
+    }
+
+    fn figures(&self, config: &RunConfig, schedule: Schedule) -> RunFigures {
+        let window_s = match self.last_measured_answer {
+            Some(last) => last.saturating_duration_since(schedule.measure_from).as_secs_f64(),
+            None => 0.0,
+        };
+        let window_s = window_s.max(config.duration.as_secs_f64());
+        let timeline = self
+            .seconds
+            .iter()
+            .enumerate()
+            .filter(|(_, (h, errors))| !h.is_empty() || *errors > 0)
+            .map(|(t, (h, errors))| TimelinePoint {
+                t_s: t as u32,
+                answered: h.len(),
+                errors: *errors,
+                p50_us: h.value_at_quantile(0.5),
+                p99_us: h.value_at_quantile(0.99),
+                max_us: h.max(),
+            })
+            .collect();
+        RunFigures {
+            targets: config.targets.iter().map(|t| t.url.clone()).collect(),
+            rate_target_per_s: config.rate_per_s,
+            duration_s: config.duration.as_secs_f64(),
+            warmup_s: config.warmup.as_secs_f64(),
+            connections: config.connections,
+            measured_requests: self.measured,
+            achieved_rate_per_s: self.measured as f64 / window_s,
+            histogram: self.histogram.clone(),
+            timeline,
+            status_counts: self.status_counts.clone(),
+            retries: self.retries,
+            duplicates: self.duplicates,
+            unresolved: self.ledger.unresolved.len() as u64,
+            workload: serde_json::to_value(&config.workload).unwrap_or_default(),
+        }
+    }
+}
+
+/// Waits for `/healthz` to answer 200 on every target; returns the partition count.
+async fn wait_until_ready(config: &RunConfig) -> anyhow::Result<u32> {
+    let deadline = Instant::now() + config.ready_timeout;
+    let mut partitions = 1;
+    for target in &config.targets {
+        let mut connection = Connection::new(target.clone());
+        loop {
+            let answer = connection.request(Method::GET, "/healthz", &[], Bytes::new(), Duration::from_secs(2)).await;
+            match answer {
+                Ok(answer) if answer.status == StatusCode::OK => break,
+                _ if Instant::now() < deadline => glommio::timer::sleep(Duration::from_millis(200)).await,
+                Ok(answer) => bail!(
+                    "{} is not ready after {:?}: {} {}",
+                    target.url,
+                    config.ready_timeout,
+                    answer.status,
+                    String::from_utf8_lossy(&answer.body)
+                ),
+                Err(e) => bail!("{} is not reachable after {:?}: {e}", target.url, config.ready_timeout),
+            }
+        }
+        let cluster = connection
+            .request(Method::GET, "/v1/cluster", &[], Bytes::new(), Duration::from_secs(5))
+            .await
+            .with_context(|| format!("GET {}/v1/cluster", target.url))?;
+        let cluster: serde_json::Value = serde_json::from_slice(&cluster.body)
+            .with_context(|| format!("{}/v1/cluster did not answer JSON", target.url))?;
+        if let Some(count) = cluster["partitions"].as_array().map(Vec::len).filter(|n| *n > 0) {
+            partitions = partitions.max(count as u32);
+        }
+    }
+    Ok(partitions)
+}
+
+/// The opening stock, closed loop over every connection. Not measured; in the ledger.
+async fn open_stock(config: &RunConfig, state: &Rc<RefCell<State>>) -> anyhow::Result<()> {
+    let queue: Rc<RefCell<VecDeque<(usize, InventoryCommand)>>> =
+        Rc::new(RefCell::new(config.workload.opening_stock().into_iter().enumerate().collect()));
+    let deadline = Instant::now() + config.drain.max(Duration::from_secs(30));
+    let mut tasks = Vec::new();
+    for c in 0..config.connections {
+        let (config, state, queue) = (config.clone(), state.clone(), queue.clone());
+        tasks.push(glommio::spawn_local(async move {
+            let mut connection = Connection::new(config.targets[c % config.targets.len()].clone());
+            loop {
+                let Some((i, command)) = queue.borrow_mut().pop_front() else { return Ok(()) };
+                let key = format!("{}-open-{i}", config.workload.run_prefix);
+                let body = Bytes::from(serde_json::to_vec(&command).expect("commands serialise"));
+                match submit(&mut connection, &key, &body, config.request_timeout, deadline, None).await {
+                    Ok(answer) if answer.decision == Some(Decision::Accepted) => {
+                        state.borrow_mut().record_entry(key, command, answer)
+                    }
+                    Ok(answer) => bail!("opening stock {key} was not accepted: {answer:?}"),
+                    Err(e) => bail!("opening stock {key} got no final answer: {e}"),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    Ok(())
+}
+
+/// One connection's share of the schedule: request n is intended at
+/// start + (n * C + c) / rate (spec: Loadgen.OpenLoopSchedule).
+async fn connection_loop(
+    config: &RunConfig,
+    state: &Rc<RefCell<State>>,
+    schedule: Schedule,
+    drain_deadline: Instant,
+    c: usize,
+) {
+    let mut generator = Generator::new(&config.workload, c as u64 + 1);
+    let mut connection = Connection::new(config.targets[c % config.targets.len()].clone());
+    let stride_ns = 1e9 / config.rate_per_s;
+    for n in 0u64.. {
+        let slot = (n * config.connections as u64 + c as u64) as f64;
+        let intended = schedule.start + Duration::from_nanos((slot * stride_ns) as u64);
+        if intended >= schedule.end {
+            return;
+        }
+        let now = Instant::now();
+        if intended > now {
+            glommio::timer::sleep(intended - now).await;
+        }
+        // spec: Loadgen.UniqueKeys — a fresh key, or an answered key resent with its body.
+        let duplicate_of = if generator.wants_duplicate() {
+            let state = state.borrow();
+            let pick = generator.pick(state.recent.len());
+            state.recent.get(pick).copied()
+        } else {
+            None
+        };
+        let (key, command) = match duplicate_of {
+            Some(index) => {
+                let entry = &state.borrow().ledger.entries[index];
+                (entry.key.clone(), entry.command.clone())
+            }
+            None => (format!("{}-{c}-{n}", config.workload.run_prefix), generator.next_command()),
+        };
+        let body = Bytes::from(serde_json::to_vec(&command).expect("commands serialise"));
+        let measured = intended >= schedule.measure_from;
+        let second = measured.then(|| (intended - schedule.measure_from).as_secs() as usize);
+        let result =
+            submit(&mut connection, &key, &body, config.request_timeout, drain_deadline, Some((state, second))).await;
+        // spec: Loadgen.LatencyFromIntendedTime, Loadgen.WarmupExcluded
+        let answered_at = Instant::now();
+        let latency_us = (answered_at - intended).as_micros().min(u128::from(HISTOGRAM_MAX_US)) as u64;
+        let mut state = state.borrow_mut();
+        if let Some(second) = second {
+            state.histogram.saturating_record(latency_us.max(1));
+            if let Some((h, _)) = state.seconds.get_mut(second) {
+                h.saturating_record(latency_us.max(1));
+            }
+            state.measured += 1;
+            state.last_measured_answer = Some(answered_at);
+        }
+        state.answered += 1;
+        match (result, duplicate_of) {
+            (Ok(answer), None) => state.record_entry(key, command, answer),
+            (Ok(answer), Some(index)) => {
+                state.duplicates += 1;
+                state.ledger.entries[index].duplicates.push(answer);
+            }
+            // spec: Loadgen.UnresolvedIsViolation
+            (Err(last_error), _) => state.ledger.unresolved.push(Unresolved { key, command, last_error }),
+        }
+    }
+}
+
+/// Sends one command until it gets a final answer, retrying the same key and body after a
+/// timeout, a lost connection, a 5xx or a 408 (spec: Loadgen.RetrySameKey). `counting`
+/// (the run's state and the request's second) is None for the opening stock, which is
+/// not part of the figures.
+async fn submit(
+    connection: &mut Connection,
+    key: &str,
+    body: &Bytes,
+    timeout: Duration,
+    drain_deadline: Instant,
+    counting: Option<(&Rc<RefCell<State>>, Option<usize>)>,
+) -> Result<AnswerRecord, String> {
+    let mut backoff = BACKOFF_INITIAL;
+    for attempt in 0u32.. {
+        let result =
+            connection.request(Method::POST, "/v1/movements", &[("idempotency-key", key)], body.clone(), timeout).await;
+        let (label, outcome) = match result {
+            Ok(answer) => {
+                let label = answer.status.as_str().to_owned();
+                let final_answer = matches!(answer.status.as_u16(), 200 | 400 | 409 | 422);
+                if final_answer {
+                    match parse_answer(answer.status, &answer.body) {
+                        Ok(record) => (label, Ok(record)),
+                        Err(e) => ("bad_answer".to_owned(), Err(format!("{label} with an unreadable body: {e}"))),
+                    }
+                } else {
+                    let detail = String::from_utf8_lossy(&answer.body[..answer.body.len().min(200)]).into_owned();
+                    let retriable = answer.status.is_server_error() || answer.status == StatusCode::REQUEST_TIMEOUT;
+                    if !retriable {
+                        return Err(format!("{label}: {detail}"));
+                    }
+                    let error = format!("{label}: {detail}");
+                    (label, Err(error))
+                }
+            }
+            Err(AttemptError::Timeout(t)) => ("timeout".to_owned(), Err(format!("no answer within {t:?}"))),
+            Err(e @ AttemptError::Connection(_)) => ("connection_error".to_owned(), Err(e.to_string())),
+        };
+        if let Some((state, second)) = counting {
+            let mut state = state.borrow_mut();
+            *state.status_counts.entry(label).or_default() += 1;
+            if outcome.is_err() {
+                state.errors += 1;
+                if let Some((_, errors)) = second.and_then(|s| state.seconds.get_mut(s)) {
+                    *errors += 1;
+                }
+            }
+            if attempt > 0 {
+                state.retries += 1;
+            }
+        }
+        let last_error = match outcome {
+            Ok(record) => return Ok(record),
+            Err(e) => e,
+        };
+        if Instant::now() + backoff > drain_deadline {
+            return Err(last_error);
+        }
+        glommio::timer::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+    unreachable!("the loop returns")
+}
+
+/// The parts of a movement answer loadgen keeps.
+#[derive(Deserialize)]
+struct MovementAnswer {
+    partition: Option<u32>,
+    offset: Option<u64>,
+    verdict: Option<String>,
+    code: Option<String>,
+    original_offset: Option<u64>,
+    #[serde(default)]
+    replayed: bool,
+    #[serde(default)]
+    digest: String,
+    error: Option<ErrorBody>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    code: String,
+}
+
+fn parse_answer(status: StatusCode, body: &[u8]) -> anyhow::Result<AnswerRecord> {
+    let answer: MovementAnswer = serde_json::from_slice(body)?;
+    let (Some(partition), Some(offset)) = (answer.partition, answer.offset) else {
+        bail!("no partition and offset");
+    };
+    let verdict = answer.verdict.as_deref().unwrap_or_default();
+    let (decision, offset) = match (status.as_u16(), verdict) {
+        (200, "accepted") => (Some(Decision::Accepted), offset),
+        (422, "rejected") => (Some(Decision::Rejected), offset),
+        // The instance no longer holds the original's answer: only its offset is known.
+        (200, "replay") => (None, answer.original_offset.context("a replay without original_offset")?),
+        (409 | 400, _) => (None, answer.original_offset.unwrap_or(offset)),
+        (status, verdict) => bail!("status {status} with verdict {verdict:?}"),
+    };
+    Ok(AnswerRecord {
+        http_status: status.as_u16(),
+        partition,
+        offset,
+        decision,
+        code: answer.code.or(answer.error.map(|e| e.code)),
+        replayed: answer.replayed,
+        digest: answer.digest,
+    })
+}
+
+/// Reads every run SKU's stock from every instance, per partition, until each table's
+/// certified watermark reaches the ledger (spec: Loadgen.StockReadAfterLedger).
+async fn read_stock(config: &RunConfig, ledger: &Ledger, partitions: u32) -> Vec<StockTable> {
+    let mut highest: BTreeMap<u32, u64> = BTreeMap::new();
+    for entry in &ledger.entries {
+        let top = highest.entry(entry.answer.partition).or_default();
+        *top = (*top).max(entry.answer.offset);
+    }
+    let skus = config.workload.all_skus();
+    let deadline = Instant::now() + config.stock_read_wait;
+    let mut tasks = Vec::new();
+    for target in config.targets.clone() {
+        let (skus, highest, prefix, timeout) =
+            (skus.clone(), highest.clone(), ledger.run_prefix.clone(), config.request_timeout);
+        tasks.push(glommio::spawn_local(async move {
+            let mut connection = Connection::new(target);
+            let mut tables = Vec::new();
+            for partition in 0..partitions {
+                let need = highest.get(&partition).copied();
+                loop {
+                    let table = read_table(&mut connection, partition, &skus, &prefix, timeout).await;
+                    let caught_up = match (need, table.certified_watermark) {
+                        (None, _) => true,
+                        (Some(need), Some(seen)) => seen >= need,
+                        (Some(_), None) => false,
+                    };
+                    if caught_up || Instant::now() >= deadline {
+                        tables.push(table);
+                        break;
+                    }
+                    glommio::timer::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            tables
+        }));
+    }
+    let mut tables = Vec::new();
+    for task in tasks {
+        tables.extend(task.await);
+    }
+    tables
+}
+
+async fn read_table(
+    connection: &mut Connection,
+    partition: u32,
+    skus: &[String],
+    prefix: &str,
+    timeout: Duration,
+) -> StockTable {
+    #[derive(Deserialize)]
+    struct Level {
+        warehouse: String,
+        qty: i64,
+    }
+    #[derive(Deserialize)]
+    struct BySku {
+        certified_watermark: Option<u64>,
+        levels: Vec<Level>,
+    }
+    let mut table = StockTable {
+        instance: connection.target().url.clone(),
+        partition,
+        certified_watermark: None,
+        levels: Vec::new(),
+    };
+    let mut lowest: Option<Option<u64>> = None;
+    for sku in skus {
+        let path = format!("/v1/stock?sku={sku}&partition={partition}");
+        let read = connection.request(Method::GET, &path, &[], Bytes::new(), timeout).await;
+        let parsed = match read {
+            Ok(answer) if answer.status == StatusCode::OK => serde_json::from_slice::<BySku>(&answer.body).ok(),
+            _ => None,
+        };
+        // An unreadable answer makes the whole table unusable: its watermark is unknown.
+        let Some(by_sku) = parsed else {
+            table.certified_watermark = None;
+            return table;
+        };
+        lowest = Some(match lowest {
+            None => by_sku.certified_watermark,
+            Some(low) => low.min(by_sku.certified_watermark),
+        });
+        for level in by_sku.levels.into_iter().filter(|l| prefix.is_empty() || l.warehouse.starts_with(prefix)) {
+            table.levels.push(StockRow { warehouse: level.warehouse, sku: sku.clone(), qty: level.qty });
+        }
+    }
+    table.certified_watermark = lowest.flatten();
+    table.levels.sort();
+    table
+}
+
+/// The live progress bar (or plain lines without a terminal).
+struct Progress {
+    bar: Option<ProgressBar>,
+    task: glommio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    /// After the schedule's end; waits for the ticking task, which shares the state.
+    async fn finish(self, state: &Rc<RefCell<State>>) {
+        self.task.await;
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
+        let state = state.borrow();
+        eprintln!(
+            "loadgen: schedule done: {} answered, {} errors, {} retries, {} unresolved",
+            state.answered,
+            state.errors,
+            state.retries,
+            state.ledger.unresolved.len()
+        );
+    }
+}
+
+fn spawn_progress(config: &RunConfig, state: &Rc<RefCell<State>>, schedule: Schedule) -> Progress {
+    let total = config.scheduled_requests();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar
+    });
+    let (task_bar, state, end) = (bar.clone(), state.clone(), schedule.end);
+    let task = glommio::spawn_local(async move {
+        let (mut last_answered, mut ticks) = (0u64, 0u32);
+        while Instant::now() < end {
+            glommio::timer::sleep(PROGRESS_INTERVAL).await;
+            ticks += 1;
+            let state = state.borrow();
+            let rate = state.answered - last_answered;
+            last_answered = state.answered;
+            let message = format!(
+                "{rate} answers/s, errors {}, retries {}, p99 so far {:.1} ms",
+                state.errors,
+                state.retries,
+                state.histogram.value_at_quantile(0.99) as f64 / 1000.0
+            );
+            match &task_bar {
+                Some(bar) => {
+                    bar.set_position(state.answered);
+                    bar.set_message(message);
+                }
+                None if ticks % PROGRESS_LINE_EVERY == 0 => eprintln!("loadgen: {}/{total} {message}", state.answered),
+                None => {}
+            }
+        }
+    })
+    .detach();
+    Progress { bar, task }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_become_ledger_records() {
+        let accepted =
+            br#"{"key":"k","partition":0,"offset":7,"verdict":"accepted","version":1,"digest":"ab","replayed":false}"#;
+        let record = parse_answer(StatusCode::OK, accepted).unwrap();
+        assert_eq!((record.offset, record.decision, record.replayed), (7, Some(Decision::Accepted), false));
+
+        let rejected = br#"{"partition":0,"offset":9,"verdict":"rejected","code":"insufficient_stock","digest":"cd","replayed":true,"replay_offset":12,"error":{"code":"insufficient_stock","message":"m"}}"#;
+        let record = parse_answer(StatusCode::UNPROCESSABLE_ENTITY, rejected).unwrap();
+        assert_eq!((record.offset, record.decision, record.replayed), (9, Some(Decision::Rejected), true));
+        assert_eq!(record.code.as_deref(), Some("insufficient_stock"));
+
+        let evicted =
+            br#"{"partition":0,"offset":40,"verdict":"replay","original_offset":3,"digest":"ef","replayed":true}"#;
+        let record = parse_answer(StatusCode::OK, evicted).unwrap();
+        assert_eq!((record.offset, record.decision), (3, None));
+
+        assert!(parse_answer(StatusCode::OK, b"{\"partition\":0}").is_err());
+        assert!(parse_answer(StatusCode::OK, b"not json").is_err());
+        assert!(parse_answer(StatusCode::OK, br#"{"partition":0,"offset":1,"verdict":"rejected"}"#).is_err());
+    }
+}
