@@ -242,7 +242,7 @@ fn usher_config(shard_count: u16, warden: WardenConfig) -> impl Fn(u32) -> Usher
 
 fn write_status(layout: &Layout, status: &Status) {
     let bytes = serde_json::to_vec_pretty(status).expect("status serialises");
-    if let Err(e) = ledger_io::write_atomically(&layout.status_path(), &bytes) {
+    if let Err(e) = ledger_io::replace_file(&layout.status_path(), &bytes) {
         warn!("could not write {}: {e}", layout.status_path().display());
     }
 }

@@ -18,7 +18,8 @@ use crate::workload::{Generator, Mix, Popularity, WorkloadConfig};
 
 #[derive(Args)]
 pub struct BulkArgs {
-    /// Commands to pre-fill the log with (the opening stock first, then the mix).
+    /// Commands to pre-fill the log with: the opening stock (--warehouses × --skus
+    /// adjustments) first, then the mix.
     #[arg(long)]
     events: u64,
     /// The log: `local:DIR` (default: a `log` directory under --work-dir) or
@@ -38,9 +39,9 @@ pub struct BulkArgs {
     /// Holds the commands, the local log and the cluster's data; must not exist yet or be empty.
     #[arg(long, default_value = "target/bench/bulk")]
     work_dir: PathBuf,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 10)]
     warehouses: u32,
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 1_000)]
     skus: u32,
     #[arg(long, default_value_t = 16)]
     kits: u32,
@@ -64,6 +65,13 @@ pub fn bulk(args: BulkArgs) -> anyhow::Result<()> {
     }
     if args.work_dir.exists() && std::fs::read_dir(&args.work_dir)?.next().is_some() {
         bail!("{} is not empty: bulk needs a fresh log and fresh instances", args.work_dir.display());
+    }
+    let opening = u64::from(args.warehouses) * u64::from(args.skus);
+    if args.events <= opening {
+        bail!(
+            "--events {} is no more than the opening stock ({opening} adjustments): the mix would never run",
+            args.events
+        );
     }
     std::fs::create_dir_all(&args.work_dir).with_context(|| format!("creating {}", args.work_dir.display()))?;
     let log = args.log.clone().unwrap_or_else(|| format!("local:{}", args.work_dir.join("log").display()));

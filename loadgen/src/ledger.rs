@@ -54,11 +54,17 @@ pub struct Unresolved {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ledger {
-    /// Every name (warehouse, SKU) of the run starts with it, so the run's stock starts empty.
+    /// Every name (warehouse, SKU) of the run starts with it (`lg1a2b3c4d-`, separator
+    /// included), so the run's stock starts empty.
     pub run_prefix: String,
     pub entries: Vec<LedgerEntry>,
     #[serde(default)]
     pub unresolved: Vec<Unresolved>,
+    /// Answers that were not what the API promises: an unreadable body, a verdict that does
+    /// not fit the status, or a replay on a key's very first submission (the key existed
+    /// before the run, so the command was never applied by it).
+    #[serde(default)]
+    pub bad_answers: Vec<String>,
 }
 
 /// One stock level as read through `GET /v1/stock?sku=`. Signed, so a doctored or broken

@@ -194,7 +194,10 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     serde_json::from_slice(&bytes).with_context(|| format!("{} is not what loadgen wrote", path.display()))
 }
 
+/// Streamed through a buffer: a ledger of a long run is hundreds of MB as one string.
 fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
-    let bytes = serde_json::to_vec_pretty(value).context("serialising")?;
-    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    serde_json::to_writer_pretty(&mut out, value).with_context(|| format!("writing {}", path.display()))?;
+    std::io::Write::flush(&mut out).with_context(|| format!("writing {}", path.display()))
 }

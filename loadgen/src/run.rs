@@ -3,7 +3,7 @@
 //! connections are tasks sharing one `RefCell`ed state, so nothing is locked.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::io::IsTerminal;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -26,6 +26,9 @@ const HISTOGRAM_MAX_US: u64 = 120_000_000;
 /// Answered keys a duplicate may be drawn from (the most recent ones): bounded, and recent
 /// enough that the instance still holds the original answer.
 const RECENT_KEYS: usize = 4096;
+/// A duplicate resends only a key answered this recently: well inside the Warden's
+/// 5-minute TTL, past which the cluster rightly treats the key as new.
+const DUPLICATE_MAX_AGE: Duration = Duration::from_secs(120);
 const BACKOFF_INITIAL: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -141,8 +144,8 @@ struct Schedule {
 
 struct State {
     ledger: Ledger,
-    index: HashMap<String, usize>,
-    recent: VecDeque<usize>,
+    /// (ledger index, when answered) of the latest answered keys.
+    recent: VecDeque<(usize, Instant)>,
     histogram: Histogram<u64>,
     /// Per second of intended time (measured window): latency and errors.
     seconds: Vec<(Histogram<u64>, u64)>,
@@ -163,11 +166,11 @@ impl State {
         let expected = config.scheduled_requests() as usize;
         Self {
             ledger: Ledger {
-                run_prefix: config.workload.run_prefix.clone(),
+                run_prefix: format!("{}-", config.workload.run_prefix),
                 entries: Vec::with_capacity(expected),
                 unresolved: Vec::new(),
+                bad_answers: Vec::new(),
             },
-            index: HashMap::with_capacity(expected),
             recent: VecDeque::with_capacity(RECENT_KEYS),
             histogram: histogram(),
             seconds: (0..seconds).map(|_| (second(), 0)).collect(),
@@ -183,12 +186,11 @@ impl State {
 
     fn record_entry(&mut self, key: String, command: InventoryCommand, answer: AnswerRecord) {
         let index = self.ledger.entries.len();
-        self.index.insert(key.clone(), index);
         self.ledger.entries.push(LedgerEntry { key, command, answer, duplicates: Vec::new() });
         if self.recent.len() == RECENT_KEYS {
             self.recent.pop_front();
         }
-        self.recent.push_back(index);
+        self.recent.push_back((index, Instant::now()));
     }
 
     fn figures(&self, config: &RunConfig, schedule: Schedule) -> RunFigures {
@@ -251,15 +253,22 @@ async fn wait_until_ready(config: &RunConfig) -> anyhow::Result<u32> {
                 Err(e) => bail!("{} is not reachable after {:?}: {e}", target.url, config.ready_timeout),
             }
         }
-        let cluster = connection
-            .request(Method::GET, "/v1/cluster", &[], Bytes::new(), Duration::from_secs(5))
-            .await
-            .with_context(|| format!("GET {}/v1/cluster", target.url))?;
-        let cluster: serde_json::Value = serde_json::from_slice(&cluster.body)
-            .with_context(|| format!("{}/v1/cluster did not answer JSON", target.url))?;
-        if let Some(count) = cluster["partitions"].as_array().map(Vec::len).filter(|n| *n > 0) {
-            partitions = partitions.max(count as u32);
-        }
+        // The partition count decides which stock tables the verifier needs: unknown is an error.
+        let count = loop {
+            let answer =
+                connection.request(Method::GET, "/v1/cluster", &[], Bytes::new(), Duration::from_secs(5)).await;
+            let count = answer
+                .ok()
+                .and_then(|a| serde_json::from_slice::<serde_json::Value>(&a.body).ok())
+                .and_then(|cluster| cluster["partitions"].as_array().map(Vec::len))
+                .filter(|n| *n > 0);
+            match count {
+                Some(count) => break count,
+                None if Instant::now() < deadline => glommio::timer::sleep(Duration::from_millis(200)).await,
+                None => bail!("{}/v1/cluster never named its partitions", target.url),
+            }
+        };
+        partitions = partitions.max(count as u32);
     }
     Ok(partitions)
 }
@@ -278,7 +287,9 @@ async fn open_stock(config: &RunConfig, state: &Rc<RefCell<State>>) -> anyhow::R
                 let Some((i, command)) = queue.borrow_mut().pop_front() else { return Ok(()) };
                 let key = format!("{}-open-{i}", config.workload.run_prefix);
                 let body = Bytes::from(serde_json::to_vec(&command).expect("commands serialise"));
-                match submit(&mut connection, &key, &body, config.request_timeout, deadline, None).await {
+                let submitted =
+                    submit(&mut connection, &config.targets, &key, &body, config.request_timeout, deadline, None);
+                match submitted.await.map(|answer| answer.record) {
                     Ok(answer) if answer.decision == Some(Decision::Accepted) => {
                         state.borrow_mut().record_entry(key, command, answer)
                     }
@@ -320,7 +331,8 @@ async fn connection_loop(
         let duplicate_of = if generator.wants_duplicate() {
             let state = state.borrow();
             let pick = generator.pick(state.recent.len());
-            state.recent.get(pick).copied()
+            let fresh = state.recent.get(pick).filter(|(_, answered_at)| answered_at.elapsed() < DUPLICATE_MAX_AGE);
+            fresh.map(|(index, _)| *index)
         } else {
             None
         };
@@ -334,13 +346,16 @@ async fn connection_loop(
         let body = Bytes::from(serde_json::to_vec(&command).expect("commands serialise"));
         let measured = intended >= schedule.measure_from;
         let second = measured.then(|| (intended - schedule.measure_from).as_secs() as usize);
-        let result =
-            submit(&mut connection, &key, &body, config.request_timeout, drain_deadline, Some((state, second))).await;
-        // spec: Loadgen.LatencyFromIntendedTime, Loadgen.WarmupExcluded
+        let counting = Some((state, second));
+        let submitted =
+            submit(&mut connection, &config.targets, &key, &body, config.request_timeout, drain_deadline, counting);
+        let result = submitted.await;
+        // spec: Loadgen.LatencyFromIntendedTime, Loadgen.WarmupExcluded — final answers only:
+        // a command given up on is a violation, not a latency sample.
         let answered_at = Instant::now();
         let latency_us = (answered_at - intended).as_micros().min(u128::from(HISTOGRAM_MAX_US)) as u64;
         let mut state = state.borrow_mut();
-        if let Some(second) = second {
+        if let (Some(second), Ok(_)) = (second, &result) {
             state.histogram.saturating_record(latency_us.max(1));
             if let Some((h, _)) = state.seconds.get_mut(second) {
                 h.saturating_record(latency_us.max(1));
@@ -350,10 +365,17 @@ async fn connection_loop(
         }
         state.answered += 1;
         match (result, duplicate_of) {
-            (Ok(answer), None) => state.record_entry(key, command, answer),
+            (Ok(answer), None) => {
+                // spec: Loadgen.AnswersWellFormed — a fresh key cannot exist already.
+                if answer.record.replayed && answer.first_attempt {
+                    let bad = format!("key {key} was a replay on its first submission: it existed before the run");
+                    state.ledger.bad_answers.push(bad);
+                }
+                state.record_entry(key, command, answer.record)
+            }
             (Ok(answer), Some(index)) => {
                 state.duplicates += 1;
-                state.ledger.entries[index].duplicates.push(answer);
+                state.ledger.entries[index].duplicates.push(answer.record);
             }
             // spec: Loadgen.UnresolvedIsViolation
             (Err(last_error), _) => state.ledger.unresolved.push(Unresolved { key, command, last_error }),
@@ -367,12 +389,13 @@ async fn connection_loop(
 /// not part of the figures.
 async fn submit(
     connection: &mut Connection,
+    targets: &[Target],
     key: &str,
     body: &Bytes,
     timeout: Duration,
     drain_deadline: Instant,
     counting: Option<(&Rc<RefCell<State>>, Option<usize>)>,
-) -> Result<AnswerRecord, String> {
+) -> Result<Submitted, String> {
     let mut backoff = BACKOFF_INITIAL;
     for attempt in 0u32.. {
         let result =
@@ -384,7 +407,14 @@ async fn submit(
                 if final_answer {
                     match parse_answer(answer.status, &answer.body) {
                         Ok(record) => (label, Ok(record)),
-                        Err(e) => ("bad_answer".to_owned(), Err(format!("{label} with an unreadable body: {e}"))),
+                        Err(e) => {
+                            // spec: Loadgen.AnswersWellFormed — retried, and still a violation.
+                            let bad = format!("key {key}: {label} with an unreadable body: {e}");
+                            if let Some((state, _)) = counting {
+                                state.borrow_mut().ledger.bad_answers.push(bad.clone());
+                            }
+                            ("bad_answer".to_owned(), Err(bad))
+                        }
                     }
                 } else {
                     let detail = String::from_utf8_lossy(&answer.body[..answer.body.len().min(200)]).into_owned();
@@ -399,6 +429,11 @@ async fn submit(
             Err(AttemptError::Timeout(t)) => ("timeout".to_owned(), Err(format!("no answer within {t:?}"))),
             Err(e @ AttemptError::Connection(_)) => ("connection_error".to_owned(), Err(e.to_string())),
         };
+        // A lost or silent instance: the same key is safe on any other (Gateway.ReplayReturnsOriginal).
+        if matches!(label.as_str(), "timeout" | "connection_error") && targets.len() > 1 {
+            let next = targets.iter().position(|t| t == connection.target()).map_or(0, |i| (i + 1) % targets.len());
+            *connection = Connection::new(targets[next].clone());
+        }
         if let Some((state, second)) = counting {
             let mut state = state.borrow_mut();
             *state.status_counts.entry(label).or_default() += 1;
@@ -413,16 +448,26 @@ async fn submit(
             }
         }
         let last_error = match outcome {
-            Ok(record) => return Ok(record),
+            Ok(record) => return Ok(Submitted { record, first_attempt: attempt == 0 }),
             Err(e) => e,
         };
         if Instant::now() + backoff > drain_deadline {
             return Err(last_error);
         }
-        glommio::timer::sleep(backoff).await;
+        // Jitter (up to half the backoff, from the key), so connections refused together do
+        // not retry together.
+        let spread = key.bytes().fold(u64::from(attempt), |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        let jitter = Duration::from_nanos(spread % (backoff.as_nanos() as u64 / 2 + 1));
+        glommio::timer::sleep(backoff + jitter).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
     unreachable!("the loop returns")
+}
+
+/// A final answer, and whether the very first attempt got it.
+struct Submitted {
+    record: AnswerRecord,
+    first_attempt: bool,
 }
 
 /// The parts of a movement answer loadgen keeps.

@@ -31,6 +31,7 @@ const CONSERVATION_PER_SKU: &str = "conservation_per_sku";
 const NON_NEGATIVE: &str = "non_negative";
 const INSTANCES_IDENTICAL: &str = "instances_identical";
 const UNRESOLVED: &str = "unresolved";
+const ANSWERS_WELL_FORMED: &str = "answers_well_formed";
 
 const HTTP_OK: u16 = 200;
 const HTTP_UNPROCESSABLE: u16 = 422;
@@ -97,6 +98,7 @@ pub fn verify(ledger: &Ledger, tables: &[StockTable]) -> Verification {
             check_non_negative(tables),
             check_instances_identical(ledger, tables),
             check_unresolved(ledger),
+            check_answers_well_formed(ledger),
         ],
     }
 }
@@ -710,6 +712,15 @@ fn check_unresolved(ledger: &Ledger) -> Check {
     check
 }
 
+// spec: Loadgen.AnswersWellFormed
+fn check_answers_well_formed(ledger: &Ledger) -> Check {
+    let mut check = Check::new(ANSWERS_WELL_FORMED);
+    for bad in &ledger.bad_answers {
+        check.fail(|| bad.clone());
+    }
+    check
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -717,7 +728,7 @@ mod tests {
     use tribunal_shards::inventory::KitComponent;
 
     const PREFIX: &str = "r1-";
-    const ALL_CHECKS: [&str; 7] = [
+    const ALL_CHECKS: [&str; 8] = [
         EXACTLY_ONCE,
         DECISIONS_SERIALIZABLE,
         TOTALS,
@@ -725,6 +736,7 @@ mod tests {
         NON_NEGATIVE,
         INSTANCES_IDENTICAL,
         UNRESOLVED,
+        ANSWERS_WELL_FORMED,
     ];
 
     fn transfer(sku: &str, from: &str, to: &str, qty: u64) -> InventoryCommand {
@@ -803,6 +815,7 @@ mod tests {
                 entry("r1-1-1", adjust("r1-c", "r1-w1", -2), answer(1, 1, None)),
             ],
             unresolved: Vec::new(),
+            bad_answers: Vec::new(),
         }
     }
 
@@ -1069,6 +1082,16 @@ mod tests {
         let check = get(&verification, UNRESOLVED);
         assert_eq!(check.failures, 1);
         assert!(check.examples[0].contains("r1-0-9"), "{check:#?}");
+    }
+
+    #[test]
+    fn a_bad_answer_fails_answers_well_formed() {
+        // spec: Loadgen.AnswersWellFormed
+        let mut ledger = consistent_ledger();
+        ledger.bad_answers.push("key r1-0-3: 200 with an unreadable body".into());
+        let verification = verify(&ledger, &consistent_tables());
+        assert_eq!(failed(&verification), [ANSWERS_WELL_FORMED]);
+        assert!(!verification.ok());
     }
 
     #[test]

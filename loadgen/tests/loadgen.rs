@@ -139,6 +139,7 @@ fn a_short_run_against_a_cluster_keeps_every_invariant_and_its_verifier_catches_
         "non_negative",
         "instances_identical",
         "unresolved",
+        "answers_well_formed",
     ] {
         assert!(checks.contains(&name), "{name} missing from {checks:?}");
     }
