@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
 
-use crate::workload::{Generator, Mix, Popularity, WorkloadConfig};
+use crate::workload::{Generator, ShapeArgs};
 
 #[derive(Args)]
 pub struct BulkArgs {
@@ -39,18 +39,8 @@ pub struct BulkArgs {
     /// Holds the commands, the local log and the cluster's data; must not exist yet or be empty.
     #[arg(long, default_value = "target/bench/bulk")]
     work_dir: PathBuf,
-    #[arg(long, default_value_t = 10)]
-    warehouses: u32,
-    #[arg(long, default_value_t = 1_000)]
-    skus: u32,
-    #[arg(long, default_value_t = 16)]
-    kits: u32,
-    #[arg(long, default_value = "transfer=70,adjust=20,kit=10")]
-    mix: Mix,
-    #[arg(long, default_value = "zipf:1.1")]
-    popularity: Popularity,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    #[command(flatten)]
+    shape: ShapeArgs,
     #[arg(long)]
     summary_json: Option<PathBuf>,
 }
@@ -66,7 +56,7 @@ pub fn bulk(args: BulkArgs) -> anyhow::Result<()> {
     if args.work_dir.exists() && std::fs::read_dir(&args.work_dir)?.next().is_some() {
         bail!("{} is not empty: bulk needs a fresh log and fresh instances", args.work_dir.display());
     }
-    let opening = u64::from(args.warehouses) * u64::from(args.skus);
+    let opening = u64::from(args.shape.warehouses) * u64::from(args.shape.skus);
     if args.events <= opening {
         bail!(
             "--events {} is no more than the opening stock ({opening} adjustments): the mix would never run",
@@ -148,17 +138,7 @@ pub fn bulk(args: BulkArgs) -> anyhow::Result<()> {
 
 /// The commands as the envelopes `tribunal log append` takes, one per line.
 fn write_commands(args: &BulkArgs, path: &Path) -> anyhow::Result<()> {
-    let config = WorkloadConfig {
-        run_prefix: "bulk".into(),
-        warehouses: args.warehouses,
-        skus: args.skus,
-        kits: args.kits,
-        mix: args.mix,
-        popularity: args.popularity,
-        duplicate_share: 0.0,
-        initial_stock: 1_000,
-        seed: args.seed,
-    };
+    let config = args.shape.config("bulk".into(), 0.0, 1_000);
     config.check()?;
     let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = std::io::BufWriter::new(file);

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use tribunal_loadgen::client::Target;
 use tribunal_loadgen::ledger::{Ledger, StockTable};
 use tribunal_loadgen::run::{run, RunConfig};
-use tribunal_loadgen::workload::{Mix, Popularity, WorkloadConfig};
+use tribunal_loadgen::workload::ShapeArgs;
 use tribunal_loadgen::{bulk, report, verify};
 
 #[derive(Parser)]
@@ -51,27 +51,14 @@ struct RunArgs {
     /// Keep-alive connections in total (one request in flight on each).
     #[arg(long, default_value_t = 256)]
     connections: usize,
-    #[arg(long, default_value_t = 8)]
-    warehouses: u32,
-    #[arg(long, default_value_t = 256)]
-    skus: u32,
-    /// Kit SKUs, each assembled from 2 or 3 of the SKUs.
-    #[arg(long, default_value_t = 16)]
-    kits: u32,
-    /// Relative weights of the movement kinds.
-    #[arg(long, default_value = "transfer=70,adjust=20,kit=10")]
-    mix: Mix,
-    /// SKU popularity: `uniform` or `zipf:S`.
-    #[arg(long, default_value = "zipf:1.1")]
-    popularity: Popularity,
+    #[command(flatten)]
+    shape: ShapeArgs,
     /// Share of requests that resend an answered key with the same body.
     #[arg(long, default_value_t = 0.02)]
     duplicate_share: f64,
     /// Opening stock of every (warehouse, SKU).
     #[arg(long, default_value_t = 10_000)]
     initial_stock: u64,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
     /// Prefix of every key and name; default: `lg` and 8 random hex digits.
     #[arg(long)]
     run_prefix: Option<String>,
@@ -141,17 +128,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<bool> {
         drain: Duration::from_secs(args.drain_s),
         ready_timeout: Duration::from_secs(args.ready_timeout_s),
         stock_read_wait: Duration::from_secs(args.stock_read_wait_s),
-        workload: WorkloadConfig {
-            run_prefix,
-            warehouses: args.warehouses,
-            skus: args.skus,
-            kits: args.kits,
-            mix: args.mix,
-            popularity: args.popularity,
-            duplicate_share: args.duplicate_share,
-            initial_stock: args.initial_stock,
-            seed: args.seed,
-        },
+        workload: args.shape.config(run_prefix, args.duplicate_share, args.initial_stock),
     };
     std::fs::create_dir_all(&args.out_dir).with_context(|| format!("creating {}", args.out_dir.display()))?;
     let outcome = run(config)?;

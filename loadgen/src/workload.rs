@@ -85,6 +85,42 @@ impl std::str::FromStr for Mix {
     }
 }
 
+/// The workload's shape on the command line, shared by `loadgen run` and `loadgen bulk`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ShapeArgs {
+    #[arg(long, default_value_t = 8)]
+    pub warehouses: u32,
+    #[arg(long, default_value_t = 256)]
+    pub skus: u32,
+    /// Kit SKUs, each assembled from 2 or 3 of the SKUs.
+    #[arg(long, default_value_t = 16)]
+    pub kits: u32,
+    /// Relative weights of the movement kinds.
+    #[arg(long, default_value = "transfer=70,adjust=20,kit=10")]
+    pub mix: Mix,
+    /// SKU popularity: `uniform` or `zipf:S`.
+    #[arg(long, default_value = "zipf:1.1")]
+    pub popularity: Popularity,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl ShapeArgs {
+    pub fn config(&self, run_prefix: String, duplicate_share: f64, initial_stock: u64) -> WorkloadConfig {
+        WorkloadConfig {
+            run_prefix,
+            warehouses: self.warehouses,
+            skus: self.skus,
+            kits: self.kits,
+            mix: self.mix,
+            popularity: self.popularity,
+            duplicate_share,
+            initial_stock,
+            seed: self.seed,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkloadConfig {
     /// Every name starts with it (`lg1a2b3c4d-W3`), so each run's stock starts empty.
