@@ -41,6 +41,7 @@ for _ in range(100):
             t = socket.socket(); t.bind(("127.0.0.1", p)); held.append(t)
         print(base); break
     except OSError: pass')
+[ -n "$http" ] || { echo "no 3 consecutive free ports for the REST API" >&2; exit 1; }
 echo "== tribunal cluster: $INSTANCES instances on $log, REST API on ports $http.."
 "$BIN/tribunal" cluster --instances "$INSTANCES" --log "$log" --data-dir "$WORK/cluster" \
     --http-base-port "$http" > "$OUT/cluster.log" 2>&1 &
@@ -51,7 +52,7 @@ for i in $(seq 0 $((INSTANCES - 1))); do targets+=(--target "http://127.0.0.1:$(
 echo "== loadgen: $RATE requests/s for $DURATION s after $WARMUP s of warm-up, $CONNECTIONS connections"
 status=0
 "$BIN/loadgen" run "${targets[@]}" --rate "$RATE" --duration-s "$DURATION" --warmup-s "$WARMUP" \
-    --connections "$CONNECTIONS" --out-dir "$OUT" --summary-json "$OUT/summary.json" ${LOADGEN_ARGS:-} || status=$?
+    --connections "$CONNECTIONS" --out-dir "$OUT" ${LOADGEN_ARGS:-} || status=$?
 for i in $(seq 0 $((INSTANCES - 1))); do
     curl -s "http://127.0.0.1:$((http + i))/metrics" > "$OUT/metrics-instance-$((i + 1)).txt" || true
 done

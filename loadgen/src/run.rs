@@ -2,7 +2,7 @@
 //! read-back and the verdict. Everything runs on one glommio executor thread: the
 //! connections are tasks sharing one `RefCell`ed state, so nothing is locked.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::IsTerminal;
 use std::rc::Rc;
@@ -80,7 +80,6 @@ pub struct RunOutcome {
     pub figures: RunFigures,
     pub ledger: Ledger,
     pub tables: Vec<StockTable>,
-    pub partitions: u32,
 }
 
 /// Runs the whole thing on a fresh glommio executor thread.
@@ -115,7 +114,7 @@ async fn drive(config: RunConfig) -> anyhow::Result<RunOutcome> {
     let schedule =
         Schedule { start, measure_from: start + config.warmup, end: start + config.warmup + config.duration };
     let drain_deadline = schedule.end + config.drain;
-    let progress = spawn_progress(&config, &state, schedule);
+    let progress = spawn_progress(&config, &state);
     let mut tasks = Vec::with_capacity(config.connections);
     for c in 0..config.connections {
         let (config, state) = (config.clone(), state.clone());
@@ -132,7 +131,7 @@ async fn drive(config: RunConfig) -> anyhow::Result<RunOutcome> {
     let state = Rc::try_unwrap(state).ok().expect("every task ended").into_inner();
     let tables = read_stock(&config, &state.ledger, partitions).await;
     let figures = state.figures(&config, schedule);
-    Ok(RunOutcome { figures, ledger: state.ledger, tables, partitions })
+    Ok(RunOutcome { figures, ledger: state.ledger, tables })
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -146,6 +145,7 @@ struct State {
     ledger: Ledger,
     /// (ledger index, when answered) of the latest answered keys.
     recent: VecDeque<(usize, Instant)>,
+    /// Final answers to the requests intended in the measured window (µs from intended time).
     histogram: Histogram<u64>,
     /// Per second of intended time (measured window): latency and errors.
     seconds: Vec<(Histogram<u64>, u64)>,
@@ -154,7 +154,6 @@ struct State {
     duplicates: u64,
     answered: u64,
     errors: u64,
-    measured: u64,
     last_measured_answer: Option<Instant>,
 }
 
@@ -179,7 +178,6 @@ impl State {
             duplicates: 0,
             answered: 0,
             errors: 0,
-            measured: 0,
             last_measured_answer: None,
         }
     }
@@ -219,8 +217,8 @@ impl State {
             duration_s: config.duration.as_secs_f64(),
             warmup_s: config.warmup.as_secs_f64(),
             connections: config.connections,
-            measured_requests: self.measured,
-            achieved_rate_per_s: self.measured as f64 / window_s,
+            measured_requests: self.histogram.len(),
+            achieved_rate_per_s: self.histogram.len() as f64 / window_s,
             histogram: self.histogram.clone(),
             timeline,
             status_counts: self.status_counts.clone(),
@@ -360,7 +358,6 @@ async fn connection_loop(
             if let Some((h, _)) = state.seconds.get_mut(second) {
                 h.saturating_record(latency_us.max(1));
             }
-            state.measured += 1;
             state.last_measured_answer = Some(answered_at);
         }
         state.answered += 1;
@@ -610,12 +607,16 @@ async fn read_table(
 /// The live progress bar (or plain lines without a terminal).
 struct Progress {
     bar: Option<ProgressBar>,
+    /// Set once every connection is done; the ticking task then ends within a tick.
+    done: Rc<Cell<bool>>,
     task: glommio::task::JoinHandle<()>,
 }
 
 impl Progress {
-    /// After the schedule's end; waits for the ticking task, which shares the state.
+    /// After every connection is done (an overloaded cluster answers the schedule's last
+    /// requests well after its end); waits for the ticking task, which shares the state.
     async fn finish(self, state: &Rc<RefCell<State>>) {
+        self.done.set(true);
         self.task.await;
         if let Some(bar) = self.bar {
             bar.finish_and_clear();
@@ -631,7 +632,7 @@ impl Progress {
     }
 }
 
-fn spawn_progress(config: &RunConfig, state: &Rc<RefCell<State>>, schedule: Schedule) -> Progress {
+fn spawn_progress(config: &RunConfig, state: &Rc<RefCell<State>>) -> Progress {
     let total = config.scheduled_requests();
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(total);
@@ -642,10 +643,11 @@ fn spawn_progress(config: &RunConfig, state: &Rc<RefCell<State>>, schedule: Sche
         );
         bar
     });
-    let (task_bar, state, end) = (bar.clone(), state.clone(), schedule.end);
+    let done = Rc::new(Cell::new(false));
+    let (task_bar, state, task_done) = (bar.clone(), state.clone(), done.clone());
     let task = glommio::spawn_local(async move {
         let (mut last_answered, mut ticks) = (0u64, 0u32);
-        while Instant::now() < end {
+        while !task_done.get() {
             glommio::timer::sleep(PROGRESS_INTERVAL).await;
             ticks += 1;
             let state = state.borrow();
@@ -668,7 +670,7 @@ fn spawn_progress(config: &RunConfig, state: &Rc<RefCell<State>>, schedule: Sche
         }
     })
     .detach();
-    Progress { bar, task }
+    Progress { bar, done, task }
 }
 
 #[cfg(test)]

@@ -148,6 +148,10 @@ impl WorkloadConfig {
         if self.mix.kit > 0 && self.kits == 0 {
             bail!("the mix has kits but --kits is 0");
         }
+        // Opening stock is one adjustment per (warehouse, SKU): within a movement's bounds.
+        if !(1..=tribunal_shards::inventory::MAX_MOVEMENT_QTY).contains(&self.initial_stock) {
+            bail!("--initial-stock must be 1..={}", tribunal_shards::inventory::MAX_MOVEMENT_QTY);
+        }
         if !(0.0..1.0).contains(&self.duplicate_share) {
             bail!("--duplicate-share must be in [0, 1)");
         }
@@ -182,7 +186,7 @@ impl WorkloadConfig {
                 commands.push(InventoryCommand::Adjust {
                     sku: self.sku(s).into(),
                     warehouse: self.warehouse(w).into(),
-                    delta: i64::try_from(self.initial_stock).unwrap_or(i64::MAX),
+                    delta: i64::try_from(self.initial_stock).expect("checked: at most MAX_MOVEMENT_QTY"),
                     reason: "loadgen opening stock".into(),
                 });
             }
@@ -361,6 +365,9 @@ mod tests {
         assert!("zipf".parse::<Popularity>().is_err());
         assert!("transfer=1,teleport=2".parse::<Mix>().is_err());
         assert!("transfer=0".parse::<Mix>().is_err());
+        let mut no_stock = config(Popularity::Uniform);
+        no_stock.initial_stock = 0;
+        assert!(no_stock.check().is_err());
         assert_eq!("kit=2,transfer=1".parse::<Mix>().unwrap(), Mix { transfer: 1, adjust: 0, kit: 2 });
     }
 }
