@@ -13,7 +13,7 @@ KAFKA ?= 0
 EVENTS ?= 100000
 RUN_DIR ?= target/run
 
-.PHONY: run test lint test-rust specs tools bench bench-core bench-bulk bench-engine bench-kafka bench-federation clean
+.PHONY: run test lint test-rust specs chaos-ci chaos tools bench bench-core bench-bulk bench-engine bench-kafka bench-federation clean
 
 ## run: the main job on the embedded default. A sample workload is appended to a local
 ## log in $(RUN_DIR), a 3-instance federation (`tribunal cluster`) processes it until every
@@ -29,8 +29,9 @@ else
 	EVENTS=$(EVENTS) RUN_DIR=$(RUN_DIR) scripts/run-cluster.sh
 endif
 
-## test: install missing tools, then formatting, clippy (warnings denied), every Rust test, and the specs.
-test: tools lint test-rust specs
+## test: install missing tools, then formatting, clippy (warnings denied), every Rust test,
+## the specs, and the resilience suite at CI size.
+test: tools lint test-rust specs chaos-ci
 
 ## tools: allium-cli for the specs, tansu, the Kafka broker the tests start (about
 ## 21 minutes to build cold; cached in ~/.cargo/bin afterwards), and schemathesis (PyPI,
@@ -56,6 +57,30 @@ specs: tools
 	@out=$$(allium check specs/*.allium) || { echo "$$out"; echo "allium check failed"; exit 1; }; \
 	if grep -q '"severity": "error"' <<<"$$out"; then echo "$$out"; echo "allium check: errors in specs/"; exit 1; fi; \
 	echo "allium check: specs/*.allium, no error-severity diagnostics ($$(grep -c '"severity"' <<<"$$out") info/warning)"
+
+## chaos: the resilience suite at full size (loadgen chaos, specs/chaos.allium): every
+## scenario with $(CHAOS_EVENTS) commands at $(CHAOS_RATE) requests/s, on 2 and 3 instances,
+## SIGKILL at a seeded random moment, then loadgen's verifier, `tribunal inspect` and the
+## published outputs. The kills run on the local log and broker-restart on a tansu broker;
+## KAFKA=1 runs every scenario on Kafka. Table on stdout, rows in target/chaos/summary.json.
+CHAOS_EVENTS ?= 100000
+CHAOS_RATE ?= 2000
+ifeq ($(KAFKA),1)
+CHAOS_LOGS := --log kafka
+else
+CHAOS_LOGS := --log local --log kafka
+endif
+chaos: tools
+	$(CARGO) build --release -p tribunal -p tribunal-loadgen
+	target/release/loadgen chaos --events $(CHAOS_EVENTS) --rate $(CHAOS_RATE) $(CHAOS_LOGS) \
+		--out-dir target/chaos $(if $(SEED),--seed $(SEED))
+
+## chaos-ci: the same scenarios at CI size (5,000 commands at 1,000 requests/s each);
+## any violation fails `make test`.
+chaos-ci: tools
+	$(CARGO) build --release -p tribunal -p tribunal-loadgen
+	target/release/loadgen chaos --events 5000 --rate 1000 $(CHAOS_LOGS) --out-dir target/chaos-ci \
+		$(if $(SEED),--seed $(SEED))
 
 ## bench: a 3-instance cluster serving the REST API, driven by loadgen at 10,000 requests/s
 ## for 60 s (open loop, latency from the intended send time), invariants checked at the end;

@@ -2,6 +2,7 @@
 //! (src/main.rs); the modules are a library so the tests can reach the pure parts.
 
 pub mod bulk;
+pub mod chaos;
 pub mod client;
 pub mod ledger;
 pub mod report;

@@ -12,7 +12,7 @@ use tribunal_loadgen::client::Target;
 use tribunal_loadgen::ledger::{Ledger, StockTable};
 use tribunal_loadgen::run::{run, RunConfig};
 use tribunal_loadgen::workload::ShapeArgs;
-use tribunal_loadgen::{bulk, report, verify};
+use tribunal_loadgen::{bulk, chaos, report, verify};
 
 #[derive(Parser)]
 #[command(name = "loadgen", version, about = "Open-loop load, honest latency and invariant checks for Tribunal")]
@@ -31,6 +31,9 @@ enum Command {
     /// Pre-fill a log with N commands and measure certified, durable events/s of a cluster
     /// processing it, without HTTP.
     Bulk(bulk::BulkArgs),
+    /// The resilience suite: SIGKILL instances (or the broker) under load, let them come
+    /// back, and prove nothing was lost, applied twice or published uncertified.
+    Chaos(chaos::ChaosArgs),
 }
 
 #[derive(Args)]
@@ -97,6 +100,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_command(args),
         Command::Verify(args) => verify_command(args),
         Command::Bulk(args) => bulk::bulk(args).map(|()| true),
+        Command::Chaos(args) => chaos::chaos(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

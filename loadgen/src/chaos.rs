@@ -1,0 +1,1214 @@
+//! `loadgen chaos`: the resilience suite (specs/chaos.allium). Each scenario starts a
+//! cluster (`tribunal cluster`, on a local log or a tansu broker started here), drives it
+//! with `loadgen run` at a steady rate, SIGKILLs processes at a seeded random moment,
+//! waits for them to come back, and then checks three independent witnesses: loadgen's
+//! verifier (its ledger against stock read from every instance), the instances' recovered
+//! state (`tribunal inspect`), and the published outputs log (`tribunal log read`).
+//!
+//! The suite only drives processes and reads files; the supervisor restarts the victims,
+//! as it would in production. Plain threads and blocking IO: nothing here is on a hot path.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::ledger::Ledger;
+
+/// The Kafka outputs topic the engine publishes to by default.
+const OUTPUTS_TOPIC: &str = "tribunal.outputs";
+/// How long a victim has to be ready again (spec: Chaos config ready_timeout_ms).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long every instance has to reach the same durable watermark after the load.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Watermarks unchanged for this long count as settled.
+const SETTLE_QUIET: Duration = Duration::from_secs(1);
+/// How long `loadgen run` waits for the cluster at the start and for retries at the end.
+const LOAD_READY_TIMEOUT_S: u64 = 120;
+const LOAD_DRAIN_S: u64 = 180;
+const LOAD_STOCK_READ_WAIT_S: u64 = 120;
+/// Per attempt: short, so that requests stuck on a dead instance move on quickly.
+const LOAD_REQUEST_TIMEOUT_MS: u64 = 5_000;
+/// How often processes and files are polled while waiting for a restart.
+const POLL: Duration = Duration::from_millis(2);
+/// The fault lands between these fractions of the schedule (spec: Chaos.FaultAtSeededMoment).
+const FAULT_WINDOW_PERCENT: (u64, u64) = (20, 60);
+const STOP_GRACE: Duration = Duration::from_secs(30);
+const MAX_RECOVERY_KILL_DELAY_MS: u64 = 50;
+/// broker-restart: how long the broker stays dead, as a real restart would.
+const BROKER_DOWN: Duration = Duration::from_secs(2);
+
+#[derive(Args)]
+pub struct ChaosArgs {
+    /// A scenario to run, or `all` (every scenario that applies to the cluster shape and
+    /// log). Repeatable.
+    #[arg(long = "scenario", default_value = "all")]
+    scenarios: Vec<String>,
+    /// Cluster sizes to run each scenario on. Repeatable; default 2 and 3.
+    #[arg(long = "instances", value_parser = clap::value_parser!(u32).range(2..=3))]
+    shapes: Vec<u32>,
+    /// Commands loadgen schedules per scenario (the opening stock comes on top).
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    /// Requests per second during each scenario.
+    #[arg(long, default_value_t = 2_000)]
+    rate: u64,
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Logs to run on: `local`, or `kafka` (a tansu broker started per scenario). Repeatable:
+    /// each scenario runs once per cluster size, on the first of these logs it applies to,
+    /// so `--log local --log kafka` runs the kills on the local log and broker-restart on
+    /// Kafka. Default: local.
+    #[arg(long = "log", value_enum)]
+    logs: Vec<LogKind>,
+    /// Draws every fault moment; default: random, printed so a failure can be replayed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Per-scenario directories (logs, data, loadgen report) and summary.json.
+    #[arg(long, default_value = "target/chaos")]
+    out_dir: PathBuf,
+    /// The engine binary; default: `tribunal` next to this one.
+    #[arg(long)]
+    tribunal: Option<PathBuf>,
+    /// The Kafka broker binary, for --kafka.
+    #[arg(long, default_value = "tansu")]
+    tansu: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogKind {
+    Local,
+    Kafka,
+}
+
+impl LogKind {
+    fn name(self) -> &'static str {
+        match self {
+            LogKind::Local => "local",
+            LogKind::Kafka => "kafka",
+        }
+    }
+}
+
+/// spec: Chaos.ScenarioKind
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScenarioKind {
+    KillPrimary,
+    KillBackup,
+    KillBoth,
+    KillDuringRecovery,
+    KillAllThree,
+    BrokerRestart,
+}
+
+impl ScenarioKind {
+    pub const ALL: [ScenarioKind; 6] = [
+        ScenarioKind::KillPrimary,
+        ScenarioKind::KillBackup,
+        ScenarioKind::KillBoth,
+        ScenarioKind::KillDuringRecovery,
+        ScenarioKind::KillAllThree,
+        ScenarioKind::BrokerRestart,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ScenarioKind::KillPrimary => "kill-primary",
+            ScenarioKind::KillBackup => "kill-backup",
+            ScenarioKind::KillBoth => "kill-both",
+            ScenarioKind::KillDuringRecovery => "kill-during-recovery",
+            ScenarioKind::KillAllThree => "kill-all-three",
+            ScenarioKind::BrokerRestart => "broker-restart",
+        }
+    }
+
+    /// spec: Chaos.ScenarioApplies
+    pub fn applies(self, instances: u32, log: LogKind) -> bool {
+        match self {
+            ScenarioKind::KillAllThree => instances == 3,
+            ScenarioKind::BrokerRestart => log == LogKind::Kafka,
+            _ => true,
+        }
+    }
+
+    /// The instances SIGKILLed at the fault moment (spec: Chaos.VictimsKilled). Tribunal
+    /// has no primary: "primary" is instance 1 and "backup" instance 2.
+    pub fn victims(self, instances: u32) -> Vec<u32> {
+        match self {
+            ScenarioKind::KillPrimary | ScenarioKind::KillDuringRecovery => vec![1],
+            ScenarioKind::KillBackup => vec![2],
+            ScenarioKind::KillBoth => vec![1, 2],
+            ScenarioKind::KillAllThree => (1..=instances).collect(),
+            ScenarioKind::BrokerRestart => Vec::new(),
+        }
+    }
+}
+
+/// The (log, shape, scenario) triples to run, in order: each selected scenario once per
+/// shape, on the first of `logs` it applies to. A named scenario that applies nowhere is
+/// an error, not a silent skip; `all` takes what applies (spec: Chaos.ScenarioApplies).
+pub fn plan(
+    scenarios: &[String],
+    shapes: &[u32],
+    logs: &[LogKind],
+) -> anyhow::Result<Vec<(LogKind, u32, ScenarioKind)>> {
+    let all = scenarios.iter().any(|s| s == "all");
+    let mut kinds = Vec::new();
+    if all {
+        kinds.extend(ScenarioKind::ALL);
+    } else {
+        for name in scenarios {
+            let kind = ScenarioKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .with_context(|| format!("unknown scenario {name:?}"))?;
+            kinds.push(kind);
+        }
+    }
+    let mut planned = Vec::new();
+    for &instances in shapes {
+        for &kind in &kinds {
+            match logs.iter().find(|&&log| kind.applies(instances, log)) {
+                Some(&log) => planned.push((log, instances, kind)),
+                None if all => {}
+                None => {
+                    let needs = if kind == ScenarioKind::BrokerRestart { "--log kafka" } else { "--instances 3" };
+                    bail!("{} does not apply to {instances} instances on these logs: it needs {needs}", kind.name());
+                }
+            }
+        }
+    }
+    Ok(planned)
+}
+
+/// When the fault lands, after the schedule starts (spec: Chaos.FaultAtSeededMoment).
+pub fn fault_at(seed: u64, index: usize, schedule: Duration) -> Duration {
+    let mut rng = SmallRng::seed_from_u64(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let percent_x100 = rng.random_range(FAULT_WINDOW_PERCENT.0 * 100..FAULT_WINDOW_PERCENT.1 * 100);
+    schedule.mul_f64(percent_x100 as f64 / 10_000.0)
+}
+
+/// kill-during-recovery: the second kill lands this long after the restarted process
+/// says it is recovering, drawn from the seed below [`MAX_RECOVERY_KILL_DELAY_MS`], which
+/// is well inside the shortest recovery measured (about 250 ms from a new process to ready).
+pub fn recovery_kill_delay(seed: u64, index: usize) -> Duration {
+    let mut rng = SmallRng::seed_from_u64(seed.rotate_left(17) ^ index as u64);
+    Duration::from_millis(rng.random_range(0..MAX_RECOVERY_KILL_DELAY_MS))
+}
+
+/// One victim's return. Instance 0 is the broker.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestartRecord {
+    pub instance: u32,
+    pub killed_ms: u64,
+    pub restarted_ms: Option<u64>,
+    pub ready_ms: Option<u64>,
+    /// kill-during-recovery: whether the second kill landed before the instance was ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub killed_while_recovering: Option<bool>,
+}
+
+impl RestartRecord {
+    fn time_to_ready_ms(&self) -> Option<u64> {
+        Some(self.ready_ms? - self.restarted_ms?)
+    }
+}
+
+/// One scenario's outcome: a row of the table and of summary.json.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScenarioRow {
+    pub scenario: String,
+    pub instances: u32,
+    pub log: &'static str,
+    pub seed: u64,
+    /// Records on the input log: the opening stock, the schedule, duplicates and retries.
+    pub events: u64,
+    /// Commands loadgen scheduled after the opening stock.
+    pub scheduled: u64,
+    pub acknowledged: u64,
+    pub retried: u64,
+    pub lost: u64,
+    pub applied_twice: u64,
+    pub violations: Vec<String>,
+    pub fault_at_ms: u64,
+    pub restarts: Vec<RestartRecord>,
+    /// The slowest victim's, from its new process to its /healthz saying ready.
+    pub time_to_ready_ms: Option<u64>,
+    /// The suite could not run the scenario to the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub passed: bool,
+    pub dir: String,
+}
+
+pub fn chaos(args: ChaosArgs) -> anyhow::Result<bool> {
+    let shapes = if args.shapes.is_empty() { vec![2, 3] } else { args.shapes.clone() };
+    let logs = if args.logs.is_empty() { vec![LogKind::Local] } else { args.logs.clone() };
+    let planned = plan(&args.scenarios, &shapes, &logs)?;
+    anyhow::ensure!(args.rate > 0 && args.events >= args.rate, "--events must be at least --rate (one second of load)");
+    let tribunal = match &args.tribunal {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().context("locating loadgen")?.with_file_name("tribunal"),
+    };
+    anyhow::ensure!(tribunal.is_file(), "{} not found: build it or pass --tribunal", tribunal.display());
+    let seed = match args.seed {
+        Some(seed) => seed,
+        None => {
+            let mut bytes = [0u8; 8];
+            getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for the seed: {e}"))?;
+            u64::from_le_bytes(bytes)
+        }
+    };
+    fs::create_dir_all(&args.out_dir).with_context(|| format!("creating {}", args.out_dir.display()))?;
+    eprintln!(
+        "loadgen chaos: {} scenario(s), {} events each at {} req/s, seed {seed}",
+        planned.len(),
+        args.events,
+        args.rate
+    );
+    let mut rows = Vec::new();
+    let mut suite_error = false;
+    for (index, &(log, instances, kind)) in planned.iter().enumerate() {
+        let dir = args.out_dir.join(format!("{}-{instances}x-{}", log.name(), kind.name()));
+        eprintln!(
+            "loadgen chaos: [{}/{}] {} on {instances} instances, {} log",
+            index + 1,
+            planned.len(),
+            kind.name(),
+            log.name()
+        );
+        let fault_after = fault_at(seed, index, schedule_length(args.events, args.rate));
+        let mut row = ScenarioRow {
+            scenario: kind.name().into(),
+            instances,
+            log: log.name(),
+            seed,
+            fault_at_ms: fault_after.as_millis() as u64,
+            dir: dir.display().to_string(),
+            ..ScenarioRow::default()
+        };
+        let recovery_kill_delay = recovery_kill_delay(seed, index);
+        let scenario = Scenario {
+            args: &args,
+            tribunal: &tribunal,
+            kind,
+            log,
+            instances,
+            dir: dir.clone(),
+            fault_after,
+            recovery_kill_delay,
+        };
+        if let Err(error) = scenario.run(&mut row) {
+            eprintln!("loadgen chaos: {} on {instances} instances could not run: {error:#}", kind.name());
+            row.error = Some(format!("{error:#}"));
+            suite_error = true;
+        }
+        row.passed = row.error.is_none() && row.violations.is_empty() && row.lost == 0 && row.applied_twice == 0;
+        print_row(&row);
+        rows.push(row);
+        write_summary(&args.out_dir, seed, &rows)?;
+    }
+    print_table(&mut std::io::stdout().lock(), &rows)?;
+    eprintln!("loadgen chaos: summary in {}", args.out_dir.join("summary.json").display());
+    if suite_error {
+        bail!("the suite could not run every scenario (see the error column)");
+    }
+    Ok(rows.iter().all(|r| r.passed))
+}
+
+fn schedule_length(events: u64, rate: u64) -> Duration {
+    Duration::from_secs(events.div_ceil(rate))
+}
+
+fn write_summary(out_dir: &Path, seed: u64, rows: &[ScenarioRow]) -> anyhow::Result<()> {
+    let path = out_dir.join("summary.json");
+    let summary = serde_json::json!({
+        "seed": seed,
+        "passed": rows.iter().all(|r| r.passed),
+        "scenarios": rows,
+    });
+    fs::write(&path, serde_json::to_vec_pretty(&summary)?).with_context(|| format!("writing {}", path.display()))
+}
+
+fn print_row(row: &ScenarioRow) {
+    let verdict = if row.passed { "passed" } else { "FAILED" };
+    eprintln!(
+        "loadgen chaos: {} on {} instances {verdict}: {} acknowledged, {} retried, {} lost, {} applied twice, violations [{}]{}",
+        row.scenario,
+        row.instances,
+        row.acknowledged,
+        row.retried,
+        row.lost,
+        row.applied_twice,
+        row.violations.join(", "),
+        row.error.as_deref().map(|e| format!(", error: {e}")).unwrap_or_default()
+    );
+}
+
+pub fn print_table(out: &mut impl Write, rows: &[ScenarioRow]) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<22} {:>4} {:<5} {:>8} {:>9} {:>8} {:>7} {:>5} {:>11} {:>9} {:>7}  violations",
+        "scenario",
+        "inst",
+        "log",
+        "events",
+        "scheduled",
+        "acked",
+        "retried",
+        "lost",
+        "dup-applied",
+        "ready-ms",
+        "result"
+    )?;
+    for row in rows {
+        let ready = row.time_to_ready_ms.map_or_else(|| "-".to_string(), |ms| ms.to_string());
+        let result = if row.passed {
+            "passed"
+        } else if row.error.is_some() {
+            "ERROR"
+        } else {
+            "FAILED"
+        };
+        let mut violations = row.violations.join(",");
+        if let Some(error) = &row.error {
+            violations = format!("{violations}{}error: {error}", if violations.is_empty() { "" } else { "; " });
+        }
+        writeln!(
+            out,
+            "{:<22} {:>4} {:<5} {:>8} {:>9} {:>8} {:>7} {:>5} {:>11} {:>9} {:>7}  {}",
+            row.scenario,
+            row.instances,
+            row.log,
+            row.events,
+            row.scheduled,
+            row.acknowledged,
+            row.retried,
+            row.lost,
+            row.applied_twice,
+            ready,
+            result,
+            if violations.is_empty() { "-" } else { &violations }
+        )?;
+    }
+    Ok(())
+}
+
+struct Scenario<'a> {
+    args: &'a ChaosArgs,
+    tribunal: &'a Path,
+    kind: ScenarioKind,
+    log: LogKind,
+    instances: u32,
+    dir: PathBuf,
+    fault_after: Duration,
+    /// kill-during-recovery: how long after the new process says `recovering` it is killed.
+    recovery_kill_delay: Duration,
+}
+
+/// Processes this scenario started; killed on the way out, whatever happened.
+#[derive(Default)]
+struct Processes {
+    cluster: Option<Child>,
+    load: Option<Child>,
+    broker: Option<Broker>,
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in [self.load.as_mut(), self.cluster.as_mut()].into_iter().flatten() {
+            // The supervisor's children die with it (PR_SET_PDEATHSIG).
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(broker) = self.broker.as_mut() {
+            broker.kill();
+        }
+    }
+}
+
+impl Scenario<'_> {
+    fn run(&self, row: &mut ScenarioRow) -> anyhow::Result<()> {
+        if self.dir.exists() {
+            fs::remove_dir_all(&self.dir).with_context(|| format!("clearing {}", self.dir.display()))?;
+        }
+        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        let mut processes = Processes::default();
+        let log = if self.log == LogKind::Kafka {
+            let broker = Broker::start(&self.args.tansu, &self.dir.join("broker"))?;
+            let log = format!("kafka:127.0.0.1:{}", broker.port);
+            processes.broker = Some(broker);
+            log
+        } else {
+            format!("local:{}", self.dir.join("log").display())
+        };
+        let cluster_dir = self.dir.join("cluster");
+        let http_base = free_port_run(self.instances as u16)?;
+        let cluster_log = File::create(self.dir.join("cluster.log"))?;
+        processes.cluster = Some(
+            Command::new(self.tribunal)
+                .args(["cluster", "--instances", &self.instances.to_string(), "--log", &log])
+                .args(["--http-base-port", &http_base.to_string()])
+                .arg("--data-dir")
+                .arg(&cluster_dir)
+                .stdin(Stdio::null())
+                .stdout(cluster_log.try_clone()?)
+                .stderr(cluster_log)
+                .spawn()
+                .context("starting tribunal cluster")?,
+        );
+        let targets: Vec<SocketAddr> =
+            (0..self.instances as u16).map(|i| SocketAddr::from((Ipv4Addr::LOCALHOST, http_base + i))).collect();
+
+        // spec: Chaos.LoadFinishesWithRetries — loadgen run in its own process.
+        let (schedule_started_tx, schedule_started) = mpsc::channel();
+        let mut load = self.start_load(&targets, schedule_started_tx)?;
+        let load_stdout = load.stdout.take().context("loadgen stdout")?;
+        let table_path = self.dir.join("loadgen-table.txt");
+        let table_thread = std::thread::spawn(move || -> std::io::Result<()> {
+            let mut text = String::new();
+            BufReader::new(load_stdout).read_to_string(&mut text)?;
+            fs::write(table_path, text)
+        });
+        processes.load = Some(load);
+
+        let schedule = schedule_length(self.args.events, self.args.rate);
+        let started = match schedule_started.recv_timeout(Duration::from_secs(LOAD_READY_TIMEOUT_S + 60)) {
+            Ok(instant) => instant,
+            Err(_) => bail!("loadgen never started its schedule; see {}", self.dir.join("loadgen.log").display()),
+        };
+        // spec: Chaos.FaultAtSeededMoment
+        let fault_moment = started + self.fault_after;
+        std::thread::sleep(fault_moment.saturating_duration_since(Instant::now()));
+        if processes.load.as_mut().expect("started").try_wait()?.is_some() {
+            bail!("loadgen finished before the fault; see {}", self.dir.join("loadgen.log").display());
+        }
+        let fault = Instant::now();
+        let ms = |at: Instant| at.saturating_duration_since(started).as_millis() as u64;
+        if self.kind == ScenarioKind::BrokerRestart {
+            let broker = processes.broker.as_mut().expect("broker-restart runs on Kafka");
+            broker.kill();
+            let killed_ms = ms(Instant::now());
+            std::thread::sleep(BROKER_DOWN);
+            broker.restart()?;
+            let restarted_ms = ms(Instant::now());
+            // The instances must be ready again on their own once the broker answers.
+            let deadline = Instant::now() + READY_TIMEOUT;
+            let ready = targets.iter().all(|&target| wait_ready(target, deadline).is_ok());
+            row.restarts.push(RestartRecord {
+                instance: 0,
+                killed_ms,
+                restarted_ms: Some(restarted_ms),
+                ready_ms: ready.then(|| ms(Instant::now())),
+                killed_while_recovering: None,
+            });
+        } else {
+            self.kill_and_watch(&cluster_dir, &targets, started, row)?;
+        }
+        eprintln!("loadgen chaos: fault at {} ms into a {} s schedule; victims back", ms(fault), schedule.as_secs());
+        row.time_to_ready_ms = row.restarts.iter().filter_map(RestartRecord::time_to_ready_ms).max();
+        // A restart killed again on purpose is never ready; the one after it must be.
+        if row.restarts.iter().any(|r| r.ready_ms.is_none() && r.killed_while_recovering.is_none()) {
+            row.violations.push("victim_not_ready".into());
+        }
+        if row.restarts.iter().any(|r| r.killed_while_recovering == Some(false)) {
+            row.violations.push("kill_during_recovery_missed".into());
+        }
+
+        let load_budget = schedule + Duration::from_secs(LOAD_DRAIN_S + LOAD_STOCK_READ_WAIT_S + 120);
+        let load_status = wait_child(processes.load.as_mut().expect("started"), started + load_budget)?
+            .with_context(|| format!("loadgen did not finish within {} s", load_budget.as_secs()))?;
+        processes.load = None;
+        table_thread.join().map_err(|_| anyhow::anyhow!("loadgen table reader panicked"))??;
+        self.read_load_report(load_status.code(), row)?;
+
+        // spec: Chaos.StateDigestsEqual — settle, stop cleanly, inspect offline.
+        let settled = settle(&cluster_dir, self.instances)?;
+        if !settled {
+            row.violations.push("durable_watermarks_differ".into());
+        }
+        stop(processes.cluster.as_mut().expect("started"))?;
+        processes.cluster = None;
+        self.check_instances(&cluster_dir, row)?;
+        // spec: Chaos.PublishedOutputsCertified, Chaos.NothingLost, Chaos.NothingAppliedTwice
+        self.check_outputs(&log, row)?;
+        if let Some(broker) = processes.broker.as_mut() {
+            broker.kill();
+        }
+        Ok(())
+    }
+
+    fn start_load(&self, targets: &[SocketAddr], schedule_started: mpsc::Sender<Instant>) -> anyhow::Result<Child> {
+        let exe = std::env::current_exe().context("locating loadgen")?;
+        let mut command = Command::new(exe);
+        command.arg("run");
+        for target in targets {
+            command.args(["--target", &format!("http://{target}")]);
+        }
+        command
+            .args(["--rate", &self.args.rate.to_string()])
+            .args(["--duration-s", &schedule_length(self.args.events, self.args.rate).as_secs().to_string()])
+            .args(["--warmup-s", "0", "--connections", &self.args.connections.to_string()])
+            .args(["--request-timeout-ms", &LOAD_REQUEST_TIMEOUT_MS.to_string()])
+            .args(["--drain-s", &LOAD_DRAIN_S.to_string()])
+            .args(["--ready-timeout-s", &LOAD_READY_TIMEOUT_S.to_string()])
+            .args(["--stock-read-wait-s", &LOAD_STOCK_READ_WAIT_S.to_string()])
+            .arg("--out-dir")
+            .arg(self.dir.join("loadgen"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().context("starting loadgen run")?;
+        let stderr = child.stderr.take().context("loadgen stderr")?;
+        let mut log = File::create(self.dir.join("loadgen.log"))?;
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                // run.rs prints this line as the schedule starts.
+                if !sent && line.contains(" requests/s for ") {
+                    sent = schedule_started.send(Instant::now()).is_ok();
+                }
+                let _ = writeln!(log, "{line}");
+            }
+        });
+        Ok(child)
+    }
+
+    /// SIGKILLs the victims, then watches each come back (spec: Chaos.VictimsKilled,
+    /// Chaos.KilledDuringRecovery, Chaos.VictimsReady).
+    fn kill_and_watch(
+        &self,
+        cluster_dir: &Path,
+        targets: &[SocketAddr],
+        started: Instant,
+        row: &mut ScenarioRow,
+    ) -> anyhow::Result<()> {
+        let ms = |at: Instant| at.saturating_duration_since(started).as_millis() as u64;
+        let pids = cluster_pids(cluster_dir)?;
+        let victims = self.kind.victims(self.instances);
+        let mut killed = Vec::new();
+        for &id in &victims {
+            let pid = pids.get(&id).copied().flatten().with_context(|| format!("instance {id} is not running"))?;
+            sigkill(pid).with_context(|| format!("killing instance {id} (pid {pid})"))?;
+            killed.push((id, pid, ms(Instant::now())));
+        }
+        for (id, pid, killed_ms) in killed {
+            let deadline = Instant::now() + READY_TIMEOUT;
+            let mut new_pid = wait_restarted(cluster_dir, id, pid, deadline)?;
+            let mut restart = RestartRecord {
+                instance: id,
+                killed_ms,
+                restarted_ms: Some(ms(Instant::now())),
+                ready_ms: None,
+                killed_while_recovering: None,
+            };
+            if self.kind == ScenarioKind::KillDuringRecovery {
+                let status_file = cluster_dir.join(format!("instance-{id}")).join("status.json");
+                let recovering = wait_recovering(&status_file, new_pid, deadline);
+                // Somewhere inside the replay rather than always at its first instant.
+                std::thread::sleep(self.recovery_kill_delay);
+                let ready_already = probe_health(targets[id as usize - 1]) == Some(200);
+                let caught = recovering && !ready_already;
+                sigkill(new_pid).with_context(|| format!("killing instance {id} again (pid {new_pid})"))?;
+                restart.killed_while_recovering = Some(caught);
+                row.restarts.push(restart.clone());
+                let killed_ms = ms(Instant::now());
+                new_pid = wait_restarted(cluster_dir, id, new_pid, deadline)?;
+                restart = RestartRecord {
+                    instance: id,
+                    killed_ms,
+                    restarted_ms: Some(ms(Instant::now())),
+                    ready_ms: None,
+                    killed_while_recovering: None,
+                };
+            }
+            let _ = new_pid;
+            if wait_ready(targets[id as usize - 1], deadline).is_ok() {
+                restart.ready_ms = Some(ms(Instant::now()));
+            }
+            row.restarts.push(restart);
+        }
+        Ok(())
+    }
+
+    fn read_load_report(&self, exit_code: Option<i32>, row: &mut ScenarioRow) -> anyhow::Result<()> {
+        let report = self.dir.join("loadgen");
+        match exit_code {
+            Some(0) | Some(2) => {}
+            other => bail!("loadgen run exited with {other:?}; see {}", self.dir.join("loadgen.log").display()),
+        }
+        let summary: Value = read_json(&report.join("summary.json"))?;
+        row.retried = summary["retries"].as_u64().unwrap_or(0);
+        row.scheduled = summary["measured_requests"].as_u64().unwrap_or(0);
+        for check in summary["invariants"].as_array().into_iter().flatten() {
+            if check["ok"] != Value::Bool(true) {
+                row.violations.push(format!("loadgen:{}", check["name"].as_str().unwrap_or("?")));
+            }
+        }
+        if exit_code == Some(2) && row.violations.is_empty() {
+            row.violations.push("loadgen:exit_2".into());
+        }
+        Ok(())
+    }
+
+    /// `tribunal inspect` of every stopped instance: same durable watermark, same state
+    /// digest, no fault the Clerk detected (spec: Chaos.StateDigestsEqual).
+    fn check_instances(&self, cluster_dir: &Path, row: &mut ScenarioRow) -> anyhow::Result<()> {
+        let mut reports = Vec::new();
+        for id in 1..=self.instances {
+            let data_dir = cluster_dir.join(format!("instance-{id}"));
+            let output = Command::new(self.tribunal)
+                .args(["inspect", "--json", "--data-dir"])
+                .arg(&data_dir)
+                .stderr(Stdio::inherit())
+                .output()
+                .context("running tribunal inspect")?;
+            anyhow::ensure!(output.status.success(), "tribunal inspect of instance {id} failed: {}", output.status);
+            let report: Value = serde_json::from_slice(&output.stdout).context("tribunal inspect --json output")?;
+            fs::write(self.dir.join(format!("inspect-{id}.json")), &output.stdout)?;
+            reports.push(report);
+        }
+        let watermarks: BTreeSet<String> = reports.iter().map(|r| r["durable_watermark"].to_string()).collect();
+        let digests: BTreeSet<String> = reports.iter().map(|r| r["state_digest"].to_string()).collect();
+        if watermarks.len() > 1 {
+            row.violations.push(format!("durable_watermarks_differ {watermarks:?}"));
+        } else if digests.len() > 1 {
+            row.violations.push("state_digests_differ".into());
+        }
+        let faults: u64 = reports.iter().map(|r| r["federation"]["faults_detected"].as_u64().unwrap_or(0)).sum();
+        if faults > 0 {
+            row.violations.push(format!("faults_detected {faults}"));
+        }
+        Ok(())
+    }
+
+    /// Reads the input log and the published outputs back and checks them against
+    /// loadgen's ledger.
+    fn check_outputs(&self, log: &str, row: &mut ScenarioRow) -> anyhow::Result<()> {
+        let (outputs_log, topic) = match log.strip_prefix("local:") {
+            Some(dir) => (format!("local:{}", Path::new(dir).join("outputs").display()), None),
+            None => (log.to_string(), Some(OUTPUTS_TOPIC)),
+        };
+        let inputs = self.read_log(log, None)?;
+        let outputs = self.read_log(&outputs_log, topic)?;
+        row.events = inputs.len() as u64;
+        let keys_by_offset: HashMap<u64, String> = inputs
+            .iter()
+            .filter_map(|(offset, payload)| {
+                let envelope: Value = serde_json::from_str(payload).ok()?;
+                Some((*offset, envelope["key"].as_str()?.to_string()))
+            })
+            .collect();
+        let ledger: Ledger = read_json(&self.dir.join("loadgen").join("ledger.json"))?;
+        row.acknowledged = ledger.entries.len() as u64;
+        let verdict = check_published(&ledger, &keys_by_offset, &outputs);
+        row.lost = verdict.lost;
+        row.applied_twice = verdict.applied_twice;
+        if verdict.divergent > 0 {
+            row.violations.push(format!("outputs_disagree {}", verdict.divergent));
+        }
+        if verdict.unreadable > 0 {
+            row.violations.push(format!("outputs_unreadable {}", verdict.unreadable));
+        }
+        if verdict.lost > 0 {
+            row.violations.push("acknowledged_lost".into());
+        }
+        if verdict.applied_twice > 0 {
+            row.violations.push("applied_twice".into());
+        }
+        Ok(())
+    }
+
+    /// (offset, payload) of every record of a log, through `tribunal log read`.
+    fn read_log(&self, log: &str, topic: Option<&str>) -> anyhow::Result<Vec<(u64, String)>> {
+        let mut command = Command::new(self.tribunal);
+        command.args(["log", "read", "--log", log]);
+        if let Some(topic) = topic {
+            command.args(["--topic", topic]);
+        }
+        let output = command.stderr(Stdio::inherit()).output().context("running tribunal log read")?;
+        anyhow::ensure!(output.status.success(), "tribunal log read --log {log} failed: {}", output.status);
+        let mut records = Vec::new();
+        for line in output.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let record: Value = serde_json::from_slice(line).context("a line of tribunal log read")?;
+            let offset = record["offset"].as_u64().context("a record without an offset")?;
+            let payload = record["payload"].as_str().context("a record without a payload")?.to_string();
+            records.push((offset, payload));
+        }
+        Ok(records)
+    }
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PublishedVerdict {
+    /// Acknowledged commands with no published output at their offset with their digest.
+    pub lost: u64,
+    /// Idempotency keys evaluated (accepted or rejected) at more than one offset.
+    pub applied_twice: u64,
+    /// Input offsets published with different outputs.
+    pub divergent: u64,
+    pub unreadable: u64,
+}
+
+/// The published outputs against the ledger (spec: Chaos.PublishedOutputsCertified,
+/// Chaos.NothingLost, Chaos.NothingAppliedTwice). `outputs` are the outputs log's
+/// records; `keys_by_offset` the idempotency key of every input offset.
+pub fn check_published(
+    ledger: &Ledger,
+    keys_by_offset: &HashMap<u64, String>,
+    outputs: &[(u64, String)],
+) -> PublishedVerdict {
+    let mut verdict = PublishedVerdict::default();
+    // Input offset -> (digest, verdict); a second, different record for one is divergent.
+    let mut published: BTreeMap<u64, (String, String)> = BTreeMap::new();
+    let mut divergent: BTreeSet<u64> = BTreeSet::new();
+    for (_, payload) in outputs {
+        let Ok(output) = serde_json::from_str::<Value>(payload) else {
+            verdict.unreadable += 1;
+            continue;
+        };
+        let (Some(offset), Some(digest), Some(name)) =
+            (output["offset"].as_u64(), output["digest"].as_str(), output["verdict"].as_str())
+        else {
+            verdict.unreadable += 1;
+            continue;
+        };
+        let entry = (digest.to_string(), name.to_string());
+        match published.get(&offset) {
+            Some(existing) if *existing != entry => {
+                divergent.insert(offset);
+            }
+            Some(_) => {}
+            None => {
+                published.insert(offset, entry);
+            }
+        }
+    }
+    verdict.divergent = divergent.len() as u64;
+    for entry in &ledger.entries {
+        let answer = &entry.answer;
+        let found = published.get(&answer.offset).is_some_and(|(digest, _)| *digest == answer.digest);
+        if !found {
+            verdict.lost += 1;
+        }
+    }
+    let mut evaluated: HashMap<&str, u32> = HashMap::new();
+    for (offset, (_, name)) in &published {
+        if name == "accepted" || name == "rejected" {
+            if let Some(key) = keys_by_offset.get(offset) {
+                *evaluated.entry(key.as_str()).or_default() += 1;
+            }
+        }
+    }
+    verdict.applied_twice = evaluated.values().filter(|&&count| count > 1).count() as u64;
+    verdict
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{} is not what was expected", path.display()))
+}
+
+/// The first of `count` consecutive free loopback ports.
+fn free_port_run(count: u16) -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let base = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port();
+        if base.checked_add(count).is_none() {
+            continue;
+        }
+        let held: Vec<_> = (base..base + count).map(|p| TcpListener::bind((Ipv4Addr::LOCALHOST, p))).collect();
+        if held.iter().all(Result::is_ok) {
+            return Ok(base);
+        }
+    }
+    bail!("no {count} consecutive free loopback ports")
+}
+
+/// Instance id -> pid (None while it is not running), from the supervisor's cluster.json.
+fn cluster_pids(cluster_dir: &Path) -> anyhow::Result<HashMap<u32, Option<u32>>> {
+    let path = cluster_dir.join("cluster.json");
+    let cluster: Value = read_json(&path)?;
+    let mut pids = HashMap::new();
+    for instance in cluster["instances"].as_array().into_iter().flatten() {
+        let id = instance["id"].as_u64().context("cluster.json: an instance without an id")? as u32;
+        let running = instance["state"] == "running";
+        pids.insert(id, if running { instance["pid"].as_u64().map(|p| p as u32) } else { None });
+    }
+    Ok(pids)
+}
+
+fn sigkill(pid: u32) -> anyhow::Result<()> {
+    let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
+    // SAFETY: kill(2) has no memory effects; a stale pid is reported as an error.
+    if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+/// Waits until the supervisor has started instance `id` again with a pid other than `old_pid`.
+fn wait_restarted(cluster_dir: &Path, id: u32, old_pid: u32, deadline: Instant) -> anyhow::Result<u32> {
+    loop {
+        // cluster.json is replaced whole by the supervisor; a read between its writes
+        // can still fail, and is retried.
+        if let Ok(pids) = cluster_pids(cluster_dir) {
+            if let Some(Some(pid)) = pids.get(&id) {
+                if *pid != old_pid {
+                    return Ok(*pid);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("instance {id} was not restarted within {} s", READY_TIMEOUT.as_secs());
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Waits until the new process `pid` says it is recovering in its status.json; false if
+/// it was ready (or gone) first.
+fn wait_recovering(status_file: &Path, pid: u32, deadline: Instant) -> bool {
+    let alive = || Path::new(&format!("/proc/{pid}")).exists();
+    while Instant::now() < deadline && alive() {
+        if let Ok(bytes) = fs::read(status_file) {
+            if let Ok(status) = serde_json::from_slice::<Value>(&bytes) {
+                // The file of the killed process says ready; the new one first writes
+                // `recovering` with no uptime.
+                match status["phase"].as_str() {
+                    Some("recovering") => return true,
+                    _ if status["ready"] == Value::Bool(true) && status["uptime_ms"].as_u64() < Some(1_000) => {
+                        return false
+                    }
+                    _ => {}
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    false
+}
+
+/// The status code of GET /healthz, or None if the instance does not answer.
+pub fn probe_health(target: SocketAddr) -> Option<u16> {
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_millis(200)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: chaos\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buffer = [0u8; 1024];
+    let mut filled = 0;
+    loop {
+        let read = stream.read(&mut buffer[filled..]).ok()?;
+        if read == 0 {
+            return None;
+        }
+        filled += read;
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buffer[..filled]) {
+            Ok(httparse::Status::Complete(_)) => return response.code,
+            Ok(httparse::Status::Partial) if filled < buffer.len() => continue,
+            _ => return None,
+        }
+    }
+}
+
+fn wait_ready(target: SocketAddr, deadline: Instant) -> anyhow::Result<()> {
+    while Instant::now() < deadline {
+        if probe_health(target) == Some(200) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("{target} was not ready within {} s", READY_TIMEOUT.as_secs())
+}
+
+/// Waits until every instance is ready and has the same durable watermarks, unchanged for
+/// a second (the load is over, so they stop moving once all have the log's end).
+fn settle(cluster_dir: &Path, instances: u32) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let mut last: Option<(String, Instant)> = None;
+    while Instant::now() < deadline {
+        let mut marks = BTreeSet::new();
+        let mut all_ready = true;
+        for id in 1..=instances {
+            let path = cluster_dir.join(format!("instance-{id}")).join("status.json");
+            let Ok(status) = read_json::<Value>(&path) else {
+                all_ready = false;
+                continue;
+            };
+            all_ready &= status["ready"] == Value::Bool(true);
+            let partitions: Vec<Value> =
+                status["partitions"].as_array().into_iter().flatten().map(|p| p["durable_watermark"].clone()).collect();
+            marks.insert(serde_json::to_string(&partitions)?);
+        }
+        if all_ready && marks.len() == 1 {
+            let mark = marks.into_iter().next().expect("one");
+            match &last {
+                Some((seen, since)) if *seen == mark => {
+                    if since.elapsed() >= SETTLE_QUIET {
+                        return Ok(true);
+                    }
+                }
+                _ => last = Some((mark, Instant::now())),
+            }
+        } else {
+            last = None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(false)
+}
+
+fn wait_child(child: &mut Child, deadline: Instant) -> anyhow::Result<Option<std::process::ExitStatus>> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() > deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM to the supervisor, which stops every instance cleanly.
+fn stop(cluster: &mut Child) -> anyhow::Result<()> {
+    let pid = libc::pid_t::try_from(cluster.id()).context("pid out of range")?;
+    // SAFETY: kill(2) has no memory effects.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    match wait_child(cluster, Instant::now() + STOP_GRACE)? {
+        Some(_) => Ok(()),
+        None => {
+            let _ = cluster.kill();
+            bail!("tribunal cluster did not stop within {} s of SIGTERM", STOP_GRACE.as_secs())
+        }
+    }
+}
+
+/// A tansu broker on a fixed port with its storage in `dir`, so that it can be killed and
+/// started again as the same broker.
+struct Broker {
+    tansu: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Broker {
+    fn start(tansu: &Path, dir: &Path) -> anyhow::Result<Broker> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let port = free_port_run(1)?;
+        let mut broker = Broker { tansu: tansu.to_path_buf(), dir: dir.to_path_buf(), port, child: None };
+        broker.restart()?;
+        Ok(broker)
+    }
+
+    fn restart(&mut self) -> anyhow::Result<()> {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("broker.log"))?;
+        let child = Command::new(&self.tansu)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            // tansu resolves the sqlite path against its working directory.
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} (run `make tools`)", self.tansu.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        while TcpStream::connect_timeout(&address, Duration::from_millis(100)).is_err() {
+            if let Some(status) = self.child.as_mut().expect("spawned").try_wait()? {
+                bail!("the broker exited ({status}); see {}", self.dir.join("broker.log").display());
+            }
+            if Instant::now() > deadline {
+                bail!("the broker did not listen on {address}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, then wait for it to be gone.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::LedgerEntry;
+
+    #[test]
+    // spec: Chaos.ScenarioApplies
+    fn all_picks_what_applies_and_a_named_misfit_is_an_error() {
+        let names = |planned: Vec<(LogKind, u32, ScenarioKind)>| {
+            planned.into_iter().map(|(l, n, k)| format!("{}:{n}:{}", l.name(), k.name())).collect::<Vec<_>>()
+        };
+        let local = plan(&["all".into()], &[2, 3], &[LogKind::Local]).unwrap();
+        assert_eq!(
+            names(local),
+            [
+                "local:2:kill-primary",
+                "local:2:kill-backup",
+                "local:2:kill-both",
+                "local:2:kill-during-recovery",
+                "local:3:kill-primary",
+                "local:3:kill-backup",
+                "local:3:kill-both",
+                "local:3:kill-during-recovery",
+                "local:3:kill-all-three"
+            ]
+        );
+        // Each scenario on the first log it applies to: broker-restart goes to Kafka.
+        let both = names(plan(&["all".into()], &[2], &[LogKind::Local, LogKind::Kafka]).unwrap());
+        assert_eq!(
+            both,
+            [
+                "local:2:kill-primary",
+                "local:2:kill-backup",
+                "local:2:kill-both",
+                "local:2:kill-during-recovery",
+                "kafka:2:broker-restart"
+            ]
+        );
+        let kafka = names(plan(&["all".into()], &[3], &[LogKind::Kafka]).unwrap());
+        assert_eq!(kafka.len(), 6, "{kafka:?}");
+        assert!(kafka.iter().all(|n| n.starts_with("kafka:")));
+        let error = plan(&["kill-all-three".into()], &[2], &[LogKind::Local]).unwrap_err();
+        assert!(error.to_string().contains("--instances 3"));
+        let error = plan(&["broker-restart".into()], &[3], &[LogKind::Local]).unwrap_err();
+        assert!(error.to_string().contains("--log kafka"));
+        assert!(plan(&["kill-everyone".into()], &[3], &[LogKind::Local]).is_err());
+    }
+
+    #[test]
+    // spec: Chaos.VictimsKilled
+    fn victims_per_scenario() {
+        assert_eq!(ScenarioKind::KillPrimary.victims(2), [1]);
+        assert_eq!(ScenarioKind::KillBackup.victims(3), [2]);
+        assert_eq!(ScenarioKind::KillBoth.victims(3), [1, 2]);
+        assert_eq!(ScenarioKind::KillAllThree.victims(3), [1, 2, 3]);
+        assert_eq!(ScenarioKind::KillDuringRecovery.victims(2), [1]);
+        assert!(ScenarioKind::BrokerRestart.victims(3).is_empty());
+    }
+
+    #[test]
+    // spec: Chaos.FaultAtSeededMoment
+    fn fault_moments_are_seeded_and_inside_the_window() {
+        let schedule = Duration::from_secs(50);
+        let moments: Vec<_> = (0..200).map(|i| fault_at(7, i, schedule)).collect();
+        assert!(moments.iter().all(|m| *m >= schedule / 5 && *m < schedule * 3 / 5), "{moments:?}");
+        assert_eq!(moments, (0..200).map(|i| fault_at(7, i, schedule)).collect::<Vec<_>>());
+        assert_ne!(fault_at(7, 0, schedule), fault_at(8, 0, schedule));
+        let distinct: BTreeSet<_> = moments.iter().collect();
+        assert!(distinct.len() > 150, "moments spread over the window");
+    }
+
+    fn entry(key: &str, offset: u64, digest: &str) -> LedgerEntry {
+        serde_json::from_value(serde_json::json!({
+            "key": key,
+            "command": {"type": "adjust", "warehouse": "W", "sku": "S", "delta": 1},
+            "answer": {"http_status": 200, "partition": 0, "offset": offset, "decision": "accepted",
+                       "replayed": false, "digest": digest},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn output(offset: u64, verdict: &str, digest: &str) -> (u64, String) {
+        (
+            offset,
+            serde_json::json!({"key": format!("0:{offset}"), "partition": 0, "offset": offset,
+            "verdict": verdict, "digest": digest})
+            .to_string(),
+        )
+    }
+
+    #[test]
+    // spec: Chaos.NothingLost, Chaos.NothingAppliedTwice, Chaos.PublishedOutputsCertified
+    fn published_outputs_are_checked_against_the_ledger() {
+        let ledger = Ledger {
+            run_prefix: "t-".into(),
+            entries: vec![entry("a", 0, "d0"), entry("b", 1, "d1"), entry("c", 3, "d3")],
+            unresolved: Vec::new(),
+            bad_answers: Vec::new(),
+        };
+        let keys: HashMap<u64, String> =
+            [(0, "a"), (1, "b"), (2, "a"), (3, "c"), (4, "b")].into_iter().map(|(o, k)| (o, k.to_string())).collect();
+        // Honest: published twice by a hand-over, duplicates replayed.
+        let honest = vec![
+            output(0, "accepted", "d0"),
+            output(1, "rejected", "d1"),
+            output(2, "replay", "r2"),
+            output(1, "rejected", "d1"),
+            output(3, "accepted", "d3"),
+            output(4, "replay", "r4"),
+        ];
+        assert_eq!(check_published(&ledger, &keys, &honest), PublishedVerdict::default());
+
+        // Offset 3 missing: c is lost. Offset 4 evaluated again: b applied twice.
+        // Offset 0 published with two different outputs.
+        let broken = vec![
+            output(0, "accepted", "d0"),
+            output(0, "accepted", "dX"),
+            output(1, "rejected", "d1"),
+            output(2, "replay", "r2"),
+            output(4, "accepted", "d4"),
+            (5, "not json".to_string()),
+        ];
+        let verdict = check_published(&ledger, &keys, &broken);
+        assert_eq!(verdict, PublishedVerdict { lost: 1, applied_twice: 1, divergent: 1, unreadable: 1 });
+
+        // An acknowledged digest that differs from the published one is not a match.
+        let wrong_digest = vec![output(0, "accepted", "d0"), output(1, "rejected", "zz"), output(3, "accepted", "d3")];
+        assert_eq!(check_published(&ledger, &keys, &wrong_digest).lost, 1);
+    }
+
+    #[test]
+    fn table_has_a_row_per_scenario_with_its_violations() {
+        let rows = vec![
+            ScenarioRow {
+                scenario: "kill-primary".into(),
+                instances: 2,
+                log: "local",
+                passed: true,
+                ..Default::default()
+            },
+            ScenarioRow {
+                scenario: "kill-both".into(),
+                instances: 3,
+                log: "local",
+                lost: 2,
+                violations: vec!["acknowledged_lost".into()],
+                time_to_ready_ms: Some(420),
+                ..Default::default()
+            },
+        ];
+        let mut out = Vec::new();
+        print_table(&mut out, &rows).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[1].contains("kill-primary") && lines[1].contains("passed"));
+        assert!(lines[2].contains("FAILED") && lines[2].contains("acknowledged_lost") && lines[2].contains("420"));
+    }
+}
