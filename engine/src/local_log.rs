@@ -368,7 +368,14 @@ impl HeadFile {
             }
         }
         match newest {
-            Some(head) => Ok(HeadRead::Current(head)),
+            Some(head) => {
+                if self.writable && !reasons.is_empty() {
+                    // Under the lock: a commit torn by a crash, or damage. Either way the
+                    // newest valid commit is the head; say so, since damage would roll back.
+                    tracing::warn!(path = %self.path.display(), reasons = %reasons.join("; "), sequence = head.sequence, "a head slot is invalid; using the other");
+                }
+                Ok(HeadRead::Current(head))
+            }
             None => Err(self.corrupt(format!("no valid slot ({})", reasons.join("; ")))),
         }
     }
@@ -485,7 +492,15 @@ impl LocalLog {
             return Ok(end_offset..end_offset);
         }
         self.locked(|head_file| {
-            let (HeadRead::Current(head) | HeadRead::FirstFormat(head)) = head_file.read_locked()?;
+            let head = match head_file.read_locked()? {
+                HeadRead::Current(head) => head,
+                // An older binary rewrote the head since this handle opened: upgrade it
+                // first, since a slot can only be committed into a whole two-slot file.
+                HeadRead::FirstFormat(head) => {
+                    head.create_file(&self.dir)?;
+                    head
+                }
+            };
             self.repair(&head)?;
             let timestamp_ms = head.last_timestamp_ms.max(wall_clock_ms());
             let mut writer = SegmentWriter::open(&self.dir, head)?;
@@ -577,13 +592,19 @@ impl LocalLog {
             file.set_len(head.segment_size_bytes).map_err(io_error("truncating the torn tail of", &path))?;
             file.sync_all().map_err(io_error("syncing", &path))?;
         }
+        let mut removed = false;
         for base in list_segments(&self.dir)? {
             if base > head.segment_base_offset {
                 let stale = segment_path(&self.dir, base);
                 fs::remove_file(&stale).map_err(io_error("removing uncommitted segment", &stale))?;
+                removed = true;
             }
         }
-        // The removals become durable with the directory sync of the commit that follows.
+        // A commit no longer syncs the directory, so the removals are made durable here
+        // (rare: only after an appender crashed mid-roll).
+        if removed {
+            sync_dir(&self.dir)?;
+        }
         Ok(())
     }
 }

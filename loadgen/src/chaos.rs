@@ -194,6 +194,11 @@ pub fn plan(
     Ok(planned)
 }
 
+fn scenario_identity(log: LogKind, instances: u32, kind: ScenarioKind) -> usize {
+    let kind_index = ScenarioKind::ALL.iter().position(|&k| k == kind).expect("in ALL");
+    (log as usize) * 1_000 + instances as usize * 100 + kind_index
+}
+
 /// When the fault lands, after the schedule starts (spec: Chaos.FaultAtSeededMoment).
 pub fn fault_at(seed: u64, index: usize, schedule: Duration) -> Duration {
     let mut rng = SmallRng::seed_from_u64(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -290,7 +295,10 @@ pub fn chaos(args: ChaosArgs) -> anyhow::Result<bool> {
             kind.name(),
             log.name()
         );
-        let fault_after = fault_at(seed, index, schedule_length(args.events, args.rate));
+        // Drawn from the scenario's identity, not its place in the plan, so one scenario
+        // can be replayed alone with the same seed.
+        let identity = scenario_identity(log, instances, kind);
+        let fault_after = fault_at(seed, identity, schedule_length(args.events, args.rate));
         let mut row = ScenarioRow {
             scenario: kind.name().into(),
             instances,
@@ -300,7 +308,7 @@ pub fn chaos(args: ChaosArgs) -> anyhow::Result<bool> {
             dir: dir.display().to_string(),
             ..ScenarioRow::default()
         };
-        let recovery_kill_delay = recovery_kill_delay(seed, index);
+        let recovery_kill_delay = recovery_kill_delay(seed, identity);
         let scenario = Scenario {
             args: &args,
             tribunal: &tribunal,
@@ -524,9 +532,6 @@ impl Scenario<'_> {
         if row.restarts.iter().any(|r| r.ready_ms.is_none() && r.killed_while_recovering.is_none()) {
             row.violations.push("victim_not_ready".into());
         }
-        if row.restarts.iter().any(|r| r.killed_while_recovering == Some(false)) {
-            row.violations.push("kill_during_recovery_missed".into());
-        }
 
         let load_budget = schedule + Duration::from_secs(LOAD_DRAIN_S + LOAD_STOCK_READ_WAIT_S + 120);
         let load_status = wait_child(processes.load.as_mut().expect("started"), started + load_budget)?
@@ -540,11 +545,22 @@ impl Scenario<'_> {
         if !settled {
             row.violations.push("durable_watermarks_differ".into());
         }
+        // Only the victims restarted, each as often as it was killed: an instance that
+        // crashed by itself is a failure even if the data agrees.
+        let restarts = cluster_restarts(&cluster_dir)?;
+        for id in 1..=self.instances {
+            let kills = self.kind.victims(self.instances).iter().filter(|&&v| v == id).count() as u64;
+            let expected = if self.kind == ScenarioKind::KillDuringRecovery { kills * 2 } else { kills };
+            let actual = restarts.get(&id).copied().unwrap_or(0);
+            if actual != expected {
+                row.violations.push(format!("instance {id} restarted {actual} times, expected {expected}"));
+            }
+        }
         stop(processes.cluster.as_mut().expect("started"))?;
         processes.cluster = None;
-        self.check_instances(&cluster_dir, row)?;
+        let durable_watermark = self.check_instances(&cluster_dir, row)?;
         // spec: Chaos.PublishedOutputsCertified, Chaos.NothingLost, Chaos.NothingAppliedTwice
-        self.check_outputs(&log, row)?;
+        self.check_outputs(&log, durable_watermark, row)?;
         if let Some(broker) = processes.broker.as_mut() {
             broker.kill();
         }
@@ -622,7 +638,10 @@ impl Scenario<'_> {
                 // Somewhere inside the replay rather than always at its first instant.
                 std::thread::sleep(self.recovery_kill_delay);
                 let ready_already = probe_health(targets[id as usize - 1]) == Some(200);
-                let caught = recovering && !ready_already;
+                let caught = recovering && !ready_already && alive(new_pid);
+                if !caught {
+                    bail!("instance {id} was ready or gone before the second kill (pid {new_pid})");
+                }
                 sigkill(new_pid).with_context(|| format!("killing instance {id} again (pid {new_pid})"))?;
                 restart.killed_while_recovering = Some(caught);
                 row.restarts.push(restart.clone());
@@ -667,7 +686,8 @@ impl Scenario<'_> {
 
     /// `tribunal inspect` of every stopped instance: same durable watermark, same state
     /// digest, no fault the Clerk detected (spec: Chaos.StateDigestsEqual).
-    fn check_instances(&self, cluster_dir: &Path, row: &mut ScenarioRow) -> anyhow::Result<()> {
+    /// Returns the instances' common durable watermark (partition 0).
+    fn check_instances(&self, cluster_dir: &Path, row: &mut ScenarioRow) -> anyhow::Result<Option<u64>> {
         let mut reports = Vec::new();
         for id in 1..=self.instances {
             let data_dir = cluster_dir.join(format!("instance-{id}"));
@@ -689,16 +709,31 @@ impl Scenario<'_> {
         } else if digests.len() > 1 {
             row.violations.push("state_digests_differ".into());
         }
-        let faults: u64 = reports.iter().map(|r| r["federation"]["faults_detected"].as_u64().unwrap_or(0)).sum();
+        let mut faults = 0;
+        for report in &reports {
+            faults += report["federation"]["faults_detected"].as_u64().context("inspect without faults_detected")?;
+        }
         if faults > 0 {
             row.violations.push(format!("faults_detected {faults}"));
         }
-        Ok(())
+        if watermarks.len() > 1 {
+            return Ok(None);
+        }
+        let watermark = reports[0]["durable_watermark"].as_u64();
+        if watermark.is_none() {
+            row.violations.push("nothing_durable".into());
+        }
+        Ok(watermark)
     }
 
     /// Reads the input log and the published outputs back and checks them against
     /// loadgen's ledger.
-    fn check_outputs(&self, log: &str, row: &mut ScenarioRow) -> anyhow::Result<()> {
+    fn check_outputs(
+        &self,
+        log: &str,
+        row_durable_watermark: Option<u64>,
+        row: &mut ScenarioRow,
+    ) -> anyhow::Result<()> {
         let (outputs_log, topic) = match log.strip_prefix("local:") {
             Some(dir) => (format!("local:{}", Path::new(dir).join("outputs").display()), None),
             None => (log.to_string(), Some(OUTPUTS_TOPIC)),
@@ -720,6 +755,14 @@ impl Scenario<'_> {
         row.applied_twice = verdict.applied_twice;
         if verdict.divergent > 0 {
             row.violations.push(format!("outputs_disagree {}", verdict.divergent));
+        }
+        if verdict.unpublished > 0 {
+            row.violations.push(format!("inputs_unpublished {}", verdict.unpublished));
+        }
+        // Every instance must have made the whole input log durable.
+        let last_offset = inputs.iter().map(|(offset, _)| *offset).max();
+        if let Some(watermark) = row_durable_watermark.filter(|w| Some(*w) != last_offset) {
+            row.violations.push(format!("durable_watermark {watermark} is not the log's last offset {last_offset:?}"));
         }
         if verdict.unreadable > 0 {
             row.violations.push(format!("outputs_unreadable {}", verdict.unreadable));
@@ -762,6 +805,8 @@ pub struct PublishedVerdict {
     /// Input offsets published with different outputs.
     pub divergent: u64,
     pub unreadable: u64,
+    /// Input offsets with no published output at all.
+    pub unpublished: u64,
 }
 
 /// The published outputs against the ledger (spec: Chaos.PublishedOutputsCertified,
@@ -775,6 +820,10 @@ pub fn check_published(
     let mut verdict = PublishedVerdict::default();
     // Input offset -> (digest, verdict); a second, different record for one is divergent.
     let mut published: BTreeMap<u64, (String, String)> = BTreeMap::new();
+    // (original offset, digest) of every published bare replay: an instance that no
+    // longer held the original answers a retry with one, and loadgen records it under
+    // the original's offset.
+    let mut replays: BTreeSet<(u64, String)> = BTreeSet::new();
     let mut divergent: BTreeSet<u64> = BTreeSet::new();
     for (_, payload) in outputs {
         let Ok(output) = serde_json::from_str::<Value>(payload) else {
@@ -787,6 +836,9 @@ pub fn check_published(
             verdict.unreadable += 1;
             continue;
         };
+        if let Some(original) = output["original_offset"].as_u64() {
+            replays.insert((original, digest.to_string()));
+        }
         let entry = (digest.to_string(), name.to_string());
         match published.get(&offset) {
             Some(existing) if *existing != entry => {
@@ -799,9 +851,14 @@ pub fn check_published(
         }
     }
     verdict.divergent = divergent.len() as u64;
+    verdict.unpublished = keys_by_offset.keys().filter(|offset| !published.contains_key(offset)).count() as u64;
     for entry in &ledger.entries {
         let answer = &entry.answer;
-        let found = published.get(&answer.offset).is_some_and(|(digest, _)| *digest == answer.digest);
+        let original = published.get(&answer.offset);
+        let found = original.is_some_and(|(digest, _)| *digest == answer.digest)
+            || (answer.replayed
+                && original.is_some_and(|(_, name)| name == "accepted" || name == "rejected")
+                && replays.contains(&(answer.offset, answer.digest.clone())));
         if !found {
             verdict.lost += 1;
         }
@@ -851,6 +908,21 @@ fn cluster_pids(cluster_dir: &Path) -> anyhow::Result<HashMap<u32, Option<u32>>>
     Ok(pids)
 }
 
+/// Instance id -> how often the supervisor restarted it.
+fn cluster_restarts(cluster_dir: &Path) -> anyhow::Result<HashMap<u32, u64>> {
+    let cluster: Value = read_json(&cluster_dir.join("cluster.json"))?;
+    let mut restarts = HashMap::new();
+    for instance in cluster["instances"].as_array().into_iter().flatten() {
+        let id = instance["id"].as_u64().context("cluster.json: an instance without an id")? as u32;
+        restarts.insert(id, instance["restarts"].as_u64().context("cluster.json: no restarts count")?);
+    }
+    Ok(restarts)
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
 fn sigkill(pid: u32) -> anyhow::Result<()> {
     let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
     // SAFETY: kill(2) has no memory effects; a stale pid is reported as an error.
@@ -882,8 +954,7 @@ fn wait_restarted(cluster_dir: &Path, id: u32, old_pid: u32, deadline: Instant) 
 /// Waits until the new process `pid` says it is recovering in its status.json; false if
 /// it was ready (or gone) first.
 fn wait_recovering(status_file: &Path, pid: u32, deadline: Instant) -> bool {
-    let alive = || Path::new(&format!("/proc/{pid}")).exists();
-    while Instant::now() < deadline && alive() {
+    while Instant::now() < deadline && alive(pid) {
         if let Ok(bytes) = fs::read(status_file) {
             if let Ok(status) = serde_json::from_slice::<Value>(&bytes) {
                 // The file of the killed process says ready; the new one first writes
@@ -995,6 +1066,12 @@ fn stop(cluster: &mut Child) -> anyhow::Result<()> {
             let _ = cluster.kill();
             bail!("tribunal cluster did not stop within {} s of SIGTERM", STOP_GRACE.as_secs())
         }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -1176,7 +1253,27 @@ mod tests {
             (5, "not json".to_string()),
         ];
         let verdict = check_published(&ledger, &keys, &broken);
-        assert_eq!(verdict, PublishedVerdict { lost: 1, applied_twice: 1, divergent: 1, unreadable: 1 });
+        assert_eq!(
+            verdict,
+            PublishedVerdict { lost: 1, applied_twice: 1, divergent: 1, unreadable: 1, unpublished: 1 }
+        );
+
+        // A retry answered by an instance that no longer held the original: a bare replay
+        // recorded under the original's offset with the replay's digest.
+        let mut replayed = entry("c", 3, "r4");
+        replayed.answer.replayed = true;
+        let with_replay = Ledger { entries: vec![replayed.clone()], ..ledger.clone() };
+        let mut bare_replay = honest.clone();
+        bare_replay[5] = (
+            4,
+            serde_json::json!({"key": "0:4", "partition": 0, "offset": 4, "verdict": "replay",
+            "original_offset": 3, "digest": "r4"})
+            .to_string(),
+        );
+        assert_eq!(check_published(&with_replay, &keys, &bare_replay).lost, 0);
+        // Not if the original itself was never published.
+        let without_original: Vec<_> = bare_replay.iter().filter(|(o, _)| *o != 3).cloned().collect();
+        assert_eq!(check_published(&with_replay, &keys, &without_original).lost, 1);
 
         // An acknowledged digest that differs from the published one is not a match.
         let wrong_digest = vec![output(0, "accepted", "d0"), output(1, "rejected", "zz"), output(3, "accepted", "d3")];
