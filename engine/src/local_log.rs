@@ -199,6 +199,19 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4-byte slice"))
 }
 
+/// Checks a head's magic and its CRC32C, which is stored at `crc_at` over the bytes before it.
+fn check_framing(bytes: &[u8], magic: &[u8; 8], crc_at: usize) -> Result<(), String> {
+    if bytes[0..8] != *magic {
+        return Err("bad magic (not a Tribunal local log head, or another format version)".into());
+    }
+    let stored_crc = u32_at(bytes, crc_at);
+    let computed_crc = crc32c::crc32c(&bytes[..crc_at]);
+    if stored_crc != computed_crc {
+        return Err(format!("checksum mismatch (stored {stored_crc:#010x}, computed {computed_crc:#010x})"));
+    }
+    Ok(())
+}
+
 impl Head {
     const EMPTY: Head =
         Head { sequence: 0, next_offset: 0, segment_base_offset: 0, segment_size_bytes: 0, last_timestamp_ms: 0 };
@@ -230,14 +243,7 @@ impl Head {
 
     /// Decodes slot `slot`; an error says why the slot is not a valid head.
     fn decode_slot(bytes: &[u8; HEAD_SLOT_USED_BYTES], slot: u64) -> Result<Head, String> {
-        if bytes[0..8] != HEAD_MAGIC {
-            return Err("bad magic (not a Tribunal local log head, or another format version)".into());
-        }
-        let stored_crc = u32_at(bytes, 48);
-        let computed_crc = crc32c::crc32c(&bytes[..48]);
-        if stored_crc != computed_crc {
-            return Err(format!("checksum mismatch (stored {stored_crc:#010x}, computed {computed_crc:#010x})"));
-        }
+        check_framing(bytes, &HEAD_MAGIC, 48)?;
         let head = Head {
             sequence: u64_at(bytes, 8),
             next_offset: u64_at(bytes, 16),
@@ -253,14 +259,7 @@ impl Head {
     }
 
     fn decode_v1(bytes: &[u8; HEAD_V1_SIZE_BYTES]) -> Result<Head, String> {
-        if bytes[0..8] != HEAD_V1_MAGIC {
-            return Err("bad magic (not a Tribunal local log head, or another format version)".into());
-        }
-        let stored_crc = u32_at(bytes, 40);
-        let computed_crc = crc32c::crc32c(&bytes[..40]);
-        if stored_crc != computed_crc {
-            return Err(format!("checksum mismatch (stored {stored_crc:#010x}, computed {computed_crc:#010x})"));
-        }
+        check_framing(bytes, &HEAD_V1_MAGIC, 40)?;
         let head = Head {
             sequence: 0,
             next_offset: u64_at(bytes, 8),
