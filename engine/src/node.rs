@@ -501,7 +501,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                 (None, Some(k)) => appender::Target::Kafka(k.config.clone()),
                 (None, None) => unreachable!("a node reads one log"),
             };
-            let appender = appender::spawn(target, partitions, gateway_config.max_waiting, gateway_config.deadline_ms)
+            let appender = appender::spawn(target, partitions, gateway_config.max_waiting)
                 .context("starting the Gateway's log appender")?;
             let figures = {
                 let (shared, clerk, view) = (shared.clone(), clerk_shared.clone(), view.clone());

@@ -605,6 +605,7 @@ fn three_instances_on_kafka_certify_publish_once_through_the_publisher_and_hand_
 #[test]
 fn the_gateway_appends_to_kafka_and_answers_with_certified_outputs_on_every_partition() {
     // spec: Gateway.MovementAppended, Gateway.AnsweredWhenCertified, Gateway.ReplayReturnsOriginal
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let broker = Broker::start();
     let instance = Instance::new();
     let address = format!("127.0.0.1:{}", support::federation::free_port());
@@ -639,6 +640,93 @@ fn the_gateway_appends_to_kafka_and_answers_with_certified_outputs_on_every_part
         );
     }
     assert!(partitions.len() > 1, "24 keys spread over the {PARTITIONS} partitions: {partitions:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Sends `signal` (e.g. "STOP") to the broker process.
+fn signal_broker(broker: &Broker, signal: &str) {
+    let pid = broker.child.as_ref().expect("the broker runs").id().to_string();
+    let status = Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Starts an instance with the Gateway on and waits until /healthz says ready.
+fn spawn_gateway(instance: &Instance, broker: &Broker, extra: &[&str]) -> (Child, String) {
+    let address = format!("127.0.0.1:{}", support::federation::free_port());
+    let mut args = vec!["--http", address.as_str()];
+    args.extend_from_slice(extra);
+    let mut child = instance.spawn_with(broker, &args);
+    let base = format!("http://{address}");
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+    let start = Instant::now();
+    while agent.get(&format!("{base}/healthz")).call().map(|r| r.status()).unwrap_or(0) != 200 {
+        assert!(child.try_wait().unwrap().is_none(), "the instance exited:\n{}", instance.log());
+        assert!(start.elapsed() < PATIENCE, "the Gateway never became ready:\n{}", instance.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, base)
+}
+
+#[test]
+fn a_command_whose_request_timed_out_while_the_broker_stalled_is_kept_appended_once_and_the_gateway_goes_on() {
+    // spec: Gateway.CommandProducerKeepsRecords, Gateway.LogUnavailable, Gateway.ReplayReturnsOriginal
+    // A stalled broker (SIGSTOP: a long pause, connections stay open) outlives the request's
+    // 1 s deadline. The Gateway answers 503 on its own timer; the record stays with the
+    // producer. Had librdkafka timed it out, the idempotent producer would bump its epoch,
+    // and tansu panics on the next record (every later POST fails).
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let broker = Broker::start();
+    let instance = Instance::new();
+    let (mut child, base) = spawn_gateway(&instance, &broker, &["--http-deadline-ms", "1000"]);
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
+    let post = |key: &str, delta: u32| {
+        let body = format!(r#"{{"type":"adjust","sku":"stall","warehouse":"w","delta":{delta}}}"#);
+        http_answer(agent.post(&format!("{base}/v1/movements")).set("Idempotency-Key", key).send_string(&body))
+    };
+    let (status, answer) = post("before-stall", 1);
+    assert_eq!((status, answer["verdict"].as_str()), (200, Some("accepted")), "{answer}");
+
+    signal_broker(&broker, "STOP");
+    let (status, answer) = post("during-stall", 10);
+    assert_eq!((status, answer["error"]["code"].as_str()), (503, Some("log_unavailable")), "{answer}");
+    // Well past the deadline, so a producer with a message timeout would have given up.
+    std::thread::sleep(Duration::from_secs(3));
+    signal_broker(&broker, "CONT");
+
+    // The Gateway goes on: a new command is accepted once the broker answers again.
+    let start = Instant::now();
+    let after = loop {
+        let (status, answer) = post("after-stall", 100);
+        if status == 200 {
+            break answer;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(
+            start.elapsed() < PATIENCE,
+            "no command was accepted after the broker resumed: {answer}\n{}\nbroker: {}",
+            instance.log(),
+            std::fs::read_to_string(broker.dir.path().join("broker.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(after["verdict"].as_str(), Some("accepted"), "{after}");
+    // The command whose request timed out was kept and appended once: its retry is a replay
+    // of an offset before the new command's.
+    let (status, retry) = post("during-stall", 10);
+    assert_eq!((status, retry["replayed"].as_bool()), (200, Some(true)), "{retry}");
+    assert_eq!(retry["verdict"].as_str(), Some("accepted"), "{retry}");
+    // Each of the three commands applied exactly once, wherever its key's partition is: the
+    // read-your-writes answers above mean every partition is certified past them.
+    let total: u64 = (0..PARTITIONS)
+        .map(|partition| {
+            let (status, stock) =
+                http_answer(agent.get(&format!("{base}/v1/stock/w/stall?partition={partition}")).call());
+            assert_eq!(status, 200, "{stock}");
+            stock["qty"].as_u64().unwrap_or_else(|| panic!("{stock}"))
+        })
+        .sum();
+    assert_eq!(total, 1 + 10 + 100, "before, during and after the stall, once each");
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -69,9 +69,13 @@ pub enum Target {
 }
 
 /// Starts the appender thread. `queue_bound` bounds the requests waiting to be appended.
-/// With Kafka, a record the broker has not acknowledged within `deadline_ms` fails, so a
-/// request learns of a lost broker (503 log_unavailable) rather than waiting past its deadline.
-pub fn spawn(target: Target, partitions: u32, queue_bound: usize, deadline_ms: u64) -> anyhow::Result<Appender> {
+///
+/// With Kafka the producer never times a record out: the request's deadline is the
+/// Gateway's own timer (routes.rs), and a record librdkafka gave up on may still have been
+/// written, so dropping it would not make the 503 truer. It would make the idempotent
+/// producer bump its epoch locally, which tansu 0.6.0 cannot take (it panics and refuses
+/// every later record). spec: Gateway.CommandProducerKeepsRecords
+pub fn spawn(target: Target, partitions: u32, queue_bound: usize) -> anyhow::Result<Appender> {
     let (requests, rx) = mpsc::sync_channel::<AppendRequest>(queue_bound);
     let appended_end: Arc<Vec<AtomicU64>> = Arc::new((0..partitions).map(|_| AtomicU64::new(0)).collect());
     let ends = appended_end.clone();
@@ -84,7 +88,7 @@ pub fn spawn(target: Target, partitions: u32, queue_bound: usize, deadline_ms: u
             let producer: BaseProducer<Deliveries> = crate::kafka_log::client_config(&config.brokers)
                 .set("enable.idempotence", "true")
                 .set("acks", "all")
-                .set("message.timeout.ms", deadline_ms.max(1_000).to_string())
+                .set("message.timeout.ms", "0")
                 .set("queue.buffering.max.messages", queue_bound.to_string())
                 // Latency matters more than batching here: requests wait on every ack.
                 .set("linger.ms", "1")
