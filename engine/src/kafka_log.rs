@@ -50,6 +50,8 @@ pub const FEED_BATCHES_IN_FLIGHT: usize = 8;
 pub const MAX_UNPUBLISHED: u64 = crate::clerk_io::MAX_UNPUBLISHED;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The pause after each consumption error: at most 100 errors a second reach the log.
+const ERROR_PAUSE: Duration = Duration::from_millis(10);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the Kafka log is and how its topics are made.
@@ -496,23 +498,60 @@ impl Feeds<'_> {
     }
 }
 
-/// After a consumption error: the retry delay, and which partitions delivered since.
+/// After a consumption error: when to assign every partition again, the next delay, and
+/// which partitions delivered since. Pure, so that its timing is tested without a broker.
+///
+/// The delay counts from the first error since the last re-assignment; errors while one is
+/// pending do not postpone it. librdkafka queues several errors while a broker is away, and
+/// a wait per queued error (the first design) kept instances not ready for 20 s after a 2 s
+/// broker restart. spec: KafkaLog.NoSilentReset
 struct ErrorRecovery {
     backoff: Duration,
+    reassign_at: Option<Instant>,
     delivered_since: Option<Vec<bool>>,
 }
 
 impl ErrorRecovery {
-    /// A record or end of partition arrived: once every partition has, the error is over.
-    fn delivered(&mut self, partition: usize, shared: &KafkaShared) {
-        if let Some(seen) = &mut self.delivered_since {
-            seen[partition] = true;
-            if seen.iter().all(|s| *s) {
-                self.delivered_since = None;
-                self.backoff = BACKOFF_MIN;
-                shared.set_source_error(None);
-            }
+    fn new() -> Self {
+        Self { backoff: BACKOFF_MIN, reassign_at: None, delivered_since: None }
+    }
+
+    /// A consumption error: the error lasts until every partition delivers again. Returns
+    /// the re-assignment it scheduled, or None if one was already pending.
+    fn failed(&mut self, now: Instant, partitions: usize) -> Option<Instant> {
+        self.delivered_since = Some(vec![false; partitions]);
+        if self.reassign_at.is_some() {
+            return None;
         }
+        let at = now + self.backoff;
+        self.reassign_at = Some(at);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        Some(at)
+    }
+
+    /// True once, when the pending re-assignment is due.
+    fn reassign_due(&mut self, now: Instant) -> bool {
+        match self.reassign_at {
+            Some(at) if now >= at => {
+                self.reassign_at = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A record or end of partition arrived. True when that ended the error: every
+    /// partition has delivered since it; the pending re-assignment is no longer needed.
+    fn delivered(&mut self, partition: usize) -> bool {
+        let Some(seen) = &mut self.delivered_since else { return false };
+        seen[partition] = true;
+        if !seen.iter().all(|s| *s) {
+            return false;
+        }
+        self.delivered_since = None;
+        self.reassign_at = None;
+        self.backoff = BACKOFF_MIN;
+        true
     }
 }
 
@@ -532,8 +571,12 @@ fn source_loop(
     };
     let mut probe_backoff = BACKOFF_MIN;
     let mut last_probe = Instant::now();
-    let mut errors = ErrorRecovery { backoff: BACKOFF_MIN, delivered_since: None };
+    let mut errors = ErrorRecovery::new();
     while !shared.stop.load(Ordering::Relaxed) && !feeds.all_closed() {
+        if errors.reassign_due(Instant::now()) {
+            info!(next_offsets = ?next_offsets, "reading every partition again from this instance's offsets");
+            assign(consumer, topic, &next_offsets)?;
+        }
         let timeout = if feeds.pending > 0 { Duration::ZERO } else { Duration::from_millis(100) };
         match consumer.poll(timeout) {
             None => {
@@ -567,25 +610,34 @@ fn source_loop(
                     },
                 );
                 next_offsets[partition] = offset + 1;
-                errors.delivered(partition, shared);
+                if errors.delivered(partition) {
+                    shared.set_source_error(None);
+                }
             }
             Some(Err(KafkaError::PartitionEOF(partition))) => {
                 shared.connected();
                 let Some(partition) = usize::try_from(partition).ok().filter(|p| *p < partitions) else { continue };
                 feeds.at_end(partition);
-                errors.delivered(partition, shared);
+                if errors.delivered(partition) {
+                    shared.set_source_error(None);
+                }
             }
             Some(Err(error)) => {
                 // spec: KafkaLog.NoSilentReset — an offset out of range, or any other fetch
                 // error: not ready until every partition delivers again; wait, then read
                 // again from this instance's own positions. Never skip.
                 feeds.flush_all();
-                warn!(%error, next_offsets = ?next_offsets, "consuming the commands topic failed; reading again from this instance's offsets");
                 shared.set_source_error(Some(error.to_string()));
-                errors.delivered_since = Some(vec![false; partitions]);
-                std::thread::sleep(errors.backoff);
-                errors.backoff = (errors.backoff * 2).min(BACKOFF_MAX);
-                assign(consumer, topic, &next_offsets)?;
+                let now = Instant::now();
+                match errors.failed(now, partitions) {
+                    Some(at) => warn!(
+                        %error, next_offsets = ?next_offsets, retry_in_ms = (at - now).as_millis() as u64,
+                        "consuming the commands topic failed; reading again from this instance's offsets"
+                    ),
+                    None => debug!(%error, "consuming the commands topic failed again; a re-read is pending"),
+                }
+                // Bounds a loop on an error librdkafka repeats at once; never a wait per error.
+                std::thread::sleep(ERROR_PAUSE);
             }
         }
     }
@@ -888,4 +940,56 @@ pub fn read_topic(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_while_a_reread_is_pending_do_not_postpone_it() {
+        // spec: KafkaLog.NoSilentReset — a burst of queued errors (a broker that was away)
+        // costs one backoff, not one per error.
+        let t0 = Instant::now();
+        let mut errors = ErrorRecovery::new();
+        assert_eq!(errors.failed(t0, 2), Some(t0 + BACKOFF_MIN));
+        for later_ms in [1, 20, 99] {
+            assert_eq!(errors.failed(t0 + Duration::from_millis(later_ms), 2), None);
+        }
+        assert!(!errors.reassign_due(t0 + Duration::from_millis(99)));
+        assert!(errors.reassign_due(t0 + BACKOFF_MIN));
+        assert!(!errors.reassign_due(t0 + BACKOFF_MIN), "due once");
+        // Still failing after the re-read: the next delay doubles, up to BACKOFF_MAX.
+        let t1 = t0 + Duration::from_millis(150);
+        assert_eq!(errors.failed(t1, 2), Some(t1 + 2 * BACKOFF_MIN));
+        let mut now = t1;
+        for _ in 0..10 {
+            now += BACKOFF_MAX;
+            assert!(errors.reassign_due(now));
+            let at = errors.failed(now, 2).expect("none pending");
+            assert!(at - now <= BACKOFF_MAX);
+        }
+        assert_eq!(errors.backoff, BACKOFF_MAX);
+    }
+
+    #[test]
+    fn the_error_ends_only_when_every_partition_delivered_and_that_cancels_the_reread() {
+        // spec: KafkaLog.NoSilentReset, KafkaLog.SourceHealthy
+        let t0 = Instant::now();
+        let mut errors = ErrorRecovery::new();
+        assert!(!errors.delivered(0), "no error, nothing to end");
+        errors.failed(t0, 3);
+        errors.failed(t0, 3);
+        assert!(!errors.delivered(0));
+        assert!(!errors.delivered(0), "the same partition twice is not every partition");
+        assert!(!errors.delivered(2));
+        assert!(errors.delivered(1));
+        assert!(!errors.reassign_due(t0 + BACKOFF_MAX), "the pending re-read was cancelled");
+        assert_eq!(errors.failed(t0, 3), Some(t0 + BACKOFF_MIN), "the backoff was reset");
+        // A new error after a partial delivery needs every partition again.
+        assert!(!errors.delivered(0));
+        assert!(!errors.delivered(1));
+        errors.failed(t0, 3);
+        assert!(!errors.delivered(2));
+    }
 }
