@@ -25,6 +25,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::ledger::Ledger;
+use crate::read_json;
 
 /// The Kafka outputs topic the engine publishes to by default.
 const OUTPUTS_TOPIC: &str = "tribunal.outputs";
@@ -467,7 +468,7 @@ impl Scenario<'_> {
         let http_base = free_port_run(self.instances as u16)?;
         let cluster_log = File::create(self.dir.join("cluster.log"))?;
         processes.cluster = Some(
-            Command::new(self.tribunal)
+            die_with_suite(&mut Command::new(self.tribunal))
                 .args(["cluster", "--instances", &self.instances.to_string(), "--log", &log])
                 .args(["--http-base-port", &http_base.to_string()])
                 .arg("--data-dir")
@@ -510,7 +511,13 @@ impl Scenario<'_> {
             let broker = processes.broker.as_mut().expect("broker-restart runs on Kafka");
             broker.kill();
             let killed_ms = ms(Instant::now());
-            std::thread::sleep(BROKER_DOWN);
+            // spec: Chaos.BrokerLossNoticed
+            let noticed = watch_not_ready(&targets, Instant::now() + BROKER_DOWN);
+            for (index, seen_not_ready) in noticed.iter().enumerate() {
+                if !seen_not_ready {
+                    row.violations.push(format!("broker_loss_unnoticed: instance {}", index + 1));
+                }
+            }
             broker.restart()?;
             let restarted_ms = ms(Instant::now());
             // The instances must be ready again on their own once the broker answers.
@@ -570,7 +577,7 @@ impl Scenario<'_> {
     fn start_load(&self, targets: &[SocketAddr], schedule_started: mpsc::Sender<Instant>) -> anyhow::Result<Child> {
         let exe = std::env::current_exe().context("locating loadgen")?;
         let mut command = Command::new(exe);
-        command.arg("run");
+        die_with_suite(&mut command).arg("run");
         for target in targets {
             command.args(["--target", &format!("http://{target}")]);
         }
@@ -622,46 +629,77 @@ impl Scenario<'_> {
             sigkill(pid).with_context(|| format!("killing instance {id} (pid {pid})"))?;
             killed.push((id, pid, ms(Instant::now())));
         }
-        for (id, pid, killed_ms) in killed {
-            let deadline = Instant::now() + READY_TIMEOUT;
-            let mut new_pid = wait_restarted(cluster_dir, id, pid, deadline)?;
-            let mut restart = RestartRecord {
+        // One thread per victim: each is timed from its own restart.
+        let watched: Vec<anyhow::Result<Vec<RestartRecord>>> = std::thread::scope(|scope| {
+            let watchers: Vec<_> = killed
+                .into_iter()
+                .map(|(id, pid, killed_ms)| {
+                    let target = targets[id as usize - 1];
+                    scope.spawn(move || self.watch_victim(cluster_dir, target, id, pid, killed_ms, started))
+                })
+                .collect();
+            watchers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a victim's watcher panicked"))))
+                .collect()
+        });
+        for records in watched {
+            row.restarts.extend(records?);
+        }
+        Ok(())
+    }
+
+    /// Watches one killed instance come back: its new pid, the second kill of
+    /// kill-during-recovery, then /healthz 200. Times are ms since `started`.
+    fn watch_victim(
+        &self,
+        cluster_dir: &Path,
+        target: SocketAddr,
+        id: u32,
+        pid: u32,
+        killed_ms: u64,
+        started: Instant,
+    ) -> anyhow::Result<Vec<RestartRecord>> {
+        let ms = |at: Instant| at.saturating_duration_since(started).as_millis() as u64;
+        let mut records = Vec::new();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut new_pid = wait_restarted(cluster_dir, id, pid, deadline)?;
+        let mut restart = RestartRecord {
+            instance: id,
+            killed_ms,
+            restarted_ms: Some(ms(Instant::now())),
+            ready_ms: None,
+            killed_while_recovering: None,
+        };
+        if self.kind == ScenarioKind::KillDuringRecovery {
+            let status_file = cluster_dir.join(format!("instance-{id}")).join("status.json");
+            let recovering = wait_recovering(&status_file, new_pid, deadline);
+            // Somewhere inside the replay rather than always at its first instant.
+            std::thread::sleep(self.recovery_kill_delay);
+            let ready_already = probe_health(target) == Some(200);
+            let caught = recovering && !ready_already && alive(new_pid);
+            if !caught {
+                bail!("instance {id} was ready or gone before the second kill (pid {new_pid})");
+            }
+            sigkill(new_pid).with_context(|| format!("killing instance {id} again (pid {new_pid})"))?;
+            restart.killed_while_recovering = Some(caught);
+            records.push(restart);
+            let killed_ms = ms(Instant::now());
+            new_pid = wait_restarted(cluster_dir, id, new_pid, deadline)?;
+            restart = RestartRecord {
                 instance: id,
                 killed_ms,
                 restarted_ms: Some(ms(Instant::now())),
                 ready_ms: None,
                 killed_while_recovering: None,
             };
-            if self.kind == ScenarioKind::KillDuringRecovery {
-                let status_file = cluster_dir.join(format!("instance-{id}")).join("status.json");
-                let recovering = wait_recovering(&status_file, new_pid, deadline);
-                // Somewhere inside the replay rather than always at its first instant.
-                std::thread::sleep(self.recovery_kill_delay);
-                let ready_already = probe_health(targets[id as usize - 1]) == Some(200);
-                let caught = recovering && !ready_already && alive(new_pid);
-                if !caught {
-                    bail!("instance {id} was ready or gone before the second kill (pid {new_pid})");
-                }
-                sigkill(new_pid).with_context(|| format!("killing instance {id} again (pid {new_pid})"))?;
-                restart.killed_while_recovering = Some(caught);
-                row.restarts.push(restart.clone());
-                let killed_ms = ms(Instant::now());
-                new_pid = wait_restarted(cluster_dir, id, new_pid, deadline)?;
-                restart = RestartRecord {
-                    instance: id,
-                    killed_ms,
-                    restarted_ms: Some(ms(Instant::now())),
-                    ready_ms: None,
-                    killed_while_recovering: None,
-                };
-            }
-            let _ = new_pid;
-            if wait_ready(targets[id as usize - 1], deadline).is_ok() {
-                restart.ready_ms = Some(ms(Instant::now()));
-            }
-            row.restarts.push(restart);
         }
-        Ok(())
+        debug_assert_ne!(new_pid, pid);
+        if wait_ready(target, deadline).is_ok() {
+            restart.ready_ms = Some(ms(Instant::now()));
+        }
+        records.push(restart);
+        Ok(records)
     }
 
     fn read_load_report(&self, exit_code: Option<i32>, row: &mut ScenarioRow) -> anyhow::Result<()> {
@@ -875,11 +913,6 @@ pub fn check_published(
     verdict
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| format!("{} is not what was expected", path.display()))
-}
-
 /// The first of `count` consecutive free loopback ports.
 fn free_port_run(count: u16) -> anyhow::Result<u16> {
     for _ in 0..100 {
@@ -917,6 +950,23 @@ fn cluster_restarts(cluster_dir: &Path) -> anyhow::Result<HashMap<u32, u64>> {
         restarts.insert(id, instance["restarts"].as_u64().context("cluster.json: no restarts count")?);
     }
     Ok(restarts)
+}
+
+/// Makes the child die with the suite (PR_SET_PDEATHSIG): a suite killed by a CI timeout
+/// leaves no cluster, loadgen or broker behind. The signal follows the spawning thread, and
+/// the suite spawns from its main thread only.
+fn die_with_suite(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
+    // async-signal-safe and touches no memory of ours.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
 }
 
 fn alive(pid: u32) -> bool {
@@ -1004,6 +1054,21 @@ fn wait_ready(target: SocketAddr, deadline: Instant) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
     bail!("{target} was not ready within {} s", READY_TIMEOUT.as_secs())
+}
+
+/// Probes every target's /healthz every 50 ms until `until`; per target, whether it ever
+/// answered anything but 200 (no answer counts: the instance is not serving).
+fn watch_not_ready(targets: &[SocketAddr], until: Instant) -> Vec<bool> {
+    let mut seen = vec![false; targets.len()];
+    while Instant::now() < until {
+        for (seen, &target) in seen.iter_mut().zip(targets) {
+            if !*seen && probe_health(target) != Some(200) {
+                *seen = true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())));
+    }
+    seen
 }
 
 /// Waits until every instance is ready and has the same durable watermarks, unchanged for
@@ -1096,7 +1161,7 @@ impl Broker {
     fn restart(&mut self) -> anyhow::Result<()> {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("broker.log"))?;
-        let child = Command::new(&self.tansu)
+        let child = die_with_suite(&mut Command::new(&self.tansu))
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             // tansu resolves the sqlite path against its working directory.
             .args(["--storage-engine", "sqlite://tansu.db"])

@@ -9,3 +9,13 @@ pub mod report;
 pub mod run;
 pub mod verify;
 pub mod workload;
+
+use std::path::Path;
+
+use anyhow::Context;
+
+/// Reads a JSON file another part of loadgen (or the engine) wrote; the error names the file.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{} is not the JSON expected", path.display()))
+}

@@ -12,7 +12,7 @@ use tribunal_loadgen::client::Target;
 use tribunal_loadgen::ledger::{Ledger, StockTable};
 use tribunal_loadgen::run::{run, RunConfig};
 use tribunal_loadgen::workload::ShapeArgs;
-use tribunal_loadgen::{bulk, chaos, report, verify};
+use tribunal_loadgen::{bulk, chaos, read_json, report, verify};
 
 #[derive(Parser)]
 #[command(name = "loadgen", version, about = "Open-loop load, honest latency and invariant checks for Tribunal")]
@@ -168,11 +168,6 @@ fn verify_command(args: VerifyArgs) -> anyhow::Result<bool> {
         )?;
     }
     Ok(verification.ok())
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| format!("{} is not what loadgen wrote", path.display()))
 }
 
 /// Streamed through a buffer: a ledger of a long run is hundreds of MB as one string.
