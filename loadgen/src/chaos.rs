@@ -42,13 +42,15 @@ const LOAD_STOCK_READ_WAIT_S: u64 = 120;
 /// Per attempt: short, so that requests stuck on a dead instance move on quickly.
 const LOAD_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// How often processes and files are polled while waiting for a restart.
-const POLL: Duration = Duration::from_millis(2);
+const POLL: Duration = Duration::from_millis(10);
 /// The fault lands between these fractions of the schedule (spec: Chaos.FaultAtSeededMoment).
 const FAULT_WINDOW_PERCENT: (u64, u64) = (20, 60);
 const STOP_GRACE: Duration = Duration::from_secs(30);
 const MAX_RECOVERY_KILL_DELAY_MS: u64 = 50;
 /// broker-restart: how long the broker stays dead, as a real restart would.
 const BROKER_DOWN: Duration = Duration::from_secs(2);
+/// Reads of a status.json caught between two writes before giving up.
+const STATUS_READ_ATTEMPTS: u32 = 10;
 
 #[derive(Args)]
 pub struct ChaosArgs {
@@ -511,11 +513,12 @@ impl Scenario<'_> {
             let broker = processes.broker.as_mut().expect("broker-restart runs on Kafka");
             broker.kill();
             let killed_ms = ms(Instant::now());
-            // spec: Chaos.BrokerLossNoticed
-            let noticed = watch_not_ready(&targets, Instant::now() + BROKER_DOWN);
-            for (index, seen_not_ready) in noticed.iter().enumerate() {
-                if !seen_not_ready {
-                    row.violations.push(format!("broker_loss_unnoticed: instance {}", index + 1));
+            std::thread::sleep(BROKER_DOWN);
+            // spec: Chaos.BrokerLossNoticed — read just before the broker comes back.
+            for id in 1..=self.instances {
+                let status_file = cluster_dir.join(format!("instance-{id}")).join("status.json");
+                if !broker_loss_advertised(&status_file) {
+                    row.violations.push(format!("broker_loss_unnoticed: instance {id}"));
                 }
             }
             broker.restart()?;
@@ -560,7 +563,8 @@ impl Scenario<'_> {
             let expected = if self.kind == ScenarioKind::KillDuringRecovery { kills * 2 } else { kills };
             let actual = restarts.get(&id).copied().unwrap_or(0);
             if actual != expected {
-                row.violations.push(format!("instance {id} restarted {actual} times, expected {expected}"));
+                row.violations
+                    .push(format!("unexpected_restarts: instance {id} restarted {actual} times, expected {expected}"));
             }
         }
         stop(processes.cluster.as_mut().expect("started"))?;
@@ -643,9 +647,15 @@ impl Scenario<'_> {
                 .map(|w| w.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a victim's watcher panicked"))))
                 .collect()
         });
+        let mut errors = Vec::new();
         for records in watched {
-            row.restarts.extend(records?);
+            match records {
+                Ok(records) => row.restarts.extend(records),
+                Err(error) => errors.push(format!("{error:#}")),
+            }
         }
+        row.restarts.sort_by_key(|r| (r.instance, r.killed_ms));
+        anyhow::ensure!(errors.is_empty(), "{}", errors.join("; "));
         Ok(())
     }
 
@@ -662,8 +672,7 @@ impl Scenario<'_> {
     ) -> anyhow::Result<Vec<RestartRecord>> {
         let ms = |at: Instant| at.saturating_duration_since(started).as_millis() as u64;
         let mut records = Vec::new();
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let mut new_pid = wait_restarted(cluster_dir, id, pid, deadline)?;
+        let mut new_pid = wait_restarted(cluster_dir, id, pid, Instant::now() + READY_TIMEOUT)?;
         let mut restart = RestartRecord {
             instance: id,
             killed_ms,
@@ -673,19 +682,30 @@ impl Scenario<'_> {
         };
         if self.kind == ScenarioKind::KillDuringRecovery {
             let status_file = cluster_dir.join(format!("instance-{id}")).join("status.json");
-            let recovering = wait_recovering(&status_file, new_pid, deadline);
+            let recovering = wait_recovering(&status_file, new_pid, Instant::now() + READY_TIMEOUT);
             // Somewhere inside the replay rather than always at its first instant.
             std::thread::sleep(self.recovery_kill_delay);
-            let ready_already = probe_health(target) == Some(200);
-            let caught = recovering && !ready_already && alive(new_pid);
+            // Not serving yet (refused) or serving 503; a slow or unparsable answer is not
+            // proof of either, and neither is a 200.
+            let not_ready = match probe_health(target) {
+                Some(503) => true,
+                None => refused(target),
+                Some(_) => false,
+            };
+            let caught = recovering && not_ready && alive(new_pid);
             if !caught {
                 bail!("instance {id} was ready or gone before the second kill (pid {new_pid})");
             }
             sigkill(new_pid).with_context(|| format!("killing instance {id} again (pid {new_pid})"))?;
+            // The probe and the kill are two steps: the status the victim last wrote must
+            // still say recovering.
+            if status_says_ready(&status_file) {
+                bail!("instance {id} reported ready before the second kill landed (pid {new_pid})");
+            }
             restart.killed_while_recovering = Some(caught);
             records.push(restart);
             let killed_ms = ms(Instant::now());
-            new_pid = wait_restarted(cluster_dir, id, new_pid, deadline)?;
+            new_pid = wait_restarted(cluster_dir, id, new_pid, Instant::now() + READY_TIMEOUT)?;
             restart = RestartRecord {
                 instance: id,
                 killed_ms,
@@ -694,8 +714,8 @@ impl Scenario<'_> {
                 killed_while_recovering: None,
             };
         }
-        debug_assert_ne!(new_pid, pid);
-        if wait_ready(target, deadline).is_ok() {
+        let _ = new_pid;
+        if wait_ready(target, Instant::now() + READY_TIMEOUT).is_ok() {
             restart.ready_ms = Some(ms(Instant::now()));
         }
         records.push(restart);
@@ -729,7 +749,7 @@ impl Scenario<'_> {
         let mut reports = Vec::new();
         for id in 1..=self.instances {
             let data_dir = cluster_dir.join(format!("instance-{id}"));
-            let output = Command::new(self.tribunal)
+            let output = die_with_suite(&mut Command::new(self.tribunal))
                 .args(["inspect", "--json", "--data-dir"])
                 .arg(&data_dir)
                 .stderr(Stdio::inherit())
@@ -817,7 +837,7 @@ impl Scenario<'_> {
     /// (offset, payload) of every record of a log, through `tribunal log read`.
     fn read_log(&self, log: &str, topic: Option<&str>) -> anyhow::Result<Vec<(u64, String)>> {
         let mut command = Command::new(self.tribunal);
-        command.args(["log", "read", "--log", log]);
+        die_with_suite(&mut command).args(["log", "read", "--log", log]);
         if let Some(topic) = topic {
             command.args(["--topic", topic]);
         }
@@ -827,6 +847,12 @@ impl Scenario<'_> {
         for line in output.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
             let record: Value = serde_json::from_slice(line).context("a line of tribunal log read")?;
             let offset = record["offset"].as_u64().context("a record without an offset")?;
+            // The checks key everything by offset: the suite's clusters have one partition.
+            anyhow::ensure!(
+                record["partition"].as_u64().unwrap_or(0) == 0,
+                "a record on partition {}: the suite's checks assume one partition",
+                record["partition"]
+            );
             let payload = record["payload"].as_str().context("a record without a payload")?.to_string();
             records.push((offset, payload));
         }
@@ -957,12 +983,22 @@ fn cluster_restarts(cluster_dir: &Path) -> anyhow::Result<HashMap<u32, u64>> {
 /// the suite spawns from its main thread only.
 fn die_with_suite(command: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
-    // async-signal-safe and touches no memory of ours.
+    assert_eq!(
+        std::thread::current().name(),
+        Some("main"),
+        "PR_SET_PDEATHSIG follows the spawning thread: spawn from the main thread only"
+    );
+    let suite = std::process::id();
+    // SAFETY: the closure runs between fork and exec and only calls prctl(2) and
+    // getppid(2), which are async-signal-safe and touch no memory of ours.
     unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // The suite died between fork and prctl: the signal will never come.
+            if libc::getppid() as u32 != suite {
+                return Err(std::io::Error::other("the suite exited while starting a child"));
             }
             Ok(())
         })
@@ -1018,9 +1054,22 @@ fn wait_recovering(status_file: &Path, pid: u32, deadline: Instant) -> bool {
                 }
             }
         }
-        std::thread::sleep(Duration::from_micros(500));
+        std::thread::sleep(Duration::from_millis(2));
     }
     false
+}
+
+/// Whether the last status.json the instance wrote says it was ready.
+fn status_says_ready(status_file: &Path) -> bool {
+    read_json::<Value>(status_file).is_ok_and(|status| status["ready"] == Value::Bool(true))
+}
+
+/// Nothing listens at `target` (connection refused), as opposed to a slow answer.
+fn refused(target: SocketAddr) -> bool {
+    matches!(
+        TcpStream::connect_timeout(&target, Duration::from_millis(200)),
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// The status code of GET /healthz, or None if the instance does not answer.
@@ -1056,19 +1105,16 @@ fn wait_ready(target: SocketAddr, deadline: Instant) -> anyhow::Result<()> {
     bail!("{target} was not ready within {} s", READY_TIMEOUT.as_secs())
 }
 
-/// Probes every target's /healthz every 50 ms until `until`; per target, whether it ever
-/// answered anything but 200 (no answer counts: the instance is not serving).
-fn watch_not_ready(targets: &[SocketAddr], until: Instant) -> Vec<bool> {
-    let mut seen = vec![false; targets.len()];
-    while Instant::now() < until {
-        for (seen, &target) in seen.iter_mut().zip(targets) {
-            if !*seen && probe_health(target) != Some(200) {
-                *seen = true;
-            }
+/// Whether an instance's status.json says it lost the broker and is not ready. The file
+/// is rewritten every 200 ms by a live instance; a read between writes is retried.
+fn broker_loss_advertised(status_file: &Path) -> bool {
+    for _ in 0..STATUS_READ_ATTEMPTS {
+        if let Ok(status) = read_json::<Value>(status_file) {
+            return status["broker_connected"] == Value::Bool(false) && status["ready"] == Value::Bool(false);
         }
-        std::thread::sleep(Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    seen
+    false
 }
 
 /// Waits until every instance is ready and has the same durable watermarks, unchanged for

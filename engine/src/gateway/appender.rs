@@ -7,9 +7,10 @@
 //! log's fsyncs are shared by every request waiting (group commit, spec: Gateway.MovementAppended).
 //! Replies travel on oneshot channels; glommio wakes the waiting task from this thread.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use futures_channel::oneshot;
@@ -24,6 +25,11 @@ use crate::local_log::LocalLog;
 
 /// Commands appended as one local-log batch at most.
 const MAX_APPEND_BATCH: usize = 1_024;
+/// The bytes librdkafka may hold for the Gateway (its default is 1 GiB): records are kept
+/// through an outage, so this is what an outage costs at most.
+const KAFKA_QUEUE_KBYTES: usize = 64 * 1024;
+/// What the process exits with when librdkafka gives up on the idempotent producer.
+const EXIT_PRODUCER_FATAL: i32 = 70;
 
 /// Where a command went, or why it did not (spec: Gateway.LogUnavailable).
 pub type AppendReply = Result<(u32, u64), String>;
@@ -90,15 +96,16 @@ pub fn spawn(target: Target, partitions: u32, queue_bound: usize) -> anyhow::Res
                 .set("acks", "all")
                 .set("message.timeout.ms", "0")
                 .set("queue.buffering.max.messages", queue_bound.to_string())
+                .set("queue.buffering.max.kbytes", KAFKA_QUEUE_KBYTES.to_string())
                 // Latency matters more than batching here: requests wait on every ack.
                 .set("linger.ms", "1")
                 // The Java client's partitioner, as `tribunal log append` uses.
                 .set("partitioner", "murmur2_random")
-                .create_with_context(Deliveries { ends: ends.clone() })?;
+                .create_with_context(Deliveries { ends: ends.clone(), held: Mutex::new(HashSet::new()) })?;
             let topic = config.commands_topic.clone();
             std::thread::Builder::new()
                 .name("gateway-produce".into())
-                .spawn(move || append_kafka(producer, topic, rx))?;
+                .spawn(move || append_kafka(producer, topic, rx, queue_bound))?;
         }
     }
     Ok(Appender { requests, appended_end })
@@ -140,14 +147,28 @@ fn append_local(log: LocalLog, rx: mpsc::Receiver<AppendRequest>, ends: Arc<Vec<
 /// Hands each delivery report to its request.
 struct Deliveries {
     ends: Arc<Vec<AtomicU64>>,
+    /// The keys of the records librdkafka holds: a retry of one of them is refused rather
+    /// than queued as a second copy (spec: Gateway.CommandProducerKeepsRecords). Bounded by
+    /// the producer queue. Only the appender thread touches it (send, and the delivery
+    /// callbacks inside its poll); the lock is never contended.
+    held: Mutex<HashSet<String>>,
 }
 
 impl ClientContext for Deliveries {}
 
-impl ProducerContext for Deliveries {
-    type DeliveryOpaque = Box<oneshot::Sender<AppendReply>>;
+/// A record's request: its key (to release on delivery) and its reply.
+struct Held {
+    key: String,
+    reply: oneshot::Sender<AppendReply>,
+}
 
-    fn delivery(&self, result: &DeliveryResult<'_>, reply: Self::DeliveryOpaque) {
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Box<Held>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, held: Self::DeliveryOpaque) {
+        let Held { key, reply } = *held;
+        let released = self.held.lock().expect("held keys lock").remove(&key);
+        assert!(released, "a delivered record's key was held");
         let answer = match result {
             Ok(message) => {
                 let (partition, offset) = (message.partition() as u32, message.offset() as u64);
@@ -162,14 +183,32 @@ impl ProducerContext for Deliveries {
     }
 }
 
-fn append_kafka(producer: BaseProducer<Deliveries>, topic: String, rx: mpsc::Receiver<AppendRequest>) {
+fn append_kafka(
+    producer: BaseProducer<Deliveries>,
+    topic: String,
+    rx: mpsc::Receiver<AppendRequest>,
+    queue_bound: usize,
+) {
     info!(%topic, "the Gateway produces to Kafka");
     loop {
         match rx.recv_timeout(Duration::from_millis(1)) {
             Ok(request) => {
-                let record = BaseRecord::with_opaque_to(&topic, Box::new(request.reply))
-                    .key(request.key.as_bytes())
-                    .payload(&request.payload);
+                let newly_held = {
+                    let mut held = producer.context().held.lock().expect("held keys lock");
+                    assert!(held.len() <= queue_bound, "held keys are bounded by the producer queue");
+                    held.insert(request.key.clone())
+                };
+                if !newly_held {
+                    let _ = request.reply.send(Err("a record with this Idempotency-Key is still waiting for the \
+                         broker and may yet be applied; retry later with the same key to learn the outcome"
+                        .to_string()));
+                    continue;
+                }
+                let key = request.key;
+                let record =
+                    BaseRecord::with_opaque_to(&topic, Box::new(Held { key: key.clone(), reply: request.reply }))
+                        .key(key.as_bytes())
+                        .payload(&request.payload);
                 if let Err((error, record)) = producer.send(record) {
                     let message = match error {
                         KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
@@ -177,7 +216,9 @@ fn append_kafka(producer: BaseProducer<Deliveries>, topic: String, rx: mpsc::Rec
                         }
                         other => other.to_string(),
                     };
-                    let _ = record.delivery_opaque.send(Err(message));
+                    let Held { key, reply } = *record.delivery_opaque;
+                    producer.context().held.lock().expect("held keys lock").remove(&key);
+                    let _ = reply.send(Err(message));
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -187,5 +228,12 @@ fn append_kafka(producer: BaseProducer<Deliveries>, topic: String, rx: mpsc::Rec
             }
         }
         producer.poll(Duration::ZERO);
+        // spec: Gateway.CommandProducerKeepsRecords — librdkafka gave up on the idempotent
+        // producer: every later record would fail while /healthz says ready. Stop; the
+        // supervisor restarts the instance with a new producer, and recovery is crash-safe.
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            error!(?code, %reason, "the Gateway's Kafka producer failed fatally; stopping the instance");
+            std::process::exit(EXIT_PRODUCER_FATAL);
+        }
     }
 }

@@ -290,8 +290,8 @@ async fn submit(shared: &GatewayShared, envelope: Envelope<Inventory>) -> Answer
             return Answered::error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "log_unavailable",
-                "the log did not acknowledge the command before the deadline; retrying with the same \
-                 Idempotency-Key is safe",
+                "the log did not acknowledge the command before the deadline; it may still be appended \
+                 and applied, and a retry with the same Idempotency-Key is safe and learns the outcome",
             )
         }
     };
