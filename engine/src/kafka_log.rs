@@ -503,8 +503,8 @@ impl Feeds<'_> {
 ///
 /// The delay counts from the first error since the last re-assignment; errors while one is
 /// pending do not postpone it. librdkafka queues several errors while a broker is away, and
-/// a wait per queued error (the first design) kept instances not ready for 20 s after a 2 s
-/// broker restart. spec: KafkaLog.NoSilentReset
+/// a wait per queued error (the first design) kept instances not ready for about 25 s after
+/// the broker came back from a 2 s outage. spec: KafkaLog.NoSilentReset
 struct ErrorRecovery {
     backoff: Duration,
     reassign_at: Option<Instant>,

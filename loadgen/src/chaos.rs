@@ -672,7 +672,7 @@ impl Scenario<'_> {
     ) -> anyhow::Result<Vec<RestartRecord>> {
         let ms = |at: Instant| at.saturating_duration_since(started).as_millis() as u64;
         let mut records = Vec::new();
-        let mut new_pid = wait_restarted(cluster_dir, id, pid, Instant::now() + READY_TIMEOUT)?;
+        let new_pid = wait_restarted(cluster_dir, id, pid, Instant::now() + READY_TIMEOUT)?;
         let mut restart = RestartRecord {
             instance: id,
             killed_ms,
@@ -705,7 +705,7 @@ impl Scenario<'_> {
             restart.killed_while_recovering = Some(caught);
             records.push(restart);
             let killed_ms = ms(Instant::now());
-            new_pid = wait_restarted(cluster_dir, id, new_pid, Instant::now() + READY_TIMEOUT)?;
+            wait_restarted(cluster_dir, id, new_pid, Instant::now() + READY_TIMEOUT)?;
             restart = RestartRecord {
                 instance: id,
                 killed_ms,
@@ -714,7 +714,6 @@ impl Scenario<'_> {
                 killed_while_recovering: None,
             };
         }
-        let _ = new_pid;
         if wait_ready(target, Instant::now() + READY_TIMEOUT).is_ok() {
             restart.ready_ms = Some(ms(Instant::now()));
         }
@@ -1041,17 +1040,15 @@ fn wait_restarted(cluster_dir: &Path, id: u32, old_pid: u32, deadline: Instant) 
 /// it was ready (or gone) first.
 fn wait_recovering(status_file: &Path, pid: u32, deadline: Instant) -> bool {
     while Instant::now() < deadline && alive(pid) {
-        if let Ok(bytes) = fs::read(status_file) {
-            if let Ok(status) = serde_json::from_slice::<Value>(&bytes) {
-                // The file of the killed process says ready; the new one first writes
-                // `recovering` with no uptime.
-                match status["phase"].as_str() {
-                    Some("recovering") => return true,
-                    _ if status["ready"] == Value::Bool(true) && status["uptime_ms"].as_u64() < Some(1_000) => {
-                        return false
-                    }
-                    _ => {}
+        if let Ok(status) = read_json::<Value>(status_file) {
+            // The file of the killed process says ready; the new one first writes
+            // `recovering` with no uptime.
+            match status["phase"].as_str() {
+                Some("recovering") => return true,
+                _ if status["ready"] == Value::Bool(true) && status["uptime_ms"].as_u64() < Some(1_000) => {
+                    return false
                 }
+                _ => {}
             }
         }
         std::thread::sleep(Duration::from_millis(2));
