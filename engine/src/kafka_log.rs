@@ -34,6 +34,7 @@ use tribunal_shards::envelope::Envelope;
 use tribunal_shards::inventory::Inventory;
 use tribunal_shards::usher::Decoded;
 
+use crate::delivered_offsets::{Delivered, DeliveredOffsets};
 use crate::clerk_io::PublishBatch;
 use crate::output_json::OutputJson;
 
@@ -788,12 +789,13 @@ impl PublisherShell {
 
 /// `tribunal log append --log kafka:..` (spec: KafkaLog.AppendIdempotent): produces every
 /// payload with the idempotent producer, keyed by its idempotency key, and returns each
-/// record's (partition, offset) in input order.
+/// record's (partition, offset) in input order; the offset is None when the broker
+/// acknowledged the record without it (spec: KafkaLog.DeliveredOffsetUnknown).
 pub fn append(
     config: &KafkaConfig,
     payloads: &[(Option<String>, Vec<u8>)],
     partition: Option<u32>,
-) -> anyhow::Result<Vec<(u32, u64)>> {
+) -> anyhow::Result<Vec<(u32, Option<u64>)>> {
     let partitions = ensure_topics(config, Topics::Commands, Some(Instant::now() + Duration::from_secs(30)))?;
     if let Some(p) = partition {
         anyhow::ensure!(p < partitions, "--partition {p}: topic {} has {partitions} partitions", config.commands_topic);
@@ -806,7 +808,11 @@ pub fn append(
         .set("linger.ms", "5")
         // The Java client's partitioner, so any producer puts a key in the same partition.
         .set("partitioner", "murmur2_random")
-        .create_with_context(AppendContext { results: Mutex::new(vec![None; payloads.len()]), shared })
+        .create_with_context(AppendContext {
+            results: Mutex::new(vec![None; payloads.len()]),
+            offsets: Mutex::new(DeliveredOffsets::new(partitions)),
+            shared,
+        })
         .context("creating the Kafka producer")?;
     for (index, (key, payload)) in payloads.iter().enumerate() {
         let mut record = BaseRecord::with_opaque_to(&config.commands_topic, index).payload(payload);
@@ -847,10 +853,12 @@ pub fn append(
 }
 
 /// Per appended record: its (partition, offset) once acknowledged, or why it was refused.
-type AppendResult = Option<Result<(u32, u64), String>>;
+type AppendResult = Option<Result<(u32, Option<u64>), String>>;
 
 struct AppendContext {
     results: Mutex<Vec<AppendResult>>,
+    /// Delivery callbacks run in report order, as the classification needs.
+    offsets: Mutex<DeliveredOffsets>,
     shared: Arc<KafkaShared>,
 }
 
@@ -865,7 +873,14 @@ impl ProducerContext for AppendContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
         let entry = match result {
-            Ok(message) => Ok((message.partition() as u32, message.offset() as u64)),
+            Ok(message) => {
+                let partition = message.partition() as u32;
+                let offset = match self.offsets.lock().expect("offsets lock").delivered(partition, message.offset()) {
+                    Delivered::At(offset) => Some(offset),
+                    Delivered::Unknown => None,
+                };
+                Ok((partition, offset))
+            }
             Err((error, _)) => Err(error.to_string()),
         };
         self.results.lock().expect("results lock")[index] = Some(entry);
@@ -894,6 +909,8 @@ pub fn read_topic(
         .set("group.id", "tribunal-log-read")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        // A reader that jumped would print a topic with a hole in it: fail instead.
+        .set("auto.offset.reset", "error")
         .create()
         .context("creating a Kafka consumer")?;
     let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT).context("reading the topic's metadata")?;
@@ -919,6 +936,13 @@ pub fn read_topic(
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(message)) => {
                     idle_since = Instant::now();
+                    // Offsets are dense (spec: KafkaLog.NeverSkipsAnOffset): a jump is a
+                    // hole in what is printed, and a check reading it would miscount.
+                    anyhow::ensure!(
+                        message.offset() == next,
+                        "reading {topic}/{partition}: offset {} came where {next} was expected",
+                        message.offset()
+                    );
                     next = message.offset() + 1;
                     if message.offset() >= high {
                         break;
@@ -930,6 +954,11 @@ pub fn read_topic(
                         key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                         payload: String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
                     })?;
+                }
+                Some(Err(KafkaError::MessageConsumption(code)))
+                    if matches!(code, RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) =>
+                {
+                    anyhow::bail!("reading {topic}/{partition} at offset {next}: {code}")
                 }
                 Some(Err(error)) => warn!(%error, "reading {topic}"),
                 None => anyhow::ensure!(

@@ -189,8 +189,22 @@ fn append(args: AppendArgs) -> anyhow::Result<ExitCode> {
                 .into_iter()
                 .map(|payload| (Envelope::<Inventory>::decode(&payload).ok().map(|e| e.key), payload))
                 .collect();
+            let mut unknown = 0;
             for (partition, offset) in crate::kafka_log::append(&config, &keyed, args.partition)? {
-                writeln!(out, "{partition}:{offset}")?;
+                match offset {
+                    Some(offset) => writeln!(out, "{partition}:{offset}")?,
+                    // spec: KafkaLog.DeliveredOffsetUnknown
+                    None => {
+                        unknown += 1;
+                        writeln!(out, "{partition}:?")?;
+                    }
+                }
+            }
+            if unknown > 0 {
+                eprintln!(
+                    "tribunal log append: {unknown} record(s) were acknowledged as copies the broker already held, \
+                     without their offsets; they are in the log once (printed as partition:?)"
+                );
             }
         }
     }

@@ -9,6 +9,7 @@
 mod clerk_io;
 mod cluster;
 mod cores;
+mod delivered_offsets;
 mod evaluate;
 mod federation_args;
 mod gateway;

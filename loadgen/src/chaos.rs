@@ -551,9 +551,10 @@ impl Scenario<'_> {
         self.read_load_report(load_status.code(), row)?;
 
         // spec: Chaos.StateDigestsEqual — settle, stop cleanly, inspect offline.
-        let settled = settle(&cluster_dir, self.instances)?;
-        if !settled {
-            row.violations.push("durable_watermarks_differ".into());
+        match settle(&cluster_dir, self.instances)? {
+            Settled::Yes => {}
+            Settled::WatermarksDiffer => row.violations.push("durable_watermarks_differ".into()),
+            Settled::PublisherBehind(figures) => row.violations.push(format!("publisher_behind {figures}")),
         }
         // Only the victims restarted, each as often as it was killed: an instance that
         // crashed by itself is a failure even if the data agrees.
@@ -1114,14 +1115,25 @@ fn broker_loss_advertised(status_file: &Path) -> bool {
     false
 }
 
-/// Waits until every instance is ready and has the same durable watermarks, unchanged for
-/// a second (the load is over, so they stop moving once all have the log's end).
-fn settle(cluster_dir: &Path, instances: u32) -> anyhow::Result<bool> {
+enum Settled {
+    Yes,
+    WatermarksDiffer,
+    /// Instances whose published watermark stayed short of the durable one, with both.
+    PublisherBehind(String),
+}
+
+/// Waits until every instance is ready, has the same durable watermarks, unchanged for a
+/// second (the load is over, so they stop moving once all have the log's end), and has
+/// published up to them (spec: Chaos.StateDigestsEqual): the stop kills the instances, so
+/// outputs not yet on the outputs topic would be missing from the check.
+fn settle(cluster_dir: &Path, instances: u32) -> anyhow::Result<Settled> {
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     let mut last: Option<(String, Instant)> = None;
+    let mut behind = Vec::new();
     while Instant::now() < deadline {
         let mut marks = BTreeSet::new();
         let mut all_ready = true;
+        behind.clear();
         for id in 1..=instances {
             let path = cluster_dir.join(format!("instance-{id}")).join("status.json");
             let Ok(status) = read_json::<Value>(&path) else {
@@ -1129,16 +1141,20 @@ fn settle(cluster_dir: &Path, instances: u32) -> anyhow::Result<bool> {
                 continue;
             };
             all_ready &= status["ready"] == Value::Bool(true);
-            let partitions: Vec<Value> =
-                status["partitions"].as_array().into_iter().flatten().map(|p| p["durable_watermark"].clone()).collect();
-            marks.insert(serde_json::to_string(&partitions)?);
+            let partitions = status["partitions"].as_array().cloned().unwrap_or_default();
+            let durable: Vec<Value> = partitions.iter().map(|p| p["durable_watermark"].clone()).collect();
+            let published: Vec<Value> = partitions.iter().map(|p| p["published_watermark"].clone()).collect();
+            if published != durable {
+                behind.push(format!("instance {id} published {published:?} of durable {durable:?}"));
+            }
+            marks.insert(serde_json::to_string(&durable)?);
         }
         if all_ready && marks.len() == 1 {
             let mark = marks.into_iter().next().expect("one");
             match &last {
                 Some((seen, since)) if *seen == mark => {
-                    if since.elapsed() >= SETTLE_QUIET {
-                        return Ok(true);
+                    if since.elapsed() >= SETTLE_QUIET && behind.is_empty() {
+                        return Ok(Settled::Yes);
                     }
                 }
                 _ => last = Some((mark, Instant::now())),
@@ -1148,7 +1164,10 @@ fn settle(cluster_dir: &Path, instances: u32) -> anyhow::Result<bool> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(false)
+    if last.is_some() && !behind.is_empty() {
+        return Ok(Settled::PublisherBehind(behind.join("; ")));
+    }
+    Ok(Settled::WatermarksDiffer)
 }
 
 fn wait_child(child: &mut Child, deadline: Instant) -> anyhow::Result<Option<std::process::ExitStatus>> {

@@ -18,8 +18,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
+use crate::delivered_offsets::{Delivered, DeliveredOffsets};
 use crate::kafka_log::KafkaConfig;
 use crate::local_log::LocalLog;
 
@@ -30,6 +31,10 @@ const MAX_APPEND_BATCH: usize = 1_024;
 const KAFKA_QUEUE_KBYTES: usize = 64 * 1024;
 /// What the process exits with when librdkafka gives up on the idempotent producer.
 const EXIT_PRODUCER_FATAL: i32 = 70;
+
+/// The 503 detail when the broker acknowledged a record without its offset.
+const OFFSET_UNKNOWN: &str = "the command is in the log and is applied once, but the broker acknowledged it \
+    without its offset (it already held this copy); retry with the same Idempotency-Key to learn the outcome";
 
 /// Where a command went, or why it did not (spec: Gateway.LogUnavailable).
 pub type AppendReply = Result<(u32, u64), String>;
@@ -101,7 +106,11 @@ pub fn spawn(target: Target, partitions: u32, queue_bound: usize) -> anyhow::Res
                 .set("linger.ms", "1")
                 // The Java client's partitioner, as `tribunal log append` uses.
                 .set("partitioner", "murmur2_random")
-                .create_with_context(Deliveries { ends: ends.clone(), held: Mutex::new(HashSet::new()) })?;
+                .create_with_context(Deliveries {
+                    ends: ends.clone(),
+                    held: Mutex::new(HashSet::new()),
+                    offsets: Mutex::new(DeliveredOffsets::new(partitions)),
+                })?;
             let topic = config.commands_topic.clone();
             std::thread::Builder::new()
                 .name("gateway-produce".into())
@@ -152,6 +161,9 @@ struct Deliveries {
     /// the producer queue. Only the appender thread touches it (send, and the delivery
     /// callbacks inside its poll); the lock is never contended.
     held: Mutex<HashSet<String>>,
+    /// Which reported offsets are real (spec: KafkaLog.DeliveredOffsetUnknown). Only the
+    /// delivery callbacks touch it, inside the appender thread's poll.
+    offsets: Mutex<DeliveredOffsets>,
 }
 
 impl ClientContext for Deliveries {}
@@ -171,11 +183,24 @@ impl ProducerContext for Deliveries {
         assert!(released, "a delivered record's key was held");
         let answer = match result {
             Ok(message) => {
-                let (partition, offset) = (message.partition() as u32, message.offset() as u64);
-                if let Some(end) = self.ends.get(partition as usize) {
-                    end.fetch_max(offset + 1, Ordering::Relaxed);
+                let partition = message.partition() as u32;
+                let reported = message.offset();
+                match self.offsets.lock().expect("offsets lock").delivered(partition, reported) {
+                    Delivered::At(offset) => {
+                        if let Some(end) = self.ends.get(partition as usize) {
+                            end.fetch_max(offset + 1, Ordering::Relaxed);
+                        }
+                        Ok((partition, offset))
+                    }
+                    // spec: Gateway.LogUnavailable — never answer from another command's offset.
+                    Delivered::Unknown => {
+                        if reported < 0 {
+                            warn!(partition, %key, "the broker acknowledged a batch as already written, \
+                                without its offsets; its requests are answered 503 (a retry learns the outcome)");
+                        }
+                        Err(OFFSET_UNKNOWN.to_string())
+                    }
                 }
-                Ok((partition, offset))
             }
             Err((error, _)) => Err(format!("the broker refused the command: {error}")),
         };
