@@ -34,8 +34,8 @@ use tribunal_shards::envelope::Envelope;
 use tribunal_shards::inventory::Inventory;
 use tribunal_shards::usher::Decoded;
 
-use crate::delivered_offsets::{Delivered, DeliveredOffsets};
 use crate::clerk_io::PublishBatch;
+use crate::delivered_offsets::{Delivered, DeliveredOffsets};
 use crate::output_json::OutputJson;
 
 pub const DEFAULT_COMMANDS_TOPIC: &str = "tribunal.commands";

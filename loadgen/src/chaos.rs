@@ -1145,7 +1145,10 @@ fn settle(cluster_dir: &Path, instances: u32) -> anyhow::Result<Settled> {
             let durable: Vec<Value> = partitions.iter().map(|p| p["durable_watermark"].clone()).collect();
             let published: Vec<Value> = partitions.iter().map(|p| p["published_watermark"].clone()).collect();
             if published != durable {
-                behind.push(format!("instance {id} published {published:?} of durable {durable:?}"));
+                let certified: Vec<Value> = partitions.iter().map(|p| p["certified_watermark"].clone()).collect();
+                behind.push(format!(
+                    "instance {id} published {published:?}, certified {certified:?}, durable {durable:?}"
+                ));
             }
             marks.insert(serde_json::to_string(&durable)?);
         }
