@@ -16,7 +16,20 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivered {
     At(u64),
-    Unknown,
+    Unknown(Why),
+}
+
+/// Why a delivered record's offset is unknown; only the logging differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// Below zero: a duplicate-sequence batch's first record (-1), or a record acknowledged
+    /// implicitly by a later batch's success (librdkafka leaves those at -1001).
+    NoOffset,
+    /// The rest of a duplicate-sequence batch: -1, 0, 1, ... counted on from its first.
+    InventedRun,
+    /// Below the last real offset: real offsets of one producer only grow, so the broker's
+    /// log went back (truncated or recreated).
+    BelowRealEnd { real_end: u64 },
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -47,13 +60,14 @@ impl DeliveredOffsets {
         }
         let reports = &mut self.partitions[index];
         if reported_offset < 0 || reports.invented_next == Some(reported_offset) {
+            let why = if reported_offset < 0 { Why::NoOffset } else { Why::InventedRun };
             reports.invented_next = Some(reported_offset.saturating_add(1));
-            return Delivered::Unknown;
+            return Delivered::Unknown(why);
         }
         reports.invented_next = None;
         let offset = reported_offset as u64;
         if offset < reports.real_end {
-            return Delivered::Unknown;
+            return Delivered::Unknown(Why::BelowRealEnd { real_end: reports.real_end });
         }
         reports.real_end = offset + 1;
         Delivered::At(offset)
@@ -65,7 +79,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn real_offsets_grow_and_are_trusted() {
+    fn delivered_offset_trusted_while_real_offsets_grow() {
         // spec: KafkaLog.DeliveredOffsetTrusted
         let mut offsets = DeliveredOffsets::new(2);
         assert_eq!(offsets.delivered(0, 7000), Delivered::At(7000));
@@ -75,52 +89,69 @@ mod tests {
     }
 
     #[test]
-    fn a_duplicate_sequence_batch_is_unknown_record_by_record_and_the_next_real_batch_is_trusted() {
+    fn delivered_offset_unknown_for_a_duplicate_sequence_batch_then_the_next_real_batch_is_trusted() {
         // spec: KafkaLog.DeliveredOffsetUnknown — what librdkafka reported in the chaos
         // run that answered keys with offsets 0, 1, 2, ... after a broker restart.
         let mut offsets = DeliveredOffsets::new(1);
         assert_eq!(offsets.delivered(0, 3340), Delivered::At(3340));
-        for invented in -1..=5 {
-            assert_eq!(offsets.delivered(0, invented), Delivered::Unknown, "invented {invented}");
+        assert_eq!(offsets.delivered(0, -1), Delivered::Unknown(Why::NoOffset));
+        for invented in 0..=5 {
+            assert_eq!(offsets.delivered(0, invented), Delivered::Unknown(Why::InventedRun), "invented {invented}");
         }
         assert_eq!(offsets.delivered(0, 3350), Delivered::At(3350));
         assert_eq!(offsets.delivered(0, 3351), Delivered::At(3351));
     }
 
     #[test]
-    fn an_invented_run_on_a_fresh_producer_is_unknown_although_nothing_real_came_before() {
+    fn delivered_offset_unknown_for_an_invented_run_on_a_fresh_producer() {
         // spec: KafkaLog.DeliveredOffsetUnknown — the first report after start may be one.
         let mut offsets = DeliveredOffsets::new(1);
         for invented in -1..=3 {
-            assert_eq!(offsets.delivered(0, invented), Delivered::Unknown);
+            assert!(matches!(offsets.delivered(0, invented), Delivered::Unknown(_)));
         }
         assert_eq!(offsets.delivered(0, 120), Delivered::At(120));
     }
 
     #[test]
-    fn an_offset_below_the_last_real_one_is_never_trusted() {
+    fn delivered_offset_unknown_below_the_last_real_one() {
         // spec: KafkaLog.DeliveredOffsetUnknown — real offsets of one producer only grow.
         let mut offsets = DeliveredOffsets::new(1);
         assert_eq!(offsets.delivered(0, 50), Delivered::At(50));
-        assert_eq!(offsets.delivered(0, 10), Delivered::Unknown);
-        assert_eq!(offsets.delivered(0, 50), Delivered::Unknown, "one offset is never given twice");
+        assert_eq!(offsets.delivered(0, 10), Delivered::Unknown(Why::BelowRealEnd { real_end: 51 }));
+        assert_eq!(
+            offsets.delivered(0, 50),
+            Delivered::Unknown(Why::BelowRealEnd { real_end: 51 }),
+            "one offset is never given twice"
+        );
         assert_eq!(offsets.delivered(0, 51), Delivered::At(51));
     }
 
     #[test]
-    fn two_invented_runs_back_to_back_are_both_unknown() {
+    fn delivered_offset_unknown_for_two_invented_runs_back_to_back() {
         // spec: KafkaLog.DeliveredOffsetUnknown — each run restarts at -1.
         let mut offsets = DeliveredOffsets::new(1);
         for reported in [-1, 0, 1, -1, 0] {
-            assert_eq!(offsets.delivered(0, reported), Delivered::Unknown);
+            assert!(matches!(offsets.delivered(0, reported), Delivered::Unknown(_)));
         }
         assert_eq!(offsets.delivered(0, 900), Delivered::At(900));
+    }
+
+    #[test]
+    fn delivered_offset_unknown_for_implicitly_acknowledged_records() {
+        // spec: KafkaLog.DeliveredOffsetUnknown — a later batch's success acknowledges
+        // earlier records implicitly; librdkafka leaves them at RD_KAFKA_OFFSET_INVALID.
+        let mut offsets = DeliveredOffsets::new(1);
+        assert_eq!(offsets.delivered(0, 40), Delivered::At(40));
+        for _ in 0..3 {
+            assert_eq!(offsets.delivered(0, -1001), Delivered::Unknown(Why::NoOffset));
+        }
+        assert_eq!(offsets.delivered(0, 44), Delivered::At(44));
     }
 
     #[test]
     fn a_partition_beyond_the_count_at_start_is_tracked() {
         let mut offsets = DeliveredOffsets::new(1);
         assert_eq!(offsets.delivered(3, 4), Delivered::At(4));
-        assert_eq!(offsets.delivered(3, 2), Delivered::Unknown);
+        assert_eq!(offsets.delivered(3, 2), Delivered::Unknown(Why::BelowRealEnd { real_end: 5 }));
     }
 }

@@ -877,7 +877,7 @@ impl ProducerContext for AppendContext {
                 let partition = message.partition() as u32;
                 let offset = match self.offsets.lock().expect("offsets lock").delivered(partition, message.offset()) {
                     Delivered::At(offset) => Some(offset),
-                    Delivered::Unknown => None,
+                    Delivered::Unknown(_) => None,
                 };
                 Ok((partition, offset))
             }

@@ -202,8 +202,9 @@ fn append(args: AppendArgs) -> anyhow::Result<ExitCode> {
             }
             if unknown > 0 {
                 eprintln!(
-                    "tribunal log append: {unknown} record(s) were acknowledged as copies the broker already held, \
-                     without their offsets; they are in the log once (printed as partition:?)"
+                    "tribunal log append: {unknown} record(s) were acknowledged without a usable offset (a \
+                     retried copy the broker already held, or an implied acknowledgement); each is in the log \
+                     (printed as partition:?)"
                 );
             }
         }

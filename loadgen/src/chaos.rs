@@ -841,8 +841,14 @@ impl Scenario<'_> {
         if let Some(topic) = topic {
             command.args(["--topic", topic]);
         }
-        let output = command.stderr(Stdio::inherit()).output().context("running tribunal log read")?;
-        anyhow::ensure!(output.status.success(), "tribunal log read --log {log} failed: {}", output.status);
+        let output = command.output().context("running tribunal log read")?;
+        // Its reason (a jump in offsets, a reset) belongs in the row, not only on stderr.
+        anyhow::ensure!(
+            output.status.success(),
+            "tribunal log read --log {log} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
         let mut records = Vec::new();
         for line in output.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
             let record: Value = serde_json::from_slice(line).context("a line of tribunal log read")?;
@@ -1146,8 +1152,12 @@ fn settle(cluster_dir: &Path, instances: u32) -> anyhow::Result<Settled> {
             let published: Vec<Value> = partitions.iter().map(|p| p["published_watermark"].clone()).collect();
             if published != durable {
                 let certified: Vec<Value> = partitions.iter().map(|p| p["certified_watermark"].clone()).collect();
+                let json = |v: &Vec<Value>| serde_json::to_string(v).unwrap_or_default();
                 behind.push(format!(
-                    "instance {id} published {published:?}, certified {certified:?}, durable {durable:?}"
+                    "instance {id} published {}, certified {}, durable {}",
+                    json(&published),
+                    json(&certified),
+                    json(&durable)
                 ));
             }
             marks.insert(serde_json::to_string(&durable)?);

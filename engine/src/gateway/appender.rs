@@ -20,7 +20,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::ClientContext;
 use tracing::{error, info, warn};
 
-use crate::delivered_offsets::{Delivered, DeliveredOffsets};
+use crate::delivered_offsets::{Delivered, DeliveredOffsets, Why};
 use crate::kafka_log::KafkaConfig;
 use crate::local_log::LocalLog;
 
@@ -34,7 +34,7 @@ const EXIT_PRODUCER_FATAL: i32 = 70;
 
 /// The 503 detail when the broker acknowledged a record without its offset.
 const OFFSET_UNKNOWN: &str = "the command is in the log and is applied once, but the broker acknowledged it \
-    without its offset (it already held this copy); retry with the same Idempotency-Key to learn the outcome";
+    without a usable offset; retry with the same Idempotency-Key to learn the outcome";
 
 /// Where a command went, or why it did not (spec: Gateway.LogUnavailable).
 pub type AppendReply = Result<(u32, u64), String>;
@@ -193,10 +193,14 @@ impl ProducerContext for Deliveries {
                         Ok((partition, offset))
                     }
                     // spec: Gateway.LogUnavailable — never answer from another command's offset.
-                    Delivered::Unknown => {
-                        if reported < 0 {
-                            warn!(partition, %key, "the broker acknowledged a batch as already written, \
-                                without its offsets; its requests are answered 503 (a retry learns the outcome)");
+                    Delivered::Unknown(why) => {
+                        match why {
+                            Why::NoOffset => warn!(partition, %key, reported, "a command was acknowledged \
+                                without its offset; answered 503 (a retry learns the outcome)"),
+                            Why::InventedRun => {}
+                            Why::BelowRealEnd { real_end } => warn!(partition, %key, reported, real_end,
+                                "a command was acknowledged at an offset below one already given: the \
+                                broker's log went back; answered 503"),
                         }
                         Err(OFFSET_UNKNOWN.to_string())
                     }
