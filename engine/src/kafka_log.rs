@@ -944,9 +944,6 @@ pub fn read_topic(
                         message.offset()
                     );
                     next = message.offset() + 1;
-                    if message.offset() >= high {
-                        break;
-                    }
                     each(TopicRecord {
                         partition: partition as u32,
                         offset: message.offset() as u64,
