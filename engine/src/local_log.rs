@@ -357,18 +357,24 @@ impl HeadFile {
         }
         let mut newest: Option<Head> = None;
         let mut reasons = Vec::new();
+        let mut never_written_slots = 0;
         for slot in 0..2 {
             let mut bytes = [0u8; HEAD_SLOT_USED_BYTES];
             file.read_exact_at(&mut bytes, slot * HEAD_SLOT_SIZE_BYTES).map_err(io_error("reading", &self.path))?;
             match Head::decode_slot(&bytes, slot) {
                 Ok(head) if newest.is_none_or(|newest| head.sequence > newest.sequence) => newest = Some(head),
                 Ok(_) => {}
-                Err(reason) => reasons.push(format!("slot {slot}: {reason}")),
+                Err(reason) => {
+                    never_written_slots += usize::from(bytes.iter().all(|b| *b == 0));
+                    reasons.push(format!("slot {slot}: {reason}"));
+                }
             }
         }
         match newest {
             Some(head) => {
-                if self.writable && !reasons.is_empty() {
+                // A new log's slot 1 is zeros beside commit 0: never written, not torn.
+                let new_log = head.sequence == 0 && never_written_slots == reasons.len();
+                if self.writable && !reasons.is_empty() && !new_log {
                     // Under the lock: a commit torn by a crash, or damage. Either way the
                     // newest valid commit is the head; say so, since damage would roll back.
                     tracing::warn!(path = %self.path.display(), reasons = %reasons.join("; "), sequence = head.sequence, "a head slot is invalid; using the other");

@@ -19,7 +19,7 @@ pub mod metrics;
 pub mod routes;
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
+use std::net::{Shutdown, SocketAddr};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
-use futures_lite::AsyncWriteExt;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use hyper::server::conn::http1;
 use tracing::{debug, info, warn};
@@ -40,6 +40,11 @@ use http_io::{HyperIo, Phase};
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// How often a connection's watchdog looks at its phase.
 const WATCHDOG_TICK: Duration = Duration::from_millis(250);
+/// A closing connection discards the client's input this long at most, and this much
+/// (spec: Gateway.ClosingConnectionLingers).
+const LINGER: Duration = Duration::from_millis(2_000);
+const LINGER_MAX_BYTES: usize = 1024 * 1024;
+const LINGER_READ_BYTES: usize = 16 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
@@ -247,5 +252,27 @@ async fn connection(shared: Arc<GatewayShared>, stream: TcpStream) {
     if let Ended::Idle = ended {
         debug!("closing an idle HTTP connection");
     }
-    let _ = stream.close().await;
+    linger(stream).await;
+}
+
+/// Closes without destroying the answer just written (spec: Gateway.ClosingConnectionLingers).
+///
+/// Closing a socket whose input was not all read makes the kernel send RST: a client
+/// still sending a body the server refused (413, 431) then gets "broken pipe" or
+/// "connection reset" instead of its answer. So the server sends FIN first and reads
+/// and discards until the client closes too, within explicit bounds of time and bytes.
+async fn linger(mut stream: TcpStream) {
+    let _ = stream.shutdown(Shutdown::Write).await;
+    let discard = async {
+        let mut scratch = vec![0u8; LINGER_READ_BYTES];
+        let mut discarded_bytes = 0usize;
+        while discarded_bytes < LINGER_MAX_BYTES {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => discarded_bytes += read,
+            }
+        }
+        debug!(discarded_bytes, "a closing HTTP client kept sending; resetting it");
+    };
+    futures_lite::future::or(discard, glommio::timer::sleep(LINGER)).await;
 }
