@@ -36,6 +36,7 @@ use tribunal_shards::usher::Decoded;
 
 use crate::clerk_io::PublishBatch;
 use crate::delivered_offsets::{Delivered, DeliveredOffsets};
+use crate::doorbell::Bell;
 use crate::output_json::OutputJson;
 
 pub const DEFAULT_COMMANDS_TOPIC: &str = "tribunal.commands";
@@ -408,7 +409,7 @@ pub fn spawn_source(
     config: &KafkaConfig,
     instance: &str,
     start_offsets: Vec<u64>,
-    feeds: Vec<SyncSender<Feed>>,
+    feeds: Vec<FeedSender>,
     shared: Arc<KafkaShared>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     assert_eq!(start_offsets.len(), feeds.len());
@@ -443,9 +444,30 @@ fn assign(consumer: &BaseConsumer<ClientHooks>, topic: &str, next_offsets: &[u64
     consumer.assign(&assignment).context("assigning the commands topic's partitions")
 }
 
+/// One partition's channel to its Usher, with the doorbell that wakes the Usher when
+/// something was sent (spec: KafkaLog.BridgeNeverBlocksExecutor): the Usher waits on it
+/// instead of polling the channel every millisecond.
+pub struct FeedSender {
+    tx: SyncSender<Feed>,
+    bell: Bell,
+}
+
+impl FeedSender {
+    pub fn new(tx: SyncSender<Feed>, bell: Bell) -> Self {
+        Self { tx, bell }
+    }
+
+    /// Blocks while the channel is full; an error means the Usher is gone.
+    fn send(&self, feed: Feed) -> Result<(), ()> {
+        self.tx.send(feed).map_err(|_| ())?;
+        self.bell.ring();
+        Ok(())
+    }
+}
+
 /// The source thread's side of the per-partition channels.
 struct Feeds<'a> {
-    senders: &'a [SyncSender<Feed>],
+    senders: &'a [FeedSender],
     batches: Vec<Vec<Decoded<Inventory>>>,
     /// The partition's Usher is gone (it finished under `--stop-at-end`): drop its records.
     closed: Vec<bool>,
@@ -560,7 +582,7 @@ fn source_loop(
     consumer: &BaseConsumer<ClientHooks>,
     topic: &str,
     mut next_offsets: Vec<u64>,
-    senders: &[SyncSender<Feed>],
+    senders: &[FeedSender],
     shared: &KafkaShared,
 ) -> anyhow::Result<()> {
     let partitions = senders.len();

@@ -48,6 +48,7 @@ use tribunal_shards::warden::WardenConfig;
 
 use crate::clerk_io::{self, ClerkSetup, ClerkShared, PublishBatch};
 use crate::cores;
+use crate::doorbell::{doorbell, Door, DoorKey};
 use crate::federation_args::{Fault, PeerAddress};
 use crate::gateway::appender;
 use crate::gateway::certified_view::CertifiedView;
@@ -74,7 +75,12 @@ pub const MAX_BATCH_RECORDS: usize = 4_096;
 const MAX_IN_FLIGHT_MESSAGES: u64 = 64 * 1_024;
 /// How often `status.json` is rewritten.
 const STATUS_INTERVAL: Duration = Duration::from_millis(200);
-/// How long the Usher waits before polling an idle log again.
+/// How long an idle log's reader waits for a wake before polling again anyway (spec:
+/// LocalLog.AppendWakesReaders, KafkaLog.BridgeNeverBlocksExecutor): a missed wake costs
+/// this much latency at most.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// The reader's wait when the local log cannot be watched: it polls as it did before
+/// there were wakes.
 const IDLE_POLL: Duration = Duration::from_millis(1);
 
 /// The input log.
@@ -604,16 +610,19 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     for (partition, usher) in ushers.into_iter().enumerate() {
         let home = home_shard(partition as u32, shard_count);
         let spec = match &local_log {
-            Some((log, _)) if reader_shard == home => SourceSpec::Local(log.reader(resume[partition])?),
-            Some((log, _)) => {
+            Some((log, dir)) if reader_shard == home => {
+                SourceSpec::Local(log.reader(resume[partition])?, watch_local_log(dir)?)
+            }
+            Some((log, dir)) => {
                 let (tx, rx) = shared_channel::new_bounded::<Vec<Decoded<D>>>(DECODED_BATCHES_IN_FLIGHT);
-                reader_log = Some((log.reader(resume[partition])?, tx));
+                reader_log = Some((log.reader(resume[partition])?, watch_local_log(dir)?, tx));
                 SourceSpec::Remote(rx)
             }
             None => {
                 let (tx, rx) = mpsc::sync_channel::<Feed>(kafka_log::FEED_BATCHES_IN_FLIGHT);
-                feeds.push(tx);
-                SourceSpec::Kafka(rx)
+                let (bell, door) = doorbell(IDLE_WAIT).context("making the Kafka feed's doorbell")?;
+                feeds.push(kafka_log::FeedSender::new(tx, bell));
+                SourceSpec::Kafka(rx, door)
             }
         };
         usher_sources[home as usize].push((usher, spec));
@@ -917,7 +926,7 @@ struct ShardContext {
     ushers: Vec<(Usher<D>, SourceSpec)>,
     /// On the local log's reader shard, when it is not the Usher's: the reader, and where
     /// decoded batches go.
-    reader: Option<(crate::local_log::LocalLogReader, SharedSender<Vec<Decoded<D>>>)>,
+    reader: Option<ReaderTask>,
     /// Where outputs go once durable: the Clerk (spec: Clerk.OwnCopyRecorded).
     outputs: SharedSender<Vec<DurableOutput>>,
     shared: Arc<Shared>,
@@ -1166,11 +1175,11 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     }
     let _ = context.events.send(Event::Started);
 
-    if let Some((reader, tx)) = context.reader {
+    if let Some((reader, door, tx)) = context.reader {
         let shared = context.shared.clone();
         let events = context.events.clone();
         glommio::spawn_local(async move {
-            if let Err(error) = read_and_decode(reader, tx, shared).await {
+            if let Err(error) = read_and_decode(reader, door.open(), tx, shared).await {
                 let _ = events.send(Event::Failed(shard, format!("{error:#}")));
             }
         })
@@ -1180,9 +1189,9 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for (usher, spec) in context.ushers {
         let source = match spec {
-            SourceSpec::Local(reader) => Source::Local(reader),
+            SourceSpec::Local(reader, door) => Source::Local(reader, door.open()),
             SourceSpec::Remote(rx) => Source::Remote(rx.connect().await),
-            SourceSpec::Kafka(rx) => Source::Kafka { rx, at_end: false },
+            SourceSpec::Kafka(rx, door) => Source::Kafka { rx, at_end: false, door: door.open() },
         };
         let (state, shared, events, layout) =
             (state.clone(), context.shared.clone(), context.events.clone(), context.layout.clone());
@@ -1213,21 +1222,28 @@ const DECODED_BATCHES_IN_FLIGHT: usize = 4;
 /// Where an Usher will read, as handed to its shard.
 enum SourceSpec {
     /// The local log, read and decoded on the Usher's own shard.
-    Local(crate::local_log::LocalLogReader),
+    Local(crate::local_log::LocalLogReader, DoorKey),
     /// The local log, read and decoded on the reader shard.
     Remote(SharedReceiver<Vec<Decoded<D>>>),
     /// A Kafka partition, fed by the source thread (spec: KafkaLog.BridgeNeverBlocksExecutor).
-    Kafka(mpsc::Receiver<Feed>),
+    Kafka(mpsc::Receiver<Feed>, DoorKey),
 }
+
+/// The reader shard's job: its reader, the key to the door the log's watch rings, and the
+/// channel to the Usher's shard.
+type ReaderTask = (crate::local_log::LocalLogReader, DoorKey, SharedSender<Vec<Decoded<D>>>);
 
 /// Where the Usher's records come from.
 enum Source {
-    Local(crate::local_log::LocalLogReader),
+    /// Woken by the log's watch (spec: LocalLog.AppendWakesReaders).
+    Local(crate::local_log::LocalLogReader, Door),
     Remote(glommio::channels::shared_channel::ConnectedReceiver<Vec<Decoded<D>>>),
     Kafka {
         rx: mpsc::Receiver<Feed>,
         /// The last word from the source thread was "end of partition".
         at_end: bool,
+        /// Rung by the source thread after each send.
+        door: Door,
     },
 }
 
@@ -1235,14 +1251,14 @@ impl Source {
     /// The next batch; empty when the log has nothing new right now.
     async fn next(&mut self, records: &mut Vec<Record>) -> anyhow::Result<Vec<Decoded<D>>> {
         match self {
-            Source::Local(reader) => {
+            Source::Local(reader, _) => {
                 records.clear();
                 reader.poll(MAX_BATCH_RECORDS, records).context("reading the log")?;
                 Ok(decode(records))
             }
             Source::Remote(rx) => rx.recv().await.context("the reader shard stopped"),
             // Never blocks: the source thread may be waiting for the broker.
-            Source::Kafka { rx, at_end } => match rx.try_recv() {
+            Source::Kafka { rx, at_end, .. } => match rx.try_recv() {
                 Ok(Feed::Batch(batch)) => {
                     *at_end = false;
                     Ok(batch)
@@ -1260,14 +1276,19 @@ impl Source {
     /// Whether an empty batch means the log's end (rather than "nothing fetched yet").
     fn at_end(&self) -> bool {
         match self {
-            Source::Local(_) | Source::Remote(_) => true,
+            Source::Local(..) | Source::Remote(_) => true,
             Source::Kafka { at_end, .. } => *at_end,
         }
     }
 
-    /// Whether the Usher should sleep after an empty batch (a remote source already waited).
-    fn polls(&self) -> bool {
-        !matches!(self, Source::Remote(_))
+    /// After an empty batch: until something may be new. A remote source already waited.
+    async fn idle(&mut self) {
+        match self {
+            Source::Local(_, door) | Source::Kafka { door, .. } => {
+                door.wait().await;
+            }
+            Source::Remote(_) => {}
+        }
     }
 }
 
@@ -1283,9 +1304,11 @@ fn decode(records: &[Record]) -> Vec<Decoded<D>> {
 }
 
 /// The reader shard's task: tail the log, decode, hand batches to the Usher. An empty
-/// batch says "nothing new", so the Usher can tell when it has caught up.
+/// batch says "nothing new", so the Usher can tell when it has caught up; one is sent per
+/// wake while the log is idle.
 async fn read_and_decode(
     mut reader: crate::local_log::LocalLogReader,
+    mut door: Door,
     tx: SharedSender<Vec<Decoded<D>>>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<()> {
@@ -1298,10 +1321,24 @@ async fn read_and_decode(
             return Ok(());
         }
         if read == 0 {
-            glommio::timer::sleep(IDLE_POLL).await;
+            door.wait().await;
         }
     }
     Ok(())
+}
+
+/// The key to a door that the local log's watch rings on every append (spec:
+/// LocalLog.AppendWakesReaders); without a watch, a door that only times out, soon.
+fn watch_local_log(dir: &std::path::Path) -> anyhow::Result<DoorKey> {
+    let (bell, key) = doorbell(IDLE_WAIT).context("making the local log's doorbell")?;
+    match crate::local_log_watch::spawn(dir, bell) {
+        Ok(()) => Ok(key),
+        Err(e) => {
+            warn!(dir = %dir.display(), "cannot watch the local log ({e}); its reader polls every {IDLE_POLL:?}");
+            let (_, key) = doorbell(IDLE_POLL).context("making the local log's doorbell")?;
+            Ok(key)
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -1345,9 +1382,7 @@ async fn usher_loop(
                 let _ = events.send(Event::Finished(partition));
                 return Ok(());
             }
-            if source.polls() {
-                glommio::timer::sleep(IDLE_POLL).await;
-            }
+            source.idle().await;
             continue;
         }
         // spec: Ledger.SnapshotPlanned — at the end of the batch that crosses the threshold.
