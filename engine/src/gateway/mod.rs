@@ -250,7 +250,11 @@ async fn connection(shared: Arc<GatewayShared>, stream: TcpStream) {
         futures_lite::future::or(write, glommio::timer::sleep(read_timeout)).await;
     }
     if let Ended::Idle = ended {
+        // Nothing unread, so no RST to avoid; and a keep-alive client sees the FIN only
+        // when it next uses the connection, so lingering would hold the slot for nothing.
         debug!("closing an idle HTTP connection");
+        let _ = stream.shutdown(Shutdown::Write).await;
+        return;
     }
     linger(stream).await;
 }
