@@ -57,6 +57,7 @@ use crate::gateway::{self, FaultControl, GatewayConfig, GatewayShared, NodeProbe
 use crate::kafka_log::{self, DurableOutput, Feed, KafkaConfig, KafkaShared};
 use crate::ledger_io::{self, Layout, Manifest, PartitionManifest, SegmentWriter};
 use crate::local_log::LocalLog;
+use crate::local_log_watch::{self, TailWait, TailWaitKey};
 use crate::local_publisher;
 use crate::quarantine_store;
 
@@ -75,13 +76,9 @@ pub const MAX_BATCH_RECORDS: usize = 4_096;
 const MAX_IN_FLIGHT_MESSAGES: u64 = 64 * 1_024;
 /// How often `status.json` is rewritten.
 const STATUS_INTERVAL: Duration = Duration::from_millis(200);
-/// How long an idle log's reader waits for a wake before polling again anyway (spec:
-/// LocalLog.AppendWakesReaders, KafkaLog.BridgeNeverBlocksExecutor): a missed wake costs
-/// this much latency at most.
+/// How long an idle Kafka Usher waits for its source thread's ring before trying its
+/// channel again anyway (spec: KafkaLog.BridgeNeverBlocksExecutor).
 const IDLE_WAIT: Duration = Duration::from_millis(20);
-/// The reader's wait when the local log cannot be watched: it polls as it did before
-/// there were wakes.
-const IDLE_POLL: Duration = Duration::from_millis(1);
 
 /// The input log.
 pub enum LogSource {
@@ -1175,11 +1172,11 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     }
     let _ = context.events.send(Event::Started);
 
-    if let Some((reader, door, tx)) = context.reader {
+    if let Some((reader, tail, tx)) = context.reader {
         let shared = context.shared.clone();
         let events = context.events.clone();
         glommio::spawn_local(async move {
-            if let Err(error) = read_and_decode(reader, door.open(), tx, shared).await {
+            if let Err(error) = read_and_decode(reader, tail.open(), tx, shared).await {
                 let _ = events.send(Event::Failed(shard, format!("{error:#}")));
             }
         })
@@ -1189,7 +1186,7 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for (usher, spec) in context.ushers {
         let source = match spec {
-            SourceSpec::Local(reader, door) => Source::Local(reader, door.open()),
+            SourceSpec::Local(reader, tail) => Source::Local(reader, Box::new(tail.open())),
             SourceSpec::Remote(rx) => Source::Remote(rx.connect().await),
             SourceSpec::Kafka(rx, door) => Source::Kafka { rx, at_end: false, door: door.open() },
         };
@@ -1222,7 +1219,7 @@ const DECODED_BATCHES_IN_FLIGHT: usize = 4;
 /// Where an Usher will read, as handed to its shard.
 enum SourceSpec {
     /// The local log, read and decoded on the Usher's own shard.
-    Local(crate::local_log::LocalLogReader, DoorKey),
+    Local(crate::local_log::LocalLogReader, TailWaitKey),
     /// The local log, read and decoded on the reader shard.
     Remote(SharedReceiver<Vec<Decoded<D>>>),
     /// A Kafka partition, fed by the source thread (spec: KafkaLog.BridgeNeverBlocksExecutor).
@@ -1231,12 +1228,12 @@ enum SourceSpec {
 
 /// The reader shard's job: its reader, the key to the door the log's watch rings, and the
 /// channel to the Usher's shard.
-type ReaderTask = (crate::local_log::LocalLogReader, DoorKey, SharedSender<Vec<Decoded<D>>>);
+type ReaderTask = (crate::local_log::LocalLogReader, TailWaitKey, SharedSender<Vec<Decoded<D>>>);
 
 /// Where the Usher's records come from.
 enum Source {
-    /// Woken by the log's watch (spec: LocalLog.AppendWakesReaders).
-    Local(crate::local_log::LocalLogReader, Door),
+    /// Woken by the log's watch when idle (spec: LocalLog.AppendWakesReaders).
+    Local(crate::local_log::LocalLogReader, Box<TailWait>),
     Remote(glommio::channels::shared_channel::ConnectedReceiver<Vec<Decoded<D>>>),
     Kafka {
         rx: mpsc::Receiver<Feed>,
@@ -1251,9 +1248,11 @@ impl Source {
     /// The next batch; empty when the log has nothing new right now.
     async fn next(&mut self, records: &mut Vec<Record>) -> anyhow::Result<Vec<Decoded<D>>> {
         match self {
-            Source::Local(reader, _) => {
+            Source::Local(reader, tail) => {
                 records.clear();
-                reader.poll(MAX_BATCH_RECORDS, records).context("reading the log")?;
+                if reader.poll(MAX_BATCH_RECORDS, records).context("reading the log")? > 0 {
+                    tail.found_records();
+                }
                 Ok(decode(records))
             }
             Source::Remote(rx) => rx.recv().await.context("the reader shard stopped"),
@@ -1284,7 +1283,10 @@ impl Source {
     /// After an empty batch: until something may be new. A remote source already waited.
     async fn idle(&mut self) {
         match self {
-            Source::Local(_, door) | Source::Kafka { door, .. } => {
+            Source::Local(_, tail) => {
+                tail.after_empty_poll().await;
+            }
+            Source::Kafka { door, .. } => {
                 door.wait().await;
             }
             Source::Remote(_) => {}
@@ -1308,7 +1310,7 @@ fn decode(records: &[Record]) -> Vec<Decoded<D>> {
 /// wake while the log is idle.
 async fn read_and_decode(
     mut reader: crate::local_log::LocalLogReader,
-    mut door: Door,
+    mut tail: TailWait,
     tx: SharedSender<Vec<Decoded<D>>>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<()> {
@@ -1321,24 +1323,17 @@ async fn read_and_decode(
             return Ok(());
         }
         if read == 0 {
-            door.wait().await;
+            tail.after_empty_poll().await;
+        } else {
+            tail.found_records();
         }
     }
     Ok(())
 }
 
-/// The key to a door that the local log's watch rings on every append (spec:
-/// LocalLog.AppendWakesReaders); without a watch, a door that only times out, soon.
-fn watch_local_log(dir: &std::path::Path) -> anyhow::Result<DoorKey> {
-    let (bell, key) = doorbell(IDLE_WAIT).context("making the local log's doorbell")?;
-    match crate::local_log_watch::spawn(dir, bell) {
-        Ok(()) => Ok(key),
-        Err(e) => {
-            warn!(dir = %dir.display(), "cannot watch the local log ({e}); its reader polls every {IDLE_POLL:?}");
-            let (_, key) = doorbell(IDLE_POLL).context("making the local log's doorbell")?;
-            Ok(key)
-        }
-    }
+/// How the local log's reader waits when the log is idle (spec: LocalLog.AppendWakesReaders).
+fn watch_local_log(dir: &std::path::Path) -> anyhow::Result<TailWaitKey> {
+    local_log_watch::tail_wait(dir).context("making the local log's doorbell")
 }
 
 #[derive(Clone, Copy)]
