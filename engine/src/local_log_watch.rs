@@ -107,7 +107,13 @@ fn tail_wait_with(dir: &Path, idle_wait: Duration) -> io::Result<TailWaitKey> {
 impl TailWaitKey {
     /// On the reader's executor.
     pub fn open(self) -> TailWait {
-        TailWait { watcher: self.watcher, door: self.door.open(), armed: false, empty_polls: 0 }
+        TailWait {
+            watcher: self.watcher,
+            door: self.door.open(),
+            armed: false,
+            empty_polls: 0,
+            arm_failure_logged: false,
+        }
     }
 }
 
@@ -119,6 +125,8 @@ pub struct TailWait {
     armed: bool,
     /// Empty polls since the last records.
     empty_polls: u32,
+    /// An arm failed and was logged; later failures are not.
+    arm_failure_logged: bool,
 }
 
 impl TailWait {
@@ -143,13 +151,19 @@ impl TailWait {
             match watcher.arm() {
                 // Poll once more before waiting: a commit between the last poll and the
                 // watch is seen by it.
-                Ok(()) => self.armed = true,
+                Ok(()) => {
+                    self.armed = true;
+                    return None;
+                }
+                // No watch (the inotify limits, say): the wait below only times out, and
+                // the next idle poll tries again.
                 Err(e) => {
-                    warn!(dir = %watcher.dir.display(), "cannot watch the local log ({e}); its reader polls every {BUSY_POLL:?}");
-                    self.watcher = None;
+                    if !self.arm_failure_logged {
+                        warn!(dir = %watcher.dir.display(), "cannot watch the local log ({e}); its reader polls every {IDLE_WAIT:?} while it cannot");
+                        self.arm_failure_logged = true;
+                    }
                 }
             }
-            return None;
         }
         let woke = self.door.wait().await;
         if woke != Woke::IdleWaitPassed {
@@ -176,23 +190,27 @@ mod tests {
         let mut reader = log.reader(0).unwrap();
         let appender = LocalLog::open(dir.path()).unwrap();
         let key = tail_wait_with(dir.path(), Duration::from_secs(10)).unwrap();
-        let (waiting_tx, waiting_rx) = mpsc::channel::<()>();
+        let (armed_tx, armed_rx) = mpsc::channel::<bool>();
         let appended = std::thread::spawn(move || {
-            waiting_rx.recv().unwrap();
-            std::thread::sleep(Duration::from_millis(100));
-            appender.append(&[b"{}".to_vec()]).unwrap()
+            // Commits only once the reader has armed its watch.
+            armed_rx.recv().unwrap().then(|| appender.append(&[b"{}".to_vec()]).unwrap())
         });
         let (waits, records) = std::thread::spawn(move || {
             glommio::LocalExecutor::default().run(async move {
                 let mut tail = key.open();
                 let mut records = Vec::new();
                 let mut waits = Vec::new();
+                // Busy polls, the arm, the extra poll, then waits; bounded, so a reader
+                // that never arms fails here rather than hanging.
+                for _ in 0..BUSY_POLLS + 1 {
+                    reader.poll(16, &mut records).unwrap();
+                    assert!(tail.after_empty_poll().await.is_none(), "no wait before the watch");
+                }
+                let _ = armed_tx.send(tail.armed);
+                assert!(tail.armed, "armed after the busy polls");
                 while records.is_empty() && waits.len() < 8 {
                     reader.poll(16, &mut records).unwrap();
                     if records.is_empty() {
-                        if tail.armed {
-                            let _ = waiting_tx.send(());
-                        }
                         waits.extend(tail.after_empty_poll().await);
                     }
                 }
@@ -203,8 +221,47 @@ mod tests {
         .unwrap();
         // A wake may come from the segment's write, before the commit: then the reader
         // re-arms and waits again. Every wait was ended by a ring.
-        assert!(!waits.is_empty() && waits.iter().all(|w| *w == Woke::Rung), "{waits:?}");
+        assert!(waits.iter().all(|w| *w == Woke::Rung), "{waits:?}");
         assert_eq!(records, vec![(0, b"{}".to_vec())]);
+        assert_eq!(appended.join().unwrap(), Some(0..1));
+    }
+
+    #[test]
+    fn waits_that_time_out_keep_their_watch_and_a_later_commit_rings_it() {
+        // spec: LocalLog.ReaderWaits — an idle wait that times out does not re-arm.
+        let dir = tempfile::tempdir().unwrap();
+        LocalLog::open(dir.path()).unwrap();
+        let appender = LocalLog::open(dir.path()).unwrap();
+        let key = tail_wait_with(dir.path(), Duration::from_millis(5)).unwrap();
+        let (timed_out_tx, timed_out_rx) = mpsc::channel::<()>();
+        let appended = std::thread::spawn(move || {
+            timed_out_rx.recv().unwrap();
+            appender.append(&[b"{}".to_vec()]).unwrap()
+        });
+        let woke = std::thread::spawn(move || {
+            glommio::LocalExecutor::default().run(async move {
+                let mut tail = key.open();
+                let mut woke = Vec::new();
+                for _ in 0..BUSY_POLLS + 1 {
+                    woke.extend(tail.after_empty_poll().await);
+                }
+                for _ in 0..3 {
+                    woke.extend(tail.after_empty_poll().await);
+                }
+                let still_armed = tail.armed;
+                let _ = timed_out_tx.send(());
+                // The commit rings the same watch: Rung within a few waits.
+                while woke.last() != Some(&Woke::Rung) && woke.len() < 2_000 {
+                    woke.extend(tail.after_empty_poll().await);
+                }
+                (still_armed, woke)
+            })
+        })
+        .join()
+        .unwrap();
+        assert!(woke.0, "still armed after waits that timed out");
+        assert_eq!(&woke.1[..3], &[Woke::IdleWaitPassed; 3]);
+        assert_eq!(woke.1.last(), Some(&Woke::Rung), "{:?}", woke.1);
         assert_eq!(appended.join().unwrap(), 0..1);
     }
 
