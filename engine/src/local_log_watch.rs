@@ -8,8 +8,8 @@
 //! most the idle wait.
 //!
 //! Why a watch only while idle: a watch held all the time woke a thread in every
-//! instance at every commit, which cost a tenth to a fifth of the throughput at
-//! saturation. A reader that just found records polls instead (the log is busy, a poll
+//! instance at every commit (11,782 context switches in about 14 s at 8,000 req/s,
+//! against 119 armed only when idle), competing with the pinned shards. A reader that just found records polls instead (the log is busy, a poll
 //! finds something soon); after `BUSY_POLLS` empty polls it arms a fresh watch, which
 //! lives until its first change.
 

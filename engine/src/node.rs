@@ -1226,7 +1226,7 @@ enum SourceSpec {
     Kafka(mpsc::Receiver<Feed>, DoorKey),
 }
 
-/// The reader shard's job: its reader, the key to the door the log's watch rings, and the
+/// The reader shard's job: its reader, how it waits when the log is idle, and the
 /// channel to the Usher's shard.
 type ReaderTask = (crate::local_log::LocalLogReader, TailWaitKey, SharedSender<Vec<Decoded<D>>>);
 
