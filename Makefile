@@ -49,8 +49,11 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+## test-rust: every test in a debug build, then the engine's process tests again in a
+## release build: a timing assumption that only a slow build meets is a defect.
 test-rust:
 	$(CARGO) test --workspace
+	$(CARGO) test --release -p tribunal --tests
 
 ## specs: `allium check` on every spec; any error-severity diagnostic fails.
 specs: tools

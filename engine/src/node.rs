@@ -43,6 +43,7 @@ use tribunal_shards::inventory::Inventory;
 use tribunal_shards::ledger::{encode_record, LedgerRecord};
 use tribunal_shards::recovery::recover;
 use tribunal_shards::router::ShardId;
+use tribunal_shards::snapshot_cadence::SnapshotCadence;
 use tribunal_shards::usher::{home_shard, Decoded, Record, Usher, UsherConfig};
 use tribunal_shards::warden::WardenConfig;
 
@@ -143,6 +144,21 @@ struct Status {
     /// Records planned since this process became ready, and for how long it has been.
     records_processed: u64,
     processing_ms: u128,
+    /// What the last recovery replayed (absent while recovering).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovery: Option<RecoveryFigures>,
+}
+
+/// What recovery replayed, against its bound (spec: Recovery.RecoveryReported).
+#[derive(Debug, Clone, Copy, Serialize)]
+struct RecoveryFigures {
+    /// Ledger entries applied past the snapshot markers, every partition.
+    replayed_entries: u64,
+    /// `--snapshot-every`; 0: snapshots are off.
+    snapshot_every: u64,
+    /// The most a recovery replays per partition: `snapshot_every` plus one batch
+    /// (spec: Recovery.ReplayBoundedBySnapshotCadence); absent when snapshots are off.
+    replay_bound_per_partition: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -154,6 +170,8 @@ struct PartitionStatus {
     certified_watermark: Option<u64>,
     /// The last offset known published on the outputs topic or log.
     published_watermark: Option<u64>,
+    /// The marker of the partition's committed snapshot.
+    snapshot_marker: Option<u64>,
 }
 
 /// Shared between the executors and the main thread: published watermarks (durable
@@ -169,6 +187,9 @@ struct Shared {
     stop: AtomicBool,
     /// Per partition: snapshot at the next batch (another partition took one).
     snapshot_wanted: Vec<AtomicBool>,
+    /// Per partition: the committed snapshot's marker + 1 (0: none), set by the main
+    /// thread at each manifest commit (spec: Ledger.CadenceAdvancesOnCommit).
+    snapshot_covered_end: Vec<AtomicU64>,
     clerk: Arc<ClerkShared>,
     copy_window: u64,
 }
@@ -280,6 +301,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         federation: serde_json::Value::Null,
         records_processed: 0,
         processing_ms: 0,
+        recovery: None,
     };
     write_status(&layout, &recovering);
 
@@ -375,6 +397,23 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         resume.push(next);
         ushers.push(usher);
     }
+    // spec: Recovery.DueSnapshotTakenAtRecovery — a snapshot that was due and did not
+    // commit before the crash is taken now, from the rebuilt state.
+    for (partition, usher) in ushers.iter().enumerate() {
+        let committed = manifest.get(partition as u32).map(|m| m.marker_offset);
+        let cadence = SnapshotCadence::new(config.snapshot_every, MAX_BATCH_RECORDS as u64, committed);
+        if cadence.due_at_recovery(resume[partition]) {
+            let marker = resume[partition] - 1;
+            snapshot_at_recovery(&layout, &mut manifest, usher, marker, &recovered.arbiters)
+                .with_context(|| format!("taking partition {partition}'s due snapshot at {marker}"))?;
+        }
+    }
+    let recovery_figures = RecoveryFigures {
+        replayed_entries: recovered.replayed_entries,
+        snapshot_every: config.snapshot_every,
+        replay_bound_per_partition: SnapshotCadence::new(config.snapshot_every, MAX_BATCH_RECORDS as u64, None)
+            .replay_bound(),
+    };
     // Outputs past the durable watermark were cut with their records. The certified
     // checkpoint never exceeds the durable watermark (spec: Recovery.RecoveryCompletes):
     // a stale or foreign checkpoint must not make peers skip anything.
@@ -432,6 +471,9 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         in_flight: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         snapshot_wanted: resume.iter().map(|_| AtomicBool::new(false)).collect(),
+        snapshot_covered_end: (0..partitions)
+            .map(|p| AtomicU64::new(manifest.get(p).map_or(0, |m| m.marker_offset + 1)))
+            .collect(),
         clerk: clerk_shared.clone(),
         copy_window,
     });
@@ -529,6 +571,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                         faults_detected: status["federation"]["faults_total"].as_u64().unwrap_or(0),
                         ready: probe.ready.load(Ordering::Acquire),
                         waiting_requests: view.lock().expect("not poisoned").waiting() as u64,
+                        recovery_replayed_entries: recovery_figures.replayed_entries,
                     }
                 })
             };
@@ -660,16 +703,19 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     }
     drop(events_tx);
 
-    // Start-up handshake: a shard that fails to start stops the process.
+    // Start-up handshake: a shard that fails to start stops the process. What else
+    // arrives meanwhile (a snapshot part, a finished partition) is handled afterwards.
     let mut running = 0;
+    let mut early_events = Vec::new();
     while running < n {
         match events_rx.recv() {
             Ok(Event::Started) => running += 1,
             Ok(Event::Failed(shard, error)) => anyhow::bail!("shard {shard} failed to start: {error}"),
-            Ok(Event::Finished(_) | Event::SnapshotPart { .. }) => {}
+            Ok(event) => early_events.push(event),
             Err(_) => anyhow::bail!("the shards stopped during start-up"),
         }
     }
+    let mut early_events = early_events.into_iter();
     if let (Some(start), Some(kafka_shared)) = (&kafka, &kafka_shared) {
         if let (Some(_), Some(sink_rx)) = (&start.published_ends, sink_rx.take()) {
             kafka_log::spawn_publisher(&start.config, &published_start, sink_rx, kafka_shared.clone())?;
@@ -695,6 +741,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                 next_offset: next_offsets[p as usize],
                 certified_watermark: if clerk_ready { clerk_shared.certified_end(p).checked_sub(1) } else { None },
                 published_watermark: clerk_shared.published_known[p as usize].load(Ordering::Acquire).checked_sub(1),
+                snapshot_marker: shared.snapshot_covered_end[p as usize].load(Ordering::Acquire).checked_sub(1),
             })
             .collect();
         Status {
@@ -712,6 +759,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             federation: clerk_shared.status.lock().expect("not poisoned").clone(),
             records_processed: next_offsets.iter().zip(&resume).map(|(n, r)| n - r).sum(),
             processing_ms: ready_at.elapsed().as_millis(),
+            recovery: Some(recovery_figures),
         }
     };
     let mut last_status = Instant::now() - STATUS_INTERVAL;
@@ -752,11 +800,16 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                 deletion_pending = delete_covered_segments(&layout, &manifest, &shared, &persisted_certified)?;
             }
         }
-        if finished.len() == partitions as usize && all_settled(&shared) {
+        // A snapshot being written is finished first: the next start counts from it.
+        if finished.len() == partitions as usize && snapshot_parts.is_empty() && all_settled(&shared) {
             break;
         }
         let wait = if finished.len() == partitions as usize { Duration::from_millis(10) } else { STATUS_INTERVAL };
-        match events_rx.recv_timeout(wait) {
+        let event = match early_events.next() {
+            Some(event) => Ok(event),
+            None => events_rx.recv_timeout(wait),
+        };
+        match event {
             Ok(Event::Failed(shard, error)) => {
                 error!(shard, "{error}");
                 anyhow::bail!("shard {shard} failed: {error}");
@@ -769,6 +822,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                 parts.push((shard, first_kept_segment));
                 if parts.len() == n + 1 {
                     commit_snapshot(&layout, &mut manifest, partition, marker_offset, parts)?;
+                    shared.snapshot_covered_end[partition as usize].fetch_max(marker_offset + 1, Ordering::AcqRel);
                     snapshot_parts.retain(|(p, m), _| *p != partition || *m > marker_offset);
                     deletion_pending = delete_covered_segments(&layout, &manifest, &shared, &persisted_certified)?;
                 }
@@ -888,6 +942,33 @@ fn commit_snapshot(
     ledger_io::delete_older_snapshots(layout, partition, marker_offset).context("deleting older snapshots")?;
     info!(partition, marker_offset, "snapshot committed");
     Ok(())
+}
+
+/// Takes and commits `usher`'s partition's snapshot at `marker`, the durable watermark,
+/// from the state recovery rebuilt (spec: Recovery.DueSnapshotTakenAtRecovery). Each
+/// shard's first kept segment is the one this process is about to start.
+fn snapshot_at_recovery(
+    layout: &Layout,
+    manifest: &mut Manifest,
+    usher: &Usher<D>,
+    marker: u64,
+    arbiters: &[Arbiter<D>],
+) -> anyhow::Result<()> {
+    let partition = usher.partition();
+    assert_eq!(usher.next_offset(), marker + 1, "the Usher is as after the marker");
+    let path = layout.usher_part_path(partition, marker);
+    ledger_io::create_part_dir(&path)?;
+    ledger_io::write_part(&path, &usher.snapshot()).context("writing the Usher's snapshot part")?;
+    let mut parts = vec![(None, 0)];
+    for arbiter in arbiters {
+        let shard = arbiter.shard();
+        let path = layout.shard_part_path(partition, marker, shard);
+        ledger_io::write_part(&path, &arbiter.registrar().entities_sorted(partition))
+            .with_context(|| format!("writing shard {shard}'s snapshot part"))?;
+        let next_segment = layout.segments(shard)?.last().map_or(0, |last| last + 1);
+        parts.push((Some(shard), next_segment));
+    }
+    commit_snapshot(layout, manifest, partition, marker, &parts)
 }
 
 /// Deletes what the committed snapshots cover (spec: Ledger.SegmentsBelowSnapshotDeleted).
@@ -1354,7 +1435,12 @@ async fn usher_loop(
 ) -> anyhow::Result<()> {
     let UsherOptions { stop_at_end, snapshot_every } = options;
     let partition = usher.partition();
-    let mut last_snapshot = usher.next_offset();
+    let covered_end = &shared.snapshot_covered_end[partition as usize];
+    let mut cadence = SnapshotCadence::new(
+        snapshot_every,
+        MAX_BATCH_RECORDS as u64,
+        covered_end.load(Ordering::Acquire).checked_sub(1),
+    );
     let mut records: Vec<Record> = Vec::with_capacity(MAX_BATCH_RECORDS);
     let home = state.borrow().shard;
     loop {
@@ -1364,7 +1450,12 @@ async fn usher_loop(
         // spec: Clerk.CopyWindowBackpressure, Publisher.BoundedBacklog — own outputs always
         // fit the Clerk's ring, and certified outputs wait for publication in bounded memory.
         let window_end = shared.clerk.certified_end(partition) + shared.copy_window;
-        if shared.in_flight.load(Ordering::Relaxed) > MAX_IN_FLIGHT_MESSAGES
+        if let Some(marker) = covered_end.load(Ordering::Acquire).checked_sub(1) {
+            cadence.committed(marker);
+        }
+        // spec: Ledger.PlanningWaitsForSnapshot — bounds what a recovery replays.
+        if !cadence.may_plan()
+            || shared.in_flight.load(Ordering::Relaxed) > MAX_IN_FLIGHT_MESSAGES
             || usher.next_offset() + MAX_BATCH_RECORDS as u64 > window_end
             || shared.clerk.backlog_full.load(Ordering::Relaxed)
         {
@@ -1380,11 +1471,12 @@ async fn usher_loop(
             source.idle().await;
             continue;
         }
-        // spec: Ledger.SnapshotPlanned — at the end of the batch that crosses the threshold.
+        // spec: Ledger.SnapshotDue, Ledger.SnapshotPlanned — at the end of the batch that
+        // brings the records since the committed snapshot to the threshold.
         // Every other partition is asked to snapshot at its next batch too: a segment is
         // deleted only once every partition's snapshot covers it, so a partition with little
         // traffic would otherwise hold back deletion for all (spec: Ledger.SegmentsBelowSnapshotDeleted).
-        let own = snapshot_every > 0 && usher.next_offset() + batch.len() as u64 - last_snapshot >= snapshot_every;
+        let own = cadence.snapshot_due(usher.next_offset(), batch.len() as u64);
         if own {
             for (other, wanted) in shared.snapshot_wanted.iter().enumerate() {
                 if other != partition as usize {
@@ -1400,8 +1492,8 @@ async fn usher_loop(
             Ok(plan) => plan,
             Err(halted) => anyhow::bail!("the Usher of partition {partition} halted: {halted}"),
         };
-        if snapshot {
-            last_snapshot = usher.next_offset();
+        if plan.snapshot.is_some() {
+            cadence.requested(usher.next_offset() - 1);
         }
         {
             let mut st = state.borrow_mut();

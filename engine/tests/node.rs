@@ -239,49 +239,41 @@ fn a_core_that_is_not_allowed_is_a_clear_error() {
     assert!(stderr.contains("core 1000 is not allowed"), "{stderr}");
 }
 
-#[test]
-fn snapshots_replace_old_segments_and_recovery_starts_from_them() {
-    // spec: Ledger.SnapshotAtMarker
-    // spec: Ledger.SnapshotCommitted
-    // spec: Ledger.SegmentsBelowSnapshotDeleted
-    // spec: Recovery.SnapshotLoaded
-    let dirs = dirs();
-    let mut rng = SplitMix64(11);
-    append_sample(&dirs.log, 3_000, 20);
-    let spawn = |dirs: &Dirs| {
-        tribunal()
-            .args([
-                "run",
-                "--expected-copies",
-                "1",
-                "--log",
-                &log_arg(&dirs.log),
-                "--stop-at-end",
-                "--cores",
-                "0,1",
-                "--snapshot-every",
-                "2500",
-            ])
-            .arg("--data-dir")
-            .arg(&dirs.data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let mut kills = 0;
-    for round in 0..12u64 {
-        append_sample(&dirs.log, 2_000, 30 + round);
-        let mut child = spawn(&dirs);
-        std::thread::sleep(Duration::from_millis(20 + rng.below(200)));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            kills += 1;
-        }
-        child.wait().unwrap();
-    }
-    let out = spawn(&dirs).wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+/// The most a recovery may replay with `--snapshot-every every`: that many plus one
+/// Usher batch (4,096 records).
+fn replay_bound(every: u64) -> u64 {
+    every + 4_096
+}
+
+fn status(data: &Path) -> serde_json::Value {
+    json(&std::fs::read(data.join("status.json")).expect("status.json"))
+}
+
+/// What the last start of the instance in `data` replayed, from its `status.json`.
+fn replayed_entries(data: &Path) -> u64 {
+    let status = status(data);
+    status["recovery"]["replayed_entries"].as_u64().unwrap_or_else(|| panic!("no recovery figures: {status}"))
+}
+
+fn segments_on_shard_0(data: &Path) -> usize {
+    std::fs::read_dir(data.join("ledger").join("shard-000")).unwrap().count()
+}
+
+fn spawn_snapshotting(dirs: &Dirs, snapshot_every: u64, stop_at_end: bool) -> Child {
+    tribunal()
+        .args(["run", "--expected-copies", "1", "--log", &log_arg(&dirs.log), "--cores", "0,1"])
+        .args(["--snapshot-every", &snapshot_every.to_string()])
+        .args(stop_at_end.then_some("--stop-at-end"))
+        .arg("--data-dir")
+        .arg(&dirs.data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The state after the last snapshot and every output after it equal the reference's.
+fn assert_matches_reference_after_snapshot(dirs: &Dirs) -> u64 {
     let engine = inspect(&dirs.data);
     let marker = engine["snapshot_marker"].as_u64().expect("a snapshot was committed");
     let expected = json(&ok(tribunal().args([
@@ -298,8 +290,122 @@ fn snapshots_replace_old_segments_and_recovery_starts_from_them() {
     assert_eq!(engine["outputs"].as_u64(), Some(records - 1 - marker), "outputs after the marker are all there");
     assert_eq!(engine["outputs_digest"], expected["outputs_digest"]);
     assert_eq!(engine["stock"], expected["stock"]);
-    // Older segments were deleted: what remains starts after the snapshot.
-    let segments = std::fs::read_dir(dirs.data.join("ledger").join("shard-000")).unwrap().count();
-    assert!(segments < 6, "{segments} segments left on shard 0 after snapshots");
-    eprintln!("{kills} kills; snapshot at {marker} of {records} records; {segments} segments left");
+    marker
+}
+
+#[test]
+fn snapshots_replace_old_segments_and_recovery_starts_from_them() {
+    // spec: Ledger.SnapshotAtMarker
+    // spec: Ledger.SnapshotCommitted
+    // spec: Ledger.SegmentsBelowSnapshotDeleted
+    // spec: Recovery.SnapshotLoaded
+    // spec: Recovery.ReplayBoundedBySnapshotCadence
+    let dirs = dirs();
+    let mut rng = SplitMix64(11);
+    append_sample(&dirs.log, 3_000, 20);
+    let mut kills = 0;
+    for round in 0..12u64 {
+        append_sample(&dirs.log, 2_000, 30 + round);
+        let mut child = spawn_snapshotting(&dirs, 2_500, true);
+        std::thread::sleep(Duration::from_millis(20 + rng.below(200)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    // Then four runs to the end, each with fewer new records than --snapshot-every.
+    // However the kills fell (mid-run in a debug build, often after the end in a
+    // release one), no start replays more than the cadence allows.
+    let mut replays = Vec::new();
+    for round in 0..4u64 {
+        append_sample(&dirs.log, 2_000, 50 + round);
+        let out = spawn_snapshotting(&dirs, 2_500, true).wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        replays.push(replayed_entries(&dirs.data));
+    }
+    let marker = assert_matches_reference_after_snapshot(&dirs);
+    let segments = segments_on_shard_0(&dirs.data);
+    eprintln!(
+        "{kills} kills; snapshot at {marker}; {segments} segments left; replayed at the last starts: {replays:?}"
+    );
+    assert!(replays.iter().all(|r| *r <= replay_bound(2_500)), "replayed at the last starts: {replays:?}");
+}
+
+#[test]
+fn short_runs_to_the_end_still_take_snapshots_and_bound_recovery() {
+    // spec: Ledger.CadenceRecoveredAtStart
+    // spec: Ledger.SnapshotDue
+    // spec: Recovery.ReplayBoundedBySnapshotCadence
+    // spec: Recovery.RecoveryReported
+    // Each run sees fewer records than --snapshot-every: the count must carry over.
+    let dirs = dirs();
+    let mut replays = Vec::new();
+    for round in 0..12u64 {
+        append_sample(&dirs.log, 2_000, 40 + round);
+        let out = spawn_snapshotting(&dirs, 2_500, true).wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        replays.push(replayed_entries(&dirs.data));
+    }
+    let segments = segments_on_shard_0(&dirs.data);
+    eprintln!("replayed at each start: {replays:?}; {segments} segments left on shard 0");
+    assert!(replays.iter().all(|r| *r <= replay_bound(2_500)), "replayed at each start: {replays:?}");
+    let marker = assert_matches_reference_after_snapshot(&dirs);
+    assert!(marker >= 20_000, "the last snapshot is recent: at {marker} of 24,000 records");
+    assert!(segments < 12, "segments the snapshots cover were deleted: {segments} left after 12 runs");
+    let metrics_marker = status(&dirs.data)["partitions"][0]["snapshot_marker"].as_u64();
+    assert_eq!(metrics_marker, Some(marker), "status.json names the committed snapshot");
+}
+
+/// Waits until the instance in `data` reports `ready` and a durable watermark of at
+/// least `durable` in its `status.json`; returns that status.
+fn wait_ready_and_durable(data: &Path, child: &mut Child, durable: u64) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            panic!("the instance exited before it was ready: {exit}");
+        }
+        let status = std::fs::read(data.join("status.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter(|s| s["phase"] == "ready" && s["durable_watermark"].as_u64().is_some_and(|w| w >= durable));
+        if let Some(status) = status {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "not ready and durable through {durable} within 60 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_crash_loop_replays_at_most_snapshot_every_plus_one_batch_at_each_start() {
+    // spec: Ledger.PlanningWaitsForSnapshot
+    // spec: Recovery.DueSnapshotTakenAtRecovery
+    // spec: Recovery.ReplayBoundedBySnapshotCadence
+    // 20 starts while the log grows, each SIGKILLed shortly after it is ready and has
+    // made a new record durable; no start sees --snapshot-every records in its own life.
+    // The bound is checked at every start.
+    let dirs = dirs();
+    let mut rng = SplitMix64(17);
+    let every = 3_000;
+    let mut replays = Vec::new();
+    let mut records = 0;
+    for round in 0..20u64 {
+        let added = 500 + rng.below(2_000);
+        append_sample(&dirs.log, added, 60 + round);
+        records += added;
+        let mut child = spawn_snapshotting(&dirs, every, false);
+        let status = wait_ready_and_durable(&dirs.data, &mut child, records - added);
+        replays.push(status["recovery"]["replayed_entries"].as_u64().expect("recovery figures"));
+        std::thread::sleep(Duration::from_millis(rng.below(50)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    eprintln!("replayed at each start: {replays:?}");
+    assert!(replays.iter().all(|r| *r <= replay_bound(every)), "replayed at each start: {replays:?}");
+    assert!(replays.iter().any(|r| *r > 0), "some starts replayed entries: the kills landed after progress");
+    let out = spawn_snapshotting(&dirs, every, true).wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(replayed_entries(&dirs.data) <= replay_bound(every));
+    assert_matches_reference_after_snapshot(&dirs);
 }

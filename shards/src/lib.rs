@@ -16,5 +16,6 @@ pub mod reference;
 pub mod registrar;
 pub mod router;
 pub mod simulator;
+pub mod snapshot_cadence;
 pub mod usher;
 pub mod warden;

@@ -32,6 +32,8 @@ pub struct Figures {
     pub faults_detected: u64,
     pub ready: bool,
     pub waiting_requests: u64,
+    /// Ledger entries the last recovery replayed (spec: Recovery.RecoveryReported).
+    pub recovery_replayed_entries: u64,
 }
 
 pub type FiguresFn = Arc<dyn Fn() -> Figures + Send + Sync>;
@@ -102,6 +104,13 @@ impl Collector for NodeCollector {
             "1 when the instance serves",
             None,
             ready.metric_type(),
+        )?)?;
+        let replayed = ConstGauge::new(f.recovery_replayed_entries as i64);
+        replayed.encode(encoder.encode_descriptor(
+            "tribunal_recovery_replayed_entries",
+            "Ledger entries the last recovery replayed past the snapshot markers (at most --snapshot-every plus one batch per partition)",
+            None,
+            replayed.metric_type(),
         )?)?;
         let waiting = ConstGauge::new(f.waiting_requests as i64);
         waiting.encode(encoder.encode_descriptor(
@@ -182,6 +191,7 @@ mod tests {
             faults_detected: 2,
             ready: true,
             waiting_requests: 1,
+            recovery_replayed_entries: 42,
         };
         let metrics = Metrics::new(Arc::new(move || figures.clone()));
         metrics.observe("post_movements", 200, 0.004);
@@ -193,6 +203,7 @@ mod tests {
             "tribunal_log_lag_records{partition=\"0\"} 3",
             "tribunal_ledger_fsyncs_total 3",
             "tribunal_faults_detected_total 2",
+            "tribunal_recovery_replayed_entries 42",
             "tribunal_http_request_duration_seconds_count{route=\"post_movements\",status=\"200\"} 1",
             "tribunal_movement_stage_duration_seconds_count{stage=\"append\"} 1",
             "tribunal_movement_stage_duration_seconds_count{stage=\"certify\"} 0",
