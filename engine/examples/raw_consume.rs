@@ -15,6 +15,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use tribunal::log::kafka::producer::{idempotent_producer, ProducerRole};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -26,18 +27,9 @@ fn main() -> anyhow::Result<()> {
         (None, _) => None,
         _ => anyhow::bail!("usage: raw_consume HOST:PORT TOPIC [--pipe OUT]"),
     };
-    // The same producer settings as the engine's publisher.
+    // The engine's publisher's producer settings.
     let producer: Option<BaseProducer> = match &pipe {
-        Some(_) => Some(
-            ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
-                .set("enable.idempotence", "true")
-                .set("acks", "all")
-                .set("linger.ms", "10")
-                .set("batch.num.messages", "10000")
-                .set("queue.buffering.max.messages", "1000000")
-                .create()?,
-        ),
+        Some(_) => Some(idempotent_producer(&brokers, ProducerRole::Outputs { queue_records: 1_000_000 }).create()?),
         None => None,
     };
     // The same fetch settings as the engine's source thread.

@@ -4,6 +4,5 @@
 
 pub mod clerk;
 pub mod handshake;
-pub mod peer_links;
 pub mod publisher;
 pub mod wire;

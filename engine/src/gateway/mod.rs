@@ -12,7 +12,6 @@
 //! - [`routes`] has the endpoints;
 //! - [`metrics`] renders `/metrics`.
 
-pub mod appender;
 pub mod certified_view;
 pub mod http_io;
 pub mod metrics;
@@ -33,6 +32,9 @@ use hyper::server::conn::http1;
 use tracing::{debug, info, warn};
 
 use certified_view::{Answer, CertifiedView};
+
+use crate::clerk::FaultControl;
+use crate::publish::CertifiedSink;
 use http_io::{HyperIo, Phase};
 
 /// The request head (request line and headers) may use this many bytes at most; past it
@@ -85,23 +87,25 @@ impl GatewayConfig {
 pub type SharedView = Mutex<CertifiedView<oneshot::Sender<Answer>>>;
 
 /// Hands certified outputs to the view, then wakes their waiters outside the lock.
-pub fn feed_view(view: &SharedView, certified: &[(u32, u64, Answer)]) {
-    if certified.is_empty() {
-        return;
-    }
-    // Decoded before the lock: handlers on every shard take it too.
-    let levels: Vec<_> = certified.iter().map(|(_, _, output)| certified_view::accepted_levels(output)).collect();
-    let mut woken = Vec::new();
-    {
-        let mut view = view.lock().expect("the view lock is never poisoned");
-        for ((partition, offset, output), levels) in certified.iter().zip(levels) {
-            if let Some(waiter) = view.feed(*partition, *offset, output.clone(), levels).waiter {
-                woken.push(waiter);
+impl CertifiedSink for SharedView {
+    fn certified(&self, certified: &[(u32, u64, Answer)]) {
+        if certified.is_empty() {
+            return;
+        }
+        // Decoded before the lock: handlers on every shard take it too.
+        let levels: Vec<_> = certified.iter().map(|(_, _, output)| certified_view::accepted_levels(output)).collect();
+        let mut woken = Vec::new();
+        {
+            let mut view = self.lock().expect("the view lock is never poisoned");
+            for ((partition, offset, output), levels) in certified.iter().zip(levels) {
+                if let Some(waiter) = view.feed(*partition, *offset, output.clone(), levels).waiter {
+                    woken.push(waiter);
+                }
             }
         }
-    }
-    for (waiter, answer) in woken {
-        let _ = waiter.send(answer);
+        for (waiter, answer) in woken {
+            let _ = waiter.send(answer);
+        }
     }
 }
 
@@ -116,22 +120,6 @@ pub struct NodeProbe {
     pub status: Mutex<serde_json::Value>,
 }
 
-/// Run-time fault injection (admin), taken by the Clerk's shell on its next tick
-/// (spec: Gateway.FaultInjectionReplaced).
-#[derive(Default)]
-pub struct FaultControl {
-    pub pending: Mutex<Option<InjectedFaults>>,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InjectedFaults {
-    #[serde(default)]
-    pub bitflip_rate: Option<f64>,
-    #[serde(default)]
-    pub delay_ms: Option<u64>,
-}
-
 pub struct GatewayShared {
     pub config: GatewayConfig,
     pub instance_id: u32,
@@ -140,7 +128,7 @@ pub struct GatewayShared {
     pub expected_copies: u32,
     pub partitions: u32,
     pub view: Arc<SharedView>,
-    pub appender: appender::Appender,
+    pub appender: crate::log::appender::Appender,
     pub metrics: metrics::Metrics,
     pub node: Arc<NodeProbe>,
     pub faults: Arc<FaultControl>,

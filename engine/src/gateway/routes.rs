@@ -18,11 +18,11 @@ use serde_json::json;
 use tribunal_shards::envelope::{bounded_detail, AdminCommand, Envelope};
 use tribunal_shards::inventory::{Inventory, InventoryCommand, StockKey};
 
-use super::appender::{AppendRequest, QueueError};
 use super::certified_view::{Answer, CertifiedView, Lookup};
 use super::http_io::Phase;
 use super::GatewayShared;
-use crate::output_json::OutputJson;
+use crate::log::appender::{AppendRequest, QueueError};
+use crate::publish::json::OutputJson;
 
 /// The longest delay the admin API injects (a longer one would stall certification).
 const MAX_INJECTED_DELAY_MS: u64 = 60_000;
@@ -644,10 +644,11 @@ async fn admin(
                 Ok(body) => body,
                 Err(refused) => return refused,
             };
-            let faults: super::InjectedFaults = match parse_json(&body, "expected {\"bitflip_rate\", \"delay_ms\"}") {
-                Ok(faults) => faults,
-                Err(refused) => return refused,
-            };
+            let faults: crate::clerk::InjectedFaults =
+                match parse_json(&body, "expected {\"bitflip_rate\", \"delay_ms\"}") {
+                    Ok(faults) => faults,
+                    Err(refused) => return refused,
+                };
             if faults.bitflip_rate.is_some_and(|r| !(r > 0.0 && r <= 1.0)) {
                 return Answered::error(StatusCode::BAD_REQUEST, "invalid_command", "bitflip_rate must be in (0, 1]");
             }
@@ -674,7 +675,7 @@ async fn admin(
                 return Answered::error(StatusCode::BAD_REQUEST, "invalid_query", &message);
             };
             // spec: Gateway.ReadmitQueued
-            match crate::quarantine_store::request_readmit(&shared.data_dir, instance) {
+            match crate::storage::quarantine::request_readmit(&shared.data_dir, instance) {
                 Ok(()) => Answered::json(StatusCode::ACCEPTED, &json!({ "instance": instance, "queued": true })),
                 Err(e) => Answered::error(
                     StatusCode::SERVICE_UNAVAILABLE,

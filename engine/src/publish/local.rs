@@ -12,9 +12,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tribunal_federation::publisher::Publisher;
 
-use crate::clerk_io::PublishBatch;
-use crate::local_log::LocalLog;
-use crate::output_json::OutputJson;
+use super::PublishBatch;
+use crate::log::local::LocalLog;
+use crate::publish::json::OutputJson;
 
 /// Outputs appended per local-log commit at most.
 const MAX_APPEND_RECORDS: usize = 8_192;

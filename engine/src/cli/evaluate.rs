@@ -68,7 +68,7 @@ struct Summary {
     first_disagreement_offset: Option<u64>,
     outputs_digest: String,
     elapsed_ms: u128,
-    stock: Vec<crate::stock_table::StockRow>,
+    stock: Vec<crate::cli::stock_table::StockRow>,
 }
 
 fn read_records(input: &str, ms_per_record: u64) -> anyhow::Result<Vec<Record>> {
@@ -140,7 +140,7 @@ fn read_log(spec: &str) -> anyhow::Result<Vec<Record>> {
     let Some(dir) = spec.strip_prefix("local:") else {
         anyhow::bail!("--log {spec:?}: only local:DIR is supported");
     };
-    let log = crate::local_log::LocalLog::open(dir).with_context(|| format!("opening the log {dir}"))?;
+    let log = crate::log::local::LocalLog::open(dir).with_context(|| format!("opening the log {dir}"))?;
     let end = log.end_offset()?;
     let mut reader = log.reader(0)?;
     // The head is read from disk: reserve no more than a bounded amount on its word.
@@ -187,7 +187,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .map(|((_, o), out)| (*o, out.digest)),
     );
 
-    let stock = crate::stock_table::rows(sim.entities(0));
+    let stock = crate::cli::stock_table::rows(sim.entities(0));
     let summary = Summary {
         records: records.len() as u64,
         shards: args.shards,
@@ -221,7 +221,7 @@ fn print_table(summary: &Summary) {
         Some(offset) => println!("reference        DISAGREES from offset {offset}"),
     }
     println!("core time        {} ms (simulated shards on one thread)", summary.elapsed_ms);
-    crate::stock_table::print("stock", &summary.stock);
+    crate::cli::stock_table::print("stock", &summary.stock);
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! The on-disk side of quarantine (spec: Clerk.QuarantinePersisted, Clerk.QuarantineLifted,
-//! Clerk.RebuiltPeerReadmitted), and `tribunal readmit`.
+//! Clerk.RebuiltPeerReadmitted).
 //!
 //! Three things live in the data directory:
 //! - `incarnation`: a random number made with the directory. A wiped and rebuilt
@@ -11,14 +11,12 @@
 //!   directory is the authority; the Gateway's admin endpoint will take a bearer token.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tribunal_federation::clerk::{InstanceId, QuarantineState};
 
-use crate::ledger_io::write_atomically;
+use crate::storage::write_atomically;
 
 const INCARNATION_FILE: &str = "incarnation";
 const QUARANTINE_FILE: &str = "quarantine.json";
@@ -131,54 +129,9 @@ pub fn request_readmit(data_dir: &Path, instance: InstanceId) -> anyhow::Result<
     write_atomically(&path, b"").with_context(|| format!("writing {}", path.display()))
 }
 
-fn request_path(data_dir: &Path, instance: InstanceId) -> PathBuf {
+/// Where `tribunal readmit` leaves its request for `instance`.
+pub fn request_path(data_dir: &Path, instance: InstanceId) -> PathBuf {
     data_dir.join(READMIT_DIR).join(instance.to_string())
-}
-
-#[derive(clap::Args)]
-pub struct Args {
-    /// The data directory of any running instance of the federation: it lifts the
-    /// quarantine and tells its peers.
-    #[arg(long)]
-    data_dir: PathBuf,
-    /// The instance to re-admit (a peer, or the instance itself).
-    #[arg(long)]
-    instance: InstanceId,
-    /// How long to wait for the instance to take the request; it stays queued after.
-    #[arg(long, default_value_t = 10_000)]
-    wait_ms: u64,
-}
-
-/// `tribunal readmit`: leaves the request, then waits for the running instance to take it.
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(
-        args.data_dir.join("meta.json").exists(),
-        "{} is not an instance's data directory (no meta.json)",
-        args.data_dir.display()
-    );
-    request_readmit(&args.data_dir, args.instance)?;
-    let path = request_path(&args.data_dir, args.instance);
-    let dir = path.parent().expect("a request has a directory");
-    let deadline = Instant::now() + Duration::from_millis(args.wait_ms);
-    while path.exists() {
-        if Instant::now() >= deadline {
-            println!(
-                "readmit of instance {} is queued in {}; no running instance took it within {} ms \
-                 (it is taken when the instance starts)",
-                args.instance,
-                dir.display(),
-                args.wait_ms
-            );
-            return Ok(ExitCode::from(3));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    println!(
-        "readmit of instance {} taken by the instance at {}; it tells its peers (see status.json)",
-        args.instance,
-        args.data_dir.display()
-    );
-    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

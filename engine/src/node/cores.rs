@@ -5,7 +5,7 @@
 use thiserror::Error;
 
 /// glommio needs at least this much locked memory per executor; the Ledger's
-/// registered buffers (`io_memory`) come on top (MACHINE-NOTES: 1 MiB registers fully
+/// registered buffers (`io_memory`) come on top (docs/findings.md: 1 MiB registers fully
 /// on 2 shards under the 8 MiB limit here).
 pub const MEMLOCK_PER_SHARD_BYTES: u64 = 512 * 1024;
 pub const IO_MEMORY_PER_SHARD_BYTES: usize = 1 << 20;

@@ -16,7 +16,7 @@ use anyhow::Context;
 use tribunal_shards::envelope::{Envelope, MAX_RECORD_BYTES};
 use tribunal_shards::inventory::Inventory;
 
-use crate::local_log::{
+use crate::log::local::{
     LocalLog, DEFAULT_SEGMENT_MAX_SIZE_BYTES, MAX_BATCH_SIZE_BYTES, RECORD_HEADER_SIZE_BYTES,
     SEGMENT_MAX_SIZE_BYTES_RANGE,
 };
@@ -49,7 +49,7 @@ struct AppendArgs {
     #[arg(long, value_parser = parse_log)]
     log: LogArg,
     #[command(flatten)]
-    kafka: crate::KafkaArgs,
+    kafka: crate::cli::KafkaArgs,
     /// Kafka: put every record in this partition, instead of choosing by idempotency key.
     #[arg(long)]
     partition: Option<u32>,
@@ -75,7 +75,7 @@ struct ReadArgs {
     #[arg(long)]
     topic: Option<String>,
     #[command(flatten)]
-    kafka: crate::KafkaArgs,
+    kafka: crate::cli::KafkaArgs,
     /// First offset to print (of every partition, on Kafka).
     #[arg(long, default_value_t = 0)]
     from: u64,
@@ -100,7 +100,7 @@ fn parse_log(value: &str) -> Result<LogArg, String> {
     match value.split_once(':') {
         Some(("local", dir)) if !dir.is_empty() => Ok(LogArg::Local(PathBuf::from(dir))),
         Some(("local", _)) => Err("expected local:DIR, with a directory after the colon".into()),
-        Some(("kafka", _)) if crate::kafka_log::parse_brokers(value).is_some() => Ok(LogArg::Kafka(value.into())),
+        Some(("kafka", _)) if crate::log::kafka::parse_brokers(value).is_some() => Ok(LogArg::Kafka(value.into())),
         Some(("kafka", _)) => Err("expected kafka:HOST:PORT[,HOST:PORT..]".into()),
         _ => Err(format!("unknown log {value:?}: expected local:DIR or kafka:HOST:PORT[,..]")),
     }
@@ -190,7 +190,7 @@ fn append(args: AppendArgs) -> anyhow::Result<ExitCode> {
                 .map(|payload| (Envelope::<Inventory>::decode(&payload).ok().map(|e| e.key), payload))
                 .collect();
             let mut unknown = 0;
-            for (partition, offset) in crate::kafka_log::append(&config, &keyed, args.partition)? {
+            for (partition, offset) in crate::log::kafka::tool::append(&config, &keyed, args.partition)? {
                 match offset {
                     Some(offset) => writeln!(out, "{partition}:{offset}")?,
                     // spec: KafkaLog.DeliveredOffsetUnknown
@@ -220,7 +220,7 @@ fn read(args: ReadArgs) -> anyhow::Result<ExitCode> {
             let config = args.kafka.config(spec)?;
             let topic = args.topic.as_deref().unwrap_or(&config.commands_topic);
             let mut out = BufWriter::new(std::io::stdout().lock());
-            crate::kafka_log::read_topic(&config.brokers, topic, args.from, |record| {
+            crate::log::kafka::tool::read_topic(&config.brokers, topic, args.from, |record| {
                 serde_json::to_writer(&mut out, &record)?;
                 writeln!(out)?;
                 Ok(())

@@ -15,7 +15,7 @@ use tribunal_shards::registrar::combine_partition_digests;
 use tribunal_shards::usher::UsherConfig;
 use tribunal_shards::warden::WardenConfig;
 
-use crate::ledger_io::{self, Layout};
+use crate::storage::{self, Layout};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -46,7 +46,7 @@ struct PartitionReport {
     /// Outputs still in the Ledger (those after the snapshot marker) and their digest.
     outputs: u64,
     outputs_digest: String,
-    stock: Vec<crate::stock_table::StockRow>,
+    stock: Vec<crate::cli::stock_table::StockRow>,
 }
 
 /// The top-level fields are partition 0's (the default, and the local log's only
@@ -62,7 +62,7 @@ struct Report {
     outputs_digest: String,
     replayed_entries: u64,
     would_cut: Vec<CutReport>,
-    stock: Vec<crate::stock_table::StockRow>,
+    stock: Vec<crate::cli::stock_table::StockRow>,
     partitions: Vec<PartitionReport>,
     federation: FederationReport,
 }
@@ -93,7 +93,7 @@ fn federation_report(data_dir: &std::path::Path) -> anyhow::Result<FederationRep
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|_| serde_json::Value::String((*l).to_string())))
         .collect();
-    let quarantine = crate::quarantine_store::read_quarantine(data_dir)?;
+    let quarantine = crate::storage::quarantine::read_quarantine(data_dir)?;
     Ok(FederationReport {
         faults_detected: lines.len() as u64,
         last_faults,
@@ -108,10 +108,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .read_meta()?
         .with_context(|| format!("{} holds no Tribunal data (no meta.json)", args.data_dir.display()))?;
     let shard_count = meta.shard_count;
-    let manifest = ledger_io::read_manifest(&layout, shard_count)?;
-    let snapshot = ledger_io::read_snapshot::<Inventory>(&layout, &manifest).context("loading the snapshot")?;
+    let manifest = storage::read_manifest(&layout, shard_count)?;
+    let snapshot = storage::read_snapshot::<Inventory>(&layout, &manifest).context("loading the snapshot")?;
     let markers: BTreeMap<u32, u64> = snapshot.iter().map(|(p, s)| (*p, s.marker_offset)).collect();
-    let logs = ledger_io::read_logs::<Inventory>(&layout, shard_count)?;
+    let logs = storage::read_logs::<Inventory>(&layout, shard_count)?;
     let mut all_outputs: BTreeMap<u32, BTreeMap<u64, u128>> = BTreeMap::new();
     for log in &logs {
         for segment in &log.segments {
@@ -144,7 +144,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             partition_digest: format!("{:032x}", partition_digest(partition)),
             outputs: outputs.len() as u64,
             outputs_digest: format!("{:032x}", outputs_digest(outputs.into_iter())),
-            stock: crate::stock_table::rows(
+            stock: crate::cli::stock_table::rows(
                 recovered.arbiters.iter().flat_map(|a| a.registrar().entities_sorted(partition)),
             ),
         });
@@ -202,7 +202,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 federation.quarantined_peers
             );
         }
-        crate::stock_table::print("stock", &report.stock);
+        crate::cli::stock_table::print("stock", &report.stock);
         for partition in report.partitions.iter().skip(1) {
             println!();
             println!("partition         {}", partition.partition);
@@ -211,7 +211,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 None => println!("durable watermark none"),
             }
             println!("outputs           {} (digest {})", partition.outputs, partition.outputs_digest);
-            crate::stock_table::print("stock", &partition.stock);
+            crate::cli::stock_table::print("stock", &partition.stock);
         }
     }
     Ok(ExitCode::SUCCESS)

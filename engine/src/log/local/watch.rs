@@ -21,7 +21,7 @@ use std::time::Duration;
 use inotify::{Inotify, WatchMask};
 use tracing::{debug, warn};
 
-use crate::doorbell::{doorbell, Door, DoorKey, Woke};
+use crate::log::doorbell::{doorbell, Door, DoorKey, Woke};
 
 /// Bytes read from a watch; one event is enough, the rest is dropped with the watch.
 const EVENT_BUFFER_BYTES: usize = 4096;
@@ -42,7 +42,7 @@ struct Watcher {
 
 impl Watcher {
     /// Starts the thread that rings `bell` at the first change under each armed watch.
-    fn spawn(dir: &Path, bell: crate::doorbell::Bell) -> io::Result<Watcher> {
+    fn spawn(dir: &Path, bell: crate::log::doorbell::Bell) -> io::Result<Watcher> {
         let (arms, armed) = mpsc::sync_channel::<Inotify>(ARMS_IN_FLIGHT);
         let thread_dir = dir.to_owned();
         std::thread::Builder::new().name("log-watch".into()).spawn(move || {
@@ -178,7 +178,7 @@ impl TailWait {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::local_log::LocalLog;
+    use crate::log::local::LocalLog;
 
     #[test]
     fn an_idle_reader_is_woken_by_a_commit_from_another_handle_and_polls_the_record() {

@@ -1,4 +1,4 @@
-//! Peer links: the glommio TCP shell around [`crate::handshake`] and [`crate::wire`]
+//! Peer links: the glommio TCP shell around [`tribunal_federation::handshake`] and [`tribunal_federation::wire`]
 //! (spec: specs/federation.allium).
 //!
 //! Links are one-way. This instance dials every peer and only sends on those connections;
@@ -28,9 +28,9 @@ use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
-use crate::clerk::InstanceId;
-use crate::handshake::{Acceptor, Dialer, HELLO_BYTES, NONCE_BYTES, PROOF_BYTES, REPLY_BYTES};
-use crate::wire::{Frame, FrameOpener, FrameSealer};
+use tribunal_federation::clerk::InstanceId;
+use tribunal_federation::handshake::{Acceptor, Dialer, HELLO_BYTES, NONCE_BYTES, PROOF_BYTES, REPLY_BYTES};
+use tribunal_federation::wire::{Frame, FrameOpener, FrameSealer};
 
 #[derive(Clone, Debug)]
 pub struct LinksConfig {
@@ -53,7 +53,7 @@ impl LinksConfig {
             listen,
             peers,
             psk,
-            max_frame_bytes: crate::wire::MAX_FRAME_BYTES,
+            max_frame_bytes: tribunal_federation::wire::MAX_FRAME_BYTES,
             send_queue_copies: 65_536,
             heartbeat_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(2),
@@ -335,7 +335,7 @@ async fn receive(
         let mut acceptor = Acceptor::new(&config.psk, own_id, nonce());
         let mut hello = [0u8; HELLO_BYTES];
         stream.read_exact(&mut hello).await?;
-        let denied = |e: crate::handshake::HandshakeError| {
+        let denied = |e: tribunal_federation::handshake::HandshakeError| {
             std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
         };
         let reply = acceptor.on_hello(&hello, |id| id != own_id && known.contains(&id)).map_err(denied)?;

@@ -333,7 +333,7 @@ fn validate(args: &Args) -> anyhow::Result<()> {
     match args.log.split_once(':') {
         Some(("local", dir)) => anyhow::ensure!(!dir.is_empty(), "--log {:?}: expected local:DIR", args.log),
         Some(("kafka", _)) => anyhow::ensure!(
-            crate::kafka_log::parse_brokers(&args.log).is_some(),
+            crate::log::kafka::parse_brokers(&args.log).is_some(),
             "--log {:?}: expected kafka:HOST:PORT[,HOST:PORT..]",
             args.log
         ),
@@ -377,7 +377,7 @@ fn validate(args: &Args) -> anyhow::Result<()> {
             "--fault {fault:?}: there is no instance {id} (ids are 1..={})",
             args.instances
         );
-        crate::federation_args::parse_fault(spec).with_context(|| format!("--fault {fault:?}"))?;
+        crate::cli::federation_args::parse_fault(spec).with_context(|| format!("--fault {fault:?}"))?;
     }
     for extra in &args.extra {
         for (flag, hint) in RESERVED_RUN_FLAGS {
@@ -386,7 +386,7 @@ fn validate(args: &Args) -> anyhow::Result<()> {
         }
     }
     if let Some(cores) = &args.cores {
-        crate::cores::select(Some(cores)).with_context(|| format!("--cores {cores:?}"))?;
+        crate::node::cores::select(Some(cores)).with_context(|| format!("--cores {cores:?}"))?;
     }
     Ok(())
 }
@@ -472,7 +472,7 @@ fn ports(instances: u32, base: u16) -> anyhow::Result<Vec<u16>> {
 /// already there is kept, so that a restarted cluster keeps its key.
 fn ensure_psk(path: &Path) -> anyhow::Result<()> {
     if path.exists() {
-        crate::federation_args::read_psk(path)?;
+        crate::cli::federation_args::read_psk(path)?;
         let mode = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.permissions().mode();
         if mode & 0o077 != 0 {
             eprintln!("tribunal cluster: warning: {} is readable by others (mode {:o})", path.display(), mode & 0o777);
@@ -713,7 +713,7 @@ impl Cluster {
         let path = self.base.join("cluster.json");
         let mut bytes = serde_json::to_vec_pretty(&self.file())?;
         bytes.push(b'\n');
-        crate::ledger_io::write_atomically(&path, &bytes).with_context(|| format!("writing {}", path.display()))
+        crate::storage::write_atomically(&path, &bytes).with_context(|| format!("writing {}", path.display()))
     }
 
     fn write_file_or_warn(&self) {

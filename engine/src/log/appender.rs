@@ -20,9 +20,10 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::ClientContext;
 use tracing::{error, info, warn};
 
-use crate::delivered_offsets::{Delivered, DeliveredOffsets, Why};
-use crate::kafka_log::KafkaConfig;
-use crate::local_log::LocalLog;
+use crate::log::kafka::delivered_offsets::{Delivered, DeliveredOffsets, Why};
+use crate::log::kafka::producer::{idempotent_producer, ProducerRole};
+use crate::log::kafka::KafkaConfig;
+use crate::log::local::LocalLog;
 
 /// Commands appended as one local-log batch at most.
 const MAX_APPEND_BATCH: usize = 1_024;
@@ -96,17 +97,9 @@ pub fn spawn(target: Target, partitions: u32, queue_bound: usize) -> anyhow::Res
             std::thread::Builder::new().name("gateway-append".into()).spawn(move || append_local(log, rx, ends))?;
         }
         Target::Kafka(config) => {
-            let producer: BaseProducer<Deliveries> = crate::kafka_log::client_config(&config.brokers)
-                .set("enable.idempotence", "true")
-                .set("acks", "all")
-                .set("message.timeout.ms", "0")
-                .set("queue.buffering.max.messages", queue_bound.to_string())
-                .set("queue.buffering.max.kbytes", KAFKA_QUEUE_KBYTES.to_string())
-                // Latency matters more than batching here: requests wait on every ack.
-                .set("linger.ms", "1")
-                // The Java client's partitioner, as `tribunal log append` uses.
-                .set("partitioner", "murmur2_random")
-                .create_with_context(Deliveries {
+            let role = ProducerRole::Commands { queue_records: queue_bound, queue_kbytes: KAFKA_QUEUE_KBYTES };
+            let producer: BaseProducer<Deliveries> =
+                idempotent_producer(&config.brokers, role).create_with_context(Deliveries {
                     ends: ends.clone(),
                     held: Mutex::new(HashSet::new()),
                     offsets: Mutex::new(DeliveredOffsets::new(partitions)),

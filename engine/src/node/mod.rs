@@ -20,6 +20,8 @@
 //! Shards talk only through glommio's shared-nothing channels. Durable watermarks are
 //! also published in atomics, read for status, snapshots and shutdown.
 
+pub mod cores;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -29,6 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use crate::clerk::peer_links::LinksConfig;
 use anyhow::Context;
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
@@ -36,7 +39,6 @@ use glommio::{LocalExecutorBuilder, Placement};
 use serde::Serialize;
 use tracing::{error, info, warn};
 use tribunal_federation::clerk::ClerkConfig;
-use tribunal_federation::peer_links::LinksConfig;
 use tribunal_shards::arbiter::{Arbiter, ShardEffect, ShardMessage};
 use tribunal_shards::envelope::Envelope;
 use tribunal_shards::inventory::Inventory;
@@ -47,20 +49,20 @@ use tribunal_shards::snapshot_cadence::SnapshotCadence;
 use tribunal_shards::usher::{home_shard, Decoded, Record, Usher, UsherConfig};
 use tribunal_shards::warden::WardenConfig;
 
-use crate::clerk_io::{self, ClerkSetup, ClerkShared, PublishBatch};
-use crate::cores;
-use crate::doorbell::{doorbell, Door, DoorKey};
-use crate::federation_args::{Fault, PeerAddress};
-use crate::gateway::appender;
+use crate::clerk::{self, ClerkSetup, ClerkShared, FaultControl};
+use crate::cli::federation_args::{Fault, PeerAddress};
 use crate::gateway::certified_view::CertifiedView;
 use crate::gateway::metrics::{Figures, Metrics};
-use crate::gateway::{self, FaultControl, GatewayConfig, GatewayShared, NodeProbe};
-use crate::kafka_log::{self, DurableOutput, Feed, KafkaConfig, KafkaShared};
-use crate::ledger_io::{self, Layout, Manifest, PartitionManifest, SegmentWriter};
-use crate::local_log::LocalLog;
-use crate::local_log_watch::{self, TailWait, TailWaitKey};
-use crate::local_publisher;
-use crate::quarantine_store;
+use crate::gateway::{self, GatewayConfig, GatewayShared, NodeProbe};
+use crate::log::appender;
+use crate::log::doorbell::{doorbell, Door, DoorKey};
+use crate::log::kafka::{self, Feed, KafkaConfig, KafkaShared};
+use crate::log::local::watch::{self, TailWait, TailWaitKey};
+use crate::log::local::LocalLog;
+use crate::publish;
+use crate::publish::{DurableOutput, PublishBatch};
+use crate::storage::quarantine;
+use crate::storage::{self, checkpoint, Layout, Manifest, PartitionManifest, SegmentWriter};
 
 type D = Inventory;
 type Message = ShardMessage<D>;
@@ -219,31 +221,6 @@ impl Shared {
     }
 }
 
-/// Where the certified checkpoint lives: per partition, an end every offset below which
-/// was certified (spec: Clerk.CertifiedCheckpointPersisted).
-fn certified_path(layout: &Layout) -> PathBuf {
-    layout.status_path().with_file_name("certified.json")
-}
-
-/// spec: Clerk.CertifiedCheckpointPersisted
-fn write_certified(layout: &Layout, ends: &[u64]) -> anyhow::Result<()> {
-    ledger_io::write_atomically(&certified_path(layout), &serde_json::to_vec(ends)?)
-        .context("writing the certified checkpoint")
-}
-
-fn read_certified(layout: &Layout, partitions: u32) -> anyhow::Result<Vec<u64>> {
-    let path = certified_path(layout);
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let ends: Vec<u64> = serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is not a list of certified ends", path.display()))?;
-            Ok((0..partitions as usize).map(|p| ends.get(p).copied().unwrap_or(0)).collect())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![0; partitions as usize]),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
 enum Event {
     Started,
     Failed(ShardId, String),
@@ -266,7 +243,7 @@ fn usher_config(shard_count: u16, warden: WardenConfig) -> impl Fn(u32) -> Usher
 
 fn write_status(layout: &Layout, status: &Status) {
     let bytes = serde_json::to_vec_pretty(status).expect("status serialises");
-    if let Err(e) = ledger_io::replace_file(&layout.status_path(), &bytes) {
+    if let Err(e) = storage::replace_file(&layout.status_path(), &bytes) {
         warn!("could not write {}: {e}", layout.status_path().display());
     }
 }
@@ -313,9 +290,9 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         LogSource::Kafka(kafka) => {
             // spec: KafkaLog.TopicsEnsured — waits (retrying) while the broker is away.
             info!(brokers = %kafka.brokers, topic = %kafka.commands_topic, "connecting to Kafka");
-            let partitions = kafka_log::ensure_topics(&kafka, kafka_log::Topics::CommandsAndOutputs, None)?;
+            let partitions = kafka::ensure_topics(&kafka, kafka::Topics::CommandsAndOutputs, None)?;
             let published_ends = if config.publish {
-                Some(kafka_log::read_published_ends(&kafka, partitions).context("reading the outputs topic")?)
+                Some(kafka::read_published_ends(&kafka, partitions).context("reading the outputs topic")?)
             } else {
                 None
             };
@@ -327,9 +304,9 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     // The local outputs log, where certified outputs are published with the embedded log.
     let outputs_log = match (&local_log, config.publish) {
         (Some((_, dir)), true) => {
-            let path = local_publisher::outputs_dir(dir);
+            let path = publish::local::outputs_dir(dir);
             let log = LocalLog::open(&path).with_context(|| format!("opening the outputs log {}", path.display()))?;
-            let end = local_publisher::published_end(&log).context("reading the outputs log")?;
+            let end = publish::local::published_end(&log).context("reading the outputs log")?;
             Some((log, end))
         }
         _ => None,
@@ -337,10 +314,10 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
 
     // spec: Recovery.RecoveryStarts .. Recovery.WardenRebuilt
     info!(shards = shard_count, partitions, data_dir = %config.data_dir.display(), "recovering");
-    let mut manifest = ledger_io::read_manifest(&layout, shard_count)?;
-    let snapshot = ledger_io::read_snapshot::<D>(&layout, &manifest).context("loading the snapshot")?;
-    let logs = ledger_io::read_logs::<D>(&layout, shard_count)?;
-    let mut certified = read_certified(&layout, partitions)?;
+    let mut manifest = storage::read_manifest(&layout, shard_count)?;
+    let snapshot = storage::read_snapshot::<D>(&layout, &manifest).context("loading the snapshot")?;
+    let logs = storage::read_logs::<D>(&layout, shard_count)?;
+    let mut certified = checkpoint::read_certified(&layout, partitions)?;
     // Where publication resumes: the outputs topic's or log's end (when this instance may
     // publish); otherwise nothing is republished from here.
     let mut published_start: Vec<u64> = match (&kafka, &outputs_log) {
@@ -375,8 +352,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     for cut in &recovered.cuts {
         // spec: Recovery.TornTailTruncated
         warn!(shard = cut.shard, segment = cut.segment, position = cut.position, reason = %cut.reason, "cutting the Ledger");
-        ledger_io::apply_cut(&layout, cut)
-            .with_context(|| format!("cutting shard {} at {}", cut.shard, cut.position))?;
+        storage::apply_cut(&layout, cut).with_context(|| format!("cutting shard {} at {}", cut.shard, cut.position))?;
     }
     if let Some(&stray) = recovered.ushers.keys().find(|p| **p >= partitions) {
         anyhow::bail!(
@@ -488,7 +464,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             Arc::new(move |p| k.published_end[p as usize].load(Ordering::Acquire))
         }
         (None, Some((log, _))) => {
-            let sink = local_publisher::spawn(log, published_start[0], sink_rx.take().expect("one sink"))?;
+            let sink = publish::local::spawn(log, published_start[0], sink_rx.take().expect("one sink"))?;
             let published = sink.published.clone();
             local_sink = Some(sink);
             Arc::new(move |_| published.load(Ordering::Acquire))
@@ -614,10 +590,10 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         copy_window,
         digest_retention: ClerkConfig::DEFAULT_DIGEST_RETENTION,
         may_publish: config.publish,
-        incarnation: quarantine_store::incarnation(&config.data_dir)?,
+        incarnation: quarantine::incarnation(&config.data_dir)?,
     };
     let durable_view = shared.clone();
-    clerk_io::spawn(
+    clerk::spawn(
         ClerkSetup {
             config: clerk_config,
             links,
@@ -629,7 +605,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             sink: config.publish.then(|| sink_tx.clone()),
             sink_published,
             data_dir: config.data_dir.clone(),
-            view: gateway.as_ref().map(|g| g.view.clone()),
+            view: gateway.as_ref().map(|g| g.view.clone() as Arc<dyn crate::publish::CertifiedSink>),
             fault_control: Some(fault_control.clone()),
         },
         output_receivers,
@@ -659,9 +635,9 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                 SourceSpec::Remote(rx)
             }
             None => {
-                let (tx, rx) = mpsc::sync_channel::<Feed>(kafka_log::FEED_BATCHES_IN_FLIGHT);
+                let (tx, rx) = mpsc::sync_channel::<Feed>(kafka::FEED_BATCHES_IN_FLIGHT);
                 let (bell, door) = doorbell(IDLE_WAIT).context("making the Kafka feed's doorbell")?;
-                feeds.push(kafka_log::FeedSender::new(tx, bell));
+                feeds.push(kafka::FeedSender::new(tx, bell));
                 SourceSpec::Kafka(rx, door)
             }
         };
@@ -718,10 +694,10 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let mut early_events = early_events.into_iter();
     if let (Some(start), Some(kafka_shared)) = (&kafka, &kafka_shared) {
         if let (Some(_), Some(sink_rx)) = (&start.published_ends, sink_rx.take()) {
-            kafka_log::spawn_publisher(&start.config, &published_start, sink_rx, kafka_shared.clone())?;
+            publish::kafka::spawn_publisher(&start.config, &published_start, sink_rx, kafka_shared.clone())?;
         }
         let client_id = format!("tribunal-{}", config.instance_id);
-        kafka_log::spawn_source(&start.config, &client_id, resume.clone(), feeds, kafka_shared.clone())?;
+        kafka::spawn_source(&start.config, &client_id, resume.clone(), feeds, kafka_shared.clone())?;
     }
     // spec: Recovery.RecoveryCompletes — only now may the Clerk advertise and send.
     clerk_shared.open_gate.store(true, Ordering::Release);
@@ -791,7 +767,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                 last_checkpoint = Instant::now();
                 let now: Vec<u64> = (0..partitions).map(|p| clerk_shared.certified_end(p)).collect();
                 if now != persisted_certified {
-                    write_certified(&layout, &now)?;
+                    checkpoint::write_certified(&layout, &now)?;
                     persisted_certified = now;
                     deletion_pending |= !manifest.partitions.is_empty();
                 }
@@ -834,7 +810,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let _ = clerk_shared.fresh_status();
     shared.stop.store(true, Ordering::Release);
     let now: Vec<u64> = (0..partitions).map(|p| clerk_shared.certified_end(p)).collect();
-    write_certified(&layout, &now)?;
+    checkpoint::write_certified(&layout, &now)?;
     if !manifest.partitions.is_empty() {
         delete_covered_segments(&layout, &manifest, &shared, &now)?;
     }
@@ -937,9 +913,9 @@ fn commit_snapshot(
         }
     }
     manifest.set(PartitionManifest { partition, marker_offset, first_kept_segments });
-    ledger_io::write_atomically(&layout.manifest_path(), &serde_json::to_vec_pretty(manifest)?)
+    storage::write_atomically(&layout.manifest_path(), &serde_json::to_vec_pretty(manifest)?)
         .context("writing the snapshot manifest")?;
-    ledger_io::delete_older_snapshots(layout, partition, marker_offset).context("deleting older snapshots")?;
+    storage::delete_older_snapshots(layout, partition, marker_offset).context("deleting older snapshots")?;
     info!(partition, marker_offset, "snapshot committed");
     Ok(())
 }
@@ -957,13 +933,13 @@ fn snapshot_at_recovery(
     let partition = usher.partition();
     assert_eq!(usher.next_offset(), marker + 1, "the Usher is as after the marker");
     let path = layout.usher_part_path(partition, marker);
-    ledger_io::create_part_dir(&path)?;
-    ledger_io::write_part(&path, &usher.snapshot()).context("writing the Usher's snapshot part")?;
+    storage::create_part_dir(&path)?;
+    storage::write_part(&path, &usher.snapshot()).context("writing the Usher's snapshot part")?;
     let mut parts = vec![(None, 0)];
     for arbiter in arbiters {
         let shard = arbiter.shard();
         let path = layout.shard_part_path(partition, marker, shard);
-        ledger_io::write_part(&path, &arbiter.registrar().entities_sorted(partition))
+        storage::write_part(&path, &arbiter.registrar().entities_sorted(partition))
             .with_context(|| format!("writing shard {shard}'s snapshot part"))?;
         let next_segment = layout.segments(shard)?.last().map_or(0, |last| last + 1);
         parts.push((Some(shard), next_segment));
@@ -984,7 +960,7 @@ fn delete_covered_segments(
     let mut waiting = false;
     for shard in 0..manifest.shard_count {
         let bound = manifest.deletable_below(shard, &next_offsets, published.as_deref());
-        let deleted = ledger_io::delete_segments_below(layout, shard, bound).context("deleting segments")?;
+        let deleted = storage::delete_segments_below(layout, shard, bound).context("deleting segments")?;
         if deleted > 0 {
             info!(shard, deleted, below = bound, "deleted Ledger segments the snapshots cover");
         }
@@ -1113,7 +1089,7 @@ impl ShardState {
 
 async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     let shard = context.shard;
-    ledger_io::settle_io_probe(&context.layout, shard).await.context("probing DMA IO")?;
+    storage::settle_io_probe(&context.layout, shard).await.context("probing DMA IO")?;
     let mut writer = SegmentWriter::open(&context.layout, shard).await.context("opening the Ledger segment")?;
 
     let (doorbell, doorbell_rx) = local_channel::new_unbounded::<()>();
@@ -1205,8 +1181,8 @@ async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
                     writer.commit(&bytes[committed..pending.end_in_pending_bytes]).await?;
                     committed = pending.end_in_pending_bytes;
                     let path = layout.shard_part_path(pending.partition, pending.marker_offset, shard);
-                    ledger_io::create_part_dir(&path)?;
-                    ledger_io::write_part(&path, &pending.entities)?;
+                    storage::create_part_dir(&path)?;
+                    storage::write_part(&path, &pending.entities)?;
                     writer.roll().await?;
                     let part = Event::SnapshotPart {
                         partition: pending.partition,
@@ -1300,7 +1276,7 @@ const DECODED_BATCHES_IN_FLIGHT: usize = 4;
 /// Where an Usher will read, as handed to its shard.
 enum SourceSpec {
     /// The local log, read and decoded on the Usher's own shard.
-    Local(crate::local_log::LocalLogReader, TailWaitKey),
+    Local(crate::log::local::LocalLogReader, TailWaitKey),
     /// The local log, read and decoded on the reader shard.
     Remote(SharedReceiver<Vec<Decoded<D>>>),
     /// A Kafka partition, fed by the source thread (spec: KafkaLog.BridgeNeverBlocksExecutor).
@@ -1309,12 +1285,12 @@ enum SourceSpec {
 
 /// The reader shard's job: its reader, how it waits when the log is idle, and the
 /// channel to the Usher's shard.
-type ReaderTask = (crate::local_log::LocalLogReader, TailWaitKey, SharedSender<Vec<Decoded<D>>>);
+type ReaderTask = (crate::log::local::LocalLogReader, TailWaitKey, SharedSender<Vec<Decoded<D>>>);
 
 /// Where the Usher's records come from.
 enum Source {
     /// Woken by the log's watch when idle (spec: LocalLog.AppendWakesReaders).
-    Local(crate::local_log::LocalLogReader, Box<TailWait>),
+    Local(crate::log::local::LocalLogReader, Box<TailWait>),
     Remote(glommio::channels::shared_channel::ConnectedReceiver<Vec<Decoded<D>>>),
     Kafka {
         rx: mpsc::Receiver<Feed>,
@@ -1390,7 +1366,7 @@ fn decode(records: &[Record]) -> Vec<Decoded<D>> {
 /// batch says "nothing new", so the Usher can tell when it has caught up; one is sent per
 /// wake while the log is idle.
 async fn read_and_decode(
-    mut reader: crate::local_log::LocalLogReader,
+    mut reader: crate::log::local::LocalLogReader,
     mut tail: TailWait,
     tx: SharedSender<Vec<Decoded<D>>>,
     shared: Arc<Shared>,
@@ -1414,7 +1390,7 @@ async fn read_and_decode(
 
 /// How the local log's reader waits when the log is idle (spec: LocalLog.AppendWakesReaders).
 fn watch_local_log(dir: &std::path::Path) -> anyhow::Result<TailWaitKey> {
-    local_log_watch::tail_wait(dir).context("making the local log's doorbell")
+    watch::tail_wait(dir).context("making the local log's doorbell")
 }
 
 #[derive(Clone, Copy)]
@@ -1508,8 +1484,8 @@ async fn usher_loop(
         }
         if let (Some(snapshot), Some(marker_offset)) = (&plan.snapshot, plan.last_offset) {
             let path = layout.usher_part_path(partition, marker_offset);
-            ledger_io::create_part_dir(&path)?;
-            ledger_io::write_part(&path, snapshot).context("writing the Usher's snapshot part")?;
+            storage::create_part_dir(&path)?;
+            storage::write_part(&path, snapshot).context("writing the Usher's snapshot part")?;
             let _ = events.send(Event::SnapshotPart { partition, marker_offset, shard: None, first_kept_segment: 0 });
         }
         shared.next_offset[partition as usize].store(usher.next_offset(), Ordering::Release);

@@ -9,6 +9,8 @@
 //! reports (log, `faults.jsonl`, status), and atomics the Ushers and the main thread read
 //! (certified ends for backpressure and `--stop-at-end`).
 
+pub mod peer_links;
+
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::Write;
@@ -22,22 +24,19 @@ use anyhow::Context;
 use glommio::channels::local_channel;
 use glommio::channels::shared_channel::SharedReceiver;
 use glommio::{LocalExecutorBuilder, Placement};
+use peer_links::{LinkEvent, LinksConfig, PeerLinks};
 use serde_json::{json, Value};
 use tracing::{error, info, warn};
 use tribunal_federation::clerk::{
     Action, Clerk, ClerkConfig, ClerkStatus, FaultReport, InstanceId, Outgoing, QuarantineState,
 };
-use tribunal_federation::peer_links::{LinkEvent, LinksConfig, PeerLinks};
 use tribunal_federation::wire::Frame;
 
-use crate::federation_args::Fault;
-use crate::kafka_log::DurableOutput;
-use crate::output_json::OutputJson;
-use crate::quarantine_store::{self, ReadmitRequest};
+use crate::cli::federation_args::Fault;
+use crate::publish::json::OutputJson;
+use crate::publish::{CertifiedSink, DurableOutput, PublishBatch, MAX_UNPUBLISHED};
+use crate::storage::quarantine::{self, ReadmitRequest};
 
-/// Certified outputs kept for a hand-over per partition beyond what the publisher has
-/// published; past it the Ushers wait (spec: Publisher.BoundedBacklog).
-pub const MAX_UNPUBLISHED: u64 = 262_144;
 /// Fault reports and injected faults listed in status (all are in `faults.jsonl`).
 const STATUS_FAULTS: usize = 32;
 const MAX_INJECTED_LISTED: usize = 4_096;
@@ -53,13 +52,6 @@ const STATUS_INTERVAL: Duration = Duration::from_millis(100);
 /// Ticks a peer must stay unreachable before `--stop-at-end` stops waiting for it: a
 /// peer that is only slow (a starved link times out) may still need our copies.
 const STOP_GRACE_TICKS: u32 = 500;
-
-/// What the publisher sink gets: where to start (a hand-over), then certified outputs in
-/// offset order per partition.
-pub struct PublishBatch {
-    pub skip_to: Vec<(u32, u64)>,
-    pub outputs: Vec<DurableOutput>,
-}
 
 /// Shared with the Ushers, the main thread and the publisher sink.
 pub struct ClerkShared {
@@ -123,6 +115,23 @@ impl ClerkShared {
     }
 }
 
+/// Run-time fault injection (the Gateway's admin API), taken by the Clerk's shell on its
+/// next tick (spec: Gateway.FaultInjectionReplaced).
+#[derive(Default)]
+pub struct FaultControl {
+    pub pending: Mutex<Option<InjectedFaults>>,
+}
+
+/// The faults to inject from now on; `None` clears one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectedFaults {
+    #[serde(default)]
+    pub bitflip_rate: Option<f64>,
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+}
+
 pub struct ClerkSetup {
     pub config: ClerkConfig,
     /// None: no peers (expected_copies 1).
@@ -141,9 +150,9 @@ pub struct ClerkSetup {
     pub sink_published: Arc<dyn Fn(u32) -> u64 + Send + Sync>,
     pub data_dir: PathBuf,
     /// The Gateway's certified view, fed every certified output (spec: Gateway.CertifiedViewAdvances).
-    pub view: Option<Arc<crate::gateway::SharedView>>,
+    pub view: Option<Arc<dyn CertifiedSink>>,
     /// Fault injection replaced at run time through the admin API.
-    pub fault_control: Option<Arc<crate::gateway::FaultControl>>,
+    pub fault_control: Option<Arc<FaultControl>>,
 }
 
 /// Starts the `clerk` executor; returns once the listener is bound (or failed to).
@@ -202,10 +211,10 @@ struct Shell {
     unforwarded: Vec<DurableOutput>,
     /// Per partition, one past the last output trimmed from the hand-over buffer.
     trimmed_end: Vec<u64>,
-    view: Option<Arc<crate::gateway::SharedView>>,
+    view: Option<Arc<dyn CertifiedSink>>,
     /// Certified outputs held back from the view while a quarantine could not be persisted.
     unviewed: Vec<(u32, u64, Arc<[u8]>)>,
-    fault_control: Option<Arc<crate::gateway::FaultControl>>,
+    fault_control: Option<Arc<FaultControl>>,
 }
 
 #[derive(Default)]
@@ -264,7 +273,7 @@ impl Shell {
         }
         if let Some(view) = &self.view {
             // spec: Gateway.CertifiedViewAdvances — answers leave only past a persisted quarantine.
-            crate::gateway::feed_view(view, &self.unviewed);
+            view.certified(&self.unviewed);
             self.unviewed.clear();
         }
         forward.splice(0..0, self.unforwarded.drain(..));
@@ -484,7 +493,7 @@ impl Shell {
 
     /// spec: Clerk.QuarantineLifted — operator requests left by `tribunal readmit`.
     fn take_readmits(&mut self) {
-        let requests = match quarantine_store::list_readmit_requests(&self.data_dir) {
+        let requests = match quarantine::list_readmit_requests(&self.data_dir) {
             Ok(requests) => requests,
             Err(e) => {
                 warn!("could not read readmit requests in {}: {e}", self.data_dir.display());
@@ -527,7 +536,7 @@ impl Shell {
             return true;
         }
         let state = self.clerk.quarantine_state();
-        match quarantine_store::write_quarantine(&self.data_dir, &state) {
+        match quarantine::write_quarantine(&self.data_dir, &state) {
             Ok(()) => {
                 self.persisted_quarantine = version;
                 info!(quarantined = state.self_quarantined, peers = ?state.peers, "quarantine recorded");
@@ -730,7 +739,7 @@ async fn clerk_main(
     let partitions = setup.config.partitions;
     let peer_count = setup.config.peers.len();
     let mut clerk = Clerk::new(setup.config, &setup.resume);
-    let quarantine = quarantine_store::read_quarantine(&setup.data_dir)?;
+    let quarantine = quarantine::read_quarantine(&setup.data_dir)?;
     if quarantine != QuarantineState::default() {
         warn!(quarantined = quarantine.self_quarantined, peers = ?quarantine.peers, "quarantine restored from the data dir");
     }

@@ -1,0 +1,194 @@
+//! Topics: made when missing (spec: KafkaLog.TopicsEnsured), and how far publication
+//! got on the outputs topic (spec: Publisher.ResumeFromOutputTopic).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use super::{client_config, KafkaConfig, BACKOFF_MAX, BACKOFF_MIN, MAX_PARTITIONS, METADATA_TIMEOUT};
+use crate::publish::json::OutputJson;
+
+/// Which topics a client needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topics {
+    /// `log append`: only the commands topic.
+    Commands,
+    /// `run`: both.
+    CommandsAndOutputs,
+}
+
+/// Makes sure the topics exist, creating missing ones (spec: KafkaLog.TopicsEnsured), and
+/// returns the commands topic's partition count. While the broker cannot be reached it
+/// retries with backoff until `deadline` (forever when None).
+pub fn ensure_topics(config: &KafkaConfig, topics: Topics, deadline: Option<Instant>) -> anyhow::Result<u32> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(&config.brokers).create().context("creating the Kafka admin client")?;
+    let mut backoff = BACKOFF_MIN;
+    let mut created = false;
+    loop {
+        let metadata = match admin.inner().fetch_metadata(None, METADATA_TIMEOUT) {
+            Ok(metadata) => metadata,
+            Err(error) => {
+                anyhow::ensure!(
+                    deadline.is_none_or(|d| Instant::now() < d),
+                    "the Kafka broker at {} cannot be reached: {error}",
+                    config.brokers
+                );
+                warn!(brokers = %config.brokers, %error, "waiting for the Kafka broker");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        let partitions_of = |name: &str| {
+            metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
+                .map(|t| t.partitions().len() as u32)
+        };
+        let commands = partitions_of(&config.commands_topic);
+        let outputs = match topics {
+            Topics::Commands => commands,
+            Topics::CommandsAndOutputs => partitions_of(&config.outputs_topic),
+        };
+        if let (Some(commands), Some(outputs)) = (commands, outputs) {
+            anyhow::ensure!(
+                (1..=MAX_PARTITIONS).contains(&commands),
+                "topic {} has {commands} partitions; this build serves 1 to {MAX_PARTITIONS}",
+                config.commands_topic
+            );
+            anyhow::ensure!(
+                outputs >= commands,
+                "topic {} has {outputs} partitions, fewer than the {commands} of {}: the output of input \
+                 partition p goes to output partition p",
+                config.outputs_topic,
+                config.commands_topic
+            );
+            return Ok(commands);
+        }
+        if created {
+            // Created, but not in the metadata yet.
+            anyhow::ensure!(
+                deadline.is_none_or(|d| Instant::now() < d),
+                "topics were created but do not show in the broker's metadata"
+            );
+            std::thread::sleep(BACKOFF_MIN);
+            continue;
+        }
+        let partitions = commands.unwrap_or(config.partitions);
+        anyhow::ensure!(
+            (1..=MAX_PARTITIONS).contains(&partitions),
+            "--kafka-partitions {partitions}: must be 1 to {MAX_PARTITIONS}"
+        );
+        let mut missing = Vec::new();
+        for (name, present) in
+            [(&config.commands_topic, commands.is_some()), (&config.outputs_topic, outputs.is_some())]
+                .into_iter()
+                .take(if topics == Topics::Commands { 1 } else { 2 })
+        {
+            if !present {
+                missing.push(
+                    NewTopic::new(
+                        name,
+                        partitions as i32,
+                        TopicReplication::Fixed(i32::from(config.replication_factor)),
+                    )
+                    // Never compacted: offsets stay contiguous (spec: KafkaLog.GapHalts).
+                    // Timestamps are the broker's, so no producer's clock moves stream time.
+                    .set("cleanup.policy", "delete")
+                    .set("message.timestamp.type", "LogAppendTime"),
+                );
+            }
+        }
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = futures_executor::block_on(admin.create_topics(&missing, &options))
+            .with_context(|| format!("creating topics on {}", config.brokers))?;
+        for result in results {
+            match result {
+                Ok(name) => info!(topic = %name, partitions, "created topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => anyhow::bail!("cannot create topic {name} on {}: {code}", config.brokers),
+            }
+        }
+        created = true;
+    }
+}
+
+/// Per partition, one past the input offset of the last output on the outputs topic: how
+/// far publication got, whichever instance published (spec: Publisher.ResumeFromOutputTopic).
+pub fn read_published_ends(config: &KafkaConfig, partitions: u32) -> anyhow::Result<Vec<u64>> {
+    let consumer: BaseConsumer = client_config(&config.brokers)
+        .set("group.id", "tribunal-publisher-probe")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        // The last record may go with retention between the watermark read and the fetch.
+        .set("auto.offset.reset", "error")
+        .create()
+        .context("creating a Kafka consumer")?;
+    let mut ends = Vec::with_capacity(partitions as usize);
+    let mut backoff = BACKOFF_MIN;
+    for partition in 0..partitions {
+        // spec: KafkaLog.BrokerLossRetries — the broker may be away at start: wait for it.
+        let end = loop {
+            match last_published(&consumer, &config.outputs_topic, partition) {
+                Ok(end) => break end,
+                Err(error) => {
+                    warn!(topic = %config.outputs_topic, partition, "reading the outputs topic: {error:#}; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        };
+        ends.push(end);
+    }
+    Ok(ends)
+}
+
+/// One past the input offset of the last output in `partition` of the outputs topic.
+fn last_published(consumer: &BaseConsumer, topic: &str, partition: u32) -> anyhow::Result<u64> {
+    let (low, high) = consumer.fetch_watermarks(topic, partition as i32, METADATA_TIMEOUT)?;
+    if high <= low {
+        return Ok(0);
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, partition as i32, Offset::Offset(high - 1))?;
+    consumer.assign(&assignment)?;
+    let started = Instant::now();
+    let message = loop {
+        anyhow::ensure!(started.elapsed() < METADATA_TIMEOUT * 2, "reading the last record timed out");
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) if message.partition() == partition as i32 => break message,
+            Some(Err(error)) => anyhow::bail!("{error}"),
+            _ => {}
+        }
+    };
+    // The key must be this partition's, and the JSON inside must say the same: a record
+    // from a stranger (or a forged key) must not make outputs count as published.
+    let key = message.key().and_then(OutputJson::parse_key);
+    let body: Option<(u32, u64)> = message
+        .payload()
+        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+        .and_then(|v| Some((u32::try_from(v["partition"].as_u64()?).ok()?, v["offset"].as_u64()?)));
+    match (key, body) {
+        (Some((p, offset)), Some(inside)) if p == partition && inside == (p, offset) => Ok(offset + 1),
+        _ => {
+            // Publishing everything the Ledger holds again loses nothing: duplicates are
+            // identical and keyed.
+            warn!(
+                topic,
+                partition,
+                "the last record of the outputs topic is not a Tribunal output of this partition; \
+                 publishing every output the Ledger holds again"
+            );
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! An appender's writer: records after the committed end, rolling segments at the size
+//! bound, each segment written to fdatasynced before the head commits them.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+
+use tribunal_shards::envelope::MAX_RECORD_BYTES;
+
+use super::*;
+
+/// Writes one batch after the committed end, rolling segments as it goes.
+pub(super) struct SegmentWriter<'a> {
+    pub(super) dir: &'a Path,
+    pub(super) path: PathBuf,
+    pub(super) file: File,
+    /// Where the batch has got to (uncommitted until the head is written).
+    pub(super) head: Head,
+    /// Encoded records not yet written; they belong at `head.segment_size_bytes - buffer.len()`.
+    pub(super) buffer: Vec<u8>,
+    pub(super) created_segment: bool,
+}
+
+impl<'a> SegmentWriter<'a> {
+    pub(super) fn open(dir: &'a Path, head: Head) -> Result<Self> {
+        let path = segment_path(dir, head.segment_base_offset);
+        let file = OpenOptions::new().write(true).open(&path).map_err(io_error("opening", &path))?;
+        Ok(SegmentWriter {
+            dir,
+            path,
+            file,
+            head,
+            buffer: Vec::with_capacity(WRITE_BUFFER_SIZE_BYTES),
+            created_segment: false,
+        })
+    }
+
+    pub(super) fn push(&mut self, payload: &[u8], timestamp_ms: u64, segment_max_size_bytes: u64) -> Result<()> {
+        assert!(payload.len() <= MAX_RECORD_BYTES);
+        let record_size_bytes = RECORD_HEADER_SIZE_BYTES + payload.len() as u64;
+        if self.head.segment_size_bytes > 0 && self.head.segment_size_bytes + record_size_bytes > segment_max_size_bytes
+        {
+            self.roll()?;
+        }
+        let len = u32::try_from(payload.len()).expect("bounded by MAX_RECORD_BYTES");
+        self.buffer.extend_from_slice(&len.to_le_bytes());
+        self.buffer.extend_from_slice(&record_crc(timestamp_ms, payload).to_le_bytes());
+        self.buffer.extend_from_slice(&timestamp_ms.to_le_bytes());
+        self.buffer.extend_from_slice(payload);
+        self.head.segment_size_bytes += record_size_bytes;
+        self.head.next_offset += 1;
+        if self.buffer.len() >= WRITE_BUFFER_SIZE_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn flush(&mut self) -> Result<()> {
+        let position_bytes = self.head.segment_size_bytes - self.buffer.len() as u64;
+        self.file.write_all_at(&self.buffer, position_bytes).map_err(io_error("writing", &self.path))?;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    pub(super) fn sync(&mut self) -> Result<()> {
+        self.flush()?;
+        self.file.sync_data().map_err(io_error("syncing", &self.path))
+    }
+
+    /// Seals the current segment (its file size is now its committed size) and starts
+    /// the next one, named by the next offset.
+    pub(super) fn roll(&mut self) -> Result<()> {
+        self.sync()?;
+        let base_offset = self.head.next_offset;
+        self.path = segment_path(self.dir, base_offset);
+        // `truncate`: an earlier crashed appender may have left a file of this name.
+        self.file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&self.path)
+            .map_err(io_error("creating", &self.path))?;
+        self.head.segment_base_offset = base_offset;
+        self.head.segment_size_bytes = 0;
+        self.created_segment = true;
+        Ok(())
+    }
+
+    /// Makes the written records durable; returns the head that commits them.
+    pub(super) fn finish(mut self) -> Result<Head> {
+        self.sync()?;
+        if self.created_segment {
+            sync_dir(self.dir)?;
+        }
+        Ok(self.head)
+    }
+}

@@ -1,0 +1,262 @@
+//! The local log's head file: two CRC'd slots rewritten in place, the newest valid one
+//! the commit point (see the module above for the format and why).
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+/// The commit point: everything below it is durable and visible, nothing above it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Head {
+    /// Commit number; the head lives in slot `sequence % 2`.
+    pub(super) sequence: u64,
+    /// The offset the next record will get; also the number of records in the log.
+    pub(super) next_offset: u64,
+    /// First offset of the last segment, the only one that can still grow.
+    pub(super) segment_base_offset: u64,
+    /// Committed bytes of that segment.
+    pub(super) segment_size_bytes: u64,
+    /// Timestamp of the last batch, the floor for the next one's.
+    pub(super) last_timestamp_ms: u64,
+}
+
+pub(super) fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8-byte slice"))
+}
+
+pub(super) fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4-byte slice"))
+}
+
+/// Checks a head's magic and its CRC32C, which is stored at `crc_at` over the bytes before it.
+pub(super) fn check_framing(bytes: &[u8], magic: &[u8; 8], crc_at: usize) -> Result<(), String> {
+    if bytes[0..8] != *magic {
+        return Err("bad magic (not a Tribunal local log head, or another format version)".into());
+    }
+    let stored_crc = u32_at(bytes, crc_at);
+    let computed_crc = crc32c::crc32c(&bytes[..crc_at]);
+    if stored_crc != computed_crc {
+        return Err(format!("checksum mismatch (stored {stored_crc:#010x}, computed {computed_crc:#010x})"));
+    }
+    Ok(())
+}
+
+impl Head {
+    pub(super) const EMPTY: Head =
+        Head { sequence: 0, next_offset: 0, segment_base_offset: 0, segment_size_bytes: 0, last_timestamp_ms: 0 };
+
+    pub(super) fn slot(&self) -> u64 {
+        self.sequence % 2
+    }
+
+    pub(super) fn encode_slot(&self) -> [u8; HEAD_SLOT_USED_BYTES] {
+        let mut bytes = [0u8; HEAD_SLOT_USED_BYTES];
+        bytes[0..8].copy_from_slice(&HEAD_MAGIC);
+        bytes[8..16].copy_from_slice(&self.sequence.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.next_offset.to_le_bytes());
+        bytes[24..32].copy_from_slice(&self.segment_base_offset.to_le_bytes());
+        bytes[32..40].copy_from_slice(&self.segment_size_bytes.to_le_bytes());
+        bytes[40..48].copy_from_slice(&self.last_timestamp_ms.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[..48]);
+        bytes[48..52].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    /// The whole head file with this head in its slot and zeros in the other.
+    pub(super) fn encode_file(&self) -> Vec<u8> {
+        let mut bytes = vec![0u8; HEAD_FILE_SIZE_BYTES as usize];
+        let at = (self.slot() * HEAD_SLOT_SIZE_BYTES) as usize;
+        bytes[at..at + HEAD_SLOT_USED_BYTES].copy_from_slice(&self.encode_slot());
+        bytes
+    }
+
+    /// Decodes slot `slot`; an error says why the slot is not a valid head.
+    pub(super) fn decode_slot(bytes: &[u8; HEAD_SLOT_USED_BYTES], slot: u64) -> Result<Head, String> {
+        check_framing(bytes, &HEAD_MAGIC, 48)?;
+        let head = Head {
+            sequence: u64_at(bytes, 8),
+            next_offset: u64_at(bytes, 16),
+            segment_base_offset: u64_at(bytes, 24),
+            segment_size_bytes: u64_at(bytes, 32),
+            last_timestamp_ms: u64_at(bytes, 40),
+        };
+        if head.slot() != slot {
+            return Err(format!("commit {} does not belong in slot {slot}", head.sequence));
+        }
+        head.check_plausible()?;
+        Ok(head)
+    }
+
+    pub(super) fn decode_v1(bytes: &[u8; HEAD_V1_SIZE_BYTES]) -> Result<Head, String> {
+        check_framing(bytes, &HEAD_V1_MAGIC, 40)?;
+        let head = Head {
+            sequence: 0,
+            next_offset: u64_at(bytes, 8),
+            segment_base_offset: u64_at(bytes, 16),
+            segment_size_bytes: u64_at(bytes, 24),
+            last_timestamp_ms: u64_at(bytes, 32),
+        };
+        head.check_plausible()?;
+        Ok(head)
+    }
+
+    pub(super) fn check_plausible(&self) -> Result<(), String> {
+        // A segment holds at least one record unless it is the empty log's first one.
+        let records = self.next_offset.checked_sub(self.segment_base_offset);
+        let plausible = match records {
+            None => false,
+            Some(0) => self.segment_size_bytes == 0,
+            Some(records) => self.segment_size_bytes >= records.saturating_mul(RECORD_HEADER_SIZE_BYTES),
+        };
+        if plausible {
+            Ok(())
+        } else {
+            Err(format!("impossible contents {self:?}"))
+        }
+    }
+
+    /// Makes a head file holding `self` appear whole: written aside, synced, renamed into
+    /// place, directory synced. Only for creating or upgrading one, under the append lock.
+    pub(super) fn create_file(&self, dir: &Path) -> Result<()> {
+        let temp_path = dir.join(HEAD_TEMP_FILE);
+        let path = dir.join(HEAD_FILE);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temp_path)
+            .map_err(io_error("creating", &temp_path))?;
+        file.write_all_at(&self.encode_file(), 0).map_err(io_error("writing", &temp_path))?;
+        file.sync_all().map_err(io_error("syncing", &temp_path))?;
+        fs::rename(&temp_path, &path).map_err(io_error("renaming over", &path))?;
+        sync_dir(dir)
+    }
+}
+
+pub(super) fn open_head<'a>(file: &'a mut Option<File>, path: &Path, writable: bool) -> Result<&'a File> {
+    if file.is_none() {
+        let opened = OpenOptions::new().read(true).write(writable).open(path);
+        *file = Some(opened.map_err(io_error("opening", path))?);
+    }
+    Ok(file.as_ref().expect("opened above"))
+}
+
+/// What one read of the head file found.
+pub(super) enum HeadRead {
+    Current(Head),
+    /// A head of the first format, which an appender rewrites.
+    FirstFormat(Head),
+}
+
+/// The head file, kept open: it is rewritten in place, so one handle sees every commit
+/// (except across the one-time upgrade from the first format, after which it reopens).
+pub(super) struct HeadFile {
+    pub(super) path: PathBuf,
+    pub(super) file: Option<File>,
+    /// Opened for writing too: an appender's handle.
+    pub(super) writable: bool,
+}
+
+impl HeadFile {
+    pub(super) fn reader(dir: &Path) -> HeadFile {
+        HeadFile { path: dir.join(HEAD_FILE), file: None, writable: false }
+    }
+
+    pub(super) fn appender(dir: &Path) -> HeadFile {
+        HeadFile { path: dir.join(HEAD_FILE), file: None, writable: true }
+    }
+
+    pub(super) fn corrupt(&self, reason: String) -> LocalLogError {
+        LocalLogError::CorruptHead { path: self.path.clone(), reason }
+    }
+
+    pub(super) fn read_once(&mut self) -> Result<HeadRead> {
+        let file = open_head(&mut self.file, &self.path, self.writable)?;
+        let size_bytes = file.metadata().map_err(io_error("reading metadata of", &self.path))?.len();
+        if size_bytes == HEAD_V1_SIZE_BYTES as u64 {
+            let mut bytes = [0u8; HEAD_V1_SIZE_BYTES];
+            file.read_exact_at(&mut bytes, 0).map_err(io_error("reading", &self.path))?;
+            // The upgrade replaces the file: read the new one next time.
+            self.file = None;
+            let head = Head::decode_v1(&bytes).map_err(|reason| self.corrupt(reason))?;
+            return Ok(HeadRead::FirstFormat(head));
+        }
+        if size_bytes != HEAD_FILE_SIZE_BYTES {
+            return Err(self.corrupt(format!("{size_bytes} bytes, expected {HEAD_FILE_SIZE_BYTES}")));
+        }
+        let mut newest: Option<Head> = None;
+        let mut reasons = Vec::new();
+        let mut never_written_slots = 0;
+        for slot in 0..2 {
+            let mut bytes = [0u8; HEAD_SLOT_USED_BYTES];
+            file.read_exact_at(&mut bytes, slot * HEAD_SLOT_SIZE_BYTES).map_err(io_error("reading", &self.path))?;
+            match Head::decode_slot(&bytes, slot) {
+                Ok(head) if newest.is_none_or(|newest| head.sequence > newest.sequence) => newest = Some(head),
+                Ok(_) => {}
+                Err(reason) => {
+                    never_written_slots += usize::from(bytes.iter().all(|b| *b == 0));
+                    reasons.push(format!("slot {slot}: {reason}"));
+                }
+            }
+        }
+        match newest {
+            Some(head) => {
+                // A new log's slot 1 is zeros beside commit 0: never written, not torn.
+                let new_log = head.sequence == 0 && never_written_slots == reasons.len();
+                if self.writable && !reasons.is_empty() && !new_log {
+                    // Under the lock: a commit torn by a crash, or damage. Either way the
+                    // newest valid commit is the head; say so, since damage would roll back.
+                    tracing::warn!(path = %self.path.display(), reasons = %reasons.join("; "), sequence = head.sequence, "a head slot is invalid; using the other");
+                }
+                Ok(HeadRead::Current(head))
+            }
+            None => Err(self.corrupt(format!("no valid slot ({})", reasons.join("; ")))),
+        }
+    }
+
+    /// Reads the head under the append lock, where nothing writes it: an invalid slot
+    /// beside a valid one is a commit torn by a crash, which the next commit overwrites.
+    pub(super) fn read_locked(&mut self) -> Result<HeadRead> {
+        self.read_once()
+    }
+
+    /// Reads the head without the lock, expecting commit `min_sequence` or a later one:
+    /// a slot being written reads as invalid or leaves an older commit, so the head is
+    /// read again, a bounded number of times, before that is an error.
+    pub(super) fn read_unlocked(&mut self, min_sequence: u64) -> Result<Head> {
+        let mut attempt = 1;
+        loop {
+            let outcome = match self.read_once() {
+                Ok(HeadRead::Current(head) | HeadRead::FirstFormat(head)) if head.sequence >= min_sequence => {
+                    return Ok(head);
+                }
+                Ok(HeadRead::Current(head) | HeadRead::FirstFormat(head)) => Err(inconsistent(
+                    &self.path,
+                    format!(
+                        "the head went back from commit {min_sequence} to commit {}; was the log replaced?",
+                        head.sequence
+                    ),
+                )),
+                Err(error @ LocalLogError::CorruptHead { .. }) => Err(error),
+                Err(error) => return Err(error),
+            };
+            if attempt == HEAD_READ_ATTEMPTS {
+                return outcome;
+            }
+            attempt += 1;
+            std::thread::yield_now();
+        }
+    }
+
+    /// Commits `head` into its slot and makes it durable. Only under the append lock,
+    /// with `head.sequence` one past the current head's.
+    pub(super) fn commit(&mut self, head: &Head) -> Result<()> {
+        assert!(self.writable, "only an appender commits");
+        let file = open_head(&mut self.file, &self.path, self.writable)?;
+        file.write_all_at(&head.encode_slot(), head.slot() * HEAD_SLOT_SIZE_BYTES)
+            .map_err(io_error("writing", &self.path))?;
+        file.sync_data().map_err(io_error("syncing", &self.path))
+    }
+}
