@@ -6,6 +6,7 @@
 //! - [`cli`]: the commands;
 //! - [`node`]: one running instance: open, recover, wire, start, supervise;
 //! - [`gateway`]: the REST API;
+//! - [`status`]: an instance's status, typed (`status.json`, `/v1/cluster`);
 //! - [`clerk`]: the Clerk's IO shell and the peer links;
 //! - [`publish`]: where certified outputs go;
 //! - [`log`]: the input logs (local and Kafka) and the Gateway's appender;
@@ -17,4 +18,5 @@ pub mod gateway;
 pub mod log;
 pub mod node;
 pub mod publish;
+pub mod status;
 pub mod storage;

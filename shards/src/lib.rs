@@ -15,6 +15,7 @@ pub mod recovery;
 pub mod reference;
 pub mod registrar;
 pub mod router;
+pub mod shard_core;
 pub mod simulator;
 pub mod snapshot_cadence;
 pub mod usher;

@@ -9,11 +9,16 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::arbiter::{Arbiter, ShardEffect, ShardMessage};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use crate::arbiter::{Arbiter, ShardMessage};
 use crate::domain::Domain;
-use crate::ledger::{encode_record, LedgerRecord};
 use crate::output::EncodedOutput;
 use crate::registrar::combine_partition_digests;
+use crate::shard_core::{LedgerStore, ShardCore, SnapshotPoint};
 use crate::usher::{BatchPlan, Decoded, Halted, Record, Usher, UsherConfig};
 use crate::warden::WardenConfig;
 
@@ -58,7 +63,8 @@ impl SimulatorConfig {
 pub struct Simulator<D: Domain> {
     config: SimulatorConfig,
     ushers: BTreeMap<u32, Usher<D>>,
-    arbiters: Vec<Arbiter<D>>,
+    /// The same core the engine's shard tasks drive.
+    cores: Vec<ShardCore<D>>,
     /// `channels[from * n + to]` between shards.
     channels: Vec<VecDeque<ShardMessage<D>>>,
     /// One channel from each partition's Usher to each shard: separate FIFOs, so two
@@ -70,9 +76,34 @@ pub struct Simulator<D: Domain> {
     /// Per shard, per partition: the last batch-end marker reached.
     batch_done: Vec<BTreeMap<u32, u64>>,
     outputs_seen: u64,
-    effects_scratch: Vec<ShardEffect<D>>,
-    /// Per shard, the Ledger bytes its effects would have written, when recording.
+    /// Per shard, the Ledger bytes its commits wrote, when recording.
     ledgers: Option<Vec<Vec<u8>>>,
+}
+
+/// A shard's Ledger in memory: kept when recording, dropped otherwise. Never waits.
+struct MemoryLedger<'a>(Option<&'a mut Vec<u8>>);
+
+impl<D: Domain> LedgerStore<D> for MemoryLedger<'_> {
+    type Error = Infallible;
+
+    async fn write_and_sync(&mut self, bytes: &[u8]) -> Result<(), Infallible> {
+        if let Some(ledger) = &mut self.0 {
+            ledger.extend_from_slice(bytes);
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&mut self, _point: SnapshotPoint<D>) -> Result<(), Infallible> {
+        Ok(())
+    }
+}
+
+/// Runs a future that never waits (the memory Ledger's) to its end.
+fn at_once<T>(future: impl Future<Output = T>) -> T {
+    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(value) => value,
+        Poll::Pending => unreachable!("the memory Ledger never waits"),
+    }
 }
 
 impl<D: Domain> Simulator<D> {
@@ -81,14 +112,15 @@ impl<D: Domain> Simulator<D> {
         Self {
             config,
             ushers: BTreeMap::new(),
-            arbiters: (0..config.shard_count).map(|s| Arbiter::new(s, config.shard_count)).collect(),
+            cores: (0..config.shard_count)
+                .map(|s| ShardCore::new(Arbiter::new(s, config.shard_count), config.shard_count))
+                .collect(),
             channels: (0..n * n).map(|_| VecDeque::new()).collect(),
             usher_channels: BTreeMap::new(),
             rng: SplitMix64(config.seed),
             outputs: BTreeMap::new(),
             batch_done: vec![BTreeMap::new(); n],
             outputs_seen: 0,
-            effects_scratch: Vec::new(),
             ledgers: None,
         }
     }
@@ -105,7 +137,7 @@ impl<D: Domain> Simulator<D> {
     pub fn from_recovered(config: SimulatorConfig, recovered: crate::recovery::Recovered<D>) -> Self {
         let mut sim = Self::new(config);
         assert_eq!(recovered.arbiters.len(), config.shard_count as usize);
-        sim.arbiters = recovered.arbiters;
+        sim.cores = recovered.arbiters.into_iter().map(|arbiter| ShardCore::new(arbiter, config.shard_count)).collect();
         sim.ushers = recovered.ushers;
         sim
     }
@@ -219,49 +251,42 @@ impl<D: Domain> Simulator<D> {
                 }
                 None => (channel % n, self.channels[channel].pop_front().expect("ready channel")),
             };
-            self.arbiters[to].handle(message);
-            let mut effects = std::mem::take(&mut self.effects_scratch);
-            effects.extend(self.arbiters[to].drain_effects());
-            for effect in effects.drain(..) {
-                match effect {
-                    ShardEffect::Send { to: dest, message } => self.channels[to * n + dest as usize].push_back(message),
-                    ShardEffect::Output { output, changes } => {
-                        if let Some(ledgers) = &mut self.ledgers {
-                            let record = LedgerRecord::<D>::Entry {
-                                partition: output.partition,
-                                offset: output.offset,
-                                output: output.bytes.clone(),
-                                deltas: changes.into_vec(),
-                            };
-                            encode_record(&record, &mut ledgers[to]).expect("records fit");
-                        }
-                        self.record_output(output)
-                    }
-                    ShardEffect::BatchDone { partition, last_offset, usher, snapshot } => {
-                        if let Some(ledgers) = &mut self.ledgers {
-                            let record = LedgerRecord::<D>::BatchEnd {
-                                partition,
-                                last_offset,
-                                usher,
-                                snapshot: snapshot.is_some(),
-                            };
-                            encode_record(&record, &mut ledgers[to]).expect("records fit");
-                        }
-                        self.batch_done[to].insert(partition, last_offset);
-                    }
-                }
-            }
-            self.effects_scratch = effects;
+            self.cores[to].handle(message);
+            self.after_handling(to);
         }
         count
+    }
+
+    /// Moves what shard `from` staged onto its channels, and commits its Ledger records
+    /// once a batch-end marker is among them, as the engine's Ledger task does: outputs
+    /// and markers count only once durable.
+    fn after_handling(&mut self, from: usize) {
+        let n = self.config.shard_count as usize;
+        for (to, wire) in self.cores[from].drain_staged() {
+            self.channels[from * n + to as usize].extend(wire);
+        }
+        if !self.cores[from].commit_due() {
+            return;
+        }
+        let commit = self.cores[from].take_commit();
+        let mut store = MemoryLedger(self.ledgers.as_mut().map(|l| &mut l[from]));
+        let Ok(durable) = at_once(commit.persist(&mut store));
+        self.cores[from].recycle(durable.buffer);
+        for output in durable.outputs {
+            self.record_output(output);
+        }
+        for (partition, last_offset) in durable.marks {
+            self.batch_done[from].insert(partition, last_offset);
+        }
     }
 
     /// Delivers every message; then every shard must be idle (a shard that is not is
     /// stuck: a deadlock or a lost message).
     pub fn drain(&mut self) {
         while self.deliver_some(usize::MAX) > 0 {}
-        for arbiter in &self.arbiters {
-            assert!(arbiter.is_idle(), "shard {} is stuck after delivery", arbiter.shard());
+        for core in &self.cores {
+            assert!(core.arbiter().is_idle(), "shard {} is stuck after delivery", core.shard());
+            assert!(!core.commit_due(), "shard {} has an uncommitted marker", core.shard());
         }
     }
 
@@ -271,19 +296,20 @@ impl<D: Domain> Simulator<D> {
 
     /// Digest of `partition`'s state: the sum of the shards' digests.
     pub fn partition_digest(&self, partition: u32) -> u128 {
-        self.arbiters.iter().fold(0u128, |acc, a| acc.wrapping_add(a.registrar().digest(partition)))
+        self.cores.iter().fold(0u128, |acc, c| acc.wrapping_add(c.arbiter().registrar().digest(partition)))
     }
 
     /// Digest of the whole instance state.
     pub fn state_digest(&self) -> u128 {
-        let partitions = self.arbiters.iter().map(|a| a.registrar().partition_count()).max().unwrap_or(0);
+        let partitions = self.cores.iter().map(|c| c.arbiter().registrar().partition_count()).max().unwrap_or(0);
         let per: Vec<_> = (0..partitions).map(|p| (p, self.partition_digest(p))).collect();
         combine_partition_digests(&per)
     }
 
     /// All non-default entities of `partition`, sorted.
     pub fn entities(&self, partition: u32) -> Vec<(D::EntityKey, D::State)> {
-        let mut all: Vec<_> = self.arbiters.iter().flat_map(|a| a.registrar().entities_sorted(partition)).collect();
+        let mut all: Vec<_> =
+            self.cores.iter().flat_map(|c| c.arbiter().registrar().entities_sorted(partition)).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }

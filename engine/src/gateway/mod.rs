@@ -117,7 +117,7 @@ pub struct NodeProbe {
     /// Why not ready, when not.
     pub not_ready_reason: Mutex<String>,
     /// The node's `status.json`, as last written.
-    pub status: Mutex<serde_json::Value>,
+    pub status: Mutex<crate::status::NodeStatus>,
 }
 
 pub struct GatewayShared {

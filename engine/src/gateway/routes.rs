@@ -553,7 +553,7 @@ fn stock_answer(
 /// spec: Gateway.ClusterView
 fn cluster(shared: &GatewayShared) -> Answered {
     let status = shared.node.status.lock().expect("not poisoned").clone();
-    let federation = &status["federation"];
+    let federation = &status.federation;
     let quarantined_peers: Vec<u64> = federation["peers"]
         .as_array()
         .map(|peers| {
@@ -569,8 +569,8 @@ fn cluster(shared: &GatewayShared) -> Answered {
         &json!({
             "instance_id": shared.instance_id,
             "ready": shared.node.ready.load(Ordering::Acquire),
-            "phase": status["phase"].as_str().unwrap_or("starting"),
-            "partitions": status["partitions"].as_array().cloned().unwrap_or_default(),
+            "phase": status.phase,
+            "partitions": status.partitions,
             "publisher": federation["publisher"].as_bool().unwrap_or(false),
             "expected_copies": federation["expected_copies"].as_u64(),
             "faults_detected": federation["faults_total"].as_u64().unwrap_or(0),

@@ -7,6 +7,7 @@
 //! `DmaFile` (O_DIRECT through io_uring) on the shard's own core.
 
 pub mod checkpoint;
+pub mod loader;
 pub mod quarantine;
 pub mod segments;
 pub mod snapshots;

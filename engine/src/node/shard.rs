@@ -1,0 +1,274 @@
+//! One shard on its own pinned executor: the [`ShardCore`] the Usher and the inbound
+//! channels feed, the sender tasks to the other shards, the Ledger task doing group
+//! commit, the Gateway's listener, and the Ushers whose home this shard is.
+//!
+//! - Receiver tasks (one per inbound channel) hand messages to the core.
+//! - Sender tasks (one per outbound channel) drain a local unbounded queue. Receiver tasks
+//!   never await a bounded send, so two shards with full channels towards each other
+//!   cannot deadlock; the Ushers' backpressure bounds what is in flight.
+//! - The Ledger task: whatever records accumulated since its last commit are written and
+//!   made durable with one fdatasync (group commit); only then do the shard's durable
+//!   watermarks advance and its outputs go to the Clerk (the core's [`Unsynced`] type
+//!   hands them out only after the sync).
+
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use anyhow::Context;
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use glommio::channels::shared_channel::{ConnectedSender, SharedReceiver, SharedSender};
+use tracing::warn;
+use tribunal_shards::arbiter::Arbiter;
+use tribunal_shards::router::ShardId;
+use tribunal_shards::shard_core::{LedgerStore, ShardCore, SnapshotPoint, Unsynced};
+use tribunal_shards::usher::Usher;
+
+use super::shared::{Event, Shared};
+use super::usher::{self, ReaderTask, SourceSpec, UsherOptions};
+use super::{Message, Wire, D};
+use crate::gateway::{self, GatewayShared};
+use crate::publish::DurableOutput;
+use crate::storage::{self, Layout, SegmentWriter};
+
+/// Everything a shard's executor starts with.
+pub(super) struct ShardContext {
+    pub shard: ShardId,
+    pub shard_count: u16,
+    pub layout: Layout,
+    pub arbiter: Arbiter<D>,
+    pub outbound: Vec<Option<SharedSender<Wire>>>,
+    pub inbound: Vec<SharedReceiver<Wire>>,
+    /// The Ushers of the partitions whose home this shard is, and where each one reads.
+    pub ushers: Vec<(Usher<D>, SourceSpec)>,
+    /// On the local log's reader shard, when it is not the Usher's: the reader, and where
+    /// decoded batches go.
+    pub reader: Option<ReaderTask>,
+    /// Where outputs go once durable: the Clerk (spec: Clerk.OwnCopyRecorded).
+    pub outputs: SharedSender<Vec<DurableOutput>>,
+    pub shared: Arc<Shared>,
+    pub events: mpsc::Sender<Event>,
+    pub usher_options: UsherOptions,
+    pub gateway: Option<Arc<GatewayShared>>,
+}
+
+/// A shard's state on its executor: the core, and how its effects leave.
+pub(super) struct ShardState {
+    pub core: ShardCore<D>,
+    /// Local queues to the sender tasks, one per other shard.
+    outbound: Vec<Option<LocalSender<Wire>>>,
+    /// Wakes the Ledger task; rung once per commit.
+    doorbell: LocalSender<()>,
+    doorbell_rung: bool,
+    shared: Arc<Shared>,
+}
+
+impl ShardState {
+    pub fn shard(&self) -> ShardId {
+        self.core.shard()
+    }
+
+    /// A message for shard `to`: handled here when it is this shard, staged otherwise.
+    /// Never awaits, so any task of the shard may call it.
+    pub fn dispatch(&mut self, to: ShardId, message: Message) {
+        self.core.dispatch(to, message);
+        if self.core.commit_due() && !self.doorbell_rung {
+            self.doorbell_rung = true;
+            let _ = self.doorbell.try_send(());
+        }
+    }
+
+    /// Hands every staged message to the sender tasks, one wire per destination.
+    pub fn flush(&mut self) {
+        let staged = self.core.staged_count() as u64;
+        if staged == 0 {
+            return;
+        }
+        self.shared.in_flight.fetch_add(staged, Ordering::Relaxed);
+        for (to, wire) in self.core.drain_staged() {
+            let queue = self.outbound[to as usize].as_ref().expect("a queue to every other shard");
+            if queue.try_send(wire).is_err() {
+                unreachable!("local queues are unbounded and live as long as the shard");
+            }
+        }
+    }
+}
+
+/// The shard's Ledger: the DMA segment writer, and where snapshot parts go.
+struct ShardLedger {
+    writer: SegmentWriter,
+    layout: Layout,
+    shard: ShardId,
+    events: mpsc::Sender<Event>,
+}
+
+impl LedgerStore<D> for ShardLedger {
+    type Error = io::Error;
+
+    async fn write_and_sync(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.writer.commit(bytes).await
+    }
+
+    /// spec: Ledger.SnapshotAtMarker — the part, then a new segment right after the marker.
+    async fn snapshot(&mut self, point: SnapshotPoint<D>) -> io::Result<()> {
+        let path = self.layout.shard_part_path(point.partition, point.marker_offset, self.shard);
+        storage::create_part_dir(&path)?;
+        storage::write_part(&path, &point.entities)?;
+        self.writer.roll().await?;
+        let part = Event::SnapshotPart {
+            partition: point.partition,
+            marker_offset: point.marker_offset,
+            shard: Some(self.shard),
+            first_kept_segment: self.writer.segment(),
+        };
+        let _ = self.events.send(part);
+        Ok(())
+    }
+}
+
+pub(super) async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
+    let shard = context.shard;
+    storage::settle_io_probe(&context.layout, shard).await.context("probing DMA IO")?;
+    let writer = SegmentWriter::open(&context.layout, shard).await.context("opening the Ledger segment")?;
+    let (doorbell, doorbell_rx) = local_channel::new_unbounded::<()>();
+    let outbound = spawn_senders(shard, context.outbound, &context.shared);
+    let state = Rc::new(RefCell::new(ShardState {
+        core: ShardCore::new(context.arbiter, context.shard_count),
+        outbound,
+        doorbell,
+        doorbell_rung: false,
+        shared: context.shared.clone(),
+    }));
+    spawn_receivers(context.inbound, &state);
+    let ledger = ShardLedger { writer, layout: context.layout.clone(), shard, events: context.events.clone() };
+    glommio::spawn_local(ledger_task(ledger, doorbell_rx, state.clone(), context.shared.clone(), context.outputs))
+        .detach();
+    // spec: Gateway — every shard accepts; an address in use stops the start-up.
+    if let Some(gateway) = context.gateway {
+        let listener = gateway::bind(&gateway.config)?;
+        glommio::spawn_local(gateway::serve(gateway, listener, shard)).detach();
+    }
+    let _ = context.events.send(Event::Started);
+    if let Some(reader) = context.reader {
+        usher::spawn_reader(reader, shard, context.shared.clone(), context.events.clone());
+    }
+    let tasks = usher::spawn_ushers(
+        context.ushers,
+        &state,
+        &context.shared,
+        &context.events,
+        &context.layout,
+        context.usher_options,
+    )
+    .await;
+    for task in tasks {
+        task.await;
+    }
+    // The shard now only reacts to messages; park until the process exits.
+    while !context.shared.stop.load(Ordering::Acquire) {
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// One sender task per other shard, draining the local queue the core's wires go to.
+/// Each channel connects in its own task: `connect` waits for the other end, and the other
+/// shard connects its ends in its own order.
+fn spawn_senders(
+    shard: ShardId,
+    outbound: Vec<Option<SharedSender<Wire>>>,
+    shared: &Arc<Shared>,
+) -> Vec<Option<LocalSender<Wire>>> {
+    let mut queues = Vec::with_capacity(outbound.len());
+    for (to, sender) in outbound.into_iter().enumerate() {
+        let Some(sender) = sender else {
+            queues.push(None);
+            continue;
+        };
+        let (queue, queue_rx) = local_channel::new_unbounded::<Wire>();
+        queues.push(Some(queue));
+        let shared = shared.clone();
+        glommio::spawn_local(async move {
+            let connected: ConnectedSender<Wire> = sender.connect().await;
+            while let Some(wire) = queue_rx.recv().await {
+                let messages = wire.len() as u64;
+                if connected.send(wire).await.is_err() {
+                    warn!(from = shard, to, "peer shard channel closed");
+                    return;
+                }
+                shared.in_flight.fetch_sub(messages, Ordering::Relaxed);
+            }
+        })
+        .detach();
+    }
+    queues
+}
+
+/// One receiver task per inbound channel: each wire's messages go to the core in order.
+fn spawn_receivers(inbound: Vec<SharedReceiver<Wire>>, state: &Rc<RefCell<ShardState>>) {
+    for receiver in inbound {
+        let state = state.clone();
+        glommio::spawn_local(async move {
+            let receiver = receiver.connect().await;
+            while let Some(wire) = receiver.recv().await {
+                let mut st = state.borrow_mut();
+                let home = st.shard();
+                for message in wire {
+                    st.dispatch(home, message);
+                }
+                st.flush();
+            }
+        })
+        .detach();
+    }
+}
+
+/// Group commit (spec: Ledger.GroupCommitAtBatchEnd, Ledger.RecordDurableAfterSync): at
+/// each ring, everything the core appended since the last commit is made durable, then
+/// the durable watermarks advance and the outputs go to the Clerk.
+async fn ledger_task(
+    mut ledger: ShardLedger,
+    doorbell_rx: LocalReceiver<()>,
+    state: Rc<RefCell<ShardState>>,
+    shared: Arc<Shared>,
+    outputs: SharedSender<Vec<DurableOutput>>,
+) {
+    let outputs_tx = outputs.connect().await;
+    let shard = ledger.shard;
+    while doorbell_rx.recv().await.is_some() {
+        let commit: Unsynced<D> = {
+            let mut st = state.borrow_mut();
+            st.doorbell_rung = false;
+            st.core.take_commit()
+        };
+        if commit.is_empty() {
+            continue;
+        }
+        let durable = match commit.persist(&mut ledger).await {
+            Ok(durable) => durable,
+            Err(e) => {
+                let _ = ledger.events.send(Event::Failed(shard, format!("Ledger write failed: {e}")));
+                return;
+            }
+        };
+        state.borrow_mut().core.recycle(durable.buffer);
+        shared.syncs[shard as usize].store(ledger.writer.syncs, Ordering::Relaxed);
+        // spec: Ledger.ShardDurableWatermark — per partition; markers are in order.
+        for (partition, last_offset) in durable.marks {
+            shared.set_durable(shard, partition, last_offset + 1);
+        }
+        // spec: Clerk.OwnCopyRecorded — only durable outputs are compared.
+        let batch: Vec<DurableOutput> = durable
+            .outputs
+            .into_iter()
+            .map(|o| DurableOutput { partition: o.partition, offset: o.offset, bytes: o.bytes })
+            .collect();
+        if !batch.is_empty() && outputs_tx.send(batch).await.is_err() {
+            let _ = ledger.events.send(Event::Failed(shard, "the Clerk is gone".into()));
+            return;
+        }
+    }
+}
