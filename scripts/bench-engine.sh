@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Engine benchmark (issue 3): durable throughput and recovery time, measured by the
+# Engine benchmark: durable throughput and recovery time, measured by the
 # engine itself (status.json), not by a wrapper.
 #   1. 1,000,000 mixed events pre-filled in a local log, then `tribunal run` on every
 #      allowed core until every record is durable: records / processing time.

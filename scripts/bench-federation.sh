@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Federation benchmark (issue 5): the cost of certification, measured by the engine
+# Federation benchmark: the cost of certification, measured by the engine
 # itself (status.json: records processed / time from ready to every record certified,
 # published and confirmed by the peers), not by a wrapper.
 #   1. A 3-instance cluster (expected_copies 2) on a pre-filled local log.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Kafka benchmark (issue 4): events/s from a pre-filled topic of $EVENTS events through one
+# Kafka benchmark: events/s from a pre-filled topic of $EVENTS events through one
 # instance to a durable Ledger and published outputs, as measured by the engine itself
 # (status.json: records processed / time from ready until everything was durable and
 # acknowledged on the outputs topic). In the same run, the broker's raw consume rate

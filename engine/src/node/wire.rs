@@ -55,6 +55,14 @@ pub(super) struct Wired {
     pub figures: RecoveryFigures,
 }
 
+/// What several parts of the wiring hold on to.
+struct Commons {
+    shared: Arc<Shared>,
+    clerk: Arc<ClerkShared>,
+    probe: Arc<NodeProbe>,
+    faults: Arc<FaultControl>,
+}
+
 pub(super) fn wire(config: &NodeConfig, layout: &Layout, log: OpenedLog, recovery: Recovery) -> anyhow::Result<Wired> {
     let Recovery { manifest, arbiters, ushers, mut plan, figures } = recovery;
     let partitions = log.partitions;
@@ -65,60 +73,27 @@ pub(super) fn wire(config: &NodeConfig, layout: &Layout, log: OpenedLog, recover
         Arc::new(KafkaShared::new(&ends))
     });
     let published_now: Vec<u64> = plan.published_start.iter().zip(&plan.certified).map(|(p, c)| (*p).min(*c)).collect();
-    let clerk_shared = Arc::new(ClerkShared::new(partitions, &plan.certified, &published_now));
-    let shared = Arc::new(shared_state(config, &plan, &manifest, partitions, clerk_shared.clone()));
+    let clerk = Arc::new(ClerkShared::new(partitions, &plan.certified, &published_now));
+    let shared = Arc::new(shared_state(config, &plan, &manifest, partitions, clerk.clone()));
+    let commons = Commons { shared, clerk, probe: Arc::default(), faults: Arc::default() };
     let (sink_tx, sink_rx) = mpsc::channel::<PublishBatch>();
     let (sink, local_sink) = publisher_sink(config, &plan, kafka_shared.as_ref(), log.outputs_log, sink_rx)?;
-    let probe = Arc::new(NodeProbe::default());
-    let fault_control = Arc::new(FaultControl::default());
-    let gateway = gateway(
-        config,
-        &log.local,
-        log.kafka.as_ref(),
-        &arbiters,
-        &plan,
-        &shared,
-        &clerk_shared,
-        &probe,
-        &fault_control,
-        figures,
-    )?;
+    let gateway = gateway(config, &log.local, log.kafka.as_ref(), &arbiters, &plan, &commons, figures)?;
     let (output_senders, output_receivers) = output_channels(config.cores.len());
-    let setup = ClerkSetup {
-        config: clerk_config(config, partitions, shared.copy_window)?,
-        links: links_config(config),
-        faults: config.federation.faults.clone(),
-        resume: plan.certified.iter().zip(&plan.resume).map(|(c, r)| (*c, *r)).collect(),
-        recovered_outputs: std::mem::take(&mut plan.to_compare),
-        retained_seed: std::mem::take(&mut plan.retained_digests),
-        unpublished: std::mem::take(&mut plan.to_republish),
-        sink: config.publish.then(|| sink_tx.clone()),
-        sink_published: sink.published,
-        data_dir: config.data_dir.clone(),
-        view: gateway.as_ref().map(|g| g.view.clone() as Arc<dyn CertifiedSink>),
-        fault_control: Some(fault_control),
-    };
-    // The Clerk, before the shards: a federation address in use is a start-up error.
-    let durable_view = shared.clone();
-    clerk::spawn(
-        setup,
-        output_receivers,
-        clerk_shared.clone(),
-        Arc::new(move |p| durable_view.durable_end(p)),
-        cores::IO_MEMORY_PER_SHARD_BYTES,
-    )?;
-    drop(sink_tx);
+    let view = gateway.as_ref().map(|g| g.view.clone() as Arc<dyn CertifiedSink>);
+    start_clerk(config, &mut plan, &commons, (sink.published, sink_tx), view, output_receivers)?;
     let (sources, reader, feeds) = usher_sources(config, &log.local, ushers, &plan.resume)?;
     let (events_tx, events) = mpsc::channel::<Event>();
     let options = UsherOptions { stop_at_end: config.stop_at_end, snapshot_every: config.snapshot_every };
     let links = ShardLinks { sources, reader, outputs: output_senders, events: events_tx, options, gateway };
-    let contexts = shard_contexts(config, layout, arbiters, &shared, links);
+    let contexts = shard_contexts(config, layout, arbiters, &commons.shared, links);
+    let Commons { shared, clerk, probe, .. } = commons;
     let kafka = log.kafka.zip(kafka_shared);
     Ok(Wired {
         contexts,
         events,
         shared,
-        clerk: clerk_shared,
+        clerk,
         kafka,
         feeds,
         sink_rx: sink.kafka_rx,
@@ -128,6 +103,35 @@ pub(super) fn wire(config: &NodeConfig, layout: &Layout, log: OpenedLog, recover
         plan,
         figures,
     })
+}
+
+/// Starts the Clerk's executor, before the shards: a federation address in use is a
+/// start-up error. It takes the outputs to compare and republish from the plan.
+fn start_clerk(
+    config: &NodeConfig,
+    plan: &mut ResumePlan,
+    commons: &Commons,
+    (sink_published, sink_tx): (Arc<dyn Fn(u32) -> u64 + Send + Sync>, mpsc::Sender<PublishBatch>),
+    view: Option<Arc<dyn CertifiedSink>>,
+    own_outputs: Vec<OutputsRx>,
+) -> anyhow::Result<()> {
+    let setup = ClerkSetup {
+        config: clerk_config(config, commons.shared.partitions, commons.shared.copy_window)?,
+        links: links_config(config),
+        faults: config.federation.faults.clone(),
+        resume: plan.certified.iter().zip(&plan.resume).map(|(c, r)| (*c, *r)).collect(),
+        recovered_outputs: std::mem::take(&mut plan.to_compare),
+        retained_seed: std::mem::take(&mut plan.retained_digests),
+        unpublished: std::mem::take(&mut plan.to_republish),
+        sink: config.publish.then_some(sink_tx),
+        sink_published,
+        data_dir: config.data_dir.clone(),
+        view,
+        fault_control: Some(commons.faults.clone()),
+    };
+    let durable_view = commons.shared.clone();
+    let durable_end = Arc::new(move |p| durable_view.durable_end(p));
+    clerk::spawn(setup, own_outputs, commons.clerk.clone(), durable_end, cores::IO_MEMORY_PER_SHARD_BYTES)
 }
 
 fn shared_state(
@@ -224,21 +228,17 @@ fn clerk_config(config: &NodeConfig, partitions: u32, copy_window: u64) -> anyho
 
 /// The Gateway, when serving: its certified view starts from the recovered state
 /// (spec: Gateway.ViewValidFromRecovery), its appender thread starts now.
-#[allow(clippy::too_many_arguments, reason = "the wiring of one component: each argument is a piece it is made of")]
 fn gateway(
     config: &NodeConfig,
     local: &Option<(LocalLog, std::path::PathBuf)>,
     kafka: Option<&KafkaStart>,
     arbiters: &[Arbiter<D>],
     plan: &ResumePlan,
-    shared: &Arc<Shared>,
-    clerk: &Arc<ClerkShared>,
-    probe: &Arc<NodeProbe>,
-    faults: &Arc<FaultControl>,
+    commons: &Commons,
     figures: RecoveryFigures,
 ) -> anyhow::Result<Option<Arc<GatewayShared>>> {
     let Some(gateway_config) = &config.gateway else { return Ok(None) };
-    let partitions = shared.partitions;
+    let partitions = commons.shared.partitions;
     let view = Arc::new(std::sync::Mutex::new(certified_view(gateway_config, arbiters, plan, partitions)));
     let target = match (local, kafka) {
         (Some((_, dir)), _) => appender::Target::Local(dir.clone()),
@@ -248,7 +248,7 @@ fn gateway(
     let appender = appender::spawn(target, partitions, gateway_config.max_waiting)
         .context("starting the Gateway's log appender")?;
     let log = local.as_ref().map(|(_, dir)| LocalLog::open(dir)).transpose()?;
-    let figures = figures_source(shared, clerk, &view, &appender, probe, log, figures);
+    let figures = figures_source(commons, &view, &appender, log, figures);
     Ok(Some(Arc::new(GatewayShared {
         config: gateway_config.clone(),
         instance_id: config.instance_id,
@@ -260,8 +260,8 @@ fn gateway(
         view,
         appender,
         metrics: Metrics::new(figures),
-        node: probe.clone(),
-        faults: faults.clone(),
+        node: commons.probe.clone(),
+        faults: commons.faults.clone(),
         data_dir: config.data_dir.clone(),
         in_flight: std::sync::atomic::AtomicUsize::new(0),
     })))
@@ -293,15 +293,14 @@ fn certified_view(
 
 /// `/metrics`' node figures, read at scrape time.
 fn figures_source(
-    shared: &Arc<Shared>,
-    clerk: &Arc<ClerkShared>,
+    commons: &Commons,
     view: &Arc<crate::gateway::SharedView>,
     appender: &appender::Appender,
-    probe: &Arc<NodeProbe>,
     log: Option<LocalLog>,
     recovery: RecoveryFigures,
 ) -> crate::gateway::metrics::FiguresFn {
-    let (shared, clerk, view, probe) = (shared.clone(), clerk.clone(), view.clone(), probe.clone());
+    let (shared, clerk, probe) = (commons.shared.clone(), commons.clerk.clone(), commons.probe.clone());
+    let view = view.clone();
     let appended = appender.appended_end.clone();
     Arc::new(move || {
         let durable_end: Vec<u64> = (0..shared.partitions).map(|p| shared.durable_end(p)).collect();
