@@ -37,20 +37,21 @@ echo; echo "== tribunal evaluate (the sequential reference over the same log)"
 "$BIN" evaluate --log "$log" --json > "$RUN_DIR/reference.json"
 reference=$(field "$RUN_DIR/reference.json" state_digest)
 input_records=$(field "$RUN_DIR/reference.json" records)
-echo "$input_records records, state digest $reference"
+echo "$input_records records, state digest $reference, outputs digest $(field "$RUN_DIR/reference.json" outputs_digest)"
 
 echo; echo "== tribunal inspect (each instance's durable state)"
 agree=0
 for i in $(seq 1 "$INSTANCES"); do
   "$BIN" inspect --data-dir "$RUN_DIR/cluster/instance-$i" --json > "$RUN_DIR/inspect-$i.json"
   digest=$(field "$RUN_DIR/inspect-$i.json" state_digest)
+  outputs_digest=$(field "$RUN_DIR/inspect-$i.json" outputs_digest)
   watermark=$(field "$RUN_DIR/inspect-$i.json" durable_watermark)
   if [[ $digest == "$reference" ]]; then
     verdict="agrees"; agree=$((agree + 1))
   else
     verdict="DIFFERS"
   fi
-  echo "instance $i: durable watermark $watermark, state digest $digest ($verdict)"
+  echo "instance $i: durable watermark $watermark, state digest $digest ($verdict), outputs digest $outputs_digest"
 done
 if ((agree != INSTANCES)); then
   echo "$((INSTANCES - agree)) of $INSTANCES instances disagree with the reference"
