@@ -19,15 +19,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use smallvec::SmallVec;
+// Copies are compared by their digest, xxh3_128 of the canonical output bytes
+// (spec: Arbiter.OutputCanonical), so equal digests stand for byte-identical outputs.
+use tribunal_shards::digest::output_digest;
 
 pub type Digest = u128;
 pub type InstanceId = u32;
-
-/// The digest copies are compared by: xxh3_128 of the canonical output bytes
-/// (spec: Arbiter.OutputCanonical), so equal digests stand for byte-identical outputs.
-pub fn digest_of(output: &[u8]) -> Digest {
-    xxhash_rust::xxh3::xxh3_128(output)
-}
 
 #[derive(Clone, Debug)]
 pub struct ClerkConfig {
@@ -469,7 +466,7 @@ impl Clerk {
 
     /// An own output, durable on its shard (spec: Clerk.OwnCopyRecorded, Clerk.OwnDigestPlaced).
     pub fn own_output(&mut self, partition: u32, offset: u64, output: Arc<[u8]>) {
-        let digest = digest_of(&output);
+        let digest = output_digest(&output);
         let window = self.config.copy_window;
         let p = &mut self.partitions[partition as usize];
         if offset < p.certified_end {
@@ -495,7 +492,7 @@ impl Clerk {
 
     /// A live copy from a peer: its output bytes (spec: Clerk.PeerCopyRecorded).
     pub fn peer_copy(&mut self, peer: InstanceId, partition: u32, offset: u64, output: Arc<[u8]>) {
-        let digest = digest_of(&output);
+        let digest = output_digest(&output);
         self.record_copy(peer, partition, offset, digest, false, Some(output));
     }
 
@@ -1441,7 +1438,7 @@ mod tests {
         // spec: Clerk.CertifiedDigestsResent, Clerk.LaggingPeerCatchesUp — after a crash
         // of both, instance 2's checkpoint says 10 and instance 1's only 4.
         let mut ahead = Clerk::new(config(2, 2, 2, 16), &[(10, 10)]);
-        let seeds: Vec<(u64, Digest)> = (0..12).map(|o| (o, digest_of(&output(o)))).collect();
+        let seeds: Vec<(u64, Digest)> = (0..12).map(|o| (o, output_digest(&output(o)))).collect();
         ahead.seed_retained(0, &seeds[..3]); // a gap below 3..10: ignored
         ahead.seed_retained(0, &seeds);
         ahead.open_gate();

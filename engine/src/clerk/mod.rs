@@ -31,6 +31,7 @@ use tribunal_federation::clerk::{
     Action, Clerk, ClerkConfig, ClerkStatus, FaultReport, InstanceId, Outgoing, QuarantineState,
 };
 use tribunal_federation::wire::Frame;
+use tribunal_shards::prng::SplitMix64;
 
 use crate::cli::federation_args::Fault;
 use crate::publish::json::OutputJson;
@@ -217,23 +218,11 @@ struct Shell {
     fault_control: Option<Arc<FaultControl>>,
 }
 
-#[derive(Default)]
 struct Injected {
-    rng: u64,
+    /// Flips are not evaluation, so a seed from the OS is fine here.
+    rng: SplitMix64,
     count: u64,
     listed: Vec<(u32, u64)>,
-}
-
-impl Injected {
-    /// SplitMix64: flips are not evaluation, so a seed from the OS is fine here.
-    fn next_unit(&mut self) -> f64 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 impl Shell {
@@ -396,8 +385,8 @@ impl Shell {
         for output in batch {
             let mut bytes = output.bytes;
             if let Some(rate) = self.bitflip_rate {
-                if !bytes.is_empty() && self.injected.next_unit() < rate {
-                    let bit = (self.injected.next_unit() * (bytes.len() * 8) as f64) as usize % (bytes.len() * 8);
+                if !bytes.is_empty() && self.injected.rng.next_unit() < rate {
+                    let bit = (self.injected.rng.next_unit() * (bytes.len() * 8) as f64) as usize % (bytes.len() * 8);
                     bytes[bit / 8] ^= 1 << (bit % 8);
                     self.injected.count += 1;
                     if self.injected.listed.len() < MAX_INJECTED_LISTED {
@@ -767,7 +756,7 @@ async fn clerk_main(
         faults_writer: None,
         faults_by_instance: std::collections::BTreeMap::new(),
         recent_faults: VecDeque::new(),
-        injected: Injected { rng: u64::from_le_bytes(seed), ..Injected::default() },
+        injected: Injected { rng: SplitMix64(u64::from_le_bytes(seed)), count: 0, listed: Vec::new() },
         bitflip_rate,
         delay,
         down_ticks: vec![0; peer_count],

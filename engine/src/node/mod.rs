@@ -336,7 +336,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
             let p = *partition as usize;
             let checkpoint = certified.get(p).copied().unwrap_or(0);
             if *offset < checkpoint && *offset + retention >= checkpoint {
-                certified_digests.push((*partition, *offset, tribunal_federation::clerk::digest_of(output)));
+                certified_digests.push((*partition, *offset, tribunal_shards::digest::output_digest(output)));
             }
             let needed_from = published_start.get(p).copied().unwrap_or(0).min(certified.get(p).copied().unwrap_or(0));
             if *offset >= needed_from {
