@@ -49,7 +49,7 @@ use tribunal_shards::snapshot_cadence::SnapshotCadence;
 use tribunal_shards::usher::{home_shard, Decoded, Record, Usher, UsherConfig};
 use tribunal_shards::warden::WardenConfig;
 
-use crate::clerk::{self, ClerkSetup, ClerkShared, FaultControl};
+use crate::clerk::{self, ClerkSetup, ClerkShared, FaultControl, FederationStatus};
 use crate::cli::federation_args::{Fault, PeerAddress};
 use crate::gateway::certified_view::CertifiedView;
 use crate::gateway::metrics::{Figures, Metrics};
@@ -142,7 +142,7 @@ struct Status {
     /// Time from start to ready: reading and replaying the Ledger, cutting, starting shards.
     recovery_ms: Option<u128>,
     /// The Clerk and the peer links: certified watermarks, peers, faults, quarantines.
-    federation: serde_json::Value,
+    federation: Option<FederationStatus>,
     /// Records planned since this process became ready, and for how long it has been.
     records_processed: u64,
     processing_ms: u128,
@@ -275,7 +275,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         ledger_syncs: 0,
         uptime_ms: 0,
         recovery_ms: None,
-        federation: serde_json::Value::Null,
+        federation: None,
         records_processed: 0,
         processing_ms: 0,
         recovery: None,
@@ -538,13 +538,14 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
                             .map(|p| appended[p].load(Ordering::Relaxed).max(next[p]))
                             .collect(),
                     };
-                    let status = probe.status.lock().expect("not poisoned");
+                    let faults_detected =
+                        clerk.status.lock().expect("not poisoned").as_ref().map_or(0, |f| f.faults_total);
                     Figures {
                         certified_end: (0..shared.partitions).map(|p| clerk.certified_end(p)).collect(),
                         durable_end,
                         log_end,
                         ledger_fsyncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
-                        faults_detected: status["federation"]["faults_total"].as_u64().unwrap_or(0),
+                        faults_detected,
                         ready: probe.ready.load(Ordering::Acquire),
                         waiting_requests: view.lock().expect("not poisoned").waiting() as u64,
                         recovery_replayed_entries: recovery_figures.replayed_entries,
@@ -591,6 +592,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
         digest_retention: ClerkConfig::DEFAULT_DIGEST_RETENTION,
         may_publish: config.publish,
         incarnation: quarantine::incarnation(&config.data_dir)?,
+        max_unpublished: publish::MAX_UNPUBLISHED,
     };
     let durable_view = shared.clone();
     clerk::spawn(
@@ -824,7 +826,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
 /// What the Gateway answers with: ready, or why not (spec: Gateway.NotReadyRefuses). A
 /// self-quarantined instance does not answer: its own outputs are not to be trusted.
 fn update_probe(probe: &NodeProbe, status: &Status) {
-    let self_quarantined = status.federation["quarantined"].as_bool() == Some(true);
+    let self_quarantined = status.federation.as_ref().is_some_and(|f| f.quarantined);
     let reason = if status.phase != "ready" {
         format!("phase {}", status.phase)
     } else if status.broker_connected == Some(false) {
