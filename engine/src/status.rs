@@ -4,6 +4,8 @@
 
 use serde::Serialize;
 
+use crate::clerk::status::FederationStatus;
+
 /// The instance's phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -50,8 +52,9 @@ pub struct NodeStatus {
     pub uptime_ms: u128,
     /// Time from start to ready: reading and replaying the Ledger, cutting, starting shards.
     pub recovery_ms: Option<u128>,
-    /// The Clerk and the peer links: certified watermarks, peers, faults, quarantines.
-    pub federation: serde_json::Value,
+    /// The Clerk and the peer links: certified watermarks, peers, faults, quarantines
+    /// (null until the Clerk's first snapshot).
+    pub federation: Option<FederationStatus>,
     /// Records planned since this process became ready, and for how long it has been.
     pub records_processed: u64,
     pub processing_ms: u128,
@@ -94,7 +97,7 @@ impl NodeStatus {
     /// Why the instance does not serve, or `None` when it does (spec: Gateway.NotReadyRefuses).
     /// A self-quarantined instance does not answer: its own outputs are not to be trusted.
     pub fn not_ready_reason(&self) -> Option<String> {
-        let self_quarantined = self.federation["quarantined"].as_bool() == Some(true);
+        let self_quarantined = self.federation.as_ref().is_some_and(|f| f.quarantined);
         if self.phase != Phase::Ready {
             Some(format!("phase {}", self.phase))
         } else if self.broker_connected == Some(false) {
@@ -133,7 +136,8 @@ mod tests {
         assert_eq!(ready.not_ready_reason(), None);
         let broker = NodeStatus { broker_connected: Some(false), ..ready.clone() };
         assert_eq!(broker.not_ready_reason().as_deref(), Some("the Kafka broker cannot be reached"));
-        let quarantined = NodeStatus { federation: serde_json::json!({"quarantined": true}), ..ready.clone() };
+        let federation = FederationStatus { quarantined: true, ..FederationStatus::default() };
+        let quarantined = NodeStatus { federation: Some(federation), ..ready.clone() };
         assert!(quarantined.not_ready_reason().unwrap().contains("quarantined itself"));
         assert_eq!(NodeStatus::recovering(1).not_ready_reason().as_deref(), Some("phase recovering"));
     }

@@ -3,8 +3,12 @@
 //! specs/clerk.allium).
 //!
 //! Sans-IO: inputs are method calls (own durable outputs, frames from peers, link
-//! events), outputs are [`Action`]s the shell drains with [`Clerk::drain_actions`]. No
-//! clock, no sockets, no randomness: a simulator can drive several Clerks from a seed.
+//! events, what the own publisher has published), outputs are [`Action`]s the shell
+//! drains with [`Clerk::drain_actions`]. Time is an input too, in the manner of
+//! quinn-proto: the shell calls [`Clerk::handle_timeout`] with the current time in ms,
+//! at the latest when [`Clerk::poll_timeout`] says, and the Clerk decides what is due
+//! (heartbeats, the hand-over buffer's pruning, the stop-at-end grace). No clock, no
+//! sockets, no randomness: a simulator can drive several Clerks from a seed.
 //!
 //! Memory is bounded by construction. Each partition holds a ring of `copy_window`
 //! slots indexed by `offset & (copy_window - 1)`, covering `[certified_end,
@@ -14,20 +18,28 @@
 //! late copies and lagging peers. The engine never plans an offset past the ring
 //! (spec: Clerk.CopyWindowBackpressure); only outputs recovered from the Ledger at
 //! start-up may lie beyond it, and they wait in `overflow` until the window reaches them.
+//! Certified outputs not yet known published wait in a hand-over buffer per partition,
+//! bounded by `max_unpublished` (the Ushers wait past it) and by twice that (the oldest
+//! are trimmed): a new publisher republishes them (spec: Clerk.PublisherHandOver).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use smallvec::SmallVec;
+// Copies are compared by their digest, xxh3_128 of the canonical output bytes
+// (spec: Arbiter.OutputCanonical), so equal digests stand for byte-identical outputs.
+use tribunal_shards::digest::output_digest;
 
 pub type Digest = u128;
 pub type InstanceId = u32;
 
-/// The digest copies are compared by: xxh3_128 of the canonical output bytes
-/// (spec: Arbiter.OutputCanonical), so equal digests stand for byte-identical outputs.
-pub fn digest_of(output: &[u8]) -> Digest {
-    xxhash_rust::xxh3::xxh3_128(output)
-}
+/// Heartbeats carry the published ends this Clerk knows of, to every peer, this often
+/// (spec: Federation.HeartbeatSent, heartbeat_interval).
+pub const HEARTBEAT_INTERVAL_MS: u64 = 100;
+/// A peer unreachable or not ready this long no longer holds `--stop-at-end` back: one
+/// only slow (a starved link times out) may still need our copies (spec: Clerk.StopAtEnd,
+/// stop_grace).
+pub const STOP_GRACE_MS: u64 = 5_000;
 
 #[derive(Clone, Debug)]
 pub struct ClerkConfig {
@@ -45,6 +57,12 @@ pub struct ClerkConfig {
     /// Made with the data dir: a peer announcing another one was rebuilt
     /// (spec: Clerk.RebuiltPeerReadmitted).
     pub incarnation: u64,
+    /// Certified outputs per partition kept for a hand-over beyond what is known
+    /// published: at this many the backlog is full and the Ushers wait, while anyone
+    /// publishes (spec: Publisher.BoundedBacklog); with nobody to publish, the oldest
+    /// past it are trimmed. At least `copy_window`; the buffer never holds more than
+    /// twice this (the oldest are trimmed).
+    pub max_unpublished: u64,
 }
 
 /// The quarantine decisions a restart must not forget (spec: Clerk.QuarantinePersisted).
@@ -96,6 +114,10 @@ pub enum Outgoing {
     Readmit {
         instance: InstanceId,
     },
+    /// Per partition, the published end this Clerk knows of (spec: Federation.HeartbeatSent).
+    Heartbeat {
+        published_ends: Vec<u64>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,8 +133,26 @@ pub enum Action {
         output: Arc<[u8]>,
     },
     Fault(FaultReport),
-    /// This instance's publisher role changed (spec: Clerk.PublisherElected).
+    /// This instance's publisher role changed (spec: Clerk.PublisherElected). Taking it
+    /// is followed by [`Action::PublishFrom`].
     Publisher(bool),
+    /// This instance took the publisher role (spec: Clerk.PublisherHandOver): its
+    /// publisher resumes each partition at `skip_to` and first publishes `outputs` again,
+    /// the hand-over buffer from there, byte-identical and keyed, in offset order per
+    /// partition.
+    PublishFrom(TakeOver),
+}
+
+/// Where a new publisher resumes, and what it republishes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TakeOver {
+    /// Per partition, in order: (partition, first offset to publish).
+    pub skip_to: Vec<(u32, u64)>,
+    /// (partition, offset, output): the hand-over buffer from `skip_to` on.
+    pub outputs: Vec<(u32, u64, Arc<[u8]>)>,
+    /// Partitions where outputs trimmed while nobody could publish are skipped:
+    /// (partition, published end known, skip_to). They cannot be republished here.
+    pub skipped: Vec<(u32, u64, u64)>,
 }
 
 /// One detected fault: the copies of an offset that disagree (spec: Clerk.FaultReported).
@@ -156,6 +196,8 @@ pub struct ClerkCounters {
     pub copies_before_ready: u64,
     pub copies_sent: u64,
     pub late_copies_checked: u64,
+    /// Certified outputs dropped from a hand-over buffer before they were known published.
+    pub handover_trimmed: u64,
 }
 
 /// This Clerk's view of one peer (spec: Clerk entity Peer).
@@ -283,6 +325,12 @@ struct PartitionClerk {
     overflow: BTreeMap<u64, (Digest, Arc<[u8]>)>,
     /// A watermark advert is owed to the peers.
     advert_due: bool,
+    /// The hand-over buffer: certified outputs not known published, in offset order.
+    handover: VecDeque<(u64, Arc<[u8]>)>,
+    /// One past the last output trimmed from `handover` before it was known published.
+    trimmed_end: u64,
+    /// What this instance's own publisher has published (an input).
+    own_published_end: u64,
 }
 
 pub struct Clerk {
@@ -296,6 +344,16 @@ pub struct Clerk {
     counters: ClerkCounters,
     /// Bumped on every quarantine change, so the shell knows when to persist.
     quarantine_version: u64,
+    /// The time of the last `handle_timeout`; None before the first.
+    now_ms: Option<u64>,
+    /// When the next heartbeat is due; None before the first `handle_timeout`.
+    heartbeat_due_ms: Option<u64>,
+    /// Per peer (in config order), since when it has been unreachable or not ready, as
+    /// seen by `handle_timeout` (spec: Clerk.StopAtEnd).
+    peer_down_since_ms: Vec<Option<u64>>,
+    /// Some hand-over buffer holds `max_unpublished` while anyone publishes: the Ushers
+    /// wait (decided by `handle_timeout`).
+    backlog_full: bool,
 }
 
 impl Clerk {
@@ -312,6 +370,12 @@ impl Clerk {
             config.peers.len() + 1
         );
         assert!(!config.peers.contains(&config.instance_id), "an instance is not its own peer");
+        assert!(
+            config.max_unpublished >= config.copy_window,
+            "max_unpublished {} holds at least the copy window {}",
+            config.max_unpublished,
+            config.copy_window
+        );
         assert_eq!(resume.len(), config.partitions as usize, "one resume point per partition");
         let partitions = resume
             .iter()
@@ -325,6 +389,9 @@ impl Clerk {
                     retained_from: certified_end,
                     overflow: BTreeMap::new(),
                     advert_due: false,
+                    handover: VecDeque::new(),
+                    trimmed_end: 0,
+                    own_published_end: 0,
                 }
             })
             .collect();
@@ -341,6 +408,7 @@ impl Clerk {
                 ..PeerView::default()
             })
             .collect();
+        let peer_count = config.peers.len();
         Clerk {
             config,
             status: ClerkStatus::Recovering,
@@ -351,6 +419,10 @@ impl Clerk {
             actions: Vec::new(),
             counters: ClerkCounters::default(),
             quarantine_version: 0,
+            now_ms: None,
+            heartbeat_due_ms: None,
+            peer_down_since_ms: vec![None; peer_count],
+            backlog_full: false,
         }
     }
 
@@ -384,6 +456,18 @@ impl Clerk {
             p.retained[(offset & mask) as usize] = digest;
             p.retained_from = offset;
         }
+    }
+
+    /// A certified output from the Ledger that may not be published yet, at start-up, in
+    /// offset order per partition: it waits in the hand-over buffer like one certified
+    /// here (spec: Clerk.PublisherHandOver). One not above the last held is ignored.
+    pub fn seed_unpublished(&mut self, partition: u32, offset: u64, output: Arc<[u8]>) {
+        let p = &self.partitions[partition as usize];
+        assert!(offset < p.certified_end, "an unpublished output from the Ledger is certified");
+        if p.handover.back().is_some_and(|(last, _)| *last >= offset) {
+            return;
+        }
+        self.hold_for_handover(partition, offset, output);
     }
 
     pub fn quarantine_state(&self) -> QuarantineState {
@@ -441,6 +525,53 @@ impl Clerk {
     pub fn drain_actions(&mut self) -> std::vec::Drain<'_, Action> {
         self.actions.drain(..)
     }
+    /// What is known published of `partition`: by the own publisher, or heard in
+    /// heartbeats (spec: Clerk.PublisherHandOver).
+    pub fn known_published(&self, partition: u32) -> u64 {
+        self.partitions[partition as usize].own_published_end.max(self.peers_published_end(partition))
+    }
+    /// This instance or an eligible peer may publish.
+    pub fn publisher_exists(&self) -> bool {
+        self.publisher || self.peers.iter().any(|v| v.eligible() && v.may_publish)
+    }
+    /// The hand-over buffer is full while someone publishes: the Ushers wait (spec:
+    /// Publisher.BoundedBacklog). As of the last `handle_timeout`.
+    pub fn backlog_full(&self) -> bool {
+        self.backlog_full
+    }
+    /// Certified outputs of `partition` held for a hand-over.
+    pub fn handover_len(&self, partition: u32) -> usize {
+        self.partitions[partition as usize].handover.len()
+    }
+    /// One past the last output of `partition` trimmed before it was known published.
+    pub fn trimmed_end(&self, partition: u32) -> u64 {
+        self.partitions[partition as usize].trimmed_end
+    }
+    /// spec: Clerk.StopAtEnd — the lowest certified end of `partition` over the trusted
+    /// peers not gone for `STOP_GRACE_MS` (as of the last `handle_timeout`), each its
+    /// advert or, once its link is down, its last one; u64::MAX: no such peer.
+    pub fn peers_certified_end(&self, partition: u32) -> u64 {
+        let p = partition as usize;
+        self.peers
+            .iter()
+            .zip(&self.peer_down_since_ms)
+            .filter(|(view, down_since)| !view.distrusted() && !self.gone_for_grace(**down_since))
+            .map(|(view, _)| view.advertised_certified_end[p].unwrap_or(view.last_certified_end[p]))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+    /// The next time, in ms, at which the Clerk wants `handle_timeout`: a heartbeat, or a
+    /// peer's stop-at-end grace running out. None before the first `handle_timeout`.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let now_ms = self.now_ms?;
+        let grace_ends = self
+            .peer_down_since_ms
+            .iter()
+            .flatten()
+            .map(|since| since + STOP_GRACE_MS)
+            .filter(|end_ms| *end_ms > now_ms);
+        grace_ends.chain(self.heartbeat_due_ms).min()
+    }
 
     // ---- inputs ----
 
@@ -469,7 +600,7 @@ impl Clerk {
 
     /// An own output, durable on its shard (spec: Clerk.OwnCopyRecorded, Clerk.OwnDigestPlaced).
     pub fn own_output(&mut self, partition: u32, offset: u64, output: Arc<[u8]>) {
-        let digest = digest_of(&output);
+        let digest = output_digest(&output);
         let window = self.config.copy_window;
         let p = &mut self.partitions[partition as usize];
         if offset < p.certified_end {
@@ -493,9 +624,44 @@ impl Clerk {
         }
     }
 
+    /// What this instance's own publisher has published of `partition` (end): the
+    /// hand-over buffer is pruned to it (spec: Clerk.PublisherHandOver).
+    pub fn own_published(&mut self, partition: u32, published_end: u64) {
+        self.partitions[partition as usize].own_published_end = published_end;
+    }
+
+    /// Time is an input: `now_ms` from any monotonic clock, never going back. Call it
+    /// at the latest at [`Clerk::poll_timeout`]; calling it sooner is harmless. The first
+    /// call starts the heartbeat schedule. Tracks which peers are down (Clerk.StopAtEnd),
+    /// prunes the hand-over buffers to what is known published and decides the backlog
+    /// (Publisher.BoundedBacklog), and sends the heartbeats that are due
+    /// (Federation.HeartbeatSent).
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        if let Some(before_ms) = self.now_ms {
+            assert!(now_ms >= before_ms, "time goes forward: {now_ms} ms after {before_ms} ms");
+        }
+        self.now_ms = Some(now_ms);
+        for (view, down_since) in self.peers.iter().zip(self.peer_down_since_ms.iter_mut()) {
+            if view.link_up && view.ready {
+                *down_since = None;
+            } else {
+                down_since.get_or_insert(now_ms);
+            }
+        }
+        self.prune_handover();
+        match self.heartbeat_due_ms {
+            Some(due_ms) if now_ms < due_ms => {}
+            Some(_) => {
+                self.send_heartbeats();
+                self.heartbeat_due_ms = Some(now_ms + HEARTBEAT_INTERVAL_MS);
+            }
+            None => self.heartbeat_due_ms = Some(now_ms + HEARTBEAT_INTERVAL_MS),
+        }
+    }
+
     /// A live copy from a peer: its output bytes (spec: Clerk.PeerCopyRecorded).
     pub fn peer_copy(&mut self, peer: InstanceId, partition: u32, offset: u64, output: Arc<[u8]>) {
-        let digest = digest_of(&output);
+        let digest = output_digest(&output);
         self.record_copy(peer, partition, offset, digest, false, Some(output));
     }
 
@@ -941,6 +1107,7 @@ impl Clerk {
                     let (digest, output) = slot.own.clone().expect("certified with an own copy");
                     self.minority_quarantined(partition, index, digest);
                     self.counters.certified += 1;
+                    self.hold_for_handover(partition, front, output.clone());
                     self.actions.push(Action::Certified { partition, offset: front, output });
                     digest
                 }
@@ -1086,6 +1253,98 @@ impl Clerk {
         if publisher != self.publisher {
             self.publisher = publisher;
             self.actions.push(Action::Publisher(publisher));
+            if publisher {
+                self.take_over();
+            }
+        }
+    }
+
+    /// spec: Clerk.PublisherElected, Clerk.PublisherHandOver — resume after the highest
+    /// published offset heard of; what lies between that and what the old publisher
+    /// really wrote is published again, byte-identical and keyed. Outputs trimmed while
+    /// nobody could publish cannot be republished here: they are skipped, and said so.
+    fn take_over(&mut self) {
+        let partitions = self.config.partitions;
+        let mut take_over =
+            TakeOver { skip_to: Vec::with_capacity(partitions as usize), outputs: Vec::new(), skipped: Vec::new() };
+        for partition in 0..partitions {
+            let known = self.known_published(partition);
+            let p = &mut self.partitions[partition as usize];
+            let start = known.max(p.trimmed_end);
+            if start > known {
+                take_over.skipped.push((partition, known, start));
+            }
+            take_over.skip_to.push((partition, start));
+            while p.handover.front().is_some_and(|(offset, _)| *offset < start) {
+                p.handover.pop_front();
+            }
+            take_over.outputs.extend(p.handover.iter().map(|(offset, output)| (partition, *offset, output.clone())));
+        }
+        self.actions.push(Action::PublishFrom(take_over));
+    }
+
+    /// The hand-over buffer's hard bound: past `max_unpublished` the Ushers wait, so
+    /// only what was planned before they saw it can arrive (at most a copy window).
+    fn handover_capacity(&self) -> u64 {
+        2 * self.config.max_unpublished
+    }
+
+    /// A certified output waits for publication (spec: Clerk.CertifiedOutputPublished:
+    /// every instance keeps its certified outputs until they are known published).
+    fn hold_for_handover(&mut self, partition: u32, offset: u64, output: Arc<[u8]>) {
+        let capacity = self.handover_capacity();
+        let p = &mut self.partitions[partition as usize];
+        assert!(p.handover.back().is_none_or(|(last, _)| *last < offset), "held in offset order");
+        if p.handover.len() as u64 >= capacity {
+            let (oldest, _) = p.handover.pop_front().expect("a full buffer has a front");
+            p.trimmed_end = oldest + 1;
+            self.counters.handover_trimmed += 1;
+        }
+        p.handover.push_back((offset, output));
+        assert!(p.handover.len() as u64 <= capacity, "the hand-over buffer is bounded");
+    }
+
+    /// Drops what is known published from the hand-over buffers and decides the
+    /// backlog. With nobody to publish the buffers must not stall the input: they only
+    /// hold the Ushers back while a publisher exists (and a hand-over would need them);
+    /// otherwise the oldest past `max_unpublished` are trimmed.
+    fn prune_handover(&mut self) {
+        let exists = self.publisher_exists();
+        let max = self.config.max_unpublished;
+        let mut full = false;
+        for partition in 0..self.config.partitions {
+            let known = self.known_published(partition);
+            let p = &mut self.partitions[partition as usize];
+            while p.handover.front().is_some_and(|(offset, _)| *offset < known) {
+                p.handover.pop_front();
+            }
+            if exists {
+                full |= p.handover.len() as u64 >= max;
+                continue;
+            }
+            while p.handover.len() as u64 > max {
+                let (offset, _) = p.handover.pop_front().expect("longer than max has a front");
+                p.trimmed_end = offset + 1;
+                self.counters.handover_trimmed += 1;
+            }
+        }
+        self.backlog_full = full;
+    }
+
+    /// spec: Federation.HeartbeatSent — to every peer (a link that is down drops it).
+    fn send_heartbeats(&mut self) {
+        let published_ends: Vec<u64> = (0..self.config.partitions).map(|p| self.known_published(p)).collect();
+        for &peer in &self.config.peers {
+            let message = Outgoing::Heartbeat { published_ends: published_ends.clone() };
+            self.actions.push(Action::Send { peer, message });
+        }
+    }
+
+    /// Gone for the stop-at-end grace, as of the last `handle_timeout`.
+    fn gone_for_grace(&self, down_since_ms: Option<u64>) -> bool {
+        match (down_since_ms, self.now_ms) {
+            (Some(since_ms), Some(now_ms)) => now_ms - since_ms >= STOP_GRACE_MS,
+            _ => false,
         }
     }
 }
@@ -1106,6 +1365,7 @@ mod tests {
         certified: Vec<Vec<CertifiedOutput>>,
         faults: Vec<Vec<FaultReport>>,
         publisher: Vec<bool>,
+        take_overs: Vec<Vec<TakeOver>>,
     }
 
     fn config(id: InstanceId, n: u32, expected: u32, window: u64) -> ClerkConfig {
@@ -1118,6 +1378,7 @@ mod tests {
             digest_retention: 1 << 12,
             may_publish: true,
             incarnation: 100 + id as u64,
+            max_unpublished: window.max(64),
         }
     }
 
@@ -1136,6 +1397,7 @@ mod tests {
                 certified: vec![Vec::new(); k],
                 faults: vec![Vec::new(); k],
                 publisher: vec![false; k],
+                take_overs: vec![Vec::new(); k],
             }
         }
         fn clerk(&mut self, id: InstanceId) -> &mut Clerk {
@@ -1164,6 +1426,7 @@ mod tests {
                     }
                     Action::Fault(report) => self.faults[id as usize - 1].push(report),
                     Action::Publisher(on) => self.publisher[id as usize - 1] = on,
+                    Action::PublishFrom(take_over) => self.take_overs[id as usize - 1].push(take_over),
                 }
             }
         }
@@ -1189,6 +1452,7 @@ mod tests {
                         clerk.peer_readiness(from, ready, quarantined, may_publish, incarnation)
                     }
                     Outgoing::Readmit { instance } => clerk.readmit(instance),
+                    Outgoing::Heartbeat { published_ends } => clerk.peer_heartbeat(from, &published_ends),
                 }
                 self.collect(to);
             }
@@ -1441,7 +1705,7 @@ mod tests {
         // spec: Clerk.CertifiedDigestsResent, Clerk.LaggingPeerCatchesUp — after a crash
         // of both, instance 2's checkpoint says 10 and instance 1's only 4.
         let mut ahead = Clerk::new(config(2, 2, 2, 16), &[(10, 10)]);
-        let seeds: Vec<(u64, Digest)> = (0..12).map(|o| (o, digest_of(&output(o)))).collect();
+        let seeds: Vec<(u64, Digest)> = (0..12).map(|o| (o, output_digest(&output(o)))).collect();
         ahead.seed_retained(0, &seeds[..3]); // a gap below 3..10: ignored
         ahead.seed_retained(0, &seeds);
         ahead.open_gate();
@@ -1598,5 +1862,274 @@ mod tests {
             assert!(net.faults[id as usize - 1].iter().any(|f| f.kind == FaultKind::Contested));
             assert!(net.offsets(id).is_empty(), "the watermark stops below a contested offset");
         }
+    }
+
+    /// A lone Clerk (expected_copies 1) with `max_unpublished` 64, every output certified
+    /// as soon as it is durable.
+    fn lone(may_publish: bool, resume: (u64, u64)) -> Clerk {
+        let config = ClerkConfig { may_publish, ..config(1, 1, 1, 16) };
+        assert_eq!(config.max_unpublished, 64);
+        Clerk::new(config, &[resume])
+    }
+
+    fn take_overs(clerk: &mut Clerk) -> Vec<TakeOver> {
+        clerk
+            .drain_actions()
+            .filter_map(|a| match a {
+                Action::PublishFrom(take_over) => Some(take_over),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn heartbeats(clerk: &mut Clerk) -> Vec<(InstanceId, Vec<u64>)> {
+        clerk
+            .drain_actions()
+            .filter_map(|a| match a {
+                Action::Send { peer, message: Outgoing::Heartbeat { published_ends } } => Some((peer, published_ends)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn heartbeats_are_due_every_interval_from_the_first_timeout() {
+        // spec: Federation.HeartbeatSent
+        let mut clerk = Clerk::new(config(1, 3, 2, 16), &[(0, 0)]);
+        assert_eq!(clerk.poll_timeout(), None, "no schedule before time is known");
+        clerk.handle_timeout(1_000);
+        assert!(heartbeats(&mut clerk).is_empty(), "the first timeout starts the schedule");
+        assert_eq!(clerk.poll_timeout(), Some(1_100));
+        clerk.handle_timeout(1_099);
+        assert!(heartbeats(&mut clerk).is_empty(), "not due yet");
+        clerk.own_published(0, 7);
+        clerk.handle_timeout(1_100);
+        assert_eq!(heartbeats(&mut clerk), vec![(2, vec![7]), (3, vec![7])], "the published end known, to each peer");
+        assert_eq!(clerk.poll_timeout(), Some(1_200));
+        clerk.handle_timeout(1_250);
+        assert_eq!(heartbeats(&mut clerk).len(), 2);
+        assert_eq!(clerk.poll_timeout(), Some(1_350), "the next one an interval after the late one");
+    }
+
+    #[test]
+    fn a_heartbeat_carries_what_peers_said_they_published_capped_by_the_certified_end() {
+        // spec: Federation.HeartbeatSent, Clerk.PublisherHandOver
+        let mut net = Net::new(3, 2, 16);
+        net.open_all();
+        net.run();
+        for offset in 0..4 {
+            for id in 1..=3 {
+                net.own(id, offset, output(offset));
+            }
+        }
+        net.run();
+        net.clerk(2).peer_heartbeat(1, &[9]);
+        net.clerk(2).handle_timeout(0);
+        net.clerk(2).handle_timeout(100);
+        assert_eq!(heartbeats(net.clerk(2)), vec![(1, vec![4]), (3, vec![4])]);
+    }
+
+    #[test]
+    fn the_handover_buffer_is_pruned_to_what_is_known_published() {
+        // spec: Clerk.CertifiedOutputPublished, Clerk.PublisherHandOver
+        let mut net = Net::new(3, 2, 16);
+        net.open_all();
+        net.run();
+        for offset in 0..10 {
+            for id in 1..=3 {
+                net.own(id, offset, output(offset));
+            }
+        }
+        net.run();
+        let clerk = net.clerk(2);
+        assert_eq!(clerk.handover_len(0), 10, "every certified output is held");
+        clerk.own_published(0, 3);
+        clerk.handle_timeout(0);
+        assert_eq!((clerk.handover_len(0), clerk.known_published(0)), (7, 3), "the own publisher's end");
+        clerk.peer_heartbeat(1, &[6]);
+        clerk.handle_timeout(10);
+        assert_eq!((clerk.handover_len(0), clerk.known_published(0)), (4, 6), "a trusted peer's heartbeat");
+        clerk.peer_heartbeat(3, &[50]);
+        clerk.handle_timeout(20);
+        assert_eq!((clerk.handover_len(0), clerk.known_published(0)), (0, 10), "capped by the certified end");
+        assert_eq!(clerk.trimmed_end(0), 0, "nothing was trimmed");
+    }
+
+    #[test]
+    fn a_full_handover_buffer_holds_the_ushers_back_while_someone_publishes() {
+        // spec: Clerk.CertifiedOutputPublished (the bound), Publisher.BoundedBacklog
+        let mut clerk = lone(true, (0, 0));
+        clerk.open_gate();
+        assert!(clerk.publisher_exists());
+        for offset in 0..64 {
+            clerk.own_output(0, offset, output(offset));
+        }
+        clerk.handle_timeout(0);
+        assert!(clerk.backlog_full(), "64 held, max_unpublished 64");
+        clerk.own_published(0, 1);
+        clerk.handle_timeout(10);
+        assert!(!clerk.backlog_full());
+        assert_eq!(clerk.handover_len(0), 63);
+        assert_eq!(clerk.trimmed_end(0), 0);
+    }
+
+    #[test]
+    fn with_nobody_to_publish_the_handover_buffer_is_trimmed_not_full() {
+        // spec: Clerk.CertifiedOutputPublished (the bound), Publisher.BoundedBacklog
+        let mut clerk = lone(false, (0, 0));
+        clerk.open_gate();
+        assert!(!clerk.publisher_exists());
+        for offset in 0..70 {
+            clerk.own_output(0, offset, output(offset));
+        }
+        assert_eq!(clerk.handover_len(0), 70, "trimmed on the next timeout");
+        clerk.handle_timeout(0);
+        assert!(!clerk.backlog_full());
+        assert_eq!((clerk.handover_len(0), clerk.trimmed_end(0)), (64, 6));
+        assert_eq!(clerk.counters().handover_trimmed, 6);
+    }
+
+    #[test]
+    fn the_handover_buffer_never_holds_more_than_twice_the_backlog_bound() {
+        // spec: Clerk.CertifiedOutputPublished (the bound), Publisher.BoundedBacklog
+        let mut clerk = lone(true, (0, 0));
+        clerk.open_gate();
+        for offset in 0..130 {
+            clerk.own_output(0, offset, output(offset));
+        }
+        assert_eq!((clerk.handover_len(0), clerk.trimmed_end(0)), (128, 2));
+    }
+
+    #[test]
+    fn a_new_publisher_resumes_at_the_published_end_heard_and_republishes_the_rest() {
+        // spec: Clerk.PublisherHandOver, Clerk.PublisherElected
+        let mut net = Net::new(3, 2, 16);
+        net.open_all();
+        net.run();
+        assert_eq!(net.take_overs[0].len(), 1, "1 took the role at start");
+        for offset in 0..10 {
+            for id in 1..=3 {
+                net.own(id, offset, output(offset));
+            }
+        }
+        net.run();
+        // 1 says it published up to 6; 2 has published nothing itself.
+        net.clerk(2).peer_heartbeat(1, &[6]);
+        net.take_overs.iter_mut().for_each(Vec::clear);
+        net.cut(1, 2);
+        net.cut(1, 3);
+        assert!(net.publisher[1]);
+        let take_over = net.take_overs[1].pop().expect("2 took over");
+        assert_eq!(take_over.skip_to, vec![(0, 6)]);
+        assert!(take_over.skipped.is_empty());
+        let republished: Vec<u64> = take_over.outputs.iter().map(|(_, offset, _)| *offset).collect();
+        assert_eq!(republished, vec![6, 7, 8, 9]);
+        assert!(take_over.outputs.iter().all(|(p, offset, bytes)| *p == 0 && *bytes == output(*offset)));
+        assert!(net.take_overs[2].is_empty(), "3 is not the publisher");
+    }
+
+    #[test]
+    fn outputs_trimmed_while_nobody_could_publish_are_skipped_at_take_over() {
+        // spec: Clerk.PublisherHandOver — they cannot be republished here.
+        let mut clerk = lone(true, (100, 100));
+        for offset in 0..100 {
+            clerk.seed_unpublished(0, offset, output(offset));
+        }
+        clerk.handle_timeout(0);
+        assert!(!clerk.publisher_exists(), "a recovering Clerk does not publish");
+        assert_eq!((clerk.handover_len(0), clerk.trimmed_end(0)), (64, 36));
+        clerk.own_published(0, 20);
+        clerk.open_gate();
+        let take_over = take_overs(&mut clerk).pop().expect("took the role");
+        assert_eq!(take_over.skip_to, vec![(0, 36)]);
+        assert_eq!(take_over.skipped, vec![(0, 20, 36)], "from the published end to the trimmed end");
+        let republished: Vec<u64> = take_over.outputs.iter().map(|(_, offset, _)| *offset).collect();
+        assert_eq!(republished, (36..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_take_over_past_the_trimmed_end_skips_nothing() {
+        // spec: Clerk.PublisherHandOver
+        let mut clerk = lone(true, (100, 100));
+        for offset in 0..100 {
+            clerk.seed_unpublished(0, offset, output(offset));
+        }
+        clerk.handle_timeout(0);
+        clerk.own_published(0, 90);
+        clerk.open_gate();
+        let take_over = take_overs(&mut clerk).pop().expect("took the role");
+        assert_eq!(take_over.skip_to, vec![(0, 90)]);
+        assert!(take_over.skipped.is_empty());
+        assert_eq!(take_over.outputs.len(), 10);
+        assert_eq!(clerk.handover_len(0), 10);
+    }
+
+    #[test]
+    fn a_peer_down_for_less_than_the_grace_still_holds_stop_at_end_back() {
+        // spec: Clerk.StopAtEnd
+        let mut net = Net::new(3, 2, 16);
+        net.open_all();
+        net.run();
+        for offset in 0..5 {
+            for id in 1..=3 {
+                net.own(id, offset, output(offset));
+            }
+        }
+        net.run();
+        assert_eq!(net.clerk(1).peers_certified_end(0), 5, "both peers advertised 5");
+        net.cut(1, 3);
+        for id in [1, 2] {
+            net.own(id, 5, output(5));
+        }
+        net.run();
+        let clerk = net.clerk(1);
+        clerk.handle_timeout(1_000);
+        clerk.handle_timeout(5_950);
+        assert_eq!(clerk.poll_timeout(), Some(1_000 + STOP_GRACE_MS), "the grace ends before the next heartbeat");
+        clerk.handle_timeout(1_000 + STOP_GRACE_MS - 1);
+        assert_eq!(clerk.peers_certified_end(0), 5, "3's last advert still counts");
+    }
+
+    #[test]
+    fn a_peer_down_for_the_grace_no_longer_holds_stop_at_end_back() {
+        // spec: Clerk.StopAtEnd
+        let mut net = Net::new(3, 2, 16);
+        net.open_all();
+        net.run();
+        for offset in 0..5 {
+            for id in 1..=3 {
+                net.own(id, offset, output(offset));
+            }
+        }
+        net.run();
+        net.cut(1, 3);
+        for id in [1, 2] {
+            net.own(id, 5, output(5));
+        }
+        net.run();
+        let clerk = net.clerk(1);
+        clerk.handle_timeout(1_000);
+        clerk.handle_timeout(1_000 + STOP_GRACE_MS);
+        assert_eq!(clerk.peers_certified_end(0), 6, "only 2 counts now");
+        clerk.link_up(3);
+        clerk.peer_readiness(3, true, false, true, 103);
+        clerk.handle_timeout(1_000 + STOP_GRACE_MS + 10);
+        assert_eq!(clerk.peers_certified_end(0), 5, "3 is back: it counts again");
+    }
+
+    #[test]
+    fn a_quarantined_peer_never_holds_stop_at_end_back() {
+        // spec: Clerk.StopAtEnd
+        let mut net = net_with_instance_3_quarantined();
+        for offset in 20..22 {
+            for id in [1, 2] {
+                net.own(id, offset, output(offset));
+            }
+        }
+        net.run();
+        let clerk = net.clerk(1);
+        clerk.handle_timeout(0);
+        assert!(clerk.peers().iter().any(|v| v.instance_id == 3 && v.quarantined && v.link_up));
+        assert_eq!(clerk.peers_certified_end(0), 22, "3 (still at 20) does not count");
     }
 }

@@ -11,6 +11,7 @@ pub mod envelope;
 pub mod inventory;
 pub mod ledger;
 pub mod output;
+pub mod prng;
 pub mod recovery;
 pub mod reference;
 pub mod registrar;

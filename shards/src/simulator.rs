@@ -22,25 +22,7 @@ use crate::shard_core::{LedgerStore, ShardCore, SnapshotPoint};
 use crate::usher::{BatchPlan, Decoded, Halted, Record, Usher, UsherConfig};
 use crate::warden::WardenConfig;
 
-/// SplitMix64: tiny, fast, the same on every machine. Picks which channel delivers
-/// next here; the sample workload and the crash tests draw from it too, so a run
-/// replays from its seed.
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A value in `0..bound`.
-    pub fn below(&mut self, bound: u64) -> u64 {
-        self.next_u64() % bound
-    }
-}
+pub use crate::prng::SplitMix64;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SimulatorConfig {

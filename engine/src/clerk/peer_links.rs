@@ -30,7 +30,7 @@ use tracing::{info, warn};
 
 use tribunal_federation::clerk::InstanceId;
 use tribunal_federation::handshake::{Acceptor, Dialer, HELLO_BYTES, NONCE_BYTES, PROOF_BYTES, REPLY_BYTES};
-use tribunal_federation::wire::{Frame, FrameOpener, FrameSealer};
+use tribunal_federation::wire::{Frame, FrameOpener, FrameSealer, SessionKey};
 
 #[derive(Clone, Debug)]
 pub struct LinksConfig {
@@ -237,6 +237,32 @@ async fn with_timeout<T>(
     })
 }
 
+/// Dials `peer` and runs the dialer's side of the handshake (spec: Federation.HandshakeAuthenticates).
+async fn connect(
+    config: &LinksConfig,
+    peer: InstanceId,
+    address: SocketAddr,
+) -> std::io::Result<(TcpStream, SessionKey)> {
+    let mut stream = with_timeout(config.handshake_timeout, async {
+        TcpStream::connect(address).await.map_err(std::io::Error::from)
+    })
+    .await?;
+    stream.set_nodelay(true)?;
+    let (dialer, hello) = Dialer::new(&config.psk, config.own_id, peer, nonce());
+    let key = with_timeout(config.handshake_timeout, async {
+        stream.write_all(&hello).await?;
+        let mut reply = [0u8; REPLY_BYTES];
+        stream.read_exact(&mut reply).await?;
+        let (proof, key) = dialer
+            .on_reply(&reply)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
+        stream.write_all(&proof).await?;
+        Ok(key)
+    })
+    .await?;
+    Ok::<_, std::io::Error>((stream, key))
+}
+
 async fn dial_loop(
     config: LinksConfig,
     peer: InstanceId,
@@ -250,27 +276,7 @@ async fn dial_loop(
     let mut frames = Vec::new();
     let mut bytes = Vec::with_capacity(1 << 16);
     loop {
-        let connected = async {
-            let mut stream = with_timeout(config.handshake_timeout, async {
-                TcpStream::connect(address).await.map_err(std::io::Error::from)
-            })
-            .await?;
-            stream.set_nodelay(true)?;
-            let (dialer, hello) = Dialer::new(&config.psk, config.own_id, peer, nonce());
-            let key = with_timeout(config.handshake_timeout, async {
-                stream.write_all(&hello).await?;
-                let mut reply = [0u8; REPLY_BYTES];
-                stream.read_exact(&mut reply).await?;
-                let (proof, key) = dialer
-                    .on_reply(&reply)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
-                stream.write_all(&proof).await?;
-                Ok(key)
-            })
-            .await?;
-            Ok::<_, std::io::Error>((stream, key))
-        }
-        .await;
+        let connected = connect(&config, peer, address).await;
         let (mut stream, key) = match connected {
             Ok(c) => c,
             Err(error) => {
@@ -285,32 +291,8 @@ async fn dial_loop(
         info!(peer, %address, "federation link up (sending)");
         let mut sealer = FrameSealer::new(key);
         let _ = events.send(LinkEvent::SendingUp(peer)).await;
-        // Writer: everything queued is one write (spec: Federation.BatchFlushedOnSize/OnDelay).
-        let failed = loop {
-            if link.queue.borrow().is_empty() {
-                // Wake on a new frame, or every 100 ms to notice a dead peer quickly.
-                let _ = glommio::timer::timeout(Duration::from_millis(100), async {
-                    rings.recv().await;
-                    Ok(())
-                })
-                .await;
-                continue;
-            }
-            link.queue.borrow_mut().drain_into(&mut frames);
-            bytes.clear();
-            let n = frames.len() as u64;
-            for frame in frames.drain(..) {
-                if let Err(error) = sealer.seal(&frame, &mut bytes) {
-                    warn!(peer, %error, "a frame too large to send was dropped");
-                }
-            }
-            if let Err(error) = with_timeout(config.heartbeat_timeout * 5, stream.write_all(&bytes)).await {
-                break error;
-            }
-            bump(&counters.frames_sent, n);
-            bump(&counters.bytes_sent, bytes.len() as u64);
-            bump(&counters.writes, 1);
-        };
+        let writer = Writer { config: &config, peer, link: &link, rings: &rings, counters: &counters };
+        let failed = writer.write_until_failed(&mut stream, &mut sealer, &mut frames, &mut bytes).await;
         warn!(peer, %address, error = %failed, "federation link down (sending); reconnecting");
         let _ = stream.close().await;
         attempt = 1;
@@ -318,20 +300,63 @@ async fn dial_loop(
     }
 }
 
-async fn receive(
-    config: LinksConfig,
-    mut stream: TcpStream,
-    generation: u64,
-    generations: Rc<RefCell<BTreeMap<InstanceId, u64>>>,
-    events: Rc<LocalSender<LinkEvent>>,
-    counters: Rc<LinkCounters>,
-) {
-    let remote = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-    let _ = stream.set_nodelay(true);
+/// The sending side of one established link.
+struct Writer<'a> {
+    config: &'a LinksConfig,
+    peer: InstanceId,
+    link: &'a Outbound,
+    rings: &'a LocalReceiver<()>,
+    counters: &'a LinkCounters,
+}
+
+impl Writer<'_> {
+    /// Everything queued is one write (spec: Federation.BatchFlushedOnSize/OnDelay), until
+    /// a write fails.
+    async fn write_until_failed(
+        &self,
+        stream: &mut TcpStream,
+        sealer: &mut FrameSealer,
+        frames: &mut Vec<Frame>,
+        bytes: &mut Vec<u8>,
+    ) -> std::io::Error {
+        let (peer, link, counters) = (self.peer, self.link, self.counters);
+        loop {
+            if link.queue.borrow().is_empty() {
+                // Wake on a new frame, or every 100 ms to notice a dead peer quickly.
+                let _ = glommio::timer::timeout(Duration::from_millis(100), async {
+                    self.rings.recv().await;
+                    Ok(())
+                })
+                .await;
+                continue;
+            }
+            link.queue.borrow_mut().drain_into(frames);
+            bytes.clear();
+            let n = frames.len() as u64;
+            for frame in frames.drain(..) {
+                if let Err(error) = sealer.seal(&frame, bytes) {
+                    warn!(peer, %error, "a frame too large to send was dropped");
+                }
+            }
+            if let Err(error) = with_timeout(self.config.heartbeat_timeout * 5, stream.write_all(bytes)).await {
+                break error;
+            }
+            bump(&counters.frames_sent, n);
+            bump(&counters.bytes_sent, bytes.len() as u64);
+            bump(&counters.writes, 1);
+        }
+    }
+}
+
+/// The acceptor's side of the handshake: the peer and the session key, or why not
+/// (spec: Federation.HandshakeAuthenticates / HandshakeRejected).
+async fn accept_handshake(
+    config: &LinksConfig,
+    stream: &mut TcpStream,
+) -> Result<(InstanceId, SessionKey), std::io::Error> {
     let known = config.peers.iter().map(|p| p.0).collect::<Vec<_>>();
     let own_id = config.own_id;
-    // spec: Federation.HandshakeAuthenticates / HandshakeRejected
-    let handshake = with_timeout(config.handshake_timeout, async {
+    with_timeout(config.handshake_timeout, async {
         let mut acceptor = Acceptor::new(&config.psk, own_id, nonce());
         let mut hello = [0u8; HELLO_BYTES];
         stream.read_exact(&mut hello).await?;
@@ -344,8 +369,20 @@ async fn receive(
         stream.read_exact(&mut proof).await?;
         acceptor.on_proof(&proof).map_err(denied)
     })
-    .await;
-    let (peer, key) = match handshake {
+    .await
+}
+
+async fn receive(
+    config: LinksConfig,
+    mut stream: TcpStream,
+    generation: u64,
+    generations: Rc<RefCell<BTreeMap<InstanceId, u64>>>,
+    events: Rc<LocalSender<LinkEvent>>,
+    counters: Rc<LinkCounters>,
+) {
+    let remote = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let _ = stream.set_nodelay(true);
+    let (peer, key) = match accept_handshake(&config, &mut stream).await {
         Ok(ok) => ok,
         Err(error) => {
             bump(&counters.handshakes_rejected, 1);
@@ -357,43 +394,71 @@ async fn receive(
     generations.borrow_mut().insert(peer, generation);
     info!(peer, %remote, "federation link up (receiving)");
     let current = || generations.borrow().get(&peer) == Some(&generation);
-    let mut opener = FrameOpener::new(key, config.max_frame_bytes);
-    let mut buffer: Vec<u8> = Vec::with_capacity(1 << 16);
-    let mut chunk = vec![0u8; 1 << 16];
-    let reason = 'read: loop {
-        let read = match with_timeout(config.heartbeat_timeout, stream.read(&mut chunk)).await {
-            Ok(0) => break 'read "closed by the peer".to_string(),
-            Ok(n) => n,
-            Err(error) => break 'read format!("silent or failed: {error}"),
-        };
-        if !current() {
-            break 'read "replaced by a newer connection".to_string();
-        }
-        buffer.extend_from_slice(&chunk[..read]);
-        let mut consumed = 0;
-        loop {
-            match opener.open(&buffer[consumed..]) {
-                Ok(Some((frame, used))) => {
-                    consumed += used;
-                    bump(&counters.frames_received, 1);
-                    if events.send(LinkEvent::Frame(peer, frame)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(error) => {
-                    // spec: Federation.InvalidFrameDropped — the stream position is untrusted now.
-                    bump(&counters.invalid_frames, 1);
-                    *counters.last_rejection.borrow_mut() = Some(format!("{remote} (instance {peer}): {error}"));
-                    break 'read format!("invalid frame ({}): {error}", error.reason());
-                }
-            }
-        }
-        buffer.drain(..consumed);
+    let reader = Reader { config: &config, peer, remote: &remote, events: &events, counters: &counters };
+    let Some(reason) = reader.read_until_down(&mut stream, key, current).await else {
+        return; // the shell is gone
     };
     warn!(peer, %remote, %reason, "federation link down (receiving)");
     if current() {
         generations.borrow_mut().remove(&peer);
         let _ = events.send(LinkEvent::ReceivingDown(peer)).await;
+    }
+}
+
+/// The receiving side of one authenticated connection.
+struct Reader<'a> {
+    config: &'a LinksConfig,
+    peer: InstanceId,
+    remote: &'a str,
+    events: &'a LocalSender<LinkEvent>,
+    counters: &'a LinkCounters,
+}
+
+impl Reader<'_> {
+    /// Opens and hands on frames until the connection closes, falls silent, is replaced
+    /// (`current` turns false) or carries an invalid frame: why. None: the events
+    /// channel is closed.
+    async fn read_until_down(
+        &self,
+        stream: &mut TcpStream,
+        key: SessionKey,
+        current: impl Fn() -> bool,
+    ) -> Option<String> {
+        let (peer, remote, counters) = (self.peer, self.remote, self.counters);
+        let mut opener = FrameOpener::new(key, self.config.max_frame_bytes);
+        let mut buffer: Vec<u8> = Vec::with_capacity(1 << 16);
+        let mut chunk = vec![0u8; 1 << 16];
+        let reason = 'read: loop {
+            let read = match with_timeout(self.config.heartbeat_timeout, stream.read(&mut chunk)).await {
+                Ok(0) => break 'read "closed by the peer".to_string(),
+                Ok(n) => n,
+                Err(error) => break 'read format!("silent or failed: {error}"),
+            };
+            if !current() {
+                break 'read "replaced by a newer connection".to_string();
+            }
+            buffer.extend_from_slice(&chunk[..read]);
+            let mut consumed = 0;
+            loop {
+                match opener.open(&buffer[consumed..]) {
+                    Ok(Some((frame, used))) => {
+                        consumed += used;
+                        bump(&counters.frames_received, 1);
+                        if self.events.send(LinkEvent::Frame(peer, frame)).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        // spec: Federation.InvalidFrameDropped — the stream position is untrusted now.
+                        bump(&counters.invalid_frames, 1);
+                        *counters.last_rejection.borrow_mut() = Some(format!("{remote} (instance {peer}): {error}"));
+                        break 'read format!("invalid frame ({}): {error}", error.reason());
+                    }
+                }
+            }
+            buffer.drain(..consumed);
+        };
+        Some(reason)
     }
 }

@@ -553,17 +553,10 @@ fn stock_answer(
 /// spec: Gateway.ClusterView
 fn cluster(shared: &GatewayShared) -> Answered {
     let status = shared.node.status.lock().expect("not poisoned").clone();
-    let federation = &status.federation;
-    let quarantined_peers: Vec<u64> = federation["peers"]
-        .as_array()
-        .map(|peers| {
-            peers
-                .iter()
-                .filter(|p| p["quarantined"].as_bool() == Some(true))
-                .filter_map(|p| p["instance_id"].as_u64())
-                .collect()
-        })
-        .unwrap_or_default();
+    let federation = status.federation.unwrap_or_default();
+    let quarantined_peers: Vec<u32> =
+        federation.peers.iter().filter(|p| p.quarantined).map(|p| p.instance_id).collect();
+    let has_federation = !federation.clerk.is_empty();
     Answered::json(
         StatusCode::OK,
         &json!({
@@ -571,13 +564,13 @@ fn cluster(shared: &GatewayShared) -> Answered {
             "ready": shared.node.ready.load(Ordering::Acquire),
             "phase": status.phase,
             "partitions": status.partitions,
-            "publisher": federation["publisher"].as_bool().unwrap_or(false),
-            "expected_copies": federation["expected_copies"].as_u64(),
-            "faults_detected": federation["faults_total"].as_u64().unwrap_or(0),
-            "recent_faults": federation["faults"].as_array().cloned().unwrap_or_default(),
-            "self_quarantined": federation["quarantined"].as_bool().unwrap_or(false),
+            "publisher": federation.publisher,
+            "expected_copies": has_federation.then_some(federation.expected_copies),
+            "faults_detected": federation.faults_total,
+            "recent_faults": federation.faults,
+            "self_quarantined": federation.quarantined,
             "quarantined_peers": quarantined_peers,
-            "peers": federation["peers"].as_array().cloned().unwrap_or_default(),
+            "peers": federation.peers,
         }),
     )
 }

@@ -223,6 +223,7 @@ fn clerk_config(config: &NodeConfig, partitions: u32, copy_window: u64) -> anyho
         digest_retention: ClerkConfig::DEFAULT_DIGEST_RETENTION,
         may_publish: config.publish,
         incarnation: quarantine::incarnation(&config.data_dir)?,
+        max_unpublished: publish::MAX_UNPUBLISHED,
     })
 }
 
@@ -309,13 +310,13 @@ fn figures_source(
             Some(log) => vec![log.end_offset().unwrap_or(0)],
             None => (0..shared.partitions as usize).map(|p| appended[p].load(Ordering::Relaxed).max(next[p])).collect(),
         };
-        let status = probe.status.lock().expect("not poisoned");
+        let faults_detected = clerk.status.lock().expect("not poisoned").as_ref().map_or(0, |f| f.faults_total);
         Figures {
             certified_end: (0..shared.partitions).map(|p| clerk.certified_end(p)).collect(),
             durable_end,
             log_end,
             ledger_fsyncs: shared.syncs.iter().map(|s| s.load(Ordering::Relaxed)).sum(),
-            faults_detected: status.federation["faults_total"].as_u64().unwrap_or(0),
+            faults_detected,
             ready: probe.ready.load(Ordering::Acquire),
             waiting_requests: view.lock().expect("not poisoned").waiting() as u64,
             recovery_replayed_entries: recovery.replayed_entries,
