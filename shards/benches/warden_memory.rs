@@ -1,6 +1,6 @@
 //! Warden memory per entry, measured with a counting global allocator.
 //!
-//! Target (issue 2): <= 48 bytes per entry at 3,000,000 entries. Two measurements:
+//! Target: <= 48 bytes per entry at 3,000,000 entries. Two measurements:
 //! 1. fill: 3,000,000 distinct keys inside one TTL (10k keys/s of stream time, TTL
 //!    5 min), bytes allocated / live entries;
 //! 2. steady state: 6,000,000 further keys at the same rate, so keys expire and are

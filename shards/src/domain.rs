@@ -5,7 +5,7 @@
 //! which shard owns an entity, and what evaluating a command yields. A second domain
 //! is added by implementing [`Domain`]; nothing in the engine changes.
 //!
-//! Everything here must be deterministic (DESIGN.md §3): no clocks, no randomness, no
+//! Everything here must be deterministic (docs/design.md §3): no clocks, no randomness, no
 //! floats in state, no iteration over hash maps that can reach an output.
 
 use std::fmt::Debug;

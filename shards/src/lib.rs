@@ -1,7 +1,7 @@
 //! Tribunal's per-core shard: the deterministic, sans-IO core.
 //!
 //! Every module here is a pure state machine or pure function: no sockets, files,
-//! clocks or executors (DESIGN.md §5). The engine's IO shells drive them; the
+//! clocks or executors (docs/design.md §5). The engine's IO shells drive them; the
 //! [`simulator`] drives them in one thread for tests. See `ARCHITECTURE.md`.
 
 pub mod arbiter;

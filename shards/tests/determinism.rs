@@ -1,4 +1,4 @@
-//! The guarding test (DESIGN.md §3): random logs through 1, 2 and 4 shards, with
+//! The guarding test (docs/design.md §3): random logs through 1, 2 and 4 shards, with
 //! shuffled message delivery, and through the sequential reference interpreter, must
 //! give identical per-offset outputs and identical final state. Inventory invariants
 //! are checked after every event.
