@@ -209,7 +209,9 @@ pub fn recover<D: Domain>(
         }
         let mut usher = Usher::<D>::new(usher_config(partition));
         if let Some(part) = snapshot.get(&partition) {
-            usher.restore(&part.usher).map_err(|reason| RecoveryError::Corrupt { partition, reason })?;
+            usher
+                .restore(&part.usher)
+                .map_err(|error| RecoveryError::Corrupt { partition, reason: error.to_string() })?;
         }
         let watermark = watermarks.get(&partition).copied();
         let mut journal = journals.remove(&partition).unwrap_or_default();
@@ -225,7 +227,9 @@ pub fn recover<D: Domain>(
                     found: delta.first_offset,
                 });
             }
-            usher.apply_delta(delta).map_err(|reason| RecoveryError::Corrupt { partition, reason })?;
+            usher
+                .apply_delta(delta)
+                .map_err(|error| RecoveryError::Corrupt { partition, reason: error.to_string() })?;
         }
         if let Some(w) = watermark {
             if usher.next_offset() != w + 1 {

@@ -15,7 +15,7 @@ use crate::output::{encode_output, EncodedOutput, Verdict};
 use crate::router::{Placement, Router, ShardId, MAX_SHARDS};
 use serde::{Deserialize, Serialize};
 
-use crate::warden::{Warden, WardenCheck, WardenConfig, WardenSnapshot};
+use crate::warden::{Warden, WardenCheck, WardenConfig, WardenSnapshot, WardenSnapshotError};
 
 /// One record of the input log, as the log gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +60,34 @@ pub struct UsherConfig {
 pub struct Halted {
     pub offset: u64,
     pub reason: String,
+}
+
+/// Why [`Usher::restore`] refused a snapshot read from disk.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsherSnapshotError {
+    #[error("snapshot of partition {found} for partition {expected}")]
+    WrongPartition { found: u32, expected: u32 },
+    #[error("snapshot at domain version {0}, which this binary lacks")]
+    UnsupportedVersion(Version),
+    #[error(transparent)]
+    Warden(#[from] WardenSnapshotError),
+}
+
+/// Why [`Usher::apply_delta`] refused a journal read from disk.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal of partition {found} for partition {expected}")]
+    WrongPartition { found: u32, expected: u32 },
+    #[error("journal covers {first_offset}..={last_offset}, expected to start at {expected}")]
+    Misplaced { first_offset: u64, last_offset: u64, expected: u64 },
+    #[error("journal {first_offset}..={last_offset} is out of order or outside its batch")]
+    OutOfOrder { first_offset: u64, last_offset: u64 },
+    #[error("journal switches to domain version {0}, which this binary lacks")]
+    UnsupportedVersion(Version),
+    #[error("journal records a key at offset {offset} that was not new")]
+    KeyNotNew { offset: u64 },
+    #[error("journal ends at the last possible offset")]
+    EndsAtLastOffset,
 }
 
 /// What one batch did to the Usher's own state: enough to rebuild the Warden,
@@ -157,15 +185,15 @@ impl<D: Domain> Usher<D> {
     }
 
     /// Restores the state a snapshot captured. Snapshots come from disk: checked.
-    pub fn restore(&mut self, snapshot: &UsherSnapshot) -> Result<(), String> {
+    pub fn restore(&mut self, snapshot: &UsherSnapshot) -> Result<(), UsherSnapshotError> {
         if snapshot.partition != self.config.partition {
-            return Err(format!(
-                "snapshot of partition {} for partition {}",
-                snapshot.partition, self.config.partition
-            ));
+            return Err(UsherSnapshotError::WrongPartition {
+                found: snapshot.partition,
+                expected: self.config.partition,
+            });
         }
         if !D::supports(snapshot.version) {
-            return Err(format!("snapshot at domain version {}, which this binary lacks", snapshot.version));
+            return Err(UsherSnapshotError::UnsupportedVersion(snapshot.version));
         }
         self.warden = Warden::from_snapshot(self.config.warden, &snapshot.warden)?;
         self.next_offset = snapshot.next_offset;
@@ -177,15 +205,16 @@ impl<D: Domain> Usher<D> {
     /// Replays one batch's journal (spec: Recovery.WardenRebuilt). Journals are applied
     /// in order, starting right after the snapshot (or at offset 0). A journal comes
     /// from disk, so it is checked before anything is applied.
-    pub fn apply_delta(&mut self, delta: &UsherDelta) -> Result<(), String> {
+    pub fn apply_delta(&mut self, delta: &UsherDelta) -> Result<(), JournalError> {
         if delta.partition != self.config.partition {
-            return Err(format!("journal of partition {} for partition {}", delta.partition, self.config.partition));
+            return Err(JournalError::WrongPartition { found: delta.partition, expected: self.config.partition });
         }
         if delta.first_offset != self.next_offset || delta.last_offset < delta.first_offset {
-            return Err(format!(
-                "journal covers {}..={}, expected to start at {}",
-                delta.first_offset, delta.last_offset, self.next_offset
-            ));
+            return Err(JournalError::Misplaced {
+                first_offset: delta.first_offset,
+                last_offset: delta.last_offset,
+                expected: self.next_offset,
+            });
         }
         let in_batch = |offset: u64| (delta.first_offset..=delta.last_offset).contains(&offset);
         let increasing_steps = delta.time_steps.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1);
@@ -196,13 +225,10 @@ impl<D: Domain> Usher<D> {
             || !delta.recorded.iter().all(|r| in_batch(r.0))
             || delta.time_steps.first().is_some_and(|s| s.1 <= self.stream_time_ms)
         {
-            return Err(format!(
-                "journal {}..={} is out of order or outside its batch",
-                delta.first_offset, delta.last_offset
-            ));
+            return Err(JournalError::OutOfOrder { first_offset: delta.first_offset, last_offset: delta.last_offset });
         }
         if !D::supports(delta.version_after) {
-            return Err(format!("journal switches to domain version {}, which this binary lacks", delta.version_after));
+            return Err(JournalError::UnsupportedVersion(delta.version_after));
         }
         // Advance the Warden at every offset where stream time rose or a key was
         // recorded, in offset order: the same calls that changed it the first time.
@@ -221,12 +247,12 @@ impl<D: Domain> Usher<D> {
             self.warden.advance(offset, self.stream_time_ms);
             if let Some((_, fingerprint, digest)) = recorded.next_if(|key| key.0 == offset) {
                 if self.warden.check(fingerprint, digest, offset) != WardenCheck::New {
-                    return Err(format!("journal records a key at offset {offset} that was not new"));
+                    return Err(JournalError::KeyNotNew { offset });
                 }
             }
         }
         self.version = delta.version_after;
-        self.next_offset = delta.last_offset.checked_add(1).ok_or("journal ends at the last possible offset")?;
+        self.next_offset = delta.last_offset.checked_add(1).ok_or(JournalError::EndsAtLastOffset)?;
         Ok(())
     }
 
@@ -516,5 +542,26 @@ impl<D: Domain> Usher<D> {
         }
 
         messages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::Inventory;
+
+    fn usher(partition: u32) -> Usher<Inventory> {
+        Usher::new(UsherConfig { partition, shard_count: 1, warden: WardenConfig::default(), initial_version: 1 })
+    }
+
+    #[test]
+    fn a_misplaced_snapshot_or_journal_is_refused_with_its_kind_and_message() {
+        let error = usher(2).restore(&usher(1).snapshot()).unwrap_err();
+        assert_eq!(error, UsherSnapshotError::WrongPartition { found: 1, expected: 2 });
+        assert_eq!(error.to_string(), "snapshot of partition 1 for partition 2");
+        let delta = UsherDelta { partition: 2, first_offset: 5, last_offset: 6, ..UsherDelta::default() };
+        let error = usher(2).apply_delta(&delta).unwrap_err();
+        assert_eq!(error, JournalError::Misplaced { first_offset: 5, last_offset: 6, expected: 0 });
+        assert_eq!(error.to_string(), "journal covers 5..=6, expected to start at 0");
     }
 }
