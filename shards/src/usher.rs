@@ -130,6 +130,16 @@ pub struct BatchPlan<D: Domain> {
     pub halted: Option<Halted>,
 }
 
+/// What [`Usher::plan_decoded`] did with one record.
+enum RecordStep {
+    /// Before `next_offset`: a redelivery, skipped.
+    Redelivered,
+    /// Answered or turned into an event; `next_offset` moves past it.
+    Planned,
+    /// The Usher halted at or before this record; the batch ends.
+    Halted,
+}
+
 /// Messages for the shards, each with its destination, in order.
 pub type Messages<D> = Vec<(ShardId, ShardMessage<D>)>;
 
@@ -330,82 +340,111 @@ impl<D: Domain> Usher<D> {
         let mut last_offset = None;
 
         for record in records {
-            if record.offset < self.next_offset {
-                // spec: Usher.RedeliveredRecordIgnored — a redelivery after a seek or reconnect.
-                continue;
-            }
-            if record.offset > self.next_offset {
-                // spec: Usher.OffsetGapHalts — never guess past a hole in the log.
-                let reason = format!("gap in the log: expected offset {}, got {}", self.next_offset, record.offset);
-                self.halt(self.next_offset, reason);
-                break;
-            }
-            // spec: Usher.StreamTimeIsMaxTimestamp
-            if record.timestamp_ms > self.stream_time_ms {
-                self.stream_time_ms = self.stream_time_ms.max(record.timestamp_ms);
-                self.delta.time_steps.push((record.offset, self.stream_time_ms));
-            }
-            self.warden.advance(record.offset, self.stream_time_ms);
-
-            let envelope = match record.envelope {
-                Ok(envelope) => envelope,
-                Err(error) => {
-                    // spec: Usher.MalformedRecordRejected
-                    outputs
-                        .push(self.usher_output(record.offset, Verdict::Malformed { reason: error.code().to_owned() }));
+            let offset = record.offset;
+            match self.plan_record(record, &mut outputs, &mut events) {
+                RecordStep::Redelivered => continue,
+                RecordStep::Halted => break,
+                RecordStep::Planned => {
                     self.next_offset += 1;
-                    last_offset = Some(record.offset);
-                    continue;
-                }
-            };
-            let fingerprint = key_fingerprint(&envelope.key);
-            let payload_digest = envelope.payload_digest();
-            let check = self.warden.check(fingerprint, payload_digest, record.offset);
-            if check == WardenCheck::New {
-                self.delta.recorded.push((record.offset, fingerprint, payload_digest));
-            }
-            let verdict = match check {
-                WardenCheck::Replay { original_offset } => Some(Verdict::Replay { original_offset }),
-                WardenCheck::Conflict { original_offset } => Some(Verdict::Conflict { original_offset }),
-                WardenCheck::Full => Some(Verdict::WardenFull),
-                WardenCheck::New => None,
-            };
-            if let Some(verdict) = verdict {
-                outputs.push(self.usher_output(record.offset, verdict));
-                self.next_offset += 1;
-                last_offset = Some(record.offset);
-                continue;
-            }
-            match envelope.command {
-                Command::Admin(AdminCommand::ActivateVersion { version }) => {
-                    if !D::supports(version) {
-                        // spec: Versioning.UnknownVersionHalts
-                        let reason = format!(
-                            "the log activates domain version {version}, which this binary lacks (it supports {:?}); \
-                             deploy a binary that knows it, then restart",
-                            D::SUPPORTED_VERSIONS
-                        );
-                        self.halt(record.offset, reason);
-                        break;
-                    }
-                    // spec: Versioning.ActivateAtNextOffset
-                    self.version = version;
-                    outputs.push(self.usher_output(record.offset, Verdict::VersionActivated { version }));
-                }
-                Command::Domain(command) => {
-                    events.push(Event {
-                        partition,
-                        offset: record.offset,
-                        stream_time_ms: self.stream_time_ms,
-                        version: self.version,
-                        command,
-                    });
+                    last_offset = Some(offset);
                 }
             }
-            self.next_offset += 1;
-            last_offset = Some(record.offset);
         }
+        Ok(self.finish_plan(events, outputs, last_offset))
+    }
 
+    /// Plans one record at or past `next_offset`: an Usher verdict goes to `outputs`,
+    /// a new domain event to `events`. Leaves `next_offset` to the caller.
+    fn plan_record(
+        &mut self,
+        record: Decoded<D>,
+        outputs: &mut Vec<EncodedOutput>,
+        events: &mut Vec<Event<D>>,
+    ) -> RecordStep {
+        if record.offset < self.next_offset {
+            // spec: Usher.RedeliveredRecordIgnored — a redelivery after a seek or reconnect.
+            return RecordStep::Redelivered;
+        }
+        if record.offset > self.next_offset {
+            // spec: Usher.OffsetGapHalts — never guess past a hole in the log.
+            let reason = format!("gap in the log: expected offset {}, got {}", self.next_offset, record.offset);
+            self.halt(self.next_offset, reason);
+            return RecordStep::Halted;
+        }
+        // spec: Usher.StreamTimeIsMaxTimestamp
+        if record.timestamp_ms > self.stream_time_ms {
+            self.stream_time_ms = self.stream_time_ms.max(record.timestamp_ms);
+            self.delta.time_steps.push((record.offset, self.stream_time_ms));
+        }
+        self.warden.advance(record.offset, self.stream_time_ms);
+
+        let envelope = match record.envelope {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                // spec: Usher.MalformedRecordRejected
+                outputs.push(self.usher_output(record.offset, Verdict::Malformed { reason: error.code().to_owned() }));
+                return RecordStep::Planned;
+            }
+        };
+        if let Some(verdict) = self.warden_verdict(&envelope, record.offset) {
+            outputs.push(self.usher_output(record.offset, verdict));
+            return RecordStep::Planned;
+        }
+        match envelope.command {
+            Command::Admin(AdminCommand::ActivateVersion { version }) => {
+                if !D::supports(version) {
+                    // spec: Versioning.UnknownVersionHalts
+                    let reason = format!(
+                        "the log activates domain version {version}, which this binary lacks (it supports {:?}); \
+                         deploy a binary that knows it, then restart",
+                        D::SUPPORTED_VERSIONS
+                    );
+                    self.halt(record.offset, reason);
+                    return RecordStep::Halted;
+                }
+                // spec: Versioning.ActivateAtNextOffset
+                self.version = version;
+                outputs.push(self.usher_output(record.offset, Verdict::VersionActivated { version }));
+            }
+            Command::Domain(command) => {
+                events.push(Event {
+                    partition: self.config.partition,
+                    offset: record.offset,
+                    stream_time_ms: self.stream_time_ms,
+                    version: self.version,
+                    command,
+                });
+            }
+        }
+        RecordStep::Planned
+    }
+
+    /// Asks the Warden about a record's key, journaling a new one; the Usher's own
+    /// verdict for a replay, a conflict or a full Warden, `None` for a new key.
+    fn warden_verdict(&mut self, envelope: &Envelope<D>, offset: u64) -> Option<Verdict> {
+        let fingerprint = key_fingerprint(&envelope.key);
+        let payload_digest = envelope.payload_digest();
+        let check = self.warden.check(fingerprint, payload_digest, offset);
+        if check == WardenCheck::New {
+            self.delta.recorded.push((offset, fingerprint, payload_digest));
+        }
+        match check {
+            WardenCheck::Replay { original_offset } => Some(Verdict::Replay { original_offset }),
+            WardenCheck::Conflict { original_offset } => Some(Verdict::Conflict { original_offset }),
+            WardenCheck::Full => Some(Verdict::WardenFull),
+            WardenCheck::New => None,
+        }
+    }
+
+    /// Closes the batch's journal, takes a requested snapshot and dispatches the
+    /// batch's events and decided outputs to the shards.
+    fn finish_plan(
+        &mut self,
+        events: Vec<Event<D>>,
+        outputs: Vec<EncodedOutput>,
+        last_offset: Option<u64>,
+    ) -> BatchPlan<D> {
+        let partition = self.config.partition;
         self.delta.version_after = self.version;
         let mut snapshot = None;
         let messages = match last_offset {
@@ -420,7 +459,7 @@ impl<D: Domain> Usher<D> {
             }
             None => Vec::new(),
         };
-        Ok(BatchPlan { partition, last_offset, messages, snapshot, halted: self.halted.clone() })
+        BatchPlan { partition, last_offset, messages, snapshot, halted: self.halted.clone() }
     }
 
     fn dispatch(
