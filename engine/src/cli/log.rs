@@ -132,10 +132,13 @@ fn append(args: AppendArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Malformed input lines, as (line number, reason).
+type MalformedLines = Vec<(usize, String)>;
+
 /// Reads and checks the input's non-blank lines: the payloads to append and the
 /// malformed lines, as (line number, reason). Fails on a read error, or when a
 /// local log's batch would exceed the most one append takes.
-fn read_payloads(args: &AppendArgs) -> anyhow::Result<(Vec<Vec<u8>>, Vec<(usize, String)>)> {
+fn read_payloads(args: &AppendArgs) -> anyhow::Result<(Vec<Vec<u8>>, MalformedLines)> {
     let input: Box<dyn Read> = if args.input == "-" {
         Box::new(std::io::stdin())
     } else {
@@ -143,7 +146,7 @@ fn read_payloads(args: &AppendArgs) -> anyhow::Result<(Vec<Vec<u8>>, Vec<(usize,
     };
     let mut input = BufReader::new(input);
     let mut payloads = Vec::new();
-    let mut malformed: Vec<(usize, String)> = Vec::new();
+    let mut malformed: MalformedLines = Vec::new();
     let mut batch_size_bytes: u64 = 0;
     let mut line = Vec::new();
     let mut line_number = 0;
