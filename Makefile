@@ -45,9 +45,13 @@ tools:
 		$(CARGO) install tansu --version $(TANSU_VERSION) --locked --features dynostore,libsql; }
 	@scripts/install-schemathesis.sh
 
+## lint: formatting, clippy with warnings denied, and no non-test function over 70
+## lines (clippy.toml). Tests are exempt: the last check builds no test target, and
+## `--bench '*'` (not `--benches`, which adds the lib's test build) takes only benches.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --lib --bins --examples --bench '*' -- -D warnings -D clippy::too_many_lines
 
 ## test-rust: every test in a debug build, then the engine's process tests again in a
 ## release build: a timing assumption that only a slow build meets is a defect.

@@ -32,23 +32,7 @@ fn main() -> anyhow::Result<()> {
         Some(_) => Some(idempotent_producer(&brokers, ProducerRole::Outputs { queue_records: 1_000_000 }).create()?),
         None => None,
     };
-    // The same fetch settings as the engine's source thread.
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "tribunal-raw-consume")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "10")
-        .set("queued.min.messages", "200000")
-        .create()?;
-    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-    let partitions = metadata.topics()[0].partitions().len();
-    anyhow::ensure!(partitions > 0, "no topic {topic}");
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..partitions as i32 {
-        assignment.add_partition_offset(&topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&assignment)?;
+    let (consumer, partitions) = consume_from_start(&brokers, &topic)?;
     let started = Instant::now();
     let (mut records, mut bytes, mut at_end) = (0u64, 0u64, 0usize);
     while at_end < partitions {
@@ -58,18 +42,7 @@ fn main() -> anyhow::Result<()> {
                 let payload = message.payload().unwrap_or_default();
                 bytes += payload.len() as u64;
                 if let (Some(producer), Some(out)) = (&producer, &pipe) {
-                    let key = format!("{}:{}", message.partition(), message.offset());
-                    let mut record = BaseRecord::to(out).partition(message.partition()).key(&key).payload(payload);
-                    loop {
-                        match producer.send(record) {
-                            Ok(()) => break,
-                            Err((_, returned)) => {
-                                record = returned;
-                                producer.poll(Duration::from_millis(10));
-                            }
-                        }
-                    }
-                    producer.poll(Duration::ZERO);
+                    pipe_record(producer, out, message.partition(), message.offset(), payload);
                 }
             }
             Some(Err(KafkaError::PartitionEOF(_))) => at_end += 1,
@@ -87,4 +60,43 @@ fn main() -> anyhow::Result<()> {
         records as f64 / elapsed.as_secs_f64()
     );
     Ok(())
+}
+
+/// A consumer assigned every partition of `topic` from its beginning, with the same
+/// fetch settings as the engine's source thread, and the number of partitions.
+fn consume_from_start(brokers: &str, topic: &str) -> anyhow::Result<(BaseConsumer, usize)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "tribunal-raw-consume")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .set("queued.min.messages", "200000")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = metadata.topics()[0].partitions().len();
+    anyhow::ensure!(partitions > 0, "no topic {topic}");
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    Ok((consumer, partitions))
+}
+
+/// Produces one input record's bytes to the same partition of `out`, keyed
+/// `partition:offset`, waiting for room in the producer's queue.
+fn pipe_record(producer: &BaseProducer, out: &str, partition: i32, offset: i64, payload: &[u8]) {
+    let key = format!("{partition}:{offset}");
+    let mut record = BaseRecord::to(out).partition(partition).key(&key).payload(payload);
+    loop {
+        match producer.send(record) {
+            Ok(()) => break,
+            Err((_, returned)) => {
+                record = returned;
+                producer.poll(Duration::from_millis(10));
+            }
+        }
+    }
+    producer.poll(Duration::ZERO);
 }

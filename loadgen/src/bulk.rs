@@ -46,72 +46,19 @@ pub struct BulkArgs {
 }
 
 pub fn bulk(args: BulkArgs) -> anyhow::Result<()> {
-    let tribunal = match &args.tribunal {
-        Some(path) => path.clone(),
-        None => std::env::current_exe().context("locating loadgen")?.with_file_name("tribunal"),
-    };
-    if !tribunal.is_file() {
-        bail!("{} not found: build it (cargo build --release -p tribunal) or pass --tribunal", tribunal.display());
-    }
-    if args.work_dir.exists() && std::fs::read_dir(&args.work_dir)?.next().is_some() {
-        bail!("{} is not empty: bulk needs a fresh log and fresh instances", args.work_dir.display());
-    }
-    let opening = u64::from(args.shape.warehouses) * u64::from(args.shape.skus);
-    if args.events <= opening {
-        bail!(
-            "--events {} is no more than the opening stock ({opening} adjustments): the mix would never run",
-            args.events
-        );
-    }
-    std::fs::create_dir_all(&args.work_dir).with_context(|| format!("creating {}", args.work_dir.display()))?;
+    let tribunal = prepare(&args)?;
     let log = args.log.clone().unwrap_or_else(|| format!("local:{}", args.work_dir.join("log").display()));
 
     let commands = args.work_dir.join("commands.jsonl");
     write_commands(&args, &commands)?;
     eprintln!("loadgen bulk: appending {} commands to {log}", args.events);
-    let started = Instant::now();
-    let appended = Command::new(&tribunal)
-        .args(["log", "append", "--log", &log, "--kafka-partitions", &args.kafka_partitions.to_string()])
-        .arg(&commands)
-        .stdout(Stdio::null())
-        .status()
-        .context("running tribunal log append")?;
-    if !appended.success() {
-        bail!("tribunal log append failed: {appended}");
-    }
-    let append_s = started.elapsed().as_secs_f64();
+    let append_s = append(&args, &tribunal, &log, &commands)?;
 
     eprintln!("loadgen bulk: {} instances process the log until every record is certified", args.instances);
     let data_dir = args.work_dir.join("cluster");
-    let started = Instant::now();
-    let cluster = Command::new(&tribunal)
-        .args(["cluster", "--instances", &args.instances.to_string(), "--log", &log])
-        .args(["--expected-copies", &args.expected_copies.to_string(), "--stop-at-end", "--snapshot-every", "0"])
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(args.work_dir.join("cluster.log"))?)
-        .status()
-        .context("running tribunal cluster")?;
-    let wall_s = started.elapsed().as_secs_f64();
-    if !cluster.success() {
-        bail!("tribunal cluster failed ({cluster}); see {}", args.work_dir.join("cluster.log").display());
-    }
+    let wall_s = process(&args, &tribunal, &log, &data_dir)?;
 
-    let mut instances = Vec::new();
-    let mut slowest_ms = 0u64;
-    for id in 1..=args.instances {
-        let status = data_dir.join(format!("instance-{id}")).join("status.json");
-        let status: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&status).with_context(|| format!("reading {}", status.display()))?)?;
-        let processing_ms = status["processing_ms"].as_u64().context("status.json without processing_ms")?.max(1);
-        slowest_ms = slowest_ms.max(processing_ms);
-        instances.push(json!({
-            "instance": id,
-            "processing_ms": processing_ms,
-            "events_per_s": (args.events as f64 * 1000.0 / processing_ms as f64).round(),
-        }));
-    }
+    let (instances, slowest_ms) = instance_rates(&args, &data_dir)?;
     let rate = args.events as f64 * 1000.0 / slowest_ms as f64;
     println!(
         "{} events, {} instances, expected_copies {}: {rate:.0} certified, durable events/s",
@@ -134,6 +81,85 @@ pub fn bulk(args: BulkArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Finds the engine binary, checks the arguments and creates the (empty) work dir;
+/// returns the binary's path.
+fn prepare(args: &BulkArgs) -> anyhow::Result<PathBuf> {
+    let tribunal = match &args.tribunal {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().context("locating loadgen")?.with_file_name("tribunal"),
+    };
+    if !tribunal.is_file() {
+        bail!("{} not found: build it (cargo build --release -p tribunal) or pass --tribunal", tribunal.display());
+    }
+    if args.work_dir.exists() && std::fs::read_dir(&args.work_dir)?.next().is_some() {
+        bail!("{} is not empty: bulk needs a fresh log and fresh instances", args.work_dir.display());
+    }
+    let opening = u64::from(args.shape.warehouses) * u64::from(args.shape.skus);
+    if args.events <= opening {
+        bail!(
+            "--events {} is no more than the opening stock ({opening} adjustments): the mix would never run",
+            args.events
+        );
+    }
+    std::fs::create_dir_all(&args.work_dir).with_context(|| format!("creating {}", args.work_dir.display()))?;
+    Ok(tribunal)
+}
+
+/// Appends the commands file to the log with `tribunal log append`; the seconds it took.
+fn append(args: &BulkArgs, tribunal: &Path, log: &str, commands: &Path) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let appended = Command::new(tribunal)
+        .args(["log", "append", "--log", log, "--kafka-partitions", &args.kafka_partitions.to_string()])
+        .arg(commands)
+        .stdout(Stdio::null())
+        .status()
+        .context("running tribunal log append")?;
+    if !appended.success() {
+        bail!("tribunal log append failed: {appended}");
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Runs `tribunal cluster --stop-at-end` over the log until every record is certified
+/// and durable (its stderr in `cluster.log`); the wall-clock seconds it took.
+fn process(args: &BulkArgs, tribunal: &Path, log: &str, data_dir: &Path) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let cluster = Command::new(tribunal)
+        .args(["cluster", "--instances", &args.instances.to_string(), "--log", log])
+        .args(["--expected-copies", &args.expected_copies.to_string(), "--stop-at-end", "--snapshot-every", "0"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(args.work_dir.join("cluster.log"))?)
+        .status()
+        .context("running tribunal cluster")?;
+    let wall_s = started.elapsed().as_secs_f64();
+    if !cluster.success() {
+        bail!("tribunal cluster failed ({cluster}); see {}", args.work_dir.join("cluster.log").display());
+    }
+    Ok(wall_s)
+}
+
+/// Each instance's processing time and rate, from its status.json, and the slowest
+/// instance's processing time in milliseconds (at least 1).
+fn instance_rates(args: &BulkArgs, data_dir: &Path) -> anyhow::Result<(Vec<serde_json::Value>, u64)> {
+    let mut instances = Vec::new();
+    let mut slowest_ms = 0u64;
+    for id in 1..=args.instances {
+        let status = data_dir.join(format!("instance-{id}")).join("status.json");
+        let status: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&status).with_context(|| format!("reading {}", status.display()))?)?;
+        let processing_ms = status["processing_ms"].as_u64().context("status.json without processing_ms")?.max(1);
+        slowest_ms = slowest_ms.max(processing_ms);
+        instances.push(json!({
+            "instance": id,
+            "processing_ms": processing_ms,
+            "events_per_s": (args.events as f64 * 1000.0 / processing_ms as f64).round(),
+        }));
+    }
+    Ok((instances, slowest_ms))
 }
 
 /// The commands as the envelopes `tribunal log append` takes, one per line.

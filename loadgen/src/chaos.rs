@@ -290,7 +290,6 @@ pub fn chaos(args: ChaosArgs) -> anyhow::Result<bool> {
     let mut rows = Vec::new();
     let mut suite_error = false;
     for (index, &(log, instances, kind)) in planned.iter().enumerate() {
-        let dir = args.out_dir.join(format!("{}-{instances}x-{}", log.name(), kind.name()));
         eprintln!(
             "loadgen chaos: [{}/{}] {} on {instances} instances, {} log",
             index + 1,
@@ -298,36 +297,8 @@ pub fn chaos(args: ChaosArgs) -> anyhow::Result<bool> {
             kind.name(),
             log.name()
         );
-        // Drawn from the scenario's identity, not its place in the plan, so one scenario
-        // can be replayed alone with the same seed.
-        let identity = scenario_identity(log, instances, kind);
-        let fault_after = fault_at(seed, identity, schedule_length(args.events, args.rate));
-        let mut row = ScenarioRow {
-            scenario: kind.name().into(),
-            instances,
-            log: log.name(),
-            seed,
-            fault_at_ms: fault_after.as_millis() as u64,
-            dir: dir.display().to_string(),
-            ..ScenarioRow::default()
-        };
-        let recovery_kill_delay = recovery_kill_delay(seed, identity);
-        let scenario = Scenario {
-            args: &args,
-            tribunal: &tribunal,
-            kind,
-            log,
-            instances,
-            dir: dir.clone(),
-            fault_after,
-            recovery_kill_delay,
-        };
-        if let Err(error) = scenario.run(&mut row) {
-            eprintln!("loadgen chaos: {} on {instances} instances could not run: {error:#}", kind.name());
-            row.error = Some(format!("{error:#}"));
-            suite_error = true;
-        }
-        row.passed = row.error.is_none() && row.violations.is_empty() && row.lost == 0 && row.applied_twice == 0;
+        let row = run_scenario(&args, &tribunal, seed, (log, instances, kind));
+        suite_error |= row.error.is_some();
         print_row(&row);
         rows.push(row);
         write_summary(&args.out_dir, seed, &rows)?;
@@ -338,6 +309,38 @@ pub fn chaos(args: ChaosArgs) -> anyhow::Result<bool> {
         bail!("the suite could not run every scenario (see the error column)");
     }
     Ok(rows.iter().all(|r| r.passed))
+}
+
+/// Runs one planned scenario in its own directory under --out-dir; its row, with
+/// the error set if it could not run to the end.
+fn run_scenario(
+    args: &ChaosArgs,
+    tribunal: &Path,
+    seed: u64,
+    (log, instances, kind): (LogKind, u32, ScenarioKind),
+) -> ScenarioRow {
+    let dir = args.out_dir.join(format!("{}-{instances}x-{}", log.name(), kind.name()));
+    // Drawn from the scenario's identity, not its place in the plan, so one scenario
+    // can be replayed alone with the same seed.
+    let identity = scenario_identity(log, instances, kind);
+    let fault_after = fault_at(seed, identity, schedule_length(args.events, args.rate));
+    let mut row = ScenarioRow {
+        scenario: kind.name().into(),
+        instances,
+        log: log.name(),
+        seed,
+        fault_at_ms: fault_after.as_millis() as u64,
+        dir: dir.display().to_string(),
+        ..ScenarioRow::default()
+    };
+    let recovery_kill_delay = recovery_kill_delay(seed, identity);
+    let scenario = Scenario { args, tribunal, kind, log, instances, dir, fault_after, recovery_kill_delay };
+    if let Err(error) = scenario.run(&mut row) {
+        eprintln!("loadgen chaos: {} on {instances} instances could not run: {error:#}", kind.name());
+        row.error = Some(format!("{error:#}"));
+    }
+    row.passed = row.error.is_none() && row.violations.is_empty() && row.lost == 0 && row.applied_twice == 0;
+    row
 }
 
 fn schedule_length(events: u64, rate: u64) -> Duration {
@@ -458,85 +461,29 @@ impl Scenario<'_> {
         }
         fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
         let mut processes = Processes::default();
-        let log = if self.log == LogKind::Kafka {
-            let broker = Broker::start(&self.args.tansu, &self.dir.join("broker"))?;
-            let log = format!("kafka:127.0.0.1:{}", broker.port);
-            processes.broker = Some(broker);
-            log
-        } else {
-            format!("local:{}", self.dir.join("log").display())
-        };
+        let log = self.input_log(&mut processes)?;
         let cluster_dir = self.dir.join("cluster");
         let http_base = free_port_run(self.instances as u16)?;
-        let cluster_log = File::create(self.dir.join("cluster.log"))?;
-        processes.cluster = Some(
-            die_with_suite(&mut Command::new(self.tribunal))
-                .args(["cluster", "--instances", &self.instances.to_string(), "--log", &log])
-                .args(["--http-base-port", &http_base.to_string()])
-                .arg("--data-dir")
-                .arg(&cluster_dir)
-                .stdin(Stdio::null())
-                .stdout(cluster_log.try_clone()?)
-                .stderr(cluster_log)
-                .spawn()
-                .context("starting tribunal cluster")?,
-        );
+        processes.cluster = Some(self.start_cluster(&log, &cluster_dir, http_base)?);
         let targets: Vec<SocketAddr> =
             (0..self.instances as u16).map(|i| SocketAddr::from((Ipv4Addr::LOCALHOST, http_base + i))).collect();
 
         // spec: Chaos.LoadFinishesWithRetries — loadgen run in its own process.
         let (schedule_started_tx, schedule_started) = mpsc::channel();
         let mut load = self.start_load(&targets, schedule_started_tx)?;
-        let load_stdout = load.stdout.take().context("loadgen stdout")?;
-        let table_path = self.dir.join("loadgen-table.txt");
-        let table_thread = std::thread::spawn(move || -> std::io::Result<()> {
-            let mut text = String::new();
-            BufReader::new(load_stdout).read_to_string(&mut text)?;
-            fs::write(table_path, text)
-        });
+        let table_thread = self.save_load_table(&mut load)?;
         processes.load = Some(load);
 
         let schedule = schedule_length(self.args.events, self.args.rate);
-        let started = match schedule_started.recv_timeout(Duration::from_secs(LOAD_READY_TIMEOUT_S + 60)) {
-            Ok(instant) => instant,
-            Err(_) => bail!("loadgen never started its schedule; see {}", self.dir.join("loadgen.log").display()),
-        };
-        // spec: Chaos.FaultAtSeededMoment
-        let fault_moment = started + self.fault_after;
-        std::thread::sleep(fault_moment.saturating_duration_since(Instant::now()));
-        if processes.load.as_mut().expect("started").try_wait()?.is_some() {
-            bail!("loadgen finished before the fault; see {}", self.dir.join("loadgen.log").display());
-        }
+        let started = self.wait_for_fault(&schedule_started, &mut processes)?;
         let fault = Instant::now();
-        let ms = |at: Instant| at.saturating_duration_since(started).as_millis() as u64;
         if self.kind == ScenarioKind::BrokerRestart {
-            let broker = processes.broker.as_mut().expect("broker-restart runs on Kafka");
-            broker.kill();
-            let killed_ms = ms(Instant::now());
-            std::thread::sleep(BROKER_DOWN);
-            // spec: Chaos.BrokerLossNoticed — read just before the broker comes back.
-            for id in 1..=self.instances {
-                let status_file = cluster_dir.join(format!("instance-{id}")).join("status.json");
-                if !broker_loss_advertised(&status_file) {
-                    row.violations.push(format!("broker_loss_unnoticed: instance {id}"));
-                }
-            }
-            broker.restart()?;
-            let restarted_ms = ms(Instant::now());
-            // The instances must be ready again on their own once the broker answers.
-            let deadline = Instant::now() + READY_TIMEOUT;
-            let ready = targets.iter().all(|&target| wait_ready(target, deadline).is_ok());
-            row.restarts.push(RestartRecord {
-                instance: 0,
-                killed_ms,
-                restarted_ms: Some(restarted_ms),
-                ready_ms: ready.then(|| ms(Instant::now())),
-                killed_while_recovering: None,
-            });
+            self.restart_broker(&mut processes, &cluster_dir, &targets, started, row)?;
         } else {
             self.kill_and_watch(&cluster_dir, &targets, started, row)?;
         }
-        eprintln!("loadgen chaos: fault at {} ms into a {} s schedule; victims back", ms(fault), schedule.as_secs());
+        let fault_ms = fault.saturating_duration_since(started).as_millis() as u64;
+        eprintln!("loadgen chaos: fault at {fault_ms} ms into a {} s schedule; victims back", schedule.as_secs());
         row.time_to_ready_ms = row.restarts.iter().filter_map(RestartRecord::time_to_ready_ms).max();
         // A restart killed again on purpose is never ready; the one after it must be.
         if row.restarts.iter().any(|r| r.ready_ms.is_none() && r.killed_while_recovering.is_none()) {
@@ -556,9 +503,121 @@ impl Scenario<'_> {
             Settled::WatermarksDiffer => row.violations.push("durable_watermarks_differ".into()),
             Settled::PublisherBehind(figures) => row.violations.push(format!("publisher_behind {figures}")),
         }
-        // Only the victims restarted, each as often as it was killed: an instance that
-        // crashed by itself is a failure even if the data agrees.
-        let restarts = cluster_restarts(&cluster_dir)?;
+        self.check_restarts(&cluster_dir, row)?;
+        stop(processes.cluster.as_mut().expect("started"))?;
+        processes.cluster = None;
+        let durable_watermark = self.check_instances(&cluster_dir, row)?;
+        // spec: Chaos.PublishedOutputsCertified, Chaos.NothingLost, Chaos.NothingAppliedTwice
+        self.check_outputs(&log, durable_watermark, row)?;
+        if let Some(broker) = processes.broker.as_mut() {
+            broker.kill();
+        }
+        Ok(())
+    }
+
+    /// The scenario's input log: a local log in its directory, or on Kafka a broker it
+    /// starts (kept in `processes`).
+    fn input_log(&self, processes: &mut Processes) -> anyhow::Result<String> {
+        Ok(if self.log == LogKind::Kafka {
+            let broker = Broker::start(&self.args.tansu, &self.dir.join("broker"))?;
+            let log = format!("kafka:127.0.0.1:{}", broker.port);
+            processes.broker = Some(broker);
+            log
+        } else {
+            format!("local:{}", self.dir.join("log").display())
+        })
+    }
+
+    /// Starts `tribunal cluster` on the log, its REST APIs from `http_base`, its output
+    /// in `cluster.log`.
+    fn start_cluster(&self, log: &str, cluster_dir: &Path, http_base: u16) -> anyhow::Result<Child> {
+        let cluster_log = File::create(self.dir.join("cluster.log"))?;
+        die_with_suite(&mut Command::new(self.tribunal))
+            .args(["cluster", "--instances", &self.instances.to_string(), "--log", log])
+            .args(["--http-base-port", &http_base.to_string()])
+            .arg("--data-dir")
+            .arg(cluster_dir)
+            .stdin(Stdio::null())
+            .stdout(cluster_log.try_clone()?)
+            .stderr(cluster_log)
+            .spawn()
+            .context("starting tribunal cluster")
+    }
+
+    /// A thread that copies the load process's table (its stdout) to `loadgen-table.txt`.
+    fn save_load_table(&self, load: &mut Child) -> anyhow::Result<std::thread::JoinHandle<std::io::Result<()>>> {
+        let load_stdout = load.stdout.take().context("loadgen stdout")?;
+        let table_path = self.dir.join("loadgen-table.txt");
+        Ok(std::thread::spawn(move || -> std::io::Result<()> {
+            let mut text = String::new();
+            BufReader::new(load_stdout).read_to_string(&mut text)?;
+            fs::write(table_path, text)
+        }))
+    }
+
+    /// Waits for the load's schedule to start, then until the fault's moment
+    /// (spec: Chaos.FaultAtSeededMoment); when the schedule started. Fails if the load
+    /// never starts or is already over.
+    fn wait_for_fault(
+        &self,
+        schedule_started: &mpsc::Receiver<Instant>,
+        processes: &mut Processes,
+    ) -> anyhow::Result<Instant> {
+        let started = match schedule_started.recv_timeout(Duration::from_secs(LOAD_READY_TIMEOUT_S + 60)) {
+            Ok(instant) => instant,
+            Err(_) => bail!("loadgen never started its schedule; see {}", self.dir.join("loadgen.log").display()),
+        };
+        // spec: Chaos.FaultAtSeededMoment
+        let fault_moment = started + self.fault_after;
+        std::thread::sleep(fault_moment.saturating_duration_since(Instant::now()));
+        if processes.load.as_mut().expect("started").try_wait()?.is_some() {
+            bail!("loadgen finished before the fault; see {}", self.dir.join("loadgen.log").display());
+        }
+        Ok(started)
+    }
+
+    /// broker-restart: kills the broker, checks every instance noticed
+    /// (spec: Chaos.BrokerLossNoticed), restarts it and waits for the instances to be
+    /// ready again on their own.
+    fn restart_broker(
+        &self,
+        processes: &mut Processes,
+        cluster_dir: &Path,
+        targets: &[SocketAddr],
+        started: Instant,
+        row: &mut ScenarioRow,
+    ) -> anyhow::Result<()> {
+        let ms = |at: Instant| at.saturating_duration_since(started).as_millis() as u64;
+        let broker = processes.broker.as_mut().expect("broker-restart runs on Kafka");
+        broker.kill();
+        let killed_ms = ms(Instant::now());
+        std::thread::sleep(BROKER_DOWN);
+        // spec: Chaos.BrokerLossNoticed — read just before the broker comes back.
+        for id in 1..=self.instances {
+            let status_file = cluster_dir.join(format!("instance-{id}")).join("status.json");
+            if !broker_loss_advertised(&status_file) {
+                row.violations.push(format!("broker_loss_unnoticed: instance {id}"));
+            }
+        }
+        broker.restart()?;
+        let restarted_ms = ms(Instant::now());
+        // The instances must be ready again on their own once the broker answers.
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let ready = targets.iter().all(|&target| wait_ready(target, deadline).is_ok());
+        row.restarts.push(RestartRecord {
+            instance: 0,
+            killed_ms,
+            restarted_ms: Some(restarted_ms),
+            ready_ms: ready.then(|| ms(Instant::now())),
+            killed_while_recovering: None,
+        });
+        Ok(())
+    }
+
+    /// Only the victims restarted, each as often as it was killed: an instance that
+    /// crashed by itself is a failure even if the data agrees.
+    fn check_restarts(&self, cluster_dir: &Path, row: &mut ScenarioRow) -> anyhow::Result<()> {
+        let restarts = cluster_restarts(cluster_dir)?;
         for id in 1..=self.instances {
             let kills = self.kind.victims(self.instances).iter().filter(|&&v| v == id).count() as u64;
             let expected = if self.kind == ScenarioKind::KillDuringRecovery { kills * 2 } else { kills };
@@ -567,14 +626,6 @@ impl Scenario<'_> {
                 row.violations
                     .push(format!("unexpected_restarts: instance {id} restarted {actual} times, expected {expected}"));
             }
-        }
-        stop(processes.cluster.as_mut().expect("started"))?;
-        processes.cluster = None;
-        let durable_watermark = self.check_instances(&cluster_dir, row)?;
-        // spec: Chaos.PublishedOutputsCertified, Chaos.NothingLost, Chaos.NothingAppliedTwice
-        self.check_outputs(&log, durable_watermark, row)?;
-        if let Some(broker) = processes.broker.as_mut() {
-            broker.kill();
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 use tribunal_shards::inventory::InventoryCommand;
 
-use crate::client::{AttemptError, Connection, Target};
+use crate::client::{Answer, AttemptError, Connection, Target};
 use crate::ledger::{AnswerRecord, Decision, Ledger, LedgerEntry, StockRow, StockTable, Unresolved};
 use crate::report::{RunFigures, TimelinePoint};
 use crate::workload::{Generator, WorkloadConfig};
@@ -325,22 +325,7 @@ async fn connection_loop(
         if intended > now {
             glommio::timer::sleep(intended - now).await;
         }
-        // spec: Loadgen.UniqueKeys — a fresh key, or an answered key resent with its body.
-        let duplicate_of = if generator.wants_duplicate() {
-            let state = state.borrow();
-            let pick = generator.pick(state.recent.len());
-            let fresh = state.recent.get(pick).filter(|(_, answered_at)| answered_at.elapsed() < DUPLICATE_MAX_AGE);
-            fresh.map(|(index, _)| *index)
-        } else {
-            None
-        };
-        let (key, command) = match duplicate_of {
-            Some(index) => {
-                let entry = &state.borrow().ledger.entries[index];
-                (entry.key.clone(), entry.command.clone())
-            }
-            None => (format!("{}-{c}-{n}", config.workload.run_prefix), generator.next_command()),
-        };
+        let (duplicate_of, key, command) = next_request(config, state, &mut generator, c, n);
         let body = Bytes::from(serde_json::to_vec(&command).expect("commands serialise"));
         let measured = intended >= schedule.measure_from;
         let second = measured.then(|| (intended - schedule.measure_from).as_secs() as usize);
@@ -348,37 +333,82 @@ async fn connection_loop(
         let submitted =
             submit(&mut connection, &config.targets, &key, &body, config.request_timeout, drain_deadline, counting);
         let result = submitted.await;
-        // spec: Loadgen.LatencyFromIntendedTime, Loadgen.WarmupExcluded — final answers only:
-        // a command given up on is a violation, not a latency sample.
-        let answered_at = Instant::now();
-        let latency_us = (answered_at - intended).as_micros().min(u128::from(HISTOGRAM_MAX_US)) as u64;
-        let mut state = state.borrow_mut();
-        if let (Some(second), Ok(_)) = (second, &result) {
-            state.histogram.saturating_record(latency_us.max(1));
-            if let Some((h, _)) = state.seconds.get_mut(second) {
-                h.saturating_record(latency_us.max(1));
-            }
-            state.last_measured_answer = Some(answered_at);
-        }
-        state.answered += 1;
-        match (result, duplicate_of) {
-            (Ok(answer), None) => {
-                // spec: Loadgen.AnswersWellFormed — a fresh key cannot exist already.
-                if answer.record.replayed && answer.first_attempt {
-                    let bad = format!("key {key} was a replay on its first submission: it existed before the run");
-                    state.ledger.bad_answers.push(bad);
-                }
-                state.record_entry(key, command, answer.record)
-            }
-            (Ok(answer), Some(index)) => {
-                state.duplicates += 1;
-                state.ledger.entries[index].duplicates.push(answer.record);
-            }
-            // spec: Loadgen.UnresolvedIsViolation
-            (Err(last_error), _) => state.ledger.unresolved.push(Unresolved { key, command, last_error }),
-        }
+        record_result(state, intended, second, key, command, duplicate_of, result);
     }
 }
+
+/// spec: Loadgen.UniqueKeys — request n of connection c: a fresh key and command, or
+/// an answered key resent with its body; (the resent ledger entry, key, command).
+fn next_request(
+    config: &RunConfig,
+    state: &Rc<RefCell<State>>,
+    generator: &mut Generator,
+    c: usize,
+    n: u64,
+) -> (Option<usize>, String, InventoryCommand) {
+    let duplicate_of = if generator.wants_duplicate() {
+        let state = state.borrow();
+        let pick = generator.pick(state.recent.len());
+        let fresh = state.recent.get(pick).filter(|(_, answered_at)| answered_at.elapsed() < DUPLICATE_MAX_AGE);
+        fresh.map(|(index, _)| *index)
+    } else {
+        None
+    };
+    let (key, command) = match duplicate_of {
+        Some(index) => {
+            let entry = &state.borrow().ledger.entries[index];
+            (entry.key.clone(), entry.command.clone())
+        }
+        None => (format!("{}-{c}-{n}", config.workload.run_prefix), generator.next_command()),
+    };
+    (duplicate_of, key, command)
+}
+
+/// Records a scheduled request's result: its latency if it is measured and final, and
+/// its answer in the ledger (as an entry, a duplicate's answer, or unresolved).
+fn record_result(
+    state: &Rc<RefCell<State>>,
+    intended: Instant,
+    second: Option<usize>,
+    key: String,
+    command: InventoryCommand,
+    duplicate_of: Option<usize>,
+    result: Result<Submitted, String>,
+) {
+    // spec: Loadgen.LatencyFromIntendedTime, Loadgen.WarmupExcluded — final answers only:
+    // a command given up on is a violation, not a latency sample.
+    let answered_at = Instant::now();
+    let latency_us = (answered_at - intended).as_micros().min(u128::from(HISTOGRAM_MAX_US)) as u64;
+    let mut state = state.borrow_mut();
+    if let (Some(second), Ok(_)) = (second, &result) {
+        state.histogram.saturating_record(latency_us.max(1));
+        if let Some((h, _)) = state.seconds.get_mut(second) {
+            h.saturating_record(latency_us.max(1));
+        }
+        state.last_measured_answer = Some(answered_at);
+    }
+    state.answered += 1;
+    match (result, duplicate_of) {
+        (Ok(answer), None) => {
+            // spec: Loadgen.AnswersWellFormed — a fresh key cannot exist already.
+            if answer.record.replayed && answer.first_attempt {
+                let bad = format!("key {key} was a replay on its first submission: it existed before the run");
+                state.ledger.bad_answers.push(bad);
+            }
+            state.record_entry(key, command, answer.record)
+        }
+        (Ok(answer), Some(index)) => {
+            state.duplicates += 1;
+            state.ledger.entries[index].duplicates.push(answer.record);
+        }
+        // spec: Loadgen.UnresolvedIsViolation
+        (Err(last_error), _) => state.ledger.unresolved.push(Unresolved { key, command, last_error }),
+    }
+}
+
+/// The run's state and a request's second of the measured window, for the figures;
+/// None for the opening stock.
+type Counting<'a> = Option<(&'a Rc<RefCell<State>>, Option<usize>)>;
 
 /// Sends one command until it gets a final answer, retrying the same key and body after a
 /// timeout, a lost connection, a 5xx or a 408 (spec: Loadgen.RetrySameKey). `counting`
@@ -391,59 +421,19 @@ async fn submit(
     body: &Bytes,
     timeout: Duration,
     drain_deadline: Instant,
-    counting: Option<(&Rc<RefCell<State>>, Option<usize>)>,
+    counting: Counting<'_>,
 ) -> Result<Submitted, String> {
     let mut backoff = BACKOFF_INITIAL;
     for attempt in 0u32.. {
         let result =
             connection.request(Method::POST, "/v1/movements", &[("idempotency-key", key)], body.clone(), timeout).await;
-        let (label, outcome) = match result {
-            Ok(answer) => {
-                let label = answer.status.as_str().to_owned();
-                let final_answer = matches!(answer.status.as_u16(), 200 | 400 | 409 | 422);
-                if final_answer {
-                    match parse_answer(answer.status, &answer.body) {
-                        Ok(record) => (label, Ok(record)),
-                        Err(e) => {
-                            // spec: Loadgen.AnswersWellFormed — retried, and still a violation.
-                            let bad = format!("key {key}: {label} with an unreadable body: {e}");
-                            if let Some((state, _)) = counting {
-                                state.borrow_mut().ledger.bad_answers.push(bad.clone());
-                            }
-                            ("bad_answer".to_owned(), Err(bad))
-                        }
-                    }
-                } else {
-                    let detail = String::from_utf8_lossy(&answer.body[..answer.body.len().min(200)]).into_owned();
-                    let retriable = answer.status.is_server_error() || answer.status == StatusCode::REQUEST_TIMEOUT;
-                    if !retriable {
-                        return Err(format!("{label}: {detail}"));
-                    }
-                    let error = format!("{label}: {detail}");
-                    (label, Err(error))
-                }
-            }
-            Err(AttemptError::Timeout(t)) => ("timeout".to_owned(), Err(format!("no answer within {t:?}"))),
-            Err(e @ AttemptError::Connection(_)) => ("connection_error".to_owned(), Err(e.to_string())),
-        };
+        let (label, outcome) = attempt_outcome(result, key, counting)?;
         // A lost or silent instance: the same key is safe on any other (Gateway.ReplayReturnsOriginal).
         if matches!(label.as_str(), "timeout" | "connection_error") && targets.len() > 1 {
             let next = targets.iter().position(|t| t == connection.target()).map_or(0, |i| (i + 1) % targets.len());
             *connection = Connection::new(targets[next].clone());
         }
-        if let Some((state, second)) = counting {
-            let mut state = state.borrow_mut();
-            *state.status_counts.entry(label).or_default() += 1;
-            if outcome.is_err() {
-                state.errors += 1;
-                if let Some((_, errors)) = second.and_then(|s| state.seconds.get_mut(s)) {
-                    *errors += 1;
-                }
-            }
-            if attempt > 0 {
-                state.retries += 1;
-            }
-        }
+        count_attempt(counting, label, outcome.is_err(), attempt);
         let last_error = match outcome {
             Ok(record) => return Ok(Submitted { record, first_attempt: attempt == 0 }),
             Err(e) => e,
@@ -459,6 +449,61 @@ async fn submit(
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
     unreachable!("the loop returns")
+}
+
+/// One attempt's label for the status counts and its outcome: the final answer's
+/// record, or the error to retry after. Err: a refusal that is final and not retried.
+fn attempt_outcome(
+    result: Result<Answer, AttemptError>,
+    key: &str,
+    counting: Counting<'_>,
+) -> Result<(String, Result<AnswerRecord, String>), String> {
+    Ok(match result {
+        Ok(answer) => {
+            let label = answer.status.as_str().to_owned();
+            let final_answer = matches!(answer.status.as_u16(), 200 | 400 | 409 | 422);
+            if final_answer {
+                match parse_answer(answer.status, &answer.body) {
+                    Ok(record) => (label, Ok(record)),
+                    Err(e) => {
+                        // spec: Loadgen.AnswersWellFormed — retried, and still a violation.
+                        let bad = format!("key {key}: {label} with an unreadable body: {e}");
+                        if let Some((state, _)) = counting {
+                            state.borrow_mut().ledger.bad_answers.push(bad.clone());
+                        }
+                        ("bad_answer".to_owned(), Err(bad))
+                    }
+                }
+            } else {
+                let detail = String::from_utf8_lossy(&answer.body[..answer.body.len().min(200)]).into_owned();
+                let retriable = answer.status.is_server_error() || answer.status == StatusCode::REQUEST_TIMEOUT;
+                if !retriable {
+                    return Err(format!("{label}: {detail}"));
+                }
+                let error = format!("{label}: {detail}");
+                (label, Err(error))
+            }
+        }
+        Err(AttemptError::Timeout(t)) => ("timeout".to_owned(), Err(format!("no answer within {t:?}"))),
+        Err(e @ AttemptError::Connection(_)) => ("connection_error".to_owned(), Err(e.to_string())),
+    })
+}
+
+/// Counts an attempt in the figures: its label, an error (in its second too) and a retry.
+fn count_attempt(counting: Counting<'_>, label: String, failed: bool, attempt: u32) {
+    if let Some((state, second)) = counting {
+        let mut state = state.borrow_mut();
+        *state.status_counts.entry(label).or_default() += 1;
+        if failed {
+            state.errors += 1;
+            if let Some((_, errors)) = second.and_then(|s| state.seconds.get_mut(s)) {
+                *errors += 1;
+            }
+        }
+        if attempt > 0 {
+            state.retries += 1;
+        }
+    }
 }
 
 /// A final answer, and whether the very first attempt got it.

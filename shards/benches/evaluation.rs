@@ -8,7 +8,8 @@
 //! - `transfers_from_json`: as `transfers_decoded`, plus JSON decoding of each record.
 //! - `json_decode`: decoding alone.
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, Throughput};
 use tribunal_shards::envelope::Envelope;
 use tribunal_shards::inventory::{Inventory, InventoryCommand, KitComponent};
 use tribunal_shards::simulator::{Simulator, SimulatorConfig};
@@ -113,6 +114,52 @@ fn run_decoded(sim: &mut Simulator<Inventory>, events: Vec<Envelope<Inventory>>)
     }
 }
 
+/// Plans `events` in batches with the Usher alone; how many shard messages it made.
+fn plan_only(mut usher: Usher<Inventory>, events: Vec<Envelope<Inventory>>) -> usize {
+    let mut iter = events.into_iter().enumerate().peekable();
+    let mut messages = 0usize;
+    while iter.peek().is_some() {
+        let batch: Vec<_> = iter
+            .by_ref()
+            .take(BATCH)
+            .map(|(i, e)| Decoded { offset: i as u64, timestamp_ms: (i / 10) as u64, envelope: Ok(e) })
+            .collect();
+        messages += usher.plan_decoded(batch).unwrap().messages.len();
+    }
+    messages
+}
+
+/// Benchmarks from JSON records: the whole core (`transfers_from_json`), and the
+/// decoding alone (`json_decode`).
+fn bench_json(group: &mut BenchmarkGroup<'_, WallTime>, transfers: &[Envelope<Inventory>]) {
+    let base = (SKUS * WAREHOUSES) as u64;
+    let records: Vec<Record> = transfers
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Record {
+            partition: 0,
+            offset: base + i as u64,
+            timestamp_ms: (i / 10) as u64,
+            payload: e.encode(),
+        })
+        .collect();
+    group.bench_function("transfers_from_json", |b| {
+        b.iter_batched(
+            || seeded_simulator(1),
+            |mut sim| {
+                for batch in records.chunks(BATCH) {
+                    sim.process_batch(batch).unwrap();
+                }
+                sim
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("json_decode", |b| {
+        b.iter(|| records.iter().filter(|r| Envelope::<Inventory>::decode(&r.payload).is_ok()).count())
+    });
+}
+
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("core");
     group.sample_size(10);
@@ -140,19 +187,7 @@ fn bench(c: &mut Criterion) {
                 });
                 (usher, transfers.clone())
             },
-            |(mut usher, events)| {
-                let mut iter = events.into_iter().enumerate().peekable();
-                let mut messages = 0usize;
-                while iter.peek().is_some() {
-                    let batch: Vec<_> = iter
-                        .by_ref()
-                        .take(BATCH)
-                        .map(|(i, e)| Decoded { offset: i as u64, timestamp_ms: (i / 10) as u64, envelope: Ok(e) })
-                        .collect();
-                    messages += usher.plan_decoded(batch).unwrap().messages.len();
-                }
-                messages
-            },
+            |(usher, events)| plan_only(usher, events),
             BatchSize::PerIteration,
         )
     });
@@ -168,32 +203,7 @@ fn bench(c: &mut Criterion) {
         });
     }
 
-    let base = (SKUS * WAREHOUSES) as u64;
-    let records: Vec<Record> = transfers
-        .iter()
-        .enumerate()
-        .map(|(i, e)| Record {
-            partition: 0,
-            offset: base + i as u64,
-            timestamp_ms: (i / 10) as u64,
-            payload: e.encode(),
-        })
-        .collect();
-    group.bench_function("transfers_from_json", |b| {
-        b.iter_batched(
-            || seeded_simulator(1),
-            |mut sim| {
-                for batch in records.chunks(BATCH) {
-                    sim.process_batch(batch).unwrap();
-                }
-                sim
-            },
-            BatchSize::PerIteration,
-        )
-    });
-    group.bench_function("json_decode", |b| {
-        b.iter(|| records.iter().filter(|r| Envelope::<Inventory>::decode(&r.payload).is_ok()).count())
-    });
+    bench_json(&mut group, &transfers);
     group.finish();
 }
 

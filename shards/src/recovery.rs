@@ -16,7 +16,7 @@ use crate::domain::Domain;
 use crate::ledger::{LedgerRecord, ScanEnd, Scanned};
 use crate::registrar::MAX_PARTITIONS;
 use crate::router::ShardId;
-use crate::usher::{home_shard, Usher, UsherConfig, UsherSnapshot};
+use crate::usher::{home_shard, Usher, UsherConfig, UsherDelta, UsherSnapshot};
 
 /// One segment of a shard, as scanned.
 pub struct SegmentScan<D: Domain> {
@@ -81,6 +81,11 @@ fn record_partition_offset<D: Domain>(record: &LedgerRecord<D>) -> (u32, u64) {
     }
 }
 
+/// Entry records to replay, as (partition, offset, record).
+type Entries<'a, D> = Vec<(u32, u64, &'a LedgerRecord<D>)>;
+/// Each partition's Usher journal, from its home shard's batch-end markers.
+type Journals<'a> = BTreeMap<u32, Vec<&'a UsherDelta>>;
+
 /// Rebuilds an instance from its Ledger and snapshot.
 pub fn recover<D: Domain>(
     shard_count: u16,
@@ -90,11 +95,21 @@ pub fn recover<D: Domain>(
 ) -> Result<Recovered<D>, RecoveryError> {
     logs.sort_by_key(|l| l.shard);
     assert!(logs.iter().all(|l| l.shard < shard_count), "one log per shard of this instance");
-    let mut cuts = Vec::new();
+    let mut cuts = cut_invalid_tails(&mut logs);
+    let (all_places, kept, watermarks) = settle_watermarks(&logs, &snapshot, shard_count);
+    cut_past_watermarks(&logs, &all_places, &kept, &mut cuts);
+    let mut arbiters = restore_snapshot(&snapshot, shard_count)?;
+    let (entries, journals) = collect_entries(&logs, &all_places, &kept, &snapshot, shard_count);
+    let replayed_entries = apply_entries(&mut arbiters, entries, shard_count)?;
+    let ushers = rebuild_ushers(usher_config, &watermarks, &snapshot, journals)?;
+    Ok(Recovered { arbiters, ushers, watermarks, cuts, replayed_entries })
+}
 
-    // spec: Recovery.TornTailTruncated — the valid prefix ends at the first invalid
-    // record; later segments of that shard are dropped.
-    for log in &mut logs {
+/// spec: Recovery.TornTailTruncated — the valid prefix ends at the first invalid
+/// record; later segments of that shard are dropped. Returns the cuts this makes.
+fn cut_invalid_tails<D: Domain>(logs: &mut [ShardLog<D>]) -> Vec<Cut> {
+    let mut cuts = Vec::new();
+    for log in logs {
         if let Some(bad) = log.segments.iter().position(|s| s.end != ScanEnd::Clean) {
             let ScanEnd::Invalid { position, reason } = log.segments[bad].end.clone() else { unreachable!() };
             cuts.push(Cut { shard: log.shard, segment: log.segments[bad].segment, position, reason });
@@ -102,10 +117,18 @@ pub fn recover<D: Domain>(
             log.segments[bad].end = ScanEnd::Clean;
         }
     }
+    cuts
+}
 
-    // spec: Recovery.DurableWatermarkRecomputed, Recovery.ReplayBoundedByWatermark —
-    // W = min over shards of the last marker; records past W are cut; cutting may
-    // remove another partition's marker, so repeat until W stops falling.
+/// spec: Recovery.DurableWatermarkRecomputed, Recovery.ReplayBoundedByWatermark —
+/// W = min over shards of the last marker; records past W are cut; cutting may
+/// remove another partition's marker, so repeat until W stops falling. Returns every
+/// log's record places, how many of them are kept, and W.
+fn settle_watermarks<D: Domain>(
+    logs: &[ShardLog<D>],
+    snapshot: &BTreeMap<u32, PartitionSnapshot<D>>,
+    shard_count: u16,
+) -> (Vec<Vec<Place>>, Vec<usize>, BTreeMap<u32, u64>) {
     let all_places: Vec<Vec<Place>> = logs
         .iter()
         .map(|log| {
@@ -114,7 +137,7 @@ pub fn recover<D: Domain>(
         .collect();
     let mut kept: Vec<usize> = all_places.iter().map(Vec::len).collect();
     let watermarks = loop {
-        let watermarks = durable_watermarks(&logs, &all_places, &kept, &snapshot, shard_count);
+        let watermarks = durable_watermarks(logs, &all_places, &kept, snapshot, shard_count);
         let mut changed = false;
         for (i, log) in logs.iter().enumerate() {
             let first_beyond = all_places[i][..kept[i]].iter().position(|&(s, r)| {
@@ -130,6 +153,17 @@ pub fn recover<D: Domain>(
             break watermarks;
         }
     };
+    (all_places, kept, watermarks)
+}
+
+/// Cuts each log whose records are not all kept right after its last kept record;
+/// this cut replaces the shard's torn-tail cut.
+fn cut_past_watermarks<D: Domain>(
+    logs: &[ShardLog<D>],
+    all_places: &[Vec<Place>],
+    kept: &[usize],
+    cuts: &mut Vec<Cut>,
+) {
     for (i, log) in logs.iter().enumerate() {
         if kept[i] < all_places[i].len() {
             let (segment, position) = match kept[i].checked_sub(1).map(|k| all_places[i][k]) {
@@ -145,10 +179,16 @@ pub fn recover<D: Domain>(
             });
         }
     }
+}
 
-    // spec: Recovery.SnapshotLoaded, Recovery.RegistrarRebuilt
+/// spec: Recovery.SnapshotLoaded, Recovery.RegistrarRebuilt — new Arbiters holding
+/// the snapshot's entities, each checked.
+fn restore_snapshot<D: Domain>(
+    snapshot: &BTreeMap<u32, PartitionSnapshot<D>>,
+    shard_count: u16,
+) -> Result<Vec<Arbiter<D>>, RecoveryError> {
     let mut arbiters: Vec<Arbiter<D>> = (0..shard_count).map(|s| Arbiter::new(s, shard_count)).collect();
-    for (partition, part) in &snapshot {
+    for (partition, part) in snapshot {
         if *partition >= MAX_PARTITIONS {
             return Err(RecoveryError::Corrupt { partition: *partition, reason: "partition out of range".into() });
         }
@@ -160,9 +200,21 @@ pub fn recover<D: Domain>(
             arbiters[shard_of::<D>(key, shard_count) as usize].restore_entity(*partition, key, *state);
         }
     }
+    Ok(arbiters)
+}
+
+/// The kept records past each partition's snapshot marker: the entries, sorted by
+/// (partition, offset), and the journals from each partition's home shard.
+fn collect_entries<'a, D: Domain>(
+    logs: &'a [ShardLog<D>],
+    all_places: &[Vec<Place>],
+    kept: &[usize],
+    snapshot: &BTreeMap<u32, PartitionSnapshot<D>>,
+    shard_count: u16,
+) -> (Entries<'a, D>, Journals<'a>) {
     let marker = |partition: u32| snapshot.get(&partition).map(|p| p.marker_offset);
-    let mut entries: Vec<(u32, u64, &LedgerRecord<D>)> = Vec::new();
-    let mut journals: BTreeMap<u32, Vec<&crate::usher::UsherDelta>> = BTreeMap::new();
+    let mut entries: Entries<'a, D> = Vec::new();
+    let mut journals: Journals<'a> = BTreeMap::new();
     for (i, log) in logs.iter().enumerate() {
         for &(s, r) in &all_places[i][..kept[i]] {
             let record = &log.segments[s].records[r].record;
@@ -182,6 +234,16 @@ pub fn recover<D: Domain>(
         }
     }
     entries.sort_by_key(|(partition, offset, _)| (*partition, *offset));
+    (entries, journals)
+}
+
+/// Applies the sorted entries' deltas to the Arbiters owning their entities, each
+/// checked. Returns how many entries were replayed.
+fn apply_entries<D: Domain>(
+    arbiters: &mut [Arbiter<D>],
+    entries: Entries<'_, D>,
+    shard_count: u16,
+) -> Result<u64, RecoveryError> {
     // Exactly one entry per offset: a second one can only come from a damaged Ledger.
     if let Some(pair) = entries.windows(2).find(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1)) {
         let reason = format!("two entries for offset {}", pair[0].1);
@@ -199,8 +261,17 @@ pub fn recover<D: Domain>(
             arbiters[owner].restore_entity(partition, key, *state);
         }
     }
+    Ok(replayed_entries)
+}
 
-    // spec: Recovery.WardenRebuilt
+/// spec: Recovery.WardenRebuilt — an Usher for every partition with a watermark or
+/// a snapshot: restored from the snapshot, then its journal replayed up to W.
+fn rebuild_ushers<D: Domain>(
+    usher_config: impl Fn(u32) -> UsherConfig,
+    watermarks: &BTreeMap<u32, u64>,
+    snapshot: &BTreeMap<u32, PartitionSnapshot<D>>,
+    mut journals: Journals<'_>,
+) -> Result<BTreeMap<u32, Usher<D>>, RecoveryError> {
     let mut ushers = BTreeMap::new();
     let partitions: Vec<u32> = watermarks.keys().chain(snapshot.keys()).copied().collect();
     for partition in partitions {
@@ -209,33 +280,47 @@ pub fn recover<D: Domain>(
         }
         let mut usher = Usher::<D>::new(usher_config(partition));
         if let Some(part) = snapshot.get(&partition) {
-            usher.restore(&part.usher).map_err(|reason| RecoveryError::Corrupt { partition, reason })?;
+            usher
+                .restore(&part.usher)
+                .map_err(|error| RecoveryError::Corrupt { partition, reason: error.to_string() })?;
         }
         let watermark = watermarks.get(&partition).copied();
-        let mut journal = journals.remove(&partition).unwrap_or_default();
-        journal.sort_by_key(|d| d.first_offset);
-        for delta in journal {
-            if watermark.is_some_and(|w| delta.last_offset > w) {
-                break;
-            }
-            if delta.first_offset != usher.next_offset() {
-                return Err(RecoveryError::JournalGap {
-                    partition,
-                    expected: usher.next_offset(),
-                    found: delta.first_offset,
-                });
-            }
-            usher.apply_delta(delta).map_err(|reason| RecoveryError::Corrupt { partition, reason })?;
-        }
-        if let Some(w) = watermark {
-            if usher.next_offset() != w + 1 {
-                let journal_end = usher.next_offset().checked_sub(1);
-                return Err(RecoveryError::JournalShort { partition, journal_end, watermark: w });
-            }
-        }
+        let journal = journals.remove(&partition).unwrap_or_default();
+        replay_journal(&mut usher, partition, journal, watermark)?;
         ushers.insert(partition, usher);
     }
-    Ok(Recovered { arbiters, ushers, watermarks, cuts, replayed_entries })
+    Ok(ushers)
+}
+
+/// Replays a partition's journal, in offset order, into its Usher up to the
+/// watermark, which the journal must then reach exactly.
+fn replay_journal<D: Domain>(
+    usher: &mut Usher<D>,
+    partition: u32,
+    mut journal: Vec<&UsherDelta>,
+    watermark: Option<u64>,
+) -> Result<(), RecoveryError> {
+    journal.sort_by_key(|d| d.first_offset);
+    for delta in journal {
+        if watermark.is_some_and(|w| delta.last_offset > w) {
+            break;
+        }
+        if delta.first_offset != usher.next_offset() {
+            return Err(RecoveryError::JournalGap {
+                partition,
+                expected: usher.next_offset(),
+                found: delta.first_offset,
+            });
+        }
+        usher.apply_delta(delta).map_err(|error| RecoveryError::Corrupt { partition, reason: error.to_string() })?;
+    }
+    if let Some(w) = watermark {
+        if usher.next_offset() != w + 1 {
+            let journal_end = usher.next_offset().checked_sub(1);
+            return Err(RecoveryError::JournalShort { partition, journal_end, watermark: w });
+        }
+    }
+    Ok(())
 }
 
 /// W per partition: min over shards of each shard's last kept marker, never below

@@ -30,6 +30,74 @@ struct Partition<D: Domain> {
     halted: Option<Halted>,
 }
 
+impl<D: Domain> Partition<D> {
+    /// A partition before its first record.
+    fn new(initial_version: Version) -> Self {
+        Self {
+            stream_time_ms: 0,
+            version: initial_version,
+            keys: BTreeMap::new(),
+            recorded: VecDeque::new(),
+            state: BTreeMap::new(),
+            next_offset: 0,
+            halted: None,
+        }
+    }
+
+    /// Moves stream time to `timestamp_ms` if later, then forgets every key recorded
+    /// `ttl_ms` or more before it (eager expiry).
+    fn advance(&mut self, timestamp_ms: u64, ttl_ms: u64) {
+        self.stream_time_ms = self.stream_time_ms.max(timestamp_ms);
+        while let Some((recorded_at, key, offset)) = self.recorded.front() {
+            if self.stream_time_ms - recorded_at < ttl_ms {
+                break;
+            }
+            if self.keys.get(key).is_some_and(|e| e.offset == *offset) {
+                self.keys.remove(key);
+            }
+            self.recorded.pop_front();
+        }
+    }
+
+    /// The idempotency answer for a known key (replay or conflict) or a full table;
+    /// `None` when the key is new and there is room for it.
+    fn key_verdict(&self, key: &str, digest: u64, max_entries: u64) -> Option<Verdict> {
+        if let Some(entry) = self.keys.get(key) {
+            let original_offset = entry.offset;
+            return Some(if entry.payload_digest == digest {
+                Verdict::Replay { original_offset }
+            } else {
+                Verdict::Conflict { original_offset }
+            });
+        }
+        (self.keys.len() as u64 >= max_entries).then_some(Verdict::WardenFull)
+    }
+
+    /// Evaluates a domain command against this partition's state, keeping the new
+    /// states if accepted; the verdict and the output body.
+    fn evaluate(&mut self, command: &D::Command) -> (Verdict, Vec<u8>) {
+        let mut keys = Vec::new();
+        D::entities(command, &mut keys);
+        let mut states: Vec<D::State> = keys.iter().map(|k| self.state.get(k).copied().unwrap_or_default()).collect();
+        let mut body = Vec::new();
+        let decision = D::evaluate(self.version, &keys, &mut states, command, self.stream_time_ms, &mut body);
+        let verdict = match decision {
+            Decision::Accepted => {
+                for (key, state) in keys.into_iter().zip(states) {
+                    if state == D::State::default() {
+                        self.state.remove(&key);
+                    } else {
+                        self.state.insert(key, state);
+                    }
+                }
+                Verdict::Accepted { version: self.version }
+            }
+            Decision::Rejected(code) => Verdict::Rejected { version: self.version, code: code.to_string() },
+        };
+        (verdict, body)
+    }
+}
+
 pub struct Reference<D: Domain> {
     warden: WardenConfig,
     initial_version: Version,
@@ -45,29 +113,12 @@ impl<D: Domain> Reference<D> {
     pub fn apply(&mut self, record: &Record) -> Result<EncodedOutput, Halted> {
         let warden = self.warden;
         let initial_version = self.initial_version;
-        let p = self.partitions.entry(record.partition).or_insert_with(|| Partition {
-            stream_time_ms: 0,
-            version: initial_version,
-            keys: BTreeMap::new(),
-            recorded: VecDeque::new(),
-            state: BTreeMap::new(),
-            next_offset: 0,
-            halted: None,
-        });
+        let p = self.partitions.entry(record.partition).or_insert_with(|| Partition::new(initial_version));
         if let Some(halted) = &p.halted {
             return Err(halted.clone());
         }
         assert_eq!(record.offset, p.next_offset);
-        p.stream_time_ms = p.stream_time_ms.max(record.timestamp_ms);
-        while let Some((recorded_at, key, offset)) = p.recorded.front() {
-            if p.stream_time_ms - recorded_at < warden.ttl_ms {
-                break;
-            }
-            if p.keys.get(key).is_some_and(|e| e.offset == *offset) {
-                p.keys.remove(key);
-            }
-            p.recorded.pop_front();
-        }
+        p.advance(record.timestamp_ms, warden.ttl_ms);
         let output = |verdict: Verdict, body: Vec<u8>| {
             Output { partition: record.partition, offset: record.offset, verdict, body }.encode()
         };
@@ -79,19 +130,9 @@ impl<D: Domain> Reference<D> {
             }
         };
         let digest = envelope.payload_digest();
-        if let Some(entry) = p.keys.get(&envelope.key) {
+        if let Some(verdict) = p.key_verdict(&envelope.key, digest, warden.max_entries) {
             p.next_offset += 1;
-            let original_offset = entry.offset;
-            let verdict = if entry.payload_digest == digest {
-                Verdict::Replay { original_offset }
-            } else {
-                Verdict::Conflict { original_offset }
-            };
             return Ok(output(verdict, Vec::new()));
-        }
-        if p.keys.len() as u64 >= warden.max_entries {
-            p.next_offset += 1;
-            return Ok(output(Verdict::WardenFull, Vec::new()));
         }
         if let Command::Admin(AdminCommand::ActivateVersion { version }) = &envelope.command {
             if !D::supports(*version) {
@@ -109,25 +150,7 @@ impl<D: Domain> Reference<D> {
                 Ok(output(Verdict::VersionActivated { version }, Vec::new()))
             }
             Command::Domain(command) => {
-                let mut keys = Vec::new();
-                D::entities(&command, &mut keys);
-                let mut states: Vec<D::State> =
-                    keys.iter().map(|k| p.state.get(k).copied().unwrap_or_default()).collect();
-                let mut body = Vec::new();
-                let decision = D::evaluate(p.version, &keys, &mut states, &command, p.stream_time_ms, &mut body);
-                let verdict = match decision {
-                    Decision::Accepted => {
-                        for (key, state) in keys.into_iter().zip(states) {
-                            if state == D::State::default() {
-                                p.state.remove(&key);
-                            } else {
-                                p.state.insert(key, state);
-                            }
-                        }
-                        Verdict::Accepted { version: p.version }
-                    }
-                    Decision::Rejected(code) => Verdict::Rejected { version: p.version, code: code.to_string() },
-                };
+                let (verdict, body) = p.evaluate(&command);
                 Ok(output(verdict, body))
             }
         }

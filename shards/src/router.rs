@@ -203,9 +203,26 @@ impl<K: Clone + Eq + Hash> Router<K> {
     pub fn route(
         &mut self,
         event_count: usize,
-        mut keys_of: impl FnMut(usize, &mut Vec<K>),
+        keys_of: impl FnMut(usize, &mut Vec<K>),
         shard_of: impl Fn(&K) -> ShardId,
     ) -> &Routing {
+        self.union_events(event_count, keys_of, shard_of);
+        // Number components by their first event, then lay events and nodes out
+        // component by component (a counting sort, so both stay in order inside).
+        self.number_components(event_count);
+        self.lay_out_components();
+        self.lay_out_events(event_count);
+        self.lay_out_nodes();
+        &self.routing
+    }
+
+    /// Interns every event's keys and unions each event's entities into one set.
+    fn union_events(
+        &mut self,
+        event_count: usize,
+        mut keys_of: impl FnMut(usize, &mut Vec<K>),
+        shard_of: impl Fn(&K) -> ShardId,
+    ) {
         self.node_of_key.clear();
         self.keys.clear();
         self.shard.clear();
@@ -226,11 +243,12 @@ impl<K: Clone + Eq + Hash> Router<K> {
             self.first_node_of_event.push(first_node);
         }
         self.keys_scratch = keys;
+    }
 
-        // Number components by their first event, then lay events and nodes out
-        // component by component (a counting sort, so both stay in order inside).
-        let routing = &mut self.routing;
-        routing.components.clear();
+    /// Numbers the components in the order of their first event and counts each
+    /// component's events.
+    fn number_components(&mut self, event_count: usize) {
+        self.routing.components.clear();
         self.component_of_root.clear();
         self.component_of_root.resize(self.keys.len(), NO_COMPONENT);
         self.component_of_event.clear();
@@ -246,6 +264,11 @@ impl<K: Clone + Eq + Hash> Router<K> {
             self.component_of_event.push(component);
             self.counts[component as usize] += 1;
         }
+    }
+
+    /// Gives each component its spans of events and nodes and its placement; leaves
+    /// each component's first event slot in `cursor`.
+    fn lay_out_components(&mut self) {
         let component_count = self.counts.len();
         let mut shards = vec![ShardSet::default(); component_count];
         let mut node_counts = vec![0u32; component_count];
@@ -260,7 +283,7 @@ impl<K: Clone + Eq + Hash> Router<K> {
         for component in 0..component_count {
             let set = shards[component];
             let lowest = set.lowest().expect("a component owns at least one entity");
-            routing.components.push(RoutedComponent {
+            self.routing.components.push(RoutedComponent {
                 events: event_start..event_start + self.counts[component],
                 nodes: node_start..node_start + node_counts[component],
                 placement: if set.len() == 1 {
@@ -273,6 +296,11 @@ impl<K: Clone + Eq + Hash> Router<K> {
             event_start += self.counts[component];
             node_start += node_counts[component];
         }
+    }
+
+    /// Fills `routing.events`, component by component, each in log order.
+    fn lay_out_events(&mut self, event_count: usize) {
+        let routing = &mut self.routing;
         routing.events.clear();
         routing.events.resize(event_count, 0);
         for event in 0..event_count {
@@ -280,6 +308,11 @@ impl<K: Clone + Eq + Hash> Router<K> {
             routing.events[self.cursor[component] as usize] = event as u32;
             self.cursor[component] += 1;
         }
+    }
+
+    /// Fills `routing.nodes`, component by component, each in first-seen order.
+    fn lay_out_nodes(&mut self) {
+        let routing = &mut self.routing;
         for (component, cursor) in self.cursor.iter_mut().enumerate() {
             *cursor = routing.components[component].nodes.start;
         }
@@ -291,7 +324,6 @@ impl<K: Clone + Eq + Hash> Router<K> {
             routing.nodes[self.cursor[component] as usize] = node as u32;
             self.cursor[component] += 1;
         }
-        &self.routing
     }
 }
 

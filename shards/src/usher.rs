@@ -15,7 +15,7 @@ use crate::output::{encode_output, EncodedOutput, Verdict};
 use crate::router::{Placement, Router, ShardId, MAX_SHARDS};
 use serde::{Deserialize, Serialize};
 
-use crate::warden::{Warden, WardenCheck, WardenConfig, WardenSnapshot};
+use crate::warden::{Warden, WardenCheck, WardenConfig, WardenSnapshot, WardenSnapshotError};
 
 /// One record of the input log, as the log gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +62,34 @@ pub struct Halted {
     pub reason: String,
 }
 
+/// Why [`Usher::restore`] refused a snapshot read from disk.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsherSnapshotError {
+    #[error("snapshot of partition {found} for partition {expected}")]
+    WrongPartition { found: u32, expected: u32 },
+    #[error("snapshot at domain version {0}, which this binary lacks")]
+    UnsupportedVersion(Version),
+    #[error(transparent)]
+    Warden(#[from] WardenSnapshotError),
+}
+
+/// Why [`Usher::apply_delta`] refused a journal read from disk.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal of partition {found} for partition {expected}")]
+    WrongPartition { found: u32, expected: u32 },
+    #[error("journal covers {first_offset}..={last_offset}, expected to start at {expected}")]
+    Misplaced { first_offset: u64, last_offset: u64, expected: u64 },
+    #[error("journal {first_offset}..={last_offset} is out of order or outside its batch")]
+    OutOfOrder { first_offset: u64, last_offset: u64 },
+    #[error("journal switches to domain version {0}, which this binary lacks")]
+    UnsupportedVersion(Version),
+    #[error("journal records a key at offset {offset} that was not new")]
+    KeyNotNew { offset: u64 },
+    #[error("journal ends at the last possible offset")]
+    EndsAtLastOffset,
+}
+
 /// What one batch did to the Usher's own state: enough to rebuild the Warden,
 /// stream time and version exactly (spec: Recovery.WardenRebuilt). It rides on the
 /// home shard's batch-end marker in the Ledger.
@@ -100,6 +128,16 @@ pub struct BatchPlan<D: Domain> {
     pub snapshot: Option<UsherSnapshot>,
     /// Set when the Usher halted inside this batch; later batches are refused.
     pub halted: Option<Halted>,
+}
+
+/// What [`Usher::plan_decoded`] did with one record.
+enum RecordStep {
+    /// Before `next_offset`: a redelivery, skipped.
+    Redelivered,
+    /// Answered or turned into an event; `next_offset` moves past it.
+    Planned,
+    /// The Usher halted at or before this record; the batch ends.
+    Halted,
 }
 
 /// Messages for the shards, each with its destination, in order.
@@ -157,15 +195,15 @@ impl<D: Domain> Usher<D> {
     }
 
     /// Restores the state a snapshot captured. Snapshots come from disk: checked.
-    pub fn restore(&mut self, snapshot: &UsherSnapshot) -> Result<(), String> {
+    pub fn restore(&mut self, snapshot: &UsherSnapshot) -> Result<(), UsherSnapshotError> {
         if snapshot.partition != self.config.partition {
-            return Err(format!(
-                "snapshot of partition {} for partition {}",
-                snapshot.partition, self.config.partition
-            ));
+            return Err(UsherSnapshotError::WrongPartition {
+                found: snapshot.partition,
+                expected: self.config.partition,
+            });
         }
         if !D::supports(snapshot.version) {
-            return Err(format!("snapshot at domain version {}, which this binary lacks", snapshot.version));
+            return Err(UsherSnapshotError::UnsupportedVersion(snapshot.version));
         }
         self.warden = Warden::from_snapshot(self.config.warden, &snapshot.warden)?;
         self.next_offset = snapshot.next_offset;
@@ -177,15 +215,16 @@ impl<D: Domain> Usher<D> {
     /// Replays one batch's journal (spec: Recovery.WardenRebuilt). Journals are applied
     /// in order, starting right after the snapshot (or at offset 0). A journal comes
     /// from disk, so it is checked before anything is applied.
-    pub fn apply_delta(&mut self, delta: &UsherDelta) -> Result<(), String> {
+    pub fn apply_delta(&mut self, delta: &UsherDelta) -> Result<(), JournalError> {
         if delta.partition != self.config.partition {
-            return Err(format!("journal of partition {} for partition {}", delta.partition, self.config.partition));
+            return Err(JournalError::WrongPartition { found: delta.partition, expected: self.config.partition });
         }
         if delta.first_offset != self.next_offset || delta.last_offset < delta.first_offset {
-            return Err(format!(
-                "journal covers {}..={}, expected to start at {}",
-                delta.first_offset, delta.last_offset, self.next_offset
-            ));
+            return Err(JournalError::Misplaced {
+                first_offset: delta.first_offset,
+                last_offset: delta.last_offset,
+                expected: self.next_offset,
+            });
         }
         let in_batch = |offset: u64| (delta.first_offset..=delta.last_offset).contains(&offset);
         let increasing_steps = delta.time_steps.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1);
@@ -196,13 +235,10 @@ impl<D: Domain> Usher<D> {
             || !delta.recorded.iter().all(|r| in_batch(r.0))
             || delta.time_steps.first().is_some_and(|s| s.1 <= self.stream_time_ms)
         {
-            return Err(format!(
-                "journal {}..={} is out of order or outside its batch",
-                delta.first_offset, delta.last_offset
-            ));
+            return Err(JournalError::OutOfOrder { first_offset: delta.first_offset, last_offset: delta.last_offset });
         }
         if !D::supports(delta.version_after) {
-            return Err(format!("journal switches to domain version {}, which this binary lacks", delta.version_after));
+            return Err(JournalError::UnsupportedVersion(delta.version_after));
         }
         // Advance the Warden at every offset where stream time rose or a key was
         // recorded, in offset order: the same calls that changed it the first time.
@@ -221,12 +257,12 @@ impl<D: Domain> Usher<D> {
             self.warden.advance(offset, self.stream_time_ms);
             if let Some((_, fingerprint, digest)) = recorded.next_if(|key| key.0 == offset) {
                 if self.warden.check(fingerprint, digest, offset) != WardenCheck::New {
-                    return Err(format!("journal records a key at offset {offset} that was not new"));
+                    return Err(JournalError::KeyNotNew { offset });
                 }
             }
         }
         self.version = delta.version_after;
-        self.next_offset = delta.last_offset.checked_add(1).ok_or("journal ends at the last possible offset")?;
+        self.next_offset = delta.last_offset.checked_add(1).ok_or(JournalError::EndsAtLastOffset)?;
         Ok(())
     }
 
@@ -304,82 +340,111 @@ impl<D: Domain> Usher<D> {
         let mut last_offset = None;
 
         for record in records {
-            if record.offset < self.next_offset {
-                // spec: Usher.RedeliveredRecordIgnored — a redelivery after a seek or reconnect.
-                continue;
-            }
-            if record.offset > self.next_offset {
-                // spec: Usher.OffsetGapHalts — never guess past a hole in the log.
-                let reason = format!("gap in the log: expected offset {}, got {}", self.next_offset, record.offset);
-                self.halt(self.next_offset, reason);
-                break;
-            }
-            // spec: Usher.StreamTimeIsMaxTimestamp
-            if record.timestamp_ms > self.stream_time_ms {
-                self.stream_time_ms = self.stream_time_ms.max(record.timestamp_ms);
-                self.delta.time_steps.push((record.offset, self.stream_time_ms));
-            }
-            self.warden.advance(record.offset, self.stream_time_ms);
-
-            let envelope = match record.envelope {
-                Ok(envelope) => envelope,
-                Err(error) => {
-                    // spec: Usher.MalformedRecordRejected
-                    outputs
-                        .push(self.usher_output(record.offset, Verdict::Malformed { reason: error.code().to_owned() }));
+            let offset = record.offset;
+            match self.plan_record(record, &mut outputs, &mut events) {
+                RecordStep::Redelivered => continue,
+                RecordStep::Halted => break,
+                RecordStep::Planned => {
                     self.next_offset += 1;
-                    last_offset = Some(record.offset);
-                    continue;
-                }
-            };
-            let fingerprint = key_fingerprint(&envelope.key);
-            let payload_digest = envelope.payload_digest();
-            let check = self.warden.check(fingerprint, payload_digest, record.offset);
-            if check == WardenCheck::New {
-                self.delta.recorded.push((record.offset, fingerprint, payload_digest));
-            }
-            let verdict = match check {
-                WardenCheck::Replay { original_offset } => Some(Verdict::Replay { original_offset }),
-                WardenCheck::Conflict { original_offset } => Some(Verdict::Conflict { original_offset }),
-                WardenCheck::Full => Some(Verdict::WardenFull),
-                WardenCheck::New => None,
-            };
-            if let Some(verdict) = verdict {
-                outputs.push(self.usher_output(record.offset, verdict));
-                self.next_offset += 1;
-                last_offset = Some(record.offset);
-                continue;
-            }
-            match envelope.command {
-                Command::Admin(AdminCommand::ActivateVersion { version }) => {
-                    if !D::supports(version) {
-                        // spec: Versioning.UnknownVersionHalts
-                        let reason = format!(
-                            "the log activates domain version {version}, which this binary lacks (it supports {:?}); \
-                             deploy a binary that knows it, then restart",
-                            D::SUPPORTED_VERSIONS
-                        );
-                        self.halt(record.offset, reason);
-                        break;
-                    }
-                    // spec: Versioning.ActivateAtNextOffset
-                    self.version = version;
-                    outputs.push(self.usher_output(record.offset, Verdict::VersionActivated { version }));
-                }
-                Command::Domain(command) => {
-                    events.push(Event {
-                        partition,
-                        offset: record.offset,
-                        stream_time_ms: self.stream_time_ms,
-                        version: self.version,
-                        command,
-                    });
+                    last_offset = Some(offset);
                 }
             }
-            self.next_offset += 1;
-            last_offset = Some(record.offset);
         }
+        Ok(self.finish_plan(events, outputs, last_offset))
+    }
 
+    /// Plans one record at or past `next_offset`: an Usher verdict goes to `outputs`,
+    /// a new domain event to `events`. Leaves `next_offset` to the caller.
+    fn plan_record(
+        &mut self,
+        record: Decoded<D>,
+        outputs: &mut Vec<EncodedOutput>,
+        events: &mut Vec<Event<D>>,
+    ) -> RecordStep {
+        if record.offset < self.next_offset {
+            // spec: Usher.RedeliveredRecordIgnored — a redelivery after a seek or reconnect.
+            return RecordStep::Redelivered;
+        }
+        if record.offset > self.next_offset {
+            // spec: Usher.OffsetGapHalts — never guess past a hole in the log.
+            let reason = format!("gap in the log: expected offset {}, got {}", self.next_offset, record.offset);
+            self.halt(self.next_offset, reason);
+            return RecordStep::Halted;
+        }
+        // spec: Usher.StreamTimeIsMaxTimestamp
+        if record.timestamp_ms > self.stream_time_ms {
+            self.stream_time_ms = self.stream_time_ms.max(record.timestamp_ms);
+            self.delta.time_steps.push((record.offset, self.stream_time_ms));
+        }
+        self.warden.advance(record.offset, self.stream_time_ms);
+
+        let envelope = match record.envelope {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                // spec: Usher.MalformedRecordRejected
+                outputs.push(self.usher_output(record.offset, Verdict::Malformed { reason: error.code().to_owned() }));
+                return RecordStep::Planned;
+            }
+        };
+        if let Some(verdict) = self.warden_verdict(&envelope, record.offset) {
+            outputs.push(self.usher_output(record.offset, verdict));
+            return RecordStep::Planned;
+        }
+        match envelope.command {
+            Command::Admin(AdminCommand::ActivateVersion { version }) => {
+                if !D::supports(version) {
+                    // spec: Versioning.UnknownVersionHalts
+                    let reason = format!(
+                        "the log activates domain version {version}, which this binary lacks (it supports {:?}); \
+                         deploy a binary that knows it, then restart",
+                        D::SUPPORTED_VERSIONS
+                    );
+                    self.halt(record.offset, reason);
+                    return RecordStep::Halted;
+                }
+                // spec: Versioning.ActivateAtNextOffset
+                self.version = version;
+                outputs.push(self.usher_output(record.offset, Verdict::VersionActivated { version }));
+            }
+            Command::Domain(command) => {
+                events.push(Event {
+                    partition: self.config.partition,
+                    offset: record.offset,
+                    stream_time_ms: self.stream_time_ms,
+                    version: self.version,
+                    command,
+                });
+            }
+        }
+        RecordStep::Planned
+    }
+
+    /// Asks the Warden about a record's key, journaling a new one; the Usher's own
+    /// verdict for a replay, a conflict or a full Warden, `None` for a new key.
+    fn warden_verdict(&mut self, envelope: &Envelope<D>, offset: u64) -> Option<Verdict> {
+        let fingerprint = key_fingerprint(&envelope.key);
+        let payload_digest = envelope.payload_digest();
+        let check = self.warden.check(fingerprint, payload_digest, offset);
+        if check == WardenCheck::New {
+            self.delta.recorded.push((offset, fingerprint, payload_digest));
+        }
+        match check {
+            WardenCheck::Replay { original_offset } => Some(Verdict::Replay { original_offset }),
+            WardenCheck::Conflict { original_offset } => Some(Verdict::Conflict { original_offset }),
+            WardenCheck::Full => Some(Verdict::WardenFull),
+            WardenCheck::New => None,
+        }
+    }
+
+    /// Closes the batch's journal, takes a requested snapshot and dispatches the
+    /// batch's events and decided outputs to the shards.
+    fn finish_plan(
+        &mut self,
+        events: Vec<Event<D>>,
+        outputs: Vec<EncodedOutput>,
+        last_offset: Option<u64>,
+    ) -> BatchPlan<D> {
+        let partition = self.config.partition;
         self.delta.version_after = self.version;
         let mut snapshot = None;
         let messages = match last_offset {
@@ -394,7 +459,7 @@ impl<D: Domain> Usher<D> {
             }
             None => Vec::new(),
         };
-        Ok(BatchPlan { partition, last_offset, messages, snapshot, halted: self.halted.clone() })
+        BatchPlan { partition, last_offset, messages, snapshot, halted: self.halted.clone() }
     }
 
     fn dispatch(
@@ -516,5 +581,26 @@ impl<D: Domain> Usher<D> {
         }
 
         messages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::Inventory;
+
+    fn usher(partition: u32) -> Usher<Inventory> {
+        Usher::new(UsherConfig { partition, shard_count: 1, warden: WardenConfig::default(), initial_version: 1 })
+    }
+
+    #[test]
+    fn a_misplaced_snapshot_or_journal_is_refused_with_its_kind_and_message() {
+        let error = usher(2).restore(&usher(1).snapshot()).unwrap_err();
+        assert_eq!(error, UsherSnapshotError::WrongPartition { found: 1, expected: 2 });
+        assert_eq!(error.to_string(), "snapshot of partition 1 for partition 2");
+        let delta = UsherDelta { partition: 2, first_offset: 5, last_offset: 6, ..UsherDelta::default() };
+        let error = usher(2).apply_delta(&delta).unwrap_err();
+        assert_eq!(error, JournalError::Misplaced { first_offset: 5, last_offset: 6, expected: 0 });
+        assert_eq!(error.to_string(), "journal covers 5..=6, expected to start at 0");
     }
 }

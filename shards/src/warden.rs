@@ -47,6 +47,21 @@ pub enum WardenCheck {
     Full,
 }
 
+/// Why [`Warden::from_snapshot`] refused a snapshot read from disk.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WardenSnapshotError {
+    #[error("time points are missing or out of order")]
+    PointsOutOfOrder,
+    #[error("a time point counts more keys than were recorded")]
+    PointOvercounts,
+    #[error("entry at offset {offset} is outside the live window")]
+    EntryOutsideWindow { offset: u64 },
+    #[error("key at offset {offset} is listed twice")]
+    KeyListedTwice { offset: u64 },
+    #[error("the live-key count does not match the entries")]
+    LiveCountMismatch,
+}
+
 /// One remembered key, 28 bytes (align 4): a 96-bit key fingerprint (at 3,000,000
 /// live keys the chance that two share one is about 6 in 10^17), the 64-bit payload
 /// digest and the 64-bit original offset. With hashbrown's control byte at a load of
@@ -160,23 +175,23 @@ impl Warden {
 
     /// Rebuilds a Warden from a snapshot taken with the same configuration. The
     /// snapshot comes from disk, so it is checked, not trusted.
-    pub fn from_snapshot(config: WardenConfig, snapshot: &WardenSnapshot) -> Result<Self, String> {
+    pub fn from_snapshot(config: WardenConfig, snapshot: &WardenSnapshot) -> Result<Self, WardenSnapshotError> {
         let mut warden = Self::new(config);
         let ordered = snapshot.points.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1 && w[0].2 <= w[1].2);
         if !ordered || (snapshot.points.is_empty() && !snapshot.entries.is_empty()) {
-            return Err("time points are missing or out of order".into());
+            return Err(WardenSnapshotError::PointsOutOfOrder);
         }
         if snapshot.points.iter().any(|p| p.2 > snapshot.inserted_total) {
-            return Err("a time point counts more keys than were recorded".into());
+            return Err(WardenSnapshotError::PointOvercounts);
         }
         let cutoff = snapshot.points.first().map_or(0, |p| p.0);
         for &(key, payload_digest, offset) in &snapshot.entries {
             if offset < cutoff || snapshot.last_offset.is_none_or(|last| offset > last) {
-                return Err(format!("entry at offset {offset} is outside the live window"));
+                return Err(WardenSnapshotError::EntryOutsideWindow { offset });
             }
             let hash = warden.place(&key);
             if warden.table.find(hash, |e| e.key == key).is_some() {
-                return Err(format!("key at offset {offset} is listed twice"));
+                return Err(WardenSnapshotError::KeyListedTwice { offset });
             }
             let entry = Entry { key, payload_digest: split64(payload_digest), original_offset: split64(offset) };
             let placement = &warden.placement;
@@ -194,7 +209,7 @@ impl Warden {
         warden.inserted_total = snapshot.inserted_total;
         warden.last_offset = snapshot.last_offset;
         if warden.live_entries() != snapshot.entries.len() as u64 {
-            return Err("the live-key count does not match the entries".into());
+            return Err(WardenSnapshotError::LiveCountMismatch);
         }
         Ok(warden)
     }
@@ -403,5 +418,23 @@ mod tests {
         at(&mut w, 1, 20, 1, 2);
         assert_eq!(w.live_entries(), 1);
         assert_eq!(w.table.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_snapshot_is_refused_with_its_kind_and_message() {
+        let config = WardenConfig { ttl_ms: 1_000, max_entries: 10 };
+        let twice = WardenSnapshot {
+            entries: vec![([7, 0, 0], 1, 0), ([7, 0, 0], 2, 1)],
+            points: vec![(0, 0, 0)],
+            inserted_total: 2,
+            last_offset: Some(1),
+        };
+        let error = Warden::from_snapshot(config, &twice).err().expect("refused");
+        assert_eq!(error, WardenSnapshotError::KeyListedTwice { offset: 1 });
+        assert_eq!(error.to_string(), "key at offset 1 is listed twice");
+        let unordered = WardenSnapshot { points: vec![(1, 0, 0), (0, 1, 0)], ..twice };
+        let error = Warden::from_snapshot(config, &unordered).err().expect("refused");
+        assert_eq!(error, WardenSnapshotError::PointsOutOfOrder);
+        assert_eq!(error.to_string(), "time points are missing or out of order");
     }
 }

@@ -259,19 +259,7 @@ struct Cluster {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     validate(&args)?;
-    let base = std::path::absolute(&args.data_dir)
-        .with_context(|| format!("--data-dir {}: cannot make it absolute", args.data_dir.display()))?;
-    fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
-    let lock_path = base.join("cluster.lock");
-    let lock = File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
-    let locked =
-        fs4::fs_std::FileExt::try_lock_exclusive(&lock).with_context(|| format!("locking {}", lock_path.display()))?;
-    anyhow::ensure!(
-        locked,
-        "another tribunal cluster is supervising {} ({} is locked)",
-        base.display(),
-        lock_path.display()
-    );
+    let (base, lock) = lock_base(&args)?;
 
     let psk_file = base.join("psk");
     ensure_psk(&psk_file)?;
@@ -287,27 +275,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         instances: Vec::new(),
     };
     for id in 1..=args.instances {
-        let data_dir = base.join(format!("instance-{id}"));
-        fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, ports[id as usize - 1]));
-        let peers: Vec<String> = (1..=args.instances)
-            .filter(|&peer| peer != id)
-            .map(|peer| format!("{peer}@{}", SocketAddr::from((Ipv4Addr::LOCALHOST, ports[peer as usize - 1]))))
-            .collect();
-        let instance_args = run_args(&args, id, &data_dir, listen, &peers, &cluster.psk_file);
-        cluster.instances.push(Instance {
-            id,
-            listen,
-            http: http_address(&args, id),
-            log_file: data_dir.join("tribunal.log"),
-            status_file: data_dir.join("status.json"),
-            data_dir,
-            args: instance_args,
-            state: State::Stopped,
-            restarts: 0,
-            quick_failures: 0,
-            backoff: FIRST_BACKOFF,
-        });
+        let instance = new_instance(&args, id, &base, &ports, &cluster.psk_file)?;
+        cluster.instances.push(instance);
     }
 
     install_signal_handlers()?;
@@ -327,6 +296,51 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let code = cluster.supervise();
     drop(lock);
     Ok(code)
+}
+
+/// Creates the cluster's data dir (absolute) and takes its `cluster.lock`, which
+/// the returned file holds until dropped: one supervisor per data dir.
+fn lock_base(args: &Args) -> anyhow::Result<(PathBuf, File)> {
+    let base = std::path::absolute(&args.data_dir)
+        .with_context(|| format!("--data-dir {}: cannot make it absolute", args.data_dir.display()))?;
+    fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    let lock_path = base.join("cluster.lock");
+    let lock = File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    let locked =
+        fs4::fs_std::FileExt::try_lock_exclusive(&lock).with_context(|| format!("locking {}", lock_path.display()))?;
+    anyhow::ensure!(
+        locked,
+        "another tribunal cluster is supervising {} ({} is locked)",
+        base.display(),
+        lock_path.display()
+    );
+    Ok((base, lock))
+}
+
+/// Instance `id`, stopped: its data dir (created), its address and its arguments,
+/// with every other instance as a peer.
+fn new_instance(args: &Args, id: u32, base: &Path, ports: &[u16], psk_file: &Path) -> anyhow::Result<Instance> {
+    let data_dir = base.join(format!("instance-{id}"));
+    fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, ports[id as usize - 1]));
+    let peers: Vec<String> = (1..=args.instances)
+        .filter(|&peer| peer != id)
+        .map(|peer| format!("{peer}@{}", SocketAddr::from((Ipv4Addr::LOCALHOST, ports[peer as usize - 1]))))
+        .collect();
+    let instance_args = run_args(args, id, &data_dir, listen, &peers, psk_file);
+    Ok(Instance {
+        id,
+        listen,
+        http: http_address(args, id),
+        log_file: data_dir.join("tribunal.log"),
+        status_file: data_dir.join("status.json"),
+        data_dir,
+        args: instance_args,
+        state: State::Stopped,
+        restarts: 0,
+        quick_failures: 0,
+        backoff: FIRST_BACKOFF,
+    })
 }
 
 fn validate(args: &Args) -> anyhow::Result<()> {

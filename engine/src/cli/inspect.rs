@@ -10,7 +10,7 @@ use serde::Serialize;
 use tribunal_shards::digest::{output_digest, outputs_digest};
 use tribunal_shards::inventory::Inventory;
 use tribunal_shards::ledger::LedgerRecord;
-use tribunal_shards::recovery::recover;
+use tribunal_shards::recovery::{recover, Recovered, ShardLog};
 use tribunal_shards::registrar::combine_partition_digests;
 use tribunal_shards::usher::UsherConfig;
 use tribunal_shards::warden::WardenConfig;
@@ -112,50 +112,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let snapshot = storage::read_snapshot::<Inventory>(&layout, &manifest).context("loading the snapshot")?;
     let markers: BTreeMap<u32, u64> = snapshot.iter().map(|(p, s)| (*p, s.marker_offset)).collect();
     let logs = storage::read_logs::<Inventory>(&layout, shard_count)?;
-    let mut all_outputs: BTreeMap<u32, BTreeMap<u64, u128>> = BTreeMap::new();
-    for log in &logs {
-        for segment in &log.segments {
-            for scanned in &segment.records {
-                if let LedgerRecord::Entry { partition, offset, output, .. } = &scanned.record {
-                    all_outputs.entry(*partition).or_default().insert(*offset, output_digest(output));
-                }
-            }
-        }
-    }
+    let all_outputs = ledger_outputs(&logs);
     // The Warden's TTL does not change what is recovered, only what the Usher answers next.
     let usher = |partition| UsherConfig { partition, shard_count, warden: WardenConfig::default(), initial_version: 1 };
     let recovered = recover(shard_count, usher, logs, snapshot).context("recovering the Ledger")?;
-    let partition_ids: std::collections::BTreeSet<u32> =
-        recovered.watermarks.keys().chain(markers.keys()).copied().chain(std::iter::once(0)).collect();
-    // Order-free sum of entity digests over every shard's Registrar.
-    let partition_digest =
-        |partition| recovered.arbiters.iter().fold(0u128, |acc, a| acc.wrapping_add(a.registrar().digest(partition)));
-    let mut partitions = Vec::new();
-    for &partition in &partition_ids {
-        let watermark = recovered.watermarks.get(&partition).copied();
-        let marker = markers.get(&partition).copied();
-        let mut outputs = all_outputs.remove(&partition).unwrap_or_default();
-        // Outputs at or below a snapshot's marker left with the segments it replaced.
-        outputs.retain(|offset, _| watermark.is_some_and(|w| *offset <= w) && marker.is_none_or(|m| *offset > m));
-        partitions.push(PartitionReport {
-            partition,
-            durable_watermark: watermark,
-            snapshot_marker: marker,
-            partition_digest: format!("{:032x}", partition_digest(partition)),
-            outputs: outputs.len() as u64,
-            outputs_digest: format!("{:032x}", outputs_digest(outputs.into_iter())),
-            stock: crate::cli::stock_table::rows(
-                recovered.arbiters.iter().flat_map(|a| a.registrar().entities_sorted(partition)),
-            ),
-        });
-    }
+    let partitions = partition_reports(&recovered, &markers, all_outputs);
     let first = &partitions[0];
     assert_eq!(first.partition, 0, "partition 0 is always reported");
     let report = Report {
         shards: shard_count,
         durable_watermark: first.durable_watermark,
         snapshot_marker: first.snapshot_marker,
-        state_digest: format!("{:032x}", combine_partition_digests(&[(0, partition_digest(0))])),
+        state_digest: format!("{:032x}", combine_partition_digests(&[(0, partition_digest(&recovered, 0))])),
         outputs: first.outputs,
         outputs_digest: first.outputs_digest.clone(),
         replayed_entries: recovered.replayed_entries,
@@ -171,48 +139,106 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("data dir          {}", args.data_dir.display());
-        println!("shards            {}", report.shards);
-        match report.durable_watermark {
-            Some(w) => println!("durable watermark {w}"),
-            None => println!("durable watermark none (nothing durable yet)"),
-        }
-        if let Some(marker) = report.snapshot_marker {
-            println!("snapshot at       {marker}");
-        }
-        println!("state digest      {}", report.state_digest);
-        println!("outputs           {} (digest {})", report.outputs, report.outputs_digest);
-        for cut in &report.would_cut {
-            println!(
-                "would cut         shard {} segment {} at byte {}: {}",
-                cut.shard, cut.segment, cut.position, cut.reason
-            );
-        }
-        let federation = &report.federation;
-        println!("faults detected   {} (faults.jsonl)", federation.faults_detected);
-        for fault in &federation.last_faults {
-            println!("  {fault}");
-        }
-        if federation.self_quarantined {
-            println!("quarantined       this instance (its copies are not counted by its peers)");
-        }
-        if !federation.quarantined_peers.is_empty() {
-            println!(
-                "quarantines       instances {:?} (their copies are not counted here)",
-                federation.quarantined_peers
-            );
-        }
-        crate::cli::stock_table::print("stock", &report.stock);
-        for partition in report.partitions.iter().skip(1) {
-            println!();
-            println!("partition         {}", partition.partition);
-            match partition.durable_watermark {
-                Some(w) => println!("durable watermark {w}"),
-                None => println!("durable watermark none"),
-            }
-            println!("outputs           {} (digest {})", partition.outputs, partition.outputs_digest);
-            crate::cli::stock_table::print("stock", &partition.stock);
-        }
+        print_report(&args.data_dir, &report);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The digest of every output in the Ledger, by partition and offset.
+fn ledger_outputs(logs: &[ShardLog<Inventory>]) -> BTreeMap<u32, BTreeMap<u64, u128>> {
+    let mut all_outputs: BTreeMap<u32, BTreeMap<u64, u128>> = BTreeMap::new();
+    for log in logs {
+        for segment in &log.segments {
+            for scanned in &segment.records {
+                if let LedgerRecord::Entry { partition, offset, output, .. } = &scanned.record {
+                    all_outputs.entry(*partition).or_default().insert(*offset, output_digest(output));
+                }
+            }
+        }
+    }
+    all_outputs
+}
+
+/// Order-free sum of a partition's entity digests over every shard's Registrar.
+fn partition_digest(recovered: &Recovered<Inventory>, partition: u32) -> u128 {
+    recovered.arbiters.iter().fold(0u128, |acc, a| acc.wrapping_add(a.registrar().digest(partition)))
+}
+
+/// One report per partition with a watermark or a snapshot, and always partition 0
+/// (first); each counts the outputs durable and after its snapshot marker.
+fn partition_reports(
+    recovered: &Recovered<Inventory>,
+    markers: &BTreeMap<u32, u64>,
+    mut all_outputs: BTreeMap<u32, BTreeMap<u64, u128>>,
+) -> Vec<PartitionReport> {
+    let partition_ids: std::collections::BTreeSet<u32> =
+        recovered.watermarks.keys().chain(markers.keys()).copied().chain(std::iter::once(0)).collect();
+    let mut partitions = Vec::new();
+    for &partition in &partition_ids {
+        let watermark = recovered.watermarks.get(&partition).copied();
+        let marker = markers.get(&partition).copied();
+        let mut outputs = all_outputs.remove(&partition).unwrap_or_default();
+        // Outputs at or below a snapshot's marker left with the segments it replaced.
+        outputs.retain(|offset, _| watermark.is_some_and(|w| *offset <= w) && marker.is_none_or(|m| *offset > m));
+        partitions.push(PartitionReport {
+            partition,
+            durable_watermark: watermark,
+            snapshot_marker: marker,
+            partition_digest: format!("{:032x}", partition_digest(recovered, partition)),
+            outputs: outputs.len() as u64,
+            outputs_digest: format!("{:032x}", outputs_digest(outputs.into_iter())),
+            stock: crate::cli::stock_table::rows(
+                recovered.arbiters.iter().flat_map(|a| a.registrar().entities_sorted(partition)),
+            ),
+        });
+    }
+    partitions
+}
+
+/// Prints the report as text: partition 0, the cuts, the federation, then the
+/// other partitions.
+fn print_report(data_dir: &std::path::Path, report: &Report) {
+    println!("data dir          {}", data_dir.display());
+    println!("shards            {}", report.shards);
+    match report.durable_watermark {
+        Some(w) => println!("durable watermark {w}"),
+        None => println!("durable watermark none (nothing durable yet)"),
+    }
+    if let Some(marker) = report.snapshot_marker {
+        println!("snapshot at       {marker}");
+    }
+    println!("state digest      {}", report.state_digest);
+    println!("outputs           {} (digest {})", report.outputs, report.outputs_digest);
+    for cut in &report.would_cut {
+        println!(
+            "would cut         shard {} segment {} at byte {}: {}",
+            cut.shard, cut.segment, cut.position, cut.reason
+        );
+    }
+    print_federation(&report.federation);
+    crate::cli::stock_table::print("stock", &report.stock);
+    for partition in report.partitions.iter().skip(1) {
+        println!();
+        println!("partition         {}", partition.partition);
+        match partition.durable_watermark {
+            Some(w) => println!("durable watermark {w}"),
+            None => println!("durable watermark none"),
+        }
+        println!("outputs           {} (digest {})", partition.outputs, partition.outputs_digest);
+        crate::cli::stock_table::print("stock", &partition.stock);
+    }
+}
+
+/// Prints the faults and quarantines the Clerk recorded.
+fn print_federation(federation: &FederationReport) {
+    println!("faults detected   {} (faults.jsonl)", federation.faults_detected);
+    for fault in &federation.last_faults {
+        println!("  {fault}");
+    }
+    if federation.self_quarantined {
+        println!("quarantined       this instance (its copies are not counted by its peers)");
+    }
+    if !federation.quarantined_peers.is_empty() {
+        println!("quarantines       instances {:?} (their copies are not counted here)", federation.quarantined_peers);
+    }
 }

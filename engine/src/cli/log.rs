@@ -114,6 +114,31 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn append(args: AppendArgs) -> anyhow::Result<ExitCode> {
+    let (payloads, malformed) = read_payloads(&args)?;
+    refuse_malformed(&args.input, &malformed)?;
+
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    match &args.log {
+        LogArg::Local(dir) => {
+            anyhow::ensure!(args.partition.is_none(), "--partition is for Kafka; the local log has one partition");
+            let log = LocalLog::open_with(dir, args.segment_max_size_bytes)?;
+            for offset in log.append(&payloads)? {
+                writeln!(out, "{offset}")?;
+            }
+        }
+        LogArg::Kafka(spec) => append_kafka(&args, spec, payloads, &mut out)?,
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Malformed input lines, as (line number, reason).
+type MalformedLines = Vec<(usize, String)>;
+
+/// Reads and checks the input's non-blank lines: the payloads to append and the
+/// malformed lines, as (line number, reason). Fails on a read error, or when a
+/// local log's batch would exceed the most one append takes.
+fn read_payloads(args: &AppendArgs) -> anyhow::Result<(Vec<Vec<u8>>, MalformedLines)> {
     let input: Box<dyn Read> = if args.input == "-" {
         Box::new(std::io::stdin())
     } else {
@@ -121,7 +146,7 @@ fn append(args: AppendArgs) -> anyhow::Result<ExitCode> {
     };
     let mut input = BufReader::new(input);
     let mut payloads = Vec::new();
-    let mut malformed: Vec<(usize, String)> = Vec::new();
+    let mut malformed: MalformedLines = Vec::new();
     let mut batch_size_bytes: u64 = 0;
     let mut line = Vec::new();
     let mut line_number = 0;
@@ -162,55 +187,52 @@ fn append(args: AppendArgs) -> anyhow::Result<ExitCode> {
         }
         payloads.push(line.clone());
     }
+    Ok((payloads, malformed))
+}
+
+/// Describes the first malformed lines on stderr and fails if there is any.
+fn refuse_malformed(input: &str, malformed: &[(usize, String)]) -> anyhow::Result<()> {
     if !malformed.is_empty() {
         for (number, reason) in malformed.iter().take(MAX_REPORTED_LINES) {
-            eprintln!("tribunal: {}: line {number}: {reason}", args.input);
+            eprintln!("tribunal: {input}: line {number}: {reason}");
         }
         if malformed.len() > MAX_REPORTED_LINES {
             eprintln!("tribunal: ... and {} more", malformed.len() - MAX_REPORTED_LINES);
         }
-        anyhow::bail!("{} malformed line(s) in {}; nothing was appended", malformed.len(), args.input);
+        anyhow::bail!("{} malformed line(s) in {input}; nothing was appended", malformed.len());
     }
+    Ok(())
+}
 
-    let mut out = BufWriter::new(std::io::stdout().lock());
-    match &args.log {
-        LogArg::Local(dir) => {
-            anyhow::ensure!(args.partition.is_none(), "--partition is for Kafka; the local log has one partition");
-            let log = LocalLog::open_with(dir, args.segment_max_size_bytes)?;
-            for offset in log.append(&payloads)? {
-                writeln!(out, "{offset}")?;
-            }
-        }
-        LogArg::Kafka(spec) => {
-            let config = args.kafka.config(spec)?;
-            // The idempotency key is the Kafka key: retries of a key reach the same
-            // partition, so the same Warden (spec: KafkaLog.AppendIdempotent).
-            let keyed: Vec<(Option<String>, Vec<u8>)> = payloads
-                .into_iter()
-                .map(|payload| (Envelope::<Inventory>::decode(&payload).ok().map(|e| e.key), payload))
-                .collect();
-            let mut unknown = 0;
-            for (partition, offset) in crate::log::kafka::tool::append(&config, &keyed, args.partition)? {
-                match offset {
-                    Some(offset) => writeln!(out, "{partition}:{offset}")?,
-                    // spec: KafkaLog.DeliveredOffsetUnknown
-                    None => {
-                        unknown += 1;
-                        writeln!(out, "{partition}:?")?;
-                    }
-                }
-            }
-            if unknown > 0 {
-                eprintln!(
-                    "tribunal log append: {unknown} record(s) were acknowledged without a usable offset (a \
-                     retried copy the broker already held, or an implied acknowledgement); each is in the log \
-                     (printed as partition:?)"
-                );
+/// Appends the payloads to Kafka, keyed by idempotency key, and prints each one's
+/// `partition:offset` (`partition:?` when the broker gave no usable offset).
+fn append_kafka(args: &AppendArgs, spec: &str, payloads: Vec<Vec<u8>>, out: &mut impl Write) -> anyhow::Result<()> {
+    let config = args.kafka.config(spec)?;
+    // The idempotency key is the Kafka key: retries of a key reach the same
+    // partition, so the same Warden (spec: KafkaLog.AppendIdempotent).
+    let keyed: Vec<(Option<String>, Vec<u8>)> = payloads
+        .into_iter()
+        .map(|payload| (Envelope::<Inventory>::decode(&payload).ok().map(|e| e.key), payload))
+        .collect();
+    let mut unknown = 0;
+    for (partition, offset) in crate::log::kafka::tool::append(&config, &keyed, args.partition)? {
+        match offset {
+            Some(offset) => writeln!(out, "{partition}:{offset}")?,
+            // spec: KafkaLog.DeliveredOffsetUnknown
+            None => {
+                unknown += 1;
+                writeln!(out, "{partition}:?")?;
             }
         }
     }
-    out.flush()?;
-    Ok(ExitCode::SUCCESS)
+    if unknown > 0 {
+        eprintln!(
+            "tribunal log append: {unknown} record(s) were acknowledged without a usable offset (a \
+             retried copy the broker already held, or an implied acknowledgement); each is in the log \
+             (printed as partition:?)"
+        );
+    }
+    Ok(())
 }
 
 fn read(args: ReadArgs) -> anyhow::Result<ExitCode> {

@@ -46,8 +46,6 @@ fn write_workload(args: &Args, out: &mut impl Write) -> anyhow::Result<()> {
         "need 4..={MAX_SKUS} SKUs and 2..={MAX_WAREHOUSES} warehouses"
     );
     let mut rng = SplitMix64(args.seed);
-    let sku = |i: u64| format!("SKU-{i:05}");
-    let warehouse = |i: u64| format!("WH-{i:02}");
     // (key, line) of earlier commands, for duplicate submissions and key reuse.
     let mut previous: Vec<(String, Vec<u8>)> = Vec::new();
     for i in 0..args.events {
@@ -62,58 +60,7 @@ fn write_workload(args: &Args, out: &mut impl Write) -> anyhow::Result<()> {
             };
             Envelope::<Inventory>::domain(key.clone(), command).encode()
         } else {
-            match rng.below(100) {
-                // A duplicate submission: same key, same body (a replay).
-                0..=2 if !previous.is_empty() => previous[rng.below(previous.len() as u64) as usize].1.clone(),
-                // A key reused with another body (a conflict).
-                3 if !previous.is_empty() => {
-                    let (reused, _) = &previous[rng.below(previous.len() as u64) as usize];
-                    let command = InventoryCommand::Adjust {
-                        sku: sku(rng.below(args.skus)).into(),
-                        warehouse: warehouse(rng.below(args.warehouses)).into(),
-                        delta: 1,
-                        reason: "reused-key".into(),
-                    };
-                    Envelope::<Inventory>::domain(reused.clone(), command).encode()
-                }
-                4..=12 => {
-                    let kit = rng.below(args.skus);
-                    let components = (1..=3)
-                        .map(|j| KitComponent {
-                            sku: sku((kit + j * 7) % args.skus).into(),
-                            qty_per_kit: 1 + rng.below(2),
-                        })
-                        .collect();
-                    let command = InventoryCommand::AssembleKit {
-                        warehouse: warehouse(rng.below(args.warehouses)).into(),
-                        kit_sku: format!("KIT-{kit:05}").into(),
-                        qty: 1 + rng.below(3),
-                        components,
-                    };
-                    Envelope::<Inventory>::domain(key.clone(), command).encode()
-                }
-                13..=27 => {
-                    let delta = rng.below(41) as i64 - 20;
-                    let command = InventoryCommand::Adjust {
-                        sku: sku(rng.below(args.skus)).into(),
-                        warehouse: warehouse(rng.below(args.warehouses)).into(),
-                        delta: if delta == 0 { 1 } else { delta },
-                        reason: "cycle-count".into(),
-                    };
-                    Envelope::<Inventory>::domain(key.clone(), command).encode()
-                }
-                _ => {
-                    let from = rng.below(args.warehouses);
-                    let to = (from + 1 + rng.below(args.warehouses - 1)) % args.warehouses;
-                    let command = InventoryCommand::Transfer {
-                        sku: sku(rng.below(args.skus)).into(),
-                        from_warehouse: warehouse(from).into(),
-                        to_warehouse: warehouse(to).into(),
-                        qty: 1 + rng.below(20),
-                    };
-                    Envelope::<Inventory>::domain(key.clone(), command).encode()
-                }
-            }
+            mixed_line(args, &mut rng, &key, &previous)
         };
         if previous.len() < 1_000 {
             previous.push((key, line.clone()));
@@ -121,6 +68,76 @@ fn write_workload(args: &Args, out: &mut impl Write) -> anyhow::Result<()> {
         out.write_all(&line).and_then(|_| out.write_all(b"\n")).context("writing to stdout")?;
     }
     Ok(())
+}
+
+/// The name of SKU `i`.
+fn sku(i: u64) -> String {
+    format!("SKU-{i:05}")
+}
+
+/// The name of warehouse `i`.
+fn warehouse(i: u64) -> String {
+    format!("WH-{i:02}")
+}
+
+/// One line after the opening stock, drawn from the mix: a duplicate of an earlier
+/// line, an earlier key reused with another body, a kit, a cycle count or a transfer.
+fn mixed_line(args: &Args, rng: &mut SplitMix64, key: &str, previous: &[(String, Vec<u8>)]) -> Vec<u8> {
+    match rng.below(100) {
+        // A duplicate submission: same key, same body (a replay).
+        0..=2 if !previous.is_empty() => previous[rng.below(previous.len() as u64) as usize].1.clone(),
+        // A key reused with another body (a conflict).
+        3 if !previous.is_empty() => {
+            let (reused, _) = &previous[rng.below(previous.len() as u64) as usize];
+            let command = InventoryCommand::Adjust {
+                sku: sku(rng.below(args.skus)).into(),
+                warehouse: warehouse(rng.below(args.warehouses)).into(),
+                delta: 1,
+                reason: "reused-key".into(),
+            };
+            Envelope::<Inventory>::domain(reused.clone(), command).encode()
+        }
+        4..=12 => Envelope::<Inventory>::domain(key, kit_assembly(args, rng)).encode(),
+        13..=27 => Envelope::<Inventory>::domain(key, cycle_count(args, rng)).encode(),
+        _ => Envelope::<Inventory>::domain(key, transfer(args, rng)).encode(),
+    }
+}
+
+/// A kit of three SKUs, seven apart, assembled in a random warehouse.
+fn kit_assembly(args: &Args, rng: &mut SplitMix64) -> InventoryCommand {
+    let kit = rng.below(args.skus);
+    let components = (1..=3)
+        .map(|j| KitComponent { sku: sku((kit + j * 7) % args.skus).into(), qty_per_kit: 1 + rng.below(2) })
+        .collect();
+    InventoryCommand::AssembleKit {
+        warehouse: warehouse(rng.below(args.warehouses)).into(),
+        kit_sku: format!("KIT-{kit:05}").into(),
+        qty: 1 + rng.below(3),
+        components,
+    }
+}
+
+/// A cycle-count adjustment of -20..=20, never 0.
+fn cycle_count(args: &Args, rng: &mut SplitMix64) -> InventoryCommand {
+    let delta = rng.below(41) as i64 - 20;
+    InventoryCommand::Adjust {
+        sku: sku(rng.below(args.skus)).into(),
+        warehouse: warehouse(rng.below(args.warehouses)).into(),
+        delta: if delta == 0 { 1 } else { delta },
+        reason: "cycle-count".into(),
+    }
+}
+
+/// A transfer of 1..=20 between two different warehouses.
+fn transfer(args: &Args, rng: &mut SplitMix64) -> InventoryCommand {
+    let from = rng.below(args.warehouses);
+    let to = (from + 1 + rng.below(args.warehouses - 1)) % args.warehouses;
+    InventoryCommand::Transfer {
+        sku: sku(rng.below(args.skus)).into(),
+        from_warehouse: warehouse(from).into(),
+        to_warehouse: warehouse(to).into(),
+        qty: 1 + rng.below(20),
+    }
 }
 
 #[cfg(test)]

@@ -614,69 +614,77 @@ async fn admin(
         return refused;
     }
     match action {
-        ["activate-version"] => {
-            let (key, body) = match keyed_body(shared, request, connection).await {
-                Ok(keyed) => keyed,
-                Err(refused) => return refused,
-            };
-            #[derive(serde::Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct Activate {
-                version: u32,
-            }
-            match parse_json::<Activate>(&body, "expected {\"version\": N}") {
-                // spec: Gateway.ActivateVersionThroughLog
-                Ok(Activate { version }) => {
-                    submit(shared, Envelope::admin(key, AdminCommand::ActivateVersion { version })).await
-                }
-                Err(refused) => refused,
-            }
-        }
-        ["faults"] => {
-            let body = match read_body(shared, request, connection).await {
-                Ok(body) => body,
-                Err(refused) => return refused,
-            };
-            let faults: crate::clerk::InjectedFaults =
-                match parse_json(&body, "expected {\"bitflip_rate\", \"delay_ms\"}") {
-                    Ok(faults) => faults,
-                    Err(refused) => return refused,
-                };
-            if faults.bitflip_rate.is_some_and(|r| !(r > 0.0 && r <= 1.0)) {
-                return Answered::error(StatusCode::BAD_REQUEST, "invalid_command", "bitflip_rate must be in (0, 1]");
-            }
-            if faults.delay_ms.is_some_and(|d| d > MAX_INJECTED_DELAY_MS) {
-                let message = format!("delay_ms must be at most {MAX_INJECTED_DELAY_MS}");
-                return Answered::error(StatusCode::BAD_REQUEST, "invalid_command", &message);
-            }
-            if faults.bitflip_rate.is_some() && shared.expected_copies < 2 {
-                // With one copy certifying, a flipped output would be certified and served.
-                return Answered::error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_command",
-                    "bit flips need expected_copies of at least 2, or they would be certified",
-                );
-            }
-            // spec: Gateway.FaultInjectionReplaced
-            *shared.faults.pending.lock().expect("not poisoned") = Some(faults);
-            tracing::warn!(?faults, "fault injection replaced through the admin API");
-            Answered::json(StatusCode::OK, &faults)
-        }
-        ["readmit", instance] => {
-            let Some(instance) = instance.parse::<u32>().ok().filter(|i| shared.members.contains(i)) else {
-                let message = format!("the instance must be one of the federation's ids {:?}", shared.members);
-                return Answered::error(StatusCode::BAD_REQUEST, "invalid_query", &message);
-            };
-            // spec: Gateway.ReadmitQueued
-            match crate::storage::quarantine::request_readmit(&shared.data_dir, instance) {
-                Ok(()) => Answered::json(StatusCode::ACCEPTED, &json!({ "instance": instance, "queued": true })),
-                Err(e) => Answered::error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not_ready",
-                    &format!("the readmit request could not be written: {e:#}"),
-                ),
-            }
-        }
+        ["activate-version"] => activate_version(shared, request, connection).await,
+        ["faults"] => inject_faults(shared, request, connection).await,
+        ["readmit", instance] => readmit(shared, instance),
         _ => Answered::error(StatusCode::NOT_FOUND, "not_found", "no such admin resource"),
+    }
+}
+
+/// `POST /v1/admin/activate-version`: submits an `activate_version` command to the log.
+async fn activate_version(shared: &GatewayShared, request: Request<Incoming>, connection: &Connection<'_>) -> Answered {
+    let (key, body) = match keyed_body(shared, request, connection).await {
+        Ok(keyed) => keyed,
+        Err(refused) => return refused,
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Activate {
+        version: u32,
+    }
+    match parse_json::<Activate>(&body, "expected {\"version\": N}") {
+        // spec: Gateway.ActivateVersionThroughLog
+        Ok(Activate { version }) => {
+            submit(shared, Envelope::admin(key, AdminCommand::ActivateVersion { version })).await
+        }
+        Err(refused) => refused,
+    }
+}
+
+/// `POST /v1/admin/faults`: checks and replaces the injected faults.
+async fn inject_faults(shared: &GatewayShared, request: Request<Incoming>, connection: &Connection<'_>) -> Answered {
+    let body = match read_body(shared, request, connection).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
+    let faults: crate::clerk::InjectedFaults = match parse_json(&body, "expected {\"bitflip_rate\", \"delay_ms\"}") {
+        Ok(faults) => faults,
+        Err(refused) => return refused,
+    };
+    if faults.bitflip_rate.is_some_and(|r| !(r > 0.0 && r <= 1.0)) {
+        return Answered::error(StatusCode::BAD_REQUEST, "invalid_command", "bitflip_rate must be in (0, 1]");
+    }
+    if faults.delay_ms.is_some_and(|d| d > MAX_INJECTED_DELAY_MS) {
+        let message = format!("delay_ms must be at most {MAX_INJECTED_DELAY_MS}");
+        return Answered::error(StatusCode::BAD_REQUEST, "invalid_command", &message);
+    }
+    if faults.bitflip_rate.is_some() && shared.expected_copies < 2 {
+        // With one copy certifying, a flipped output would be certified and served.
+        return Answered::error(
+            StatusCode::BAD_REQUEST,
+            "invalid_command",
+            "bit flips need expected_copies of at least 2, or they would be certified",
+        );
+    }
+    // spec: Gateway.FaultInjectionReplaced
+    *shared.faults.pending.lock().expect("not poisoned") = Some(faults);
+    tracing::warn!(?faults, "fault injection replaced through the admin API");
+    Answered::json(StatusCode::OK, &faults)
+}
+
+/// `POST /v1/admin/readmit/{instance}`: queues the readmission of a quarantined member.
+fn readmit(shared: &GatewayShared, instance: &str) -> Answered {
+    let Some(instance) = instance.parse::<u32>().ok().filter(|i| shared.members.contains(i)) else {
+        let message = format!("the instance must be one of the federation's ids {:?}", shared.members);
+        return Answered::error(StatusCode::BAD_REQUEST, "invalid_query", &message);
+    };
+    // spec: Gateway.ReadmitQueued
+    match crate::storage::quarantine::request_readmit(&shared.data_dir, instance) {
+        Ok(()) => Answered::json(StatusCode::ACCEPTED, &json!({ "instance": instance, "queued": true })),
+        Err(e) => Answered::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            &format!("the readmit request could not be written: {e:#}"),
+        ),
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 use tribunal_shards::envelope::Envelope;
@@ -219,8 +219,7 @@ fn source_loop(
         closed: vec![false; partitions],
         pending: 0,
     };
-    let mut probe_backoff = BACKOFF_MIN;
-    let mut last_probe = Instant::now();
+    let mut probe = BrokerProbe { backoff: BACKOFF_MIN, last: Instant::now() };
     let mut errors = ErrorRecovery::new();
     while !shared.stop.load(Ordering::Relaxed) && !feeds.all_closed() {
         if errors.reassign_due(Instant::now()) {
@@ -231,16 +230,7 @@ fn source_loop(
         match consumer.poll(timeout) {
             None => {
                 feeds.flush_all();
-                if !shared.broker_connected.load(Ordering::Relaxed) && last_probe.elapsed() >= probe_backoff {
-                    last_probe = Instant::now();
-                    match consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
-                        Ok(_) => {
-                            shared.connected();
-                            probe_backoff = BACKOFF_MIN;
-                        }
-                        Err(_) => probe_backoff = (probe_backoff * 2).min(BACKOFF_MAX),
-                    }
-                }
+                probe.probe_if_due(consumer, topic, shared);
             }
             Some(Ok(message)) => {
                 shared.connected();
@@ -249,16 +239,7 @@ fn source_loop(
                     continue;
                 };
                 let offset = message.offset() as u64;
-                // spec: KafkaLog.StrangerRecordRejected — any bytes (or none) decode to an
-                // Envelope or to a DecodeError, which the Usher turns into a `malformed` output.
-                feeds.push(
-                    partition,
-                    Decoded {
-                        offset,
-                        timestamp_ms: message.timestamp().to_millis().map_or(0, |t| t.max(0) as u64),
-                        envelope: Envelope::<Inventory>::decode(message.payload().unwrap_or_default()),
-                    },
-                );
+                feeds.push(partition, decode(&message));
                 next_offsets[partition] = offset + 1;
                 if errors.delivered(partition) {
                     shared.set_source_error(None);
@@ -272,26 +253,67 @@ fn source_loop(
                     shared.set_source_error(None);
                 }
             }
-            Some(Err(error)) => {
-                // spec: KafkaLog.NoSilentReset — an offset out of range, or any other fetch
-                // error: not ready until every partition delivers again; wait, then read
-                // again from this instance's own positions. Never skip.
-                feeds.flush_all();
-                shared.set_source_error(Some(error.to_string()));
-                let now = Instant::now();
-                match errors.failed(now, partitions) {
-                    Some(at) => warn!(
-                        %error, next_offsets = ?next_offsets, retry_in_ms = (at - now).as_millis() as u64,
-                        "consuming the commands topic failed; reading again from this instance's offsets"
-                    ),
-                    None => debug!(%error, "consuming the commands topic failed again; a re-read is pending"),
-                }
-                // Bounds a loop on an error librdkafka repeats at once; never a wait per error.
-                std::thread::sleep(ERROR_PAUSE);
-            }
+            Some(Err(error)) => fetch_failed(&error, &mut feeds, &mut errors, &next_offsets, shared),
         }
     }
     Ok(())
+}
+
+/// spec: KafkaLog.StrangerRecordRejected — any bytes (or none) decode to an Envelope
+/// or to a DecodeError, which the Usher turns into a `malformed` output.
+fn decode(message: &BorrowedMessage<'_>) -> Decoded<Inventory> {
+    Decoded {
+        offset: message.offset() as u64,
+        timestamp_ms: message.timestamp().to_millis().map_or(0, |t| t.max(0) as u64),
+        envelope: Envelope::<Inventory>::decode(message.payload().unwrap_or_default()),
+    }
+}
+
+/// spec: KafkaLog.NoSilentReset — an offset out of range, or any other fetch error:
+/// not ready until every partition delivers again; wait, then read again from this
+/// instance's own positions. Never skip.
+fn fetch_failed(
+    error: &KafkaError,
+    feeds: &mut Feeds<'_>,
+    errors: &mut ErrorRecovery,
+    next_offsets: &[u64],
+    shared: &KafkaShared,
+) {
+    feeds.flush_all();
+    shared.set_source_error(Some(error.to_string()));
+    let now = Instant::now();
+    match errors.failed(now, feeds.senders.len()) {
+        Some(at) => warn!(
+            %error, next_offsets = ?next_offsets, retry_in_ms = (at - now).as_millis() as u64,
+            "consuming the commands topic failed; reading again from this instance's offsets"
+        ),
+        None => debug!(%error, "consuming the commands topic failed again; a re-read is pending"),
+    }
+    // Bounds a loop on an error librdkafka repeats at once; never a wait per error.
+    std::thread::sleep(ERROR_PAUSE);
+}
+
+/// While the broker is not connected, asks it for the topic's metadata now and then
+/// (doubling the wait after each failure), so that a reachable broker is noticed.
+struct BrokerProbe {
+    backoff: Duration,
+    last: Instant,
+}
+
+impl BrokerProbe {
+    /// Probes the broker if it is not connected and the backoff has passed.
+    fn probe_if_due(&mut self, consumer: &BaseConsumer<ClientHooks>, topic: &str, shared: &KafkaShared) {
+        if !shared.broker_connected.load(Ordering::Relaxed) && self.last.elapsed() >= self.backoff {
+            self.last = Instant::now();
+            match consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
+                Ok(_) => {
+                    shared.connected();
+                    self.backoff = BACKOFF_MIN;
+                }
+                Err(_) => self.backoff = (self.backoff * 2).min(BACKOFF_MAX),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
