@@ -1,6 +1,6 @@
 //! The output of one input record, and its one canonical encoding.
 //!
-//! Instances compare outputs byte for byte (DESIGN.md §2 step 6), so an output has
+//! Instances compare outputs byte for byte (docs/design.md §2 step 6), so an output has
 //! exactly one encoding: rkyv (unaligned, little-endian, so no padding and readable
 //! at any offset of a frame) of [`OutputRecord`]. Its digest is what peers and the
 //! Clerk retain.

@@ -1,5 +1,5 @@
 //! Sequential reference interpreter: the obviously-correct model the engine is checked
-//! against (the guarding test of DESIGN.md §3).
+//! against (the guarding test of docs/design.md §3).
 //!
 //! It shares only the domain logic and the output encoding with the engine. It has no
 //! shards, no router, no loans and its own idempotency table with eager expiry, so a

@@ -1,6 +1,6 @@
 //! Registrar: the shard's entity table (spec: `specs/registrar.allium`).
 //!
-//! Entities are namespaced by partition (DESIGN.md §4), so there is one table per
+//! Entities are namespaced by partition (docs/design.md §4), so there is one table per
 //! partition. Each table keeps a state digest that is a wrapping sum of per-entity
 //! digests: a change costs O(1) (subtract the old contribution, add the new one), and
 //! the sum is independent of how entities are spread over shards, so shard digests add

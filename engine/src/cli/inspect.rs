@@ -9,13 +9,13 @@ use anyhow::Context;
 use serde::Serialize;
 use tribunal_shards::digest::{output_digest, outputs_digest};
 use tribunal_shards::inventory::Inventory;
-use tribunal_shards::ledger::LedgerRecord;
-use tribunal_shards::recovery::{recover, Recovered, ShardLog};
+use tribunal_shards::recovery::Recovered;
 use tribunal_shards::registrar::combine_partition_digests;
 use tribunal_shards::usher::UsherConfig;
 use tribunal_shards::warden::WardenConfig;
 
-use crate::storage::{self, Layout};
+use crate::storage::loader::LedgerOnDisk;
+use crate::storage::Layout;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -108,14 +108,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .read_meta()?
         .with_context(|| format!("{} holds no Tribunal data (no meta.json)", args.data_dir.display()))?;
     let shard_count = meta.shard_count;
-    let manifest = storage::read_manifest(&layout, shard_count)?;
-    let snapshot = storage::read_snapshot::<Inventory>(&layout, &manifest).context("loading the snapshot")?;
-    let markers: BTreeMap<u32, u64> = snapshot.iter().map(|(p, s)| (*p, s.marker_offset)).collect();
-    let logs = storage::read_logs::<Inventory>(&layout, shard_count)?;
-    let all_outputs = ledger_outputs(&logs);
+    let ledger = LedgerOnDisk::<Inventory>::read(&layout, shard_count)?;
+    let markers = ledger.snapshot_markers();
+    let all_outputs = ledger_outputs(&ledger);
     // The Warden's TTL does not change what is recovered, only what the Usher answers next.
     let usher = |partition| UsherConfig { partition, shard_count, warden: WardenConfig::default(), initial_version: 1 };
-    let recovered = recover(shard_count, usher, logs, snapshot).context("recovering the Ledger")?;
+    let (_, recovered) = ledger.recover(shard_count, usher)?;
     let partitions = partition_reports(&recovered, &markers, all_outputs);
     let first = &partitions[0];
     assert_eq!(first.partition, 0, "partition 0 is always reported");
@@ -145,16 +143,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// The digest of every output in the Ledger, by partition and offset.
-fn ledger_outputs(logs: &[ShardLog<Inventory>]) -> BTreeMap<u32, BTreeMap<u64, u128>> {
+fn ledger_outputs(ledger: &LedgerOnDisk<Inventory>) -> BTreeMap<u32, BTreeMap<u64, u128>> {
     let mut all_outputs: BTreeMap<u32, BTreeMap<u64, u128>> = BTreeMap::new();
-    for log in logs {
-        for segment in &log.segments {
-            for scanned in &segment.records {
-                if let LedgerRecord::Entry { partition, offset, output, .. } = &scanned.record {
-                    all_outputs.entry(*partition).or_default().insert(*offset, output_digest(output));
-                }
-            }
-        }
+    for (partition, offset, output) in ledger.outputs() {
+        all_outputs.entry(partition).or_default().insert(offset, output_digest(output));
     }
     all_outputs
 }

@@ -1,4 +1,4 @@
-//! The Gateway: the REST API (DESIGN.md §2, §8; spec: specs/gateway.allium).
+//! The Gateway: the REST API (docs/design.md §2, §8; spec: specs/gateway.allium).
 //!
 //! hyper 1 serves HTTP/1.1 from every shard's glommio executor: each shard binds the
 //! address with SO_REUSEPORT and the kernel spreads connections over them, so no core is

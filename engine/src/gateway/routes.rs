@@ -1,6 +1,6 @@
 //! The endpoints (spec: specs/gateway.allium; document: engine/openapi.json).
 //!
-//! Every answer is JSON with a stable error code on failure (DESIGN.md §8). A movement is
+//! Every answer is JSON with a stable error code on failure (docs/design.md §8). A movement is
 //! answered only with its certified output (spec: Gateway.AnsweredWhenCertified).
 
 use std::cell::Cell;
