@@ -4,6 +4,7 @@
 pub mod bulk;
 pub mod chaos;
 pub mod client;
+pub mod cost;
 pub mod ledger;
 pub mod report;
 pub mod run;

@@ -53,6 +53,8 @@ pub struct RunFigures {
     pub unresolved: u64,
     /// Echo of the workload configuration.
     pub workload: Value,
+    /// CPU, context switches and fsyncs per request over the measured window.
+    pub cost: Option<crate::cost::Cost>,
 }
 
 /// The histogram records microseconds; reports speak milliseconds (the `.hgrm` scaling ratio).
@@ -158,6 +160,7 @@ fn error_count(status_counts: &BTreeMap<String, u64>) -> u64 {
 pub fn print_table(out: &mut impl Write, figures: &RunFigures, verification: &Verification) -> io::Result<()> {
     write_run_lines(out, figures)?;
     write_latency_lines(out, &figures.histogram)?;
+    write_cost_lines(out, figures.cost.as_ref())?;
     write_outcome_lines(out, figures)?;
     let checks = reported_checks(figures, verification);
     write_check_lines(out, &checks)?;
@@ -195,6 +198,45 @@ fn write_latency_lines(out: &mut impl Write, histogram: &Histogram<u64>) -> io::
     let values: String = cells.iter().map(|c| format!("{c:>10}")).collect();
     write_row(out, "latency (ms)", header)?;
     write_row(out, "", values)
+}
+
+fn write_cost_lines(out: &mut impl Write, cost: Option<&crate::cost::Cost>) -> io::Result<()> {
+    let Some(c) = cost else { return write_row(out, "cpu (µs/request)", "-") };
+    let or_dash = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let cpu = &c.cpu_us_per_request;
+    write_row(
+        out,
+        "cpu (µs/request)",
+        format_args!(
+            "instances {}, loadgen {:.1}, box {}",
+            or_dash(cpu.instances),
+            cpu.loadgen,
+            or_dash(cpu.machine)
+        ),
+    )?;
+    let switches = &c.context_switches_per_request;
+    write_row(
+        out,
+        "context switches",
+        format_args!(
+            "instances {}, loadgen {:.1}, box {} per request",
+            or_dash(switches.instances),
+            switches.loadgen,
+            or_dash(switches.machine)
+        ),
+    )?;
+    let f = &c.fsyncs_per_request;
+    write_row(
+        out,
+        "fsyncs",
+        format_args!(
+            "{} per request (Ledger {}, log {}, outputs {})",
+            or_dash(f.total),
+            or_dash(f.ledger),
+            or_dash(f.log),
+            or_dash(f.outputs)
+        ),
+    )
 }
 
 fn write_outcome_lines(out: &mut impl Write, f: &RunFigures) -> io::Result<()> {
@@ -513,6 +555,8 @@ pub fn summary_json(figures: &RunFigures, verification: &Verification) -> Value 
         "unresolved": figures.unresolved,
         "timeline": figures.timeline.iter().map(timeline_json).collect::<Vec<_>>(),
         "workload": figures.workload,
+        "cost": figures.cost,
+        "cpu_us_per_request": figures.cost.as_ref().map(|c| c.cpu_us_per_request),
         "invariants_ok": invariants_ok(&checks),
         "invariants": checks.iter().map(check_json).collect::<Vec<_>>(),
     })
@@ -572,6 +616,7 @@ mod tests {
             duplicates: 0,
             unresolved: 0,
             workload: json!({"skus": 100}),
+            cost: None,
         }
     }
 

@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 use tribunal_shards::inventory::InventoryCommand;
 
+use crate::cost::{self, Cost, Sample};
 use crate::client::{Answer, AttemptError, Connection, Target};
 use crate::ledger::{AnswerRecord, Decision, Ledger, LedgerEntry, StockRow, StockTable, Unresolved};
 use crate::report::{RunFigures, TimelinePoint};
@@ -115,6 +116,7 @@ async fn drive(config: RunConfig) -> anyhow::Result<RunOutcome> {
         Schedule { start, measure_from: start + config.warmup, end: start + config.warmup + config.duration };
     let drain_deadline = schedule.end + config.drain;
     let progress = spawn_progress(&config, &state);
+    let cost = spawn_cost_sampler(&config, &state, schedule);
     let mut tasks = Vec::with_capacity(config.connections);
     for c in 0..config.connections {
         let (config, state) = (config.clone(), state.clone());
@@ -126,11 +128,12 @@ async fn drive(config: RunConfig) -> anyhow::Result<RunOutcome> {
         task.await;
     }
     progress.finish(&state).await;
+    let cost = cost.await;
 
     eprintln!("loadgen: reading stock back from every instance");
     let state = Rc::try_unwrap(state).ok().expect("every task ended").into_inner();
     let tables = read_stock(&config, &state.ledger, partitions).await;
-    let figures = state.figures(&config, schedule);
+    let figures = RunFigures { cost, ..state.figures(&config, schedule) };
     Ok(RunOutcome { figures, ledger: state.ledger, tables })
 }
 
@@ -226,8 +229,39 @@ impl State {
             duplicates: self.duplicates,
             unresolved: self.ledger.unresolved.len() as u64,
             workload: serde_json::to_value(&config.workload).unwrap_or_default(),
+            cost: None,
         }
     }
+}
+
+/// Takes a cost sample at the start and at the end of the measured window; the cost of
+/// the answers received between them (spec: Loadgen.CostPerRequest).
+fn spawn_cost_sampler(
+    config: &RunConfig,
+    state: &Rc<RefCell<State>>,
+    schedule: Schedule,
+) -> glommio::Task<Option<Cost>> {
+    let (targets, state) = (config.targets.clone(), state.clone());
+    glommio::spawn_local(async move {
+        glommio::timer::sleep(schedule.measure_from.saturating_duration_since(Instant::now())).await;
+        let (before, answered_before) = (cost_sample(&targets).await, state.borrow().answered);
+        glommio::timer::sleep(schedule.end.saturating_duration_since(Instant::now())).await;
+        let (after, answered_after) = (cost_sample(&targets).await, state.borrow().answered);
+        let requests = answered_after.saturating_sub(answered_before);
+        (requests > 0).then(|| Cost::between(&before, &after, requests))
+    })
+}
+
+/// Every instance's counters (from `/metrics`), loadgen's and the box's, now.
+async fn cost_sample(targets: &[Target]) -> Sample {
+    let mut instances = Vec::with_capacity(targets.len());
+    for target in targets {
+        let mut connection = Connection::new(target.clone());
+        let answer = connection.request(Method::GET, "/metrics", &[], Bytes::new(), Duration::from_secs(2)).await;
+        let text = answer.ok().filter(|a| a.status == StatusCode::OK).map(|a| String::from_utf8_lossy(&a.body).into_owned());
+        instances.push(text.as_deref().and_then(cost::parse_metrics));
+    }
+    Sample { instances, loadgen: cost::this_process(), machine: cost::whole_box() }
 }
 
 /// Waits for `/healthz` to answer 200 on every target; returns the partition count.

@@ -34,6 +34,38 @@ pub struct Figures {
     pub waiting_requests: u64,
     /// Ledger entries the last recovery replayed (spec: Recovery.RecoveryReported).
     pub recovery_replayed_entries: u64,
+    /// Syncs of the input log by this instance's appends, and of the outputs log by its
+    /// publisher (the local log only).
+    pub log_fsyncs: u64,
+    pub outputs_fsyncs: u64,
+    /// This process, every thread: CPU time and context switches.
+    pub process: ProcessFigures,
+}
+
+/// A process's resource use so far (`getrusage`), every thread included.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessFigures {
+    pub cpu_user_us: u64,
+    pub cpu_system_us: u64,
+    pub context_switches: u64,
+}
+
+impl ProcessFigures {
+    /// This process now.
+    pub fn now() -> Self {
+        // SAFETY: getrusage writes into the struct we own; RUSAGE_SELF covers every thread.
+        let usage = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+            usage
+        };
+        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        Self {
+            cpu_user_us: us(usage.ru_utime),
+            cpu_system_us: us(usage.ru_stime),
+            context_switches: (usage.ru_nvcsw + usage.ru_nivcsw) as u64,
+        }
+    }
 }
 
 pub type FiguresFn = Arc<dyn Fn() -> Figures + Send + Sync>;
@@ -112,6 +144,7 @@ impl Collector for NodeCollector {
             None,
             replayed.metric_type(),
         )?)?;
+        encode_process(&mut encoder, &f)?;
         let waiting = ConstGauge::new(f.waiting_requests as i64);
         waiting.encode(encoder.encode_descriptor(
             "tribunal_gateway_waiting_requests",
@@ -121,6 +154,33 @@ impl Collector for NodeCollector {
         )?)?;
         Ok(())
     }
+}
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Result<(), std::fmt::Error> {
+    let counter = ConstCounter::new(value);
+    counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
+}
+
+/// What a request costs this process: CPU, context switches and syncs (loadgen reads them
+/// at both ends of its measured window; spec: Loadgen.CostPerRequest).
+fn encode_process(encoder: &mut DescriptorEncoder, f: &Figures) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        "tribunal_process_cpu_microseconds",
+        "CPU time of this process, every thread, by mode (getrusage)",
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (mode, value) in [("user", f.process.cpu_user_us), ("system", f.process.cpu_system_us)] {
+        ConstCounter::new(value).encode(family.encode_family(&[("mode", mode)])?)?;
+    }
+    counter(
+        encoder,
+        "tribunal_process_context_switches",
+        "Voluntary and involuntary context switches of this process, every thread",
+        f.process.context_switches,
+    )?;
+    counter(encoder, "tribunal_log_fsyncs", "Syncs of the local input log by this instance's appends", f.log_fsyncs)?;
+    counter(encoder, "tribunal_outputs_fsyncs", "Syncs of the local outputs log by this instance's publisher", f.outputs_fsyncs)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -192,6 +252,9 @@ mod tests {
             ready: true,
             waiting_requests: 1,
             recovery_replayed_entries: 42,
+            log_fsyncs: 5,
+            outputs_fsyncs: 6,
+            process: ProcessFigures { cpu_user_us: 1_000, cpu_system_us: 500, context_switches: 9 },
         };
         let metrics = Metrics::new(Arc::new(move || figures.clone()));
         metrics.observe("post_movements", 200, 0.004);
@@ -204,6 +267,11 @@ mod tests {
             "tribunal_ledger_fsyncs_total 3",
             "tribunal_faults_detected_total 2",
             "tribunal_recovery_replayed_entries 42",
+            "tribunal_process_cpu_microseconds_total{mode=\"user\"} 1000",
+            "tribunal_process_cpu_microseconds_total{mode=\"system\"} 500",
+            "tribunal_process_context_switches_total 9",
+            "tribunal_log_fsyncs_total 5",
+            "tribunal_outputs_fsyncs_total 6",
             "tribunal_http_request_duration_seconds_count{route=\"post_movements\",status=\"200\"} 1",
             "tribunal_movement_stage_duration_seconds_count{stage=\"append\"} 1",
             "tribunal_movement_stage_duration_seconds_count{stage=\"certify\"} 0",

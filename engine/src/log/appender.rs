@@ -54,6 +54,8 @@ pub struct Appender {
     /// Per partition, one past the highest offset this appender was given (Kafka: the only
     /// log end known without asking the broker).
     pub appended_end: Arc<Vec<AtomicU64>>,
+    /// The local log's syncs made by this appender (none with Kafka).
+    pub syncs: Arc<AtomicU64>,
 }
 
 /// Why a request could not even be queued.
@@ -91,9 +93,11 @@ pub fn spawn(target: Target, partitions: u32, queue_bound: usize) -> anyhow::Res
     let (requests, rx) = mpsc::sync_channel::<AppendRequest>(queue_bound);
     let appended_end: Arc<Vec<AtomicU64>> = Arc::new((0..partitions).map(|_| AtomicU64::new(0)).collect());
     let ends = appended_end.clone();
+    let mut syncs = Arc::default();
     match target {
         Target::Local(dir) => {
             let log = LocalLog::open(&dir)?;
+            syncs = log.sync_counter();
             std::thread::Builder::new().name("gateway-append".into()).spawn(move || append_local(log, rx, ends))?;
         }
         Target::Kafka(config) => {
@@ -110,7 +114,7 @@ pub fn spawn(target: Target, partitions: u32, queue_bound: usize) -> anyhow::Res
                 .spawn(move || append_kafka(producer, topic, rx, queue_bound))?;
         }
     }
-    Ok(Appender { requests, appended_end })
+    Ok(Appender { requests, appended_end, syncs })
 }
 
 fn append_local(log: LocalLog, rx: mpsc::Receiver<AppendRequest>, ends: Arc<Vec<AtomicU64>>) {

@@ -21,7 +21,7 @@ use super::{cores, NodeConfig, Wire, CHANNEL_CAPACITY, D, IDLE_WAIT};
 use crate::clerk::peer_links::LinksConfig;
 use crate::clerk::{self, ClerkSetup, ClerkShared, FaultControl};
 use crate::gateway::certified_view::CertifiedView;
-use crate::gateway::metrics::{Figures, Metrics};
+use crate::gateway::metrics::{Figures, Metrics, ProcessFigures};
 use crate::gateway::{GatewayShared, NodeProbe};
 use crate::log::appender;
 use crate::log::doorbell::doorbell;
@@ -61,6 +61,8 @@ struct Commons {
     clerk: Arc<ClerkShared>,
     probe: Arc<NodeProbe>,
     faults: Arc<FaultControl>,
+    /// The outputs log's syncs by this instance's local publisher.
+    outputs_syncs: Arc<AtomicU64>,
 }
 
 pub(super) fn wire(config: &NodeConfig, layout: &Layout, log: OpenedLog, recovery: Recovery) -> anyhow::Result<Wired> {
@@ -75,9 +77,10 @@ pub(super) fn wire(config: &NodeConfig, layout: &Layout, log: OpenedLog, recover
     let published_now: Vec<u64> = plan.published_start.iter().zip(&plan.certified).map(|(p, c)| (*p).min(*c)).collect();
     let clerk = Arc::new(ClerkShared::new(partitions, &plan.certified, &published_now));
     let shared = Arc::new(shared_state(config, &plan, &manifest, partitions, clerk.clone()));
-    let commons = Commons { shared, clerk, probe: Arc::default(), faults: Arc::default() };
     let (sink_tx, sink_rx) = mpsc::channel::<PublishBatch>();
     let (sink, local_sink) = publisher_sink(config, &plan, kafka_shared.as_ref(), log.outputs_log, sink_rx)?;
+    let outputs_syncs = local_sink.as_ref().map_or_else(Arc::default, |s| s.syncs.clone());
+    let commons = Commons { shared, clerk, probe: Arc::default(), faults: Arc::default(), outputs_syncs };
     let gateway = gateway(config, &log.local, log.kafka.as_ref(), &arbiters, &plan, &commons, figures)?;
     let (output_senders, output_receivers) = output_channels(config.cores.len());
     let view = gateway.as_ref().map(|g| g.view.clone() as Arc<dyn CertifiedSink>);
@@ -303,6 +306,7 @@ fn figures_source(
     let (shared, clerk, probe) = (commons.shared.clone(), commons.clerk.clone(), commons.probe.clone());
     let view = view.clone();
     let appended = appender.appended_end.clone();
+    let (log_syncs, outputs_syncs) = (appender.syncs.clone(), commons.outputs_syncs.clone());
     Arc::new(move || {
         let durable_end: Vec<u64> = (0..shared.partitions).map(|p| shared.durable_end(p)).collect();
         let next = shared.next_offsets();
@@ -320,6 +324,9 @@ fn figures_source(
             ready: probe.ready.load(Ordering::Acquire),
             waiting_requests: view.lock().expect("not poisoned").waiting() as u64,
             recovery_replayed_entries: recovery.replayed_entries,
+            log_fsyncs: log_syncs.load(Ordering::Relaxed),
+            outputs_fsyncs: outputs_syncs.load(Ordering::Relaxed),
+            process: ProcessFigures::now(),
         }
     })
 }

@@ -51,12 +51,15 @@ pub fn published_end(log: &LocalLog) -> anyhow::Result<u64> {
 pub struct LocalSink {
     pub published: Arc<AtomicU64>,
     pub failure: Arc<Mutex<Option<String>>>,
+    /// The outputs log's syncs, for `/metrics`.
+    pub syncs: Arc<AtomicU64>,
 }
 
 pub fn spawn(log: LocalLog, start_end: u64, batches: Receiver<PublishBatch>) -> anyhow::Result<LocalSink> {
     let published = Arc::new(AtomicU64::new(start_end));
     let failure = Arc::new(Mutex::new(None));
     let (published_t, failure_t) = (published.clone(), failure.clone());
+    let syncs = log.sync_counter();
     std::thread::Builder::new()
         .name("local-publisher".into())
         .spawn(move || {
@@ -66,7 +69,7 @@ pub fn spawn(log: LocalLog, start_end: u64, batches: Receiver<PublishBatch>) -> 
             }
         })
         .context("starting the local publisher thread")?;
-    Ok(LocalSink { published, failure })
+    Ok(LocalSink { published, failure, syncs })
 }
 
 fn run(log: &LocalLog, start_end: u64, batches: &Receiver<PublishBatch>, published: &AtomicU64) -> anyhow::Result<()> {

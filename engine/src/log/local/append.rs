@@ -19,6 +19,8 @@ pub(super) struct SegmentWriter<'a> {
     /// Encoded records not yet written; they belong at `head.segment_size_bytes - buffer.len()`.
     pub(super) buffer: Vec<u8>,
     pub(super) created_segment: bool,
+    /// fdatasyncs and directory fsyncs issued so far.
+    pub(super) syncs: u64,
 }
 
 impl<'a> SegmentWriter<'a> {
@@ -32,6 +34,7 @@ impl<'a> SegmentWriter<'a> {
             head,
             buffer: Vec::with_capacity(WRITE_BUFFER_SIZE_BYTES),
             created_segment: false,
+            syncs: 0,
         })
     }
 
@@ -64,6 +67,7 @@ impl<'a> SegmentWriter<'a> {
 
     pub(super) fn sync(&mut self) -> Result<()> {
         self.flush()?;
+        self.syncs += 1;
         self.file.sync_data().map_err(io_error("syncing", &self.path))
     }
 
@@ -86,12 +90,14 @@ impl<'a> SegmentWriter<'a> {
         Ok(())
     }
 
-    /// Makes the written records durable; returns the head that commits them.
-    pub(super) fn finish(mut self) -> Result<Head> {
+    /// Makes the written records durable; returns the head that commits them and how many
+    /// syncs the batch took.
+    pub(super) fn finish(mut self) -> Result<(Head, u64)> {
         self.sync()?;
         if self.created_segment {
+            self.syncs += 1;
             sync_dir(self.dir)?;
         }
-        Ok(self.head)
+        Ok((self.head, self.syncs))
     }
 }

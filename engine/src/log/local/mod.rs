@@ -80,7 +80,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tribunal_shards::envelope::MAX_RECORD_BYTES;
@@ -188,6 +189,8 @@ pub struct LocalLog {
     dir: PathBuf,
     appending: Mutex<Appending>,
     segment_max_size_bytes: u64,
+    /// Syncs (fdatasync, fsync) this handle's appends issued, for `/metrics`.
+    syncs: Arc<AtomicU64>,
 }
 
 /// What only the holder of the append lock touches.
@@ -222,9 +225,16 @@ impl LocalLog {
             .open(&lock_path)
             .map_err(io_error("opening", &lock_path))?;
         let head_file = HeadFile::appender(&dir);
-        let log = LocalLog { dir, appending: Mutex::new(Appending { lock_file, head_file }), segment_max_size_bytes };
+        let appending = Mutex::new(Appending { lock_file, head_file });
+        let log = LocalLog { dir, appending, segment_max_size_bytes, syncs: Arc::default() };
         log.locked(|head_file| log.create_or_upgrade(head_file))?;
         Ok(log)
+    }
+
+    /// Counts the syncs this handle's appends issue (the segment's, the directory's and the
+    /// head's), for `/metrics`.
+    pub fn sync_counter(&self) -> Arc<AtomicU64> {
+        self.syncs.clone()
     }
 
     /// The offset the next appended record will get.
@@ -265,9 +275,11 @@ impl LocalLog {
             for payload in payloads {
                 writer.push(payload, timestamp_ms, self.segment_max_size_bytes)?;
             }
-            let committed = Head { last_timestamp_ms: timestamp_ms, sequence: head.sequence + 1, ..writer.finish()? };
+            let (written, syncs) = writer.finish()?;
+            let committed = Head { last_timestamp_ms: timestamp_ms, sequence: head.sequence + 1, ..written };
             assert_eq!(committed.next_offset, head.next_offset + payloads.len() as u64);
             head_file.commit(&committed)?;
+            self.syncs.fetch_add(syncs + 1, Ordering::Relaxed);
             Ok(head.next_offset..committed.next_offset)
         })
     }
