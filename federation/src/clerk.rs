@@ -18,9 +18,10 @@
 //! late copies and lagging peers. The engine never plans an offset past the ring
 //! (spec: Clerk.CopyWindowBackpressure); only outputs recovered from the Ledger at
 //! start-up may lie beyond it, and they wait in `overflow` until the window reaches them.
-//! Certified outputs not yet known published wait in a hand-over buffer per partition,
-//! bounded by `max_unpublished` (the Ushers wait past it) and by twice that (the oldest
-//! are trimmed): a new publisher republishes them (spec: Clerk.PublisherHandOver).
+//! Certified outputs not yet known published wait in a hand-over buffer per partition:
+//! while someone publishes the Ushers wait once it holds `max_unpublished` (so at most a
+//! copy window more arrives); with nobody to publish the oldest past it are trimmed. A
+//! new publisher republishes them (spec: Clerk.PublisherHandOver).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -460,14 +461,16 @@ impl Clerk {
 
     /// A certified output from the Ledger that may not be published yet, at start-up, in
     /// offset order per partition: it waits in the hand-over buffer like one certified
-    /// here (spec: Clerk.PublisherHandOver). One not above the last held is ignored.
+    /// here (spec: Clerk.PublisherHandOver). One not above the last held is ignored. None
+    /// is trimmed here: whether anyone publishes is not known before the peers speak, and
+    /// the first `handle_timeout` decides (what the Ledger holds bounds them).
     pub fn seed_unpublished(&mut self, partition: u32, offset: u64, output: Arc<[u8]>) {
-        let p = &self.partitions[partition as usize];
+        let p = &mut self.partitions[partition as usize];
         assert!(offset < p.certified_end, "an unpublished output from the Ledger is certified");
         if p.handover.back().is_some_and(|(last, _)| *last >= offset) {
             return;
         }
-        self.hold_for_handover(partition, offset, output);
+        p.handover.push_back((offset, output));
     }
 
     pub fn quarantine_state(&self) -> QuarantineState {
@@ -1283,25 +1286,25 @@ impl Clerk {
         self.actions.push(Action::PublishFrom(take_over));
     }
 
-    /// The hand-over buffer's hard bound: past `max_unpublished` the Ushers wait, so
-    /// only what was planned before they saw it can arrive (at most a copy window).
-    fn handover_capacity(&self) -> u64 {
-        2 * self.config.max_unpublished
-    }
-
     /// A certified output waits for publication (spec: Clerk.CertifiedOutputPublished:
-    /// every instance keeps its certified outputs until they are known published).
+    /// every instance keeps its certified outputs until they are known published). While
+    /// someone publishes, a full buffer holds the Ushers back at once (only what was already
+    /// planned, at most a copy window, can follow); with nobody to publish, the oldest past
+    /// `max_unpublished` are trimmed, since no hand-over could need them from here.
     fn hold_for_handover(&mut self, partition: u32, offset: u64, output: Arc<[u8]>) {
-        let capacity = self.handover_capacity();
+        let (max, exists) = (self.config.max_unpublished, self.publisher_exists());
         let p = &mut self.partitions[partition as usize];
         assert!(p.handover.back().is_none_or(|(last, _)| *last < offset), "held in offset order");
-        if p.handover.len() as u64 >= capacity {
-            let (oldest, _) = p.handover.pop_front().expect("a full buffer has a front");
-            p.trimmed_end = oldest + 1;
-            self.counters.handover_trimmed += 1;
-        }
         p.handover.push_back((offset, output));
-        assert!(p.handover.len() as u64 <= capacity, "the hand-over buffer is bounded");
+        if !exists {
+            while p.handover.len() as u64 > max {
+                let (oldest, _) = p.handover.pop_front().expect("longer than max has a front");
+                p.trimmed_end = oldest + 1;
+                self.counters.handover_trimmed += 1;
+            }
+        } else if p.handover.len() as u64 >= max {
+            self.backlog_full = true;
+        }
     }
 
     /// Drops what is known published from the hand-over buffers and decides the
@@ -1982,22 +1985,40 @@ mod tests {
         for offset in 0..70 {
             clerk.own_output(0, offset, output(offset));
         }
-        assert_eq!(clerk.handover_len(0), 70, "trimmed on the next timeout");
         clerk.handle_timeout(0);
         assert!(!clerk.backlog_full());
-        assert_eq!((clerk.handover_len(0), clerk.trimmed_end(0)), (64, 6));
+        assert_eq!((clerk.handover_len(0), clerk.trimmed_end(0)), (64, 6), "trimmed as they are held");
         assert_eq!(clerk.counters().handover_trimmed, 6);
     }
 
     #[test]
-    fn the_handover_buffer_never_holds_more_than_twice_the_backlog_bound() {
+    fn while_someone_publishes_a_full_buffer_holds_the_ushers_back_at_once_and_drops_nothing() {
         // spec: Clerk.CertifiedOutputPublished (the bound), Publisher.BoundedBacklog
         let mut clerk = lone(true, (0, 0));
         clerk.open_gate();
-        for offset in 0..130 {
+        for offset in 0..63 {
             clerk.own_output(0, offset, output(offset));
         }
-        assert_eq!((clerk.handover_len(0), clerk.trimmed_end(0)), (128, 2));
+        assert!(!clerk.backlog_full());
+        for offset in 63..130 {
+            clerk.own_output(0, offset, output(offset));
+        }
+        assert!(clerk.backlog_full(), "at the 64th, without waiting for a timeout");
+        assert_eq!((clerk.handover_len(0), clerk.trimmed_end(0)), (130, 0), "a publisher may still need them all");
+    }
+
+    #[test]
+    fn outputs_from_the_ledger_are_never_trimmed_before_anyone_is_known_to_publish() {
+        // spec: Clerk.PublisherHandOver
+        let mut clerk = lone(true, (200, 200));
+        for offset in 0..200 {
+            clerk.seed_unpublished(0, offset, output(offset));
+        }
+        assert_eq!((clerk.handover_len(0), clerk.trimmed_end(0)), (200, 0));
+        clerk.open_gate();
+        clerk.handle_timeout(0);
+        assert!(clerk.backlog_full(), "a publisher exists: they wait for it");
+        assert_eq!((clerk.handover_len(0), clerk.trimmed_end(0)), (200, 0));
     }
 
     #[test]

@@ -1,15 +1,15 @@
 //! The Publisher's decisions, sans-IO: which outputs may go to the outputs topic, in
 //! which order, and how far publication has been acknowledged.
 //!
-//! Outputs of one partition come from several shards, each when its own Ledger sync
-//! completes, so they arrive out of offset order. Readers of the outputs topic, and the
+//! Outputs are offered as they are certified, and again after a hand-over, so the
+//! publisher does not rely on the order it is offered them in. Readers of the outputs topic, and the
 //! restart logic (spec: Publisher.ResumeFromOutputTopic), rely on each output partition
 //! holding the outputs in input-offset order with no holes: the last record of output
 //! partition p then says how far p was published. So an output waits here until every
 //! earlier offset of its partition has been released (spec: Publisher.InOffsetOrder).
 //!
-//! The IO shell (engine/src/kafka_log.rs) offers durable outputs, produces what is
-//! released, and reports the broker's acknowledgements.
+//! The IO shells (engine/src/publish/: the Kafka publisher thread and the local outputs
+//! log) offer certified outputs, write what is released, and report acknowledgements.
 
 use std::collections::BTreeMap;
 

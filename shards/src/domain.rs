@@ -25,6 +25,12 @@ pub type StreamTimeMs = u64;
 /// A stable, machine-readable reason for a rejected command (`insufficient_stock`, ...).
 pub type RejectCode = &'static str;
 
+/// An entity state read back from disk that the domain could never have produced
+/// (spec: Inventory.RestoredLevelRefused): the reason, for the recovery error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidState(pub String);
+
 /// A command that breaks a bound checked before evaluation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalid {
@@ -68,7 +74,7 @@ pub trait Domain: Sized + Debug + 'static {
     /// Checks one entity state read back from disk (Ledger, snapshot) against the bounds
     /// that every state the domain produces holds. Recovery refuses a state that fails:
     /// it is corruption, and evaluating it could break the domain's arithmetic.
-    fn validate_state(key: &Self::EntityKey, state: &Self::State) -> Result<(), String>;
+    fn validate_state(key: &Self::EntityKey, state: &Self::State) -> Result<(), InvalidState>;
 
     /// Appends the entities `command` touches, without duplicates, in a deterministic
     /// order. The evaluator sees their states in this order.

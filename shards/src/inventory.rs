@@ -13,7 +13,7 @@ use smallvec::SmallVec;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::digest::{affinity_hash, CanonicalHasher};
-use crate::domain::{Decision, Domain, Invalid, StreamTimeMs, Version};
+use crate::domain::{Decision, Domain, Invalid, InvalidState, StreamTimeMs, Version};
 
 /// Highest stock level of one (warehouse, SKU). Keeps every sum in `u64` far from
 /// overflow: 16 components x 10^9 units each still fits.
@@ -412,12 +412,12 @@ impl Domain for Inventory {
     }
 
     // spec: Inventory.RestoredLevelRefused
-    fn validate_state(key: &StockKey, qty: &u64) -> Result<(), String> {
+    fn validate_state(key: &StockKey, qty: &u64) -> Result<(), InvalidState> {
         if *qty > MAX_STOCK {
-            return Err(format!("stock level {qty} is above the {MAX_STOCK} maximum"));
+            return Err(InvalidState(format!("stock level {qty} is above the {MAX_STOCK} maximum")));
         }
-        validate_name("warehouse", &key.warehouse).map_err(|invalid| invalid.detail)?;
-        validate_name("sku", &key.sku).map_err(|invalid| invalid.detail)
+        validate_name("warehouse", &key.warehouse).map_err(|invalid| InvalidState(invalid.detail))?;
+        validate_name("sku", &key.sku).map_err(|invalid| InvalidState(invalid.detail))
     }
 
     fn entities(command: &InventoryCommand, out: &mut Vec<StockKey>) {
@@ -746,7 +746,7 @@ mod tests {
         assert!(Inventory::validate_state(&key, &0).is_ok());
         assert!(Inventory::validate_state(&key, &MAX_STOCK).is_ok());
         let error = Inventory::validate_state(&key, &(MAX_STOCK + 1)).unwrap_err();
-        assert!(error.contains("above"), "{error}");
+        assert!(error.to_string().contains("above"), "{error}");
         assert!(Inventory::validate_state(&StockKey::new("WH A", "SKU-1"), &1).is_err());
         assert!(Inventory::validate_state(&StockKey::new("WH-A", ""), &1).is_err());
         assert!(Inventory::validate_state(&StockKey::new(&"w".repeat(MAX_NAME_BYTES + 1), "S"), &1).is_err());

@@ -193,9 +193,9 @@ fn restore_snapshot<D: Domain>(
             return Err(RecoveryError::Corrupt { partition: *partition, reason: "partition out of range".into() });
         }
         for (key, state) in &part.entities {
-            D::validate_state(key, state).map_err(|reason| RecoveryError::Corrupt {
+            D::validate_state(key, state).map_err(|invalid| RecoveryError::Corrupt {
                 partition: *partition,
-                reason: format!("snapshot entity: {reason}"),
+                reason: format!("snapshot entity: {invalid}"),
             })?;
             arbiters[shard_of::<D>(key, shard_count) as usize].restore_entity(*partition, key, *state);
         }
@@ -256,7 +256,8 @@ fn apply_entries<D: Domain>(
         }
         let LedgerRecord::Entry { deltas, .. } = record else { unreachable!() };
         for (key, state) in deltas {
-            D::validate_state(key, state).map_err(|reason| RecoveryError::BadDelta { partition, offset, reason })?;
+            D::validate_state(key, state)
+                .map_err(|invalid| RecoveryError::BadDelta { partition, offset, reason: invalid.to_string() })?;
             let owner = shard_of::<D>(key, shard_count) as usize;
             arbiters[owner].restore_entity(partition, key, *state);
         }

@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::warden::{Warden, WardenCheck, WardenConfig, WardenSnapshot, WardenSnapshotError};
 
+/// Most records an Usher plans as one batch: its readers (the local log's, the Kafka
+/// source's) hand it at most this many at once, and the snapshot cadence's bound counts it.
+pub const MAX_BATCH_RECORDS: usize = 4_096;
+
 /// One record of the input log, as the log gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {

@@ -28,7 +28,6 @@ use peer_links::LinksConfig;
 pub use status::{FederationStatus, InjectedFaultsStatus, LinksStatus, PartitionStatus, PeerStatus};
 use tribunal_federation::clerk::ClerkConfig;
 
-use crate::cli::federation_args::Fault;
 use crate::publish::{CertifiedSink, DurableOutput, PublishBatch};
 
 /// Shared with the Ushers, the main thread and the publisher sink.
@@ -92,6 +91,22 @@ impl ClerkShared {
         }
         self.status.lock().expect("not poisoned").clone()
     }
+}
+
+/// A peer of this instance: its id and where it accepts federation links.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAddress {
+    pub instance_id: u32,
+    pub address: std::net::SocketAddr,
+}
+
+/// A fault injected at start (`--inject-fault`), loudly: for tests and demonstrations.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fault {
+    /// Share of outputs, in (0, 1], that get one flipped bit.
+    BitFlip { rate: f64 },
+    /// Each batch of own outputs is held this long before the Clerk takes it.
+    Delay { delay_ms: u64 },
 }
 
 /// Run-time fault injection (the Gateway's admin API), taken by the Clerk's shell on its

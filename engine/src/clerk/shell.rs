@@ -27,7 +27,7 @@ use super::faults::FaultLog;
 use super::peer_links::{LinkCounters, LinkEvent, PeerLinks};
 use super::status::{clerk_state, FederationStatus, InjectedFaultsStatus, LinksStatus, PartitionStatus, PeerStatus};
 use super::{ClerkSetup, ClerkShared, FaultControl};
-use crate::cli::federation_args::Fault;
+use super::Fault;
 use crate::publish::{CertifiedSink, DurableOutput, PublishBatch};
 use crate::storage::quarantine::{self, ReadmitRequest};
 

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use tribunal_federation::handshake::MIN_PSK_BYTES;
 
-/// Smallest pre-shared key accepted, in bytes.
-pub const MIN_PSK_BYTES: usize = 16;
+pub use crate::clerk::{Fault, PeerAddress};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct FederationArgs {
@@ -29,23 +29,6 @@ pub struct FederationArgs {
     /// batch of outputs that long.
     #[arg(long)]
     pub inject_fault: Vec<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerAddress {
-    pub instance_id: u32,
-    pub address: SocketAddr,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Fault {
-    /// Share of outputs, in (0, 1], that get one flipped bit.
-    BitFlip {
-        rate: f64,
-    },
-    Delay {
-        delay_ms: u64,
-    },
 }
 
 pub fn parse_peer(text: &str) -> anyhow::Result<PeerAddress> {

@@ -55,16 +55,16 @@ struct HttpArgs {
     #[arg(long)]
     http: Option<std::net::SocketAddr>,
     /// How long a movement waits for its certified output before 504 (safe to retry).
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = gateway::DEFAULT_DEADLINE_MS)]
     http_deadline_ms: u64,
     /// Largest request body accepted (413 past it).
-    #[arg(long, default_value_t = 64 * 1024)]
+    #[arg(long, default_value_t = gateway::DEFAULT_MAX_BODY_BYTES)]
     http_max_body_bytes: usize,
     /// A request must arrive whole within this long of its first byte (408 past it).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = gateway::DEFAULT_READ_TIMEOUT_MS)]
     http_read_timeout_ms: u64,
     /// Close keep-alive connections idle this long.
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = gateway::DEFAULT_IDLE_TIMEOUT_MS)]
     http_idle_timeout_ms: u64,
     /// Movements appending or waiting for certification at once (503 overloaded past it).
     #[arg(long, default_value_t = gateway::certified_view::DEFAULT_MAX_WAITING)]
@@ -114,6 +114,14 @@ pub fn run_node(args: RunArgs) -> anyhow::Result<ExitCode> {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
+    // A panic on any thread (a shard's executor, the Clerk's, a Kafka thread) ends the
+    // process, rather than leaving the others waiting on a dead shard for ever: the
+    // instance is crash-only, and a restart recovers it (a supervisor restarts it).
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     let subscriber = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
         tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -7,7 +7,7 @@
 //!
 //! - [`certified_view`] holds the certified stock view, the recent answers and the
 //!   waiters (sans-IO; fed by the Clerk's shell);
-//! - [`appender`] is the thread that appends commands to the log (group commit);
+//! - [`crate::log::appender`] is the thread that appends commands to the log (group commit);
 //! - [`http_io`] adapts hyper's IO traits to glommio's `TcpStream`;
 //! - [`routes`] has the endpoints;
 //! - [`metrics`] renders `/metrics`.
@@ -67,14 +67,20 @@ pub struct GatewayConfig {
     pub admin_token: Option<String>,
 }
 
+/// The defaults, shared with `tribunal run`'s flags.
+pub const DEFAULT_DEADLINE_MS: u64 = 5_000;
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+pub const DEFAULT_READ_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+
 impl GatewayConfig {
     pub fn new(listen: SocketAddr) -> Self {
         Self {
             listen,
-            deadline_ms: 5_000,
-            max_body_bytes: 64 * 1024,
-            read_timeout_ms: 10_000,
-            idle_timeout_ms: 60_000,
+            deadline_ms: DEFAULT_DEADLINE_MS,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            read_timeout_ms: DEFAULT_READ_TIMEOUT_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             max_connections_per_shard: 4_096,
             max_waiting: certified_view::DEFAULT_MAX_WAITING,
             answer_capacity: certified_view::DEFAULT_ANSWER_CAPACITY,

@@ -7,14 +7,14 @@
 //! (spec: Recovery.RecoveryCompletes; nothing is advertised before).
 //!
 //! Per shard, on its own core:
-//! - one receiver task per inbound channel: `Arbiter::handle`, then effects;
+//! - one receiver task per inbound channel: the shard's `ShardCore` handles each message;
 //! - one sender task per outbound channel, draining a local unbounded queue. Receiver
 //!   tasks never await a bounded send, so two shards with full channels towards each
 //!   other cannot deadlock; the Ushers' backpressure bounds what is in flight;
 //! - one Ledger task: whatever records accumulated since its last commit are written
 //!   and made durable with one fdatasync (group commit), then the shard's durable
-//!   watermarks advance to the batch-end markers among them, and (Kafka) the outputs
-//!   that became durable go to the publisher thread;
+//!   watermarks advance to the batch-end markers among them, and the outputs that became
+//!   durable go to the Clerk;
 //! - one Usher task per partition whose home shard it is (spec: KafkaLog.PartitionIsOrderingDomain).
 //!
 //! Shards talk only through glommio's shared-nothing channels. Durable watermarks are
@@ -46,7 +46,7 @@ use tribunal_shards::arbiter::ShardMessage;
 use tribunal_shards::inventory::Inventory;
 use tribunal_shards::warden::WardenConfig;
 
-use crate::cli::federation_args::{Fault, PeerAddress};
+use crate::clerk::{Fault, PeerAddress};
 use crate::gateway::GatewayConfig;
 use crate::log::kafka::{self, KafkaConfig};
 use crate::publish;
@@ -67,14 +67,15 @@ type Wire = Vec<Message>;
 /// Messages a channel between two shards holds before the sender waits.
 const CHANNEL_CAPACITY: usize = 4_096;
 /// Most records the Usher plans as one batch.
-pub const MAX_BATCH_RECORDS: usize = 4_096;
+pub use tribunal_shards::usher::MAX_BATCH_RECORDS;
 /// The Ushers stop reading while this many messages they sent are not yet delivered.
 const MAX_IN_FLIGHT_MESSAGES: u64 = 64 * 1_024;
 /// How often `status.json` is rewritten.
 const STATUS_INTERVAL: Duration = Duration::from_millis(200);
 /// How long an idle Kafka Usher waits for its source thread's ring before trying its
-/// channel again anyway (spec: KafkaLog.BridgeNeverBlocksExecutor).
-const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// channel again anyway (spec: KafkaLog.BridgeNeverBlocksExecutor): the local log's idle
+/// wait too.
+const IDLE_WAIT: Duration = crate::log::local::watch::IDLE_WAIT;
 
 /// The input log.
 pub enum LogSource {

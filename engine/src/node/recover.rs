@@ -53,7 +53,7 @@ pub(super) fn open_log(config: &NodeConfig) -> anyhow::Result<OpenedLog> {
             info!(brokers = %kafka.brokers, topic = %kafka.commands_topic, "connecting to Kafka");
             let partitions = kafka::ensure_topics(kafka, kafka::Topics::CommandsAndOutputs, None)?;
             let published_ends = if config.publish {
-                Some(kafka::read_published_ends(kafka, partitions).context("reading the outputs topic")?)
+                Some(publish::kafka::read_published_ends(kafka, partitions).context("reading the outputs topic")?)
             } else {
                 None
             };
@@ -102,6 +102,9 @@ pub(super) fn recover(
     for (partition, offset, output) in ledger.outputs() {
         planner.entry(partition, offset, output);
     }
+    if let Some(stray) = planner.stray_partition() {
+        anyhow::bail!("the Ledger holds partition {stray}, but the log has only {partitions}: wrong topic or data dir?");
+    }
     let markers = ledger.snapshot_markers();
     let (mut manifest, recovered) = ledger.recover(shard_count, usher_config(shard_count, config.warden))?;
     for cut in &recovered.cuts {
@@ -110,7 +113,7 @@ pub(super) fn recover(
         storage::apply_cut(layout, cut).with_context(|| format!("cutting shard {} at {}", cut.shard, cut.position))?;
     }
     let (ushers, resume) = ushers_and_resume(config, partitions, recovered.ushers, &recovered.watermarks)?;
-    take_due_snapshots(config, layout, &mut manifest, &ushers, &recovered.arbiters, &resume)?;
+    take_due_snapshots(config, layout, &mut manifest, &ushers, &recovered.arbiters, &resume);
     let markers: Vec<Option<u64>> = (0..partitions).map(|p| markers.get(&p).copied()).collect();
     let plan = planner.finish(&resume, &markers);
     log_warnings(&plan.warnings);
@@ -187,17 +190,18 @@ fn take_due_snapshots(
     ushers: &[Usher<D>],
     arbiters: &[Arbiter<D>],
     resume: &[u64],
-) -> anyhow::Result<()> {
+) {
     for (partition, usher) in ushers.iter().enumerate() {
         let committed = manifest.get(partition as u32).map(|m| m.marker_offset);
         let cadence = SnapshotCadence::new(config.snapshot_every, MAX_BATCH_RECORDS as u64, committed);
         if cadence.due_at_recovery(resume[partition]) {
             let marker = resume[partition] - 1;
-            snapshot_at_recovery(layout, manifest, usher, marker, arbiters)
-                .with_context(|| format!("taking partition {partition}'s due snapshot at {marker}"))?;
+            // Not a reason to refuse to start: the Usher asks for one at its first batch.
+            if let Err(error) = snapshot_at_recovery(layout, manifest, usher, marker, arbiters) {
+                warn!(partition, marker, "could not take the snapshot that was due: {error:#}");
+            }
         }
     }
-    Ok(())
 }
 
 /// Takes and commits `usher`'s partition's snapshot at `marker`, the durable watermark,
@@ -242,9 +246,12 @@ pub(super) fn commit_snapshot(
             first_kept_segments[*shard as usize] = *first_kept;
         }
     }
-    manifest.set(PartitionManifest { partition, marker_offset, first_kept_segments });
-    storage::write_atomically(&layout.manifest_path(), &serde_json::to_vec_pretty(manifest)?)
+    // The manifest in memory changes only once the new one is on disk: deletion trusts it.
+    let mut committed = manifest.clone();
+    committed.set(PartitionManifest { partition, marker_offset, first_kept_segments });
+    storage::write_atomically(&layout.manifest_path(), &serde_json::to_vec_pretty(&committed)?)
         .context("writing the snapshot manifest")?;
+    *manifest = committed;
     storage::delete_older_snapshots(layout, partition, marker_offset).context("deleting older snapshots")?;
     info!(partition, marker_offset, "snapshot committed");
     Ok(())

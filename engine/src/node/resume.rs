@@ -67,17 +67,29 @@ pub struct ResumePlanner {
     held: Vec<DurableOutput>,
     /// (partition, offset, digest) in the retention window below the checkpoint.
     digests: Vec<(u32, u64, u128)>,
+    /// The highest partition seen in the Ledger that the log does not have.
+    stray: Option<u32>,
 }
 
 impl ResumePlanner {
     pub fn new(inputs: ResumeInputs) -> Self {
         let p = inputs.partitions as usize;
         assert!(inputs.certified_checkpoint.len() == p && inputs.published_start.len() == p, "one end per partition");
-        Self { inputs, held: Vec::new(), digests: Vec::new() }
+        Self { inputs, held: Vec::new(), digests: Vec::new(), stray: None }
     }
 
-    /// One output found in the Ledger.
+    /// A partition the Ledger holds outputs of but the log does not have.
+    pub fn stray_partition(&self) -> Option<u32> {
+        self.stray
+    }
+
+    /// One output found in the Ledger. One of a partition the log lacks is not planned
+    /// for: [`ResumePlanner::stray_partition`] names it, and start-up refuses the data dir.
     pub fn entry(&mut self, partition: u32, offset: u64, output: &[u8]) {
+        if partition >= self.inputs.partitions {
+            self.stray = Some(self.stray.map_or(partition, |s| s.max(partition)));
+            return;
+        }
         let p = partition as usize;
         let checkpoint = self.inputs.certified_checkpoint.get(p).copied().unwrap_or(0);
         if offset < checkpoint && offset + self.inputs.digest_retention >= checkpoint {
@@ -92,7 +104,7 @@ impl ResumePlanner {
     /// Decides, given each partition's resume offset (durable watermark + 1, 0: nothing
     /// durable) and snapshot marker.
     pub fn finish(self, resume: &[u64], snapshot_markers: &[Option<u64>]) -> ResumePlan {
-        let ResumePlanner { inputs, mut held, digests } = self;
+        let ResumePlanner { inputs, mut held, digests, .. } = self;
         assert!(resume.len() == inputs.partitions as usize && snapshot_markers.len() == resume.len());
         let mut warnings = Vec::new();
         let mut published_start = inputs.published_start;
@@ -271,6 +283,15 @@ mod tests {
         assert_eq!(plan.warnings.len(), 2);
         assert!(matches!(plan.warnings[0], ResumeWarning::OutputsLost { what: "published", first_missing: 2, .. }));
         assert_eq!(offsets(&plan.to_compare), vec![6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn outputs_of_a_partition_the_log_lacks_are_named_not_planned() {
+        let mut planner = planner(inputs(0, 0), 0..3);
+        planner.entry(4, 0, b"x");
+        planner.entry(2, 0, b"x");
+        assert_eq!(planner.stray_partition(), Some(4));
+        assert_eq!(offsets(&planner.finish(&[3], &[None]).to_compare), vec![0, 1, 2]);
     }
 
     #[test]

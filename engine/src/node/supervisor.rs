@@ -28,8 +28,9 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// has finished.
 const SETTLE_POLL: Duration = Duration::from_millis(10);
 
-/// Per snapshot: the parts that are durable, as (shard or Usher, first kept segment).
-type Parts = Vec<(Option<ShardId>, u64)>;
+/// Per snapshot: the parts that are durable, by shard (None: the Usher's), with the
+/// first segment kept after the marker.
+type Parts = BTreeMap<Option<ShardId>, u64>;
 
 pub(super) struct Supervisor {
     pub layout: Layout,
@@ -127,9 +128,11 @@ impl Supervisor {
             }
             Event::SnapshotPart { partition, marker_offset, shard, first_kept_segment } => {
                 let parts = progress.snapshot_parts.entry((partition, marker_offset)).or_default();
-                parts.push((shard, first_kept_segment));
+                let repeated = parts.insert(shard, first_kept_segment).is_some();
+                assert!(!repeated, "one part per shard and the Usher's");
                 if parts.len() == self.shard_count + 1 {
-                    commit_snapshot(&self.layout, &mut self.manifest, partition, marker_offset, parts)?;
+                    let parts: Vec<_> = parts.iter().map(|(shard, first_kept)| (*shard, *first_kept)).collect();
+                    commit_snapshot(&self.layout, &mut self.manifest, partition, marker_offset, &parts)?;
                     self.shared.snapshot_covered_end[partition as usize].fetch_max(marker_offset + 1, Ordering::AcqRel);
                     progress.snapshot_parts.retain(|(p, m), _| *p != partition || *m > marker_offset);
                     progress.deletion_pending = self.delete_covered_segments(&self.persisted_certified)?;
@@ -166,15 +169,16 @@ impl Supervisor {
     /// Returns whether a later pass might delete more (publication still behind a marker).
     fn delete_covered_segments(&self, persisted_certified: &[u64]) -> anyhow::Result<bool> {
         let next_offsets = self.shared.next_offsets();
-        let published = Some(self.shared.outputs_needed_from(persisted_certified));
+        let needed_from = self.shared.outputs_needed_from(persisted_certified);
         let mut waiting = false;
         for shard in 0..self.manifest.shard_count {
-            let bound = self.manifest.deletable_below(shard, &next_offsets, published.as_deref());
+            let bound = self.manifest.deletable_below(shard, &next_offsets, Some(&needed_from));
             let deleted = storage::delete_segments_below(&self.layout, shard, bound).context("deleting segments")?;
             if deleted > 0 {
                 info!(shard, deleted, below = bound, "deleted Ledger segments the snapshots cover");
             }
-            waiting |= published.is_some() && bound == 0;
+            // Nothing deletable yet: certification or publication may still be behind a marker.
+            waiting |= bound == 0;
         }
         Ok(waiting)
     }

@@ -250,11 +250,15 @@ impl UsherShell {
         if let Some(marker) = shared.snapshot_covered_end[partition as usize].load(Ordering::Acquire).checked_sub(1) {
             cadence.committed(marker);
         }
-        let window_end = shared.clerk.certified_end(partition) + shared.copy_window;
-        !cadence.may_plan()
-            || shared.in_flight.load(Ordering::Relaxed) > MAX_IN_FLIGHT_MESSAGES
-            || self.usher.next_offset() + MAX_BATCH_RECORDS as u64 > window_end
-            || shared.clerk.backlog_full.load(Ordering::Relaxed)
+        let gate = Backpressure {
+            snapshot_pending: !cadence.may_plan(),
+            messages_in_flight: shared.in_flight.load(Ordering::Relaxed),
+            next_offset: self.usher.next_offset(),
+            certified_end: shared.clerk.certified_end(partition),
+            copy_window: shared.copy_window,
+            backlog_full: shared.clerk.backlog_full.load(Ordering::Relaxed),
+        };
+        gate.holds()
     }
 
     /// `--stop-at-end`: the input is at its end and everything read is durable.
@@ -315,6 +319,69 @@ impl UsherShell {
                 }
             }
         }
-        own || self.shared.snapshot_wanted[partition].swap(false, Ordering::Relaxed)
+        // Taken whether or not this batch snapshots anyway: one snapshot answers both.
+        let asked = self.shared.snapshot_wanted[partition].swap(false, Ordering::Relaxed);
+        own || asked
+    }
+}
+
+/// What may hold an Usher back before it reads its next batch.
+#[derive(Debug, Clone, Copy)]
+struct Backpressure {
+    /// Its snapshot is not committed yet (spec: Ledger.PlanningWaitsForSnapshot).
+    snapshot_pending: bool,
+    /// Messages between shards sent and not delivered.
+    messages_in_flight: u64,
+    next_offset: u64,
+    certified_end: u64,
+    copy_window: u64,
+    /// The Clerk's hand-over buffer is full while someone publishes (spec: Publisher.BoundedBacklog).
+    backlog_full: bool,
+}
+
+impl Backpressure {
+    /// spec: Clerk.CopyWindowBackpressure — a whole batch more must still fit the Clerk's
+    /// ring, so own outputs always land in it.
+    fn holds(&self) -> bool {
+        self.snapshot_pending
+            || self.messages_in_flight > MAX_IN_FLIGHT_MESSAGES
+            || self.next_offset + MAX_BATCH_RECORDS as u64 > self.certified_end + self.copy_window
+            || self.backlog_full
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FREE: Backpressure = Backpressure {
+        snapshot_pending: false,
+        messages_in_flight: 0,
+        next_offset: 10_000,
+        certified_end: 10_000,
+        copy_window: 65_536,
+        backlog_full: false,
+    };
+
+    #[test]
+    fn nothing_holds_an_usher_with_room_everywhere() {
+        assert!(!FREE.holds());
+    }
+
+    #[test]
+    fn a_batch_that_could_pass_the_clerk_s_ring_waits() {
+        // spec: Clerk.CopyWindowBackpressure
+        let at_edge = Backpressure { next_offset: 10_000 + 65_536 - MAX_BATCH_RECORDS as u64, ..FREE };
+        assert!(!at_edge.holds(), "a full batch still fits");
+        assert!(Backpressure { next_offset: at_edge.next_offset + 1, ..FREE }.holds());
+    }
+
+    #[test]
+    fn each_other_reason_holds_it_alone() {
+        // spec: Ledger.PlanningWaitsForSnapshot, Publisher.BoundedBacklog
+        assert!(Backpressure { snapshot_pending: true, ..FREE }.holds());
+        assert!(Backpressure { backlog_full: true, ..FREE }.holds());
+        assert!(Backpressure { messages_in_flight: MAX_IN_FLIGHT_MESSAGES + 1, ..FREE }.holds());
+        assert!(!Backpressure { messages_in_flight: MAX_IN_FLIGHT_MESSAGES, ..FREE }.holds());
     }
 }

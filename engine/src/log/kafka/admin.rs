@@ -14,7 +14,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use super::{client_config, KafkaConfig, BACKOFF_MAX, BACKOFF_MIN, MAX_PARTITIONS, METADATA_TIMEOUT};
-use crate::publish::json::OutputJson;
 
 /// Which topics a client needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,73 +143,3 @@ fn create_missing_topics(
     Ok(())
 }
 
-/// Per partition, one past the input offset of the last output on the outputs topic: how
-/// far publication got, whichever instance published (spec: Publisher.ResumeFromOutputTopic).
-pub fn read_published_ends(config: &KafkaConfig, partitions: u32) -> anyhow::Result<Vec<u64>> {
-    let consumer: BaseConsumer = client_config(&config.brokers)
-        .set("group.id", "tribunal-publisher-probe")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        // The last record may go with retention between the watermark read and the fetch.
-        .set("auto.offset.reset", "error")
-        .create()
-        .context("creating a Kafka consumer")?;
-    let mut ends = Vec::with_capacity(partitions as usize);
-    let mut backoff = BACKOFF_MIN;
-    for partition in 0..partitions {
-        // spec: KafkaLog.BrokerLossRetries — the broker may be away at start: wait for it.
-        let end = loop {
-            match last_published(&consumer, &config.outputs_topic, partition) {
-                Ok(end) => break end,
-                Err(error) => {
-                    warn!(topic = %config.outputs_topic, partition, "reading the outputs topic: {error:#}; retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
-            }
-        };
-        ends.push(end);
-    }
-    Ok(ends)
-}
-
-/// One past the input offset of the last output in `partition` of the outputs topic.
-fn last_published(consumer: &BaseConsumer, topic: &str, partition: u32) -> anyhow::Result<u64> {
-    let (low, high) = consumer.fetch_watermarks(topic, partition as i32, METADATA_TIMEOUT)?;
-    if high <= low {
-        return Ok(0);
-    }
-    let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, partition as i32, Offset::Offset(high - 1))?;
-    consumer.assign(&assignment)?;
-    let started = Instant::now();
-    let message = loop {
-        anyhow::ensure!(started.elapsed() < METADATA_TIMEOUT * 2, "reading the last record timed out");
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) if message.partition() == partition as i32 => break message,
-            Some(Err(error)) => anyhow::bail!("{error}"),
-            _ => {}
-        }
-    };
-    // The key must be this partition's, and the JSON inside must say the same: a record
-    // from a stranger (or a forged key) must not make outputs count as published.
-    let key = message.key().and_then(OutputJson::parse_key);
-    let body: Option<(u32, u64)> = message
-        .payload()
-        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
-        .and_then(|v| Some((u32::try_from(v["partition"].as_u64()?).ok()?, v["offset"].as_u64()?)));
-    match (key, body) {
-        (Some((p, offset)), Some(inside)) if p == partition && inside == (p, offset) => Ok(offset + 1),
-        _ => {
-            // Publishing everything the Ledger holds again loses nothing: duplicates are
-            // identical and keyed.
-            warn!(
-                topic,
-                partition,
-                "the last record of the outputs topic is not a Tribunal output of this partition; \
-                 publishing every output the Ledger holds again"
-            );
-            Ok(0)
-        }
-    }
-}

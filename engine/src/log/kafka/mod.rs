@@ -1,18 +1,16 @@
-//! The input log and the outputs topic on Kafka (specs/kafka_log.allium, specs/publisher.allium).
+//! The input log on Kafka (specs/kafka_log.allium).
 //!
 //! rdkafka's clients block (poll, flush, metadata), so none of them runs on a glommio
-//! executor (spec: KafkaLog.BridgeNeverBlocksExecutor). Two plain threads own them:
-//! - the **source** thread owns a `BaseConsumer`. It reads every partition through
-//!   `assign()` at offsets taken from the Ledger, decodes each record's JSON envelope,
-//!   and feeds one bounded std channel per partition. Usher tasks only `try_recv`, so
-//!   a full channel blocks the source thread alone (backpressure), never an executor;
-//! - the **publisher** thread owns a `BaseProducer`. The shards hand it outputs after
-//!   the fdatasync that made them durable; it orders them per partition (the sans-IO
-//!   `Publisher`), renders JSON and produces idempotently, keyed by input offset.
-//!
-//! A std channel plus a 1 ms idle poll was chosen over a runtime-agnostic future: it
-//! needs no cross-thread waker into glommio, and under load the Usher finds a batch
-//! waiting on every poll, so the sleep only costs latency when the log is idle.
+//! executor (spec: KafkaLog.BridgeNeverBlocksExecutor). The **source** thread
+//! (`source.rs`) owns a `BaseConsumer`: it reads every partition through `assign()` at
+//! offsets taken from the Ledger, decodes each record's JSON envelope, and feeds one
+//! bounded std channel per partition. Usher tasks only `try_recv`, so a full channel
+//! blocks the source thread alone (backpressure), never an executor; an idle Usher waits
+//! on the doorbell the source thread rings after each send. `admin.rs` makes the topics,
+//! `producer.rs` is the one idempotent-producer factory, `tool.rs` serves `tribunal log`,
+//! and `delivered_offsets.rs` tells real delivered offsets from invented ones. The
+//! publisher thread, which writes certified outputs to the outputs topic, is
+//! `crate::publish::kafka`.
 
 pub mod admin;
 pub mod delivered_offsets;
@@ -20,7 +18,7 @@ pub mod producer;
 pub mod source;
 pub mod tool;
 
-pub use admin::{ensure_topics, read_published_ends, Topics};
+pub use admin::{ensure_topics, Topics};
 pub use source::{spawn_source, Feed, FeedSender};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,18 +35,16 @@ pub const DEFAULT_COMMANDS_TOPIC: &str = "tribunal.commands";
 pub const DEFAULT_OUTPUTS_TOPIC: &str = "tribunal.outputs";
 /// Partitions the engine serves at most (one Usher each).
 pub const MAX_PARTITIONS: u32 = 256;
-/// Records the source thread gathers per partition before handing a batch over.
-const SOURCE_BATCH_RECORDS: usize = 4_096;
+/// Records the source thread gathers per partition before handing a batch over: the
+/// Usher's batch bound, which the snapshot cadence counts on.
+const SOURCE_BATCH_RECORDS: usize = tribunal_shards::usher::MAX_BATCH_RECORDS;
 /// Batches waiting per partition between the source thread and its Usher.
 pub const FEED_BATCHES_IN_FLIGHT: usize = 8;
-/// Outputs the producer may hold unacknowledged (the Clerk's hand-over buffer bounds
-/// what is certified but unpublished: spec Publisher.BoundedBacklog).
-pub const MAX_UNPUBLISHED: u64 = crate::publish::MAX_UNPUBLISHED;
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The pause after each consumption error: at most 100 errors a second reach the log.
 const ERROR_PAUSE: Duration = Duration::from_millis(10);
-const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the Kafka log is and how its topics are made.
 #[derive(Debug, Clone)]
