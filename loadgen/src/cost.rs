@@ -228,8 +228,13 @@ fn clock_ticks_per_s() -> u64 {
 
 /// `cpu user nice system idle iowait irq softirq steal ...` and `ctxt N`.
 pub fn parse_proc_stat(text: &str, ticks_per_s: u64) -> Option<BoxCounters> {
-    let cpu: Vec<u64> =
-        text.lines().find(|l| l.starts_with("cpu "))?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let cpu: Vec<u64> = text
+        .lines()
+        .find(|l| l.starts_with("cpu "))?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     let ctxt = text.lines().find_map(|l| l.strip_prefix("ctxt ")?.trim().parse::<u64>().ok())?;
     let field = |i: usize| cpu.get(i).copied().unwrap_or(0);
     let to_us = |ticks: u64| ticks * 1_000_000 / ticks_per_s.max(1);

@@ -207,12 +207,7 @@ fn write_cost_lines(out: &mut impl Write, cost: Option<&crate::cost::Cost>) -> i
     write_row(
         out,
         "cpu (µs/request)",
-        format_args!(
-            "instances {}, loadgen {:.1}, box {}",
-            or_dash(cpu.instances),
-            cpu.loadgen,
-            or_dash(cpu.machine)
-        ),
+        format_args!("instances {}, loadgen {:.1}, box {}", or_dash(cpu.instances), cpu.loadgen, or_dash(cpu.machine)),
     )?;
     let switches = &c.context_switches_per_request;
     write_row(

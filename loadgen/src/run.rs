@@ -16,8 +16,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 use tribunal_shards::inventory::InventoryCommand;
 
-use crate::cost::{self, Cost, Sample};
 use crate::client::{Answer, AttemptError, Connection, Target};
+use crate::cost::{self, Cost, Sample};
 use crate::ledger::{AnswerRecord, Decision, Ledger, LedgerEntry, StockRow, StockTable, Unresolved};
 use crate::report::{RunFigures, TimelinePoint};
 use crate::workload::{Generator, WorkloadConfig};
@@ -258,7 +258,8 @@ async fn cost_sample(targets: &[Target]) -> Sample {
     for target in targets {
         let mut connection = Connection::new(target.clone());
         let answer = connection.request(Method::GET, "/metrics", &[], Bytes::new(), Duration::from_secs(2)).await;
-        let text = answer.ok().filter(|a| a.status == StatusCode::OK).map(|a| String::from_utf8_lossy(&a.body).into_owned());
+        let text =
+            answer.ok().filter(|a| a.status == StatusCode::OK).map(|a| String::from_utf8_lossy(&a.body).into_owned());
         instances.push(text.as_deref().and_then(cost::parse_metrics));
     }
     Sample { instances, loadgen: cost::this_process(), machine: cost::whole_box() }

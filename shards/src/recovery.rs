@@ -256,8 +256,11 @@ fn apply_entries<D: Domain>(
         }
         let LedgerRecord::Entry { deltas, .. } = record else { unreachable!() };
         for (key, state) in deltas {
-            D::validate_state(key, state)
-                .map_err(|invalid| RecoveryError::BadDelta { partition, offset, reason: invalid.to_string() })?;
+            D::validate_state(key, state).map_err(|invalid| RecoveryError::BadDelta {
+                partition,
+                offset,
+                reason: invalid.to_string(),
+            })?;
             let owner = shard_of::<D>(key, shard_count) as usize;
             arbiters[owner].restore_entity(partition, key, *state);
         }

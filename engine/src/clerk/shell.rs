@@ -26,8 +26,8 @@ use tribunal_shards::prng::SplitMix64;
 use super::faults::FaultLog;
 use super::peer_links::{LinkCounters, LinkEvent, PeerLinks};
 use super::status::{clerk_state, FederationStatus, InjectedFaultsStatus, LinksStatus, PartitionStatus, PeerStatus};
-use super::{ClerkSetup, ClerkShared, FaultControl};
 use super::Fault;
+use super::{ClerkSetup, ClerkShared, FaultControl};
 use crate::publish::{CertifiedSink, DurableOutput, PublishBatch};
 use crate::storage::quarantine::{self, ReadmitRequest};
 

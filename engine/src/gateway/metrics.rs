@@ -180,7 +180,12 @@ fn encode_process(encoder: &mut DescriptorEncoder, f: &Figures) -> Result<(), st
         f.process.context_switches,
     )?;
     counter(encoder, "tribunal_log_fsyncs", "Syncs of the local input log by this instance's appends", f.log_fsyncs)?;
-    counter(encoder, "tribunal_outputs_fsyncs", "Syncs of the local outputs log by this instance's publisher", f.outputs_fsyncs)
+    counter(
+        encoder,
+        "tribunal_outputs_fsyncs",
+        "Syncs of the local outputs log by this instance's publisher",
+        f.outputs_fsyncs,
+    )
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

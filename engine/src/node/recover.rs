@@ -103,7 +103,9 @@ pub(super) fn recover(
         planner.entry(partition, offset, output);
     }
     if let Some(stray) = planner.stray_partition() {
-        anyhow::bail!("the Ledger holds partition {stray}, but the log has only {partitions}: wrong topic or data dir?");
+        anyhow::bail!(
+            "the Ledger holds partition {stray}, but the log has only {partitions}: wrong topic or data dir?"
+        );
     }
     let markers = ledger.snapshot_markers();
     let (mut manifest, recovered) = ledger.recover(shard_count, usher_config(shard_count, config.warden))?;

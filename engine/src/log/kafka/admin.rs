@@ -6,11 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::Message;
 use rdkafka::metadata::Metadata;
-use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use super::{client_config, KafkaConfig, BACKOFF_MAX, BACKOFF_MIN, MAX_PARTITIONS, METADATA_TIMEOUT};
@@ -142,4 +139,3 @@ fn create_missing_topics(
     }
     Ok(())
 }
-
