@@ -17,6 +17,7 @@ pub mod cli;
 pub mod gateway;
 pub mod log;
 pub mod node;
+pub mod pacing;
 pub mod publish;
 pub mod status;
 pub mod storage;

@@ -29,7 +29,7 @@ impl std::fmt::Display for Phase {
 }
 
 /// `status.json`: what an operator or a test can read while the instance runs.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
 pub struct NodeStatus {
     pub phase: Phase,
     /// Recovered, and (Kafka) the broker answers (spec: KafkaLog.BrokerLossRetries).

@@ -36,7 +36,7 @@ pub type InstanceId = u32;
 
 /// Heartbeats carry the published ends this Clerk knows of, to every peer, this often
 /// (spec: Federation.HeartbeatSent, heartbeat_interval).
-pub const HEARTBEAT_INTERVAL_MS: u64 = 100;
+pub const HEARTBEAT_INTERVAL_MS: u64 = 250;
 /// A peer unreachable or not ready this long no longer holds `--stop-at-end` back: one
 /// only slow (a starved link times out) may still need our copies (spec: Clerk.StopAtEnd,
 /// stop_grace).
@@ -1898,20 +1898,21 @@ mod tests {
     #[test]
     fn heartbeats_are_due_every_interval_from_the_first_timeout() {
         // spec: Federation.HeartbeatSent
+        const I: u64 = HEARTBEAT_INTERVAL_MS;
         let mut clerk = Clerk::new(config(1, 3, 2, 16), &[(0, 0)]);
         assert_eq!(clerk.poll_timeout(), None, "no schedule before time is known");
         clerk.handle_timeout(1_000);
         assert!(heartbeats(&mut clerk).is_empty(), "the first timeout starts the schedule");
-        assert_eq!(clerk.poll_timeout(), Some(1_100));
-        clerk.handle_timeout(1_099);
+        assert_eq!(clerk.poll_timeout(), Some(1_000 + I));
+        clerk.handle_timeout(1_000 + I - 1);
         assert!(heartbeats(&mut clerk).is_empty(), "not due yet");
         clerk.own_published(0, 7);
-        clerk.handle_timeout(1_100);
+        clerk.handle_timeout(1_000 + I);
         assert_eq!(heartbeats(&mut clerk), vec![(2, vec![7]), (3, vec![7])], "the published end known, to each peer");
-        assert_eq!(clerk.poll_timeout(), Some(1_200));
-        clerk.handle_timeout(1_250);
+        assert_eq!(clerk.poll_timeout(), Some(1_000 + 2 * I));
+        clerk.handle_timeout(1_000 + 2 * I + 50);
         assert_eq!(heartbeats(&mut clerk).len(), 2);
-        assert_eq!(clerk.poll_timeout(), Some(1_350), "the next one an interval after the late one");
+        assert_eq!(clerk.poll_timeout(), Some(1_000 + 3 * I + 50), "the next one an interval after the late one");
     }
 
     #[test]
@@ -1928,7 +1929,7 @@ mod tests {
         net.run();
         net.clerk(2).peer_heartbeat(1, &[9]);
         net.clerk(2).handle_timeout(0);
-        net.clerk(2).handle_timeout(100);
+        net.clerk(2).handle_timeout(HEARTBEAT_INTERVAL_MS);
         assert_eq!(heartbeats(net.clerk(2)), vec![(1, vec![4]), (3, vec![4])]);
     }
 

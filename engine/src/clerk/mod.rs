@@ -6,8 +6,9 @@
 //!
 //! Inputs: own outputs, from each shard's Ledger task after its fdatasync (so only
 //! durable outputs are ever compared: spec Clerk.OwnCopyRecorded); frames from peers;
-//! a tick at most 10 ms apart, sooner when the Clerk's `poll_timeout` says (durable and
-//! published watermarks, the time; status every 100 ms). Outputs: frames to peers,
+//! a tick at most 10 ms apart while outputs or copies come in and 250 ms apart when idle,
+//! sooner when the Clerk's `poll_timeout` says (durable and published watermarks, the
+//! time; a status snapshot every tick, at most every 100 ms). Outputs: frames to peers,
 //! certified outputs to the publisher sink while this instance holds the role, fault
 //! reports (log, `faults.jsonl`, status), and atomics the Ushers and the main thread read
 //! (certified ends for backpressure and `--stop-at-end`).

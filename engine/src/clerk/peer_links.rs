@@ -21,7 +21,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
@@ -31,6 +31,13 @@ use tracing::{info, warn};
 use tribunal_federation::clerk::InstanceId;
 use tribunal_federation::handshake::{Acceptor, Dialer, HELLO_BYTES, NONCE_BYTES, PROOF_BYTES, REPLY_BYTES};
 use tribunal_federation::wire::{Frame, FrameOpener, FrameSealer, SessionKey};
+
+use crate::pacing::Pacer;
+
+/// Writes to a peer start at most this often: the frames queued meanwhile (copies,
+/// watermarks) join the next write, so a busy link costs one write and one wake-up on
+/// each side per interval instead of one per batch of outputs.
+const WRITE_INTERVAL: Duration = Duration::from_millis(2);
 
 #[derive(Clone, Debug)]
 pub struct LinksConfig {
@@ -320,16 +327,22 @@ impl Writer<'_> {
         bytes: &mut Vec<u8>,
     ) -> std::io::Error {
         let (peer, link, counters) = (self.peer, self.link, self.counters);
+        let mut pacer = Pacer::new(WRITE_INTERVAL);
         loop {
+            // spec: Federation.BatchFlushedOnDelay — frames queued meanwhile join this write.
+            let wait = pacer.wait(Instant::now());
+            if !wait.is_zero() {
+                glommio::timer::sleep(wait).await;
+            }
             if link.queue.borrow().is_empty() {
-                // Wake on a new frame, or every 100 ms to notice a dead peer quickly.
-                let _ = glommio::timer::timeout(Duration::from_millis(100), async {
-                    self.rings.recv().await;
-                    Ok(())
-                })
-                .await;
+                // Wake on a new frame only: heartbeats are frames, so a dead peer is
+                // noticed at the next one's write (spec: Federation.HeartbeatSent).
+                if self.rings.recv().await.is_none() {
+                    return std::io::Error::other("the links were shut down");
+                }
                 continue;
             }
+            pacer.started(Instant::now());
             link.queue.borrow_mut().drain_into(frames);
             bytes.clear();
             let n = frames.len() as u64;

@@ -37,6 +37,9 @@ const MAX_INJECTED_LISTED: usize = 4_096;
 /// watermarks, the own publisher's published ends, the ready gate, injected faults and
 /// quarantine persistence are polled.
 const TICK_MS: u64 = 10;
+/// The tick while nothing came in for `BUSY_FOR_MS`: heartbeats are due every 250 ms anyway.
+const IDLE_TICK_MS: u64 = 250;
+const BUSY_FOR_MS: u64 = 200;
 const STATUS_INTERVAL_MS: u64 = 100;
 /// Link events waiting for the shell.
 const LINK_EVENTS: usize = 4_096;
@@ -62,6 +65,8 @@ pub(super) struct Shell {
     started: Instant,
     /// When the last status snapshot was taken (Clerk time).
     status_taken_ms: Option<u64>,
+    /// Until when the tick keeps the busy pace (Clerk time): outputs or copies came in.
+    busy_until_ms: u64,
 }
 
 /// Faults injected into own outputs (`--fault`, the admin API).
@@ -168,6 +173,7 @@ impl Shell {
             fault_control: setup.fault_control,
             started: Instant::now(),
             status_taken_ms: None,
+            busy_until_ms: 0,
         })
     }
 
@@ -176,11 +182,21 @@ impl Shell {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Until the next tick: when the Clerk wants its timeout, at most `TICK_MS`.
+    /// Until the next tick: when the Clerk wants its timeout, at most `TICK_MS` while
+    /// outputs or frames came in lately, at most `IDLE_TICK_MS` when idle (an idle
+    /// instance does not wake a hundred times a second for nothing).
     fn wait(&self) -> Duration {
         let now_ms = self.now_ms();
-        let wait_ms = self.clerk.poll_timeout().map_or(TICK_MS, |due_ms| due_ms.saturating_sub(now_ms).min(TICK_MS));
+        // Recovering: the gate opens at the next tick, so it is not put off.
+        let busy = now_ms < self.busy_until_ms || self.clerk.status() == ClerkStatus::Recovering;
+        let tick_ms = if busy { TICK_MS } else { IDLE_TICK_MS };
+        let wait_ms = self.clerk.poll_timeout().map_or(tick_ms, |due_ms| due_ms.saturating_sub(now_ms).min(tick_ms));
         Duration::from_millis(wait_ms)
+    }
+
+    /// Outputs or frames came in: tick at the busy pace for a while.
+    fn mark_busy(&mut self) {
+        self.busy_until_ms = self.now_ms() + BUSY_FOR_MS;
     }
 
     /// Carries out what the Clerk asked for.
@@ -273,12 +289,14 @@ impl Shell {
             }
             self.clerk.own_output(output.partition, output.offset, Arc::from(bytes));
         }
+        self.mark_busy();
         self.apply();
     }
 
     fn frame(&mut self, peer: InstanceId, frame: Frame) {
         match frame {
             Frame::Copy { partition, offset, output } => {
+                self.mark_busy();
                 self.clerk.peer_copy(peer, partition, offset, Arc::from(output))
             }
             Frame::CertifiedCopy { partition, offset, digest } => {

@@ -93,7 +93,8 @@ pub struct Args {
     /// Byte-identical copies that certify an output; at most --instances.
     #[arg(long, value_name = "K", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     expected_copies: u32,
-    /// Cores for every instance (`run --cores`), e.g. `0,1`; default: `run`'s default.
+    /// Cores for every instance (`run --cores`), e.g. `0,1`. Default: every allowed core for
+    /// each instance, or, with at least as many instances as cores, one core each, round robin.
     #[arg(long, value_name = "LIST")]
     cores: Option<String>,
     /// Every instance exits once the log is processed; the cluster exits 0 when they all
@@ -405,6 +406,18 @@ fn validate(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cores instance `id` runs on: `--cores` for every instance when given. Otherwise,
+/// when there are at least as many instances as allowed cores, one core each, round robin:
+/// every instance already uses every core then, and more shards than cores would only add
+/// hand-offs between threads that share a core. Fewer instances than cores: every core.
+fn instance_cores(args: &Args, id: u32) -> Option<String> {
+    if let Some(cores) = &args.cores {
+        return Some(cores.clone());
+    }
+    let allowed = crate::node::cores::select(None).ok()?;
+    (args.instances as usize >= allowed.len()).then(|| allowed[(id as usize - 1) % allowed.len()].to_string())
+}
+
 /// Instance `id`'s REST address, with --http-base-port.
 fn http_address(args: &Args, id: u32) -> Option<SocketAddr> {
     let port = u32::from(args.http_base_port?) + id - 1;
@@ -440,7 +453,7 @@ fn run_args(
         "--expected-copies".into(),
         args.expected_copies.to_string().into(),
     ]);
-    if let Some(cores) = &args.cores {
+    if let Some(cores) = instance_cores(args, id) {
         run.extend(["--cores".into(), cores.into()]);
     }
     if let Some(http) = http_address(args, id) {

@@ -16,7 +16,7 @@ use std::io;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
@@ -31,8 +31,13 @@ use super::shared::{Event, Shared};
 use super::usher::{self, ReaderTask, SourceSpec, UsherOptions};
 use super::{Message, Wire, D};
 use crate::gateway::{self, GatewayShared};
+use crate::pacing::Pacer;
 use crate::publish::DurableOutput;
 use crate::storage::{self, Layout, SegmentWriter};
+
+/// Group commits of a shard's Ledger start at most this often: each is a write and an
+/// fdatasync, and the records appended meanwhile join the next one.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(4);
 
 /// Everything a shard's executor starts with.
 pub(super) struct ShardContext {
@@ -167,10 +172,8 @@ pub(super) async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     for task in tasks {
         task.await;
     }
-    // The shard now only reacts to messages; park until the process exits.
-    while !context.shared.stop.load(Ordering::Acquire) {
-        glommio::timer::sleep(Duration::from_millis(50)).await;
-    }
+    // The shard now only reacts to messages and connections, until the process exits.
+    futures_lite::future::pending::<()>().await;
     Ok(())
 }
 
@@ -238,7 +241,14 @@ async fn ledger_task(
 ) {
     let outputs_tx = outputs.connect().await;
     let shard = ledger.shard;
+    let mut pacer = Pacer::new(COMMIT_INTERVAL);
     while doorbell_rx.recv().await.is_some() {
+        // spec: Ledger.GroupCommitPaced — what is appended meanwhile joins this commit.
+        let wait = pacer.wait(Instant::now());
+        if !wait.is_zero() {
+            glommio::timer::sleep(wait).await;
+        }
+        pacer.started(Instant::now());
         let commit: Unsynced<D> = {
             let mut st = state.borrow_mut();
             st.doorbell_rung = false;

@@ -19,7 +19,7 @@ use crate::clerk::ClerkShared;
 use crate::gateway::NodeProbe;
 use crate::log::kafka::KafkaShared;
 use crate::publish::local::LocalSink;
-use crate::status::Phase;
+use crate::status::{NodeStatus, Phase};
 use crate::storage::{self, checkpoint, Layout, Manifest};
 
 /// How often the certified checkpoint is persisted.
@@ -46,14 +46,35 @@ pub(super) struct Supervisor {
     pub persisted_certified: Vec<u64>,
 }
 
+/// `status.json` is rewritten when something in it changed, and at least this often (its
+/// clocks move); an idle instance does not rewrite a file five times a second.
+const STATUS_REWRITE_IDLE: Duration = Duration::from_secs(1);
+
 /// What the loop keeps between rounds.
 #[derive(Default)]
 struct Progress {
+    /// The last status written, its clocks zeroed, and when.
+    written_status: Option<(NodeStatus, Instant)>,
     snapshot_parts: BTreeMap<(u32, u64), Parts>,
     finished: BTreeSet<u32>,
     /// Deletion waits for certification and publication, so it is retried until nothing
     /// is left to delete.
     deletion_pending: bool,
+}
+
+impl Progress {
+    /// Whether `status` should be written now; if so, it counts as written.
+    fn status_due(&mut self, status: &NodeStatus) -> bool {
+        let timeless = NodeStatus { uptime_ms: 0, processing_ms: 0, ..status.clone() };
+        let due = match &self.written_status {
+            Some((last, at)) => *last != timeless || at.elapsed() >= STATUS_REWRITE_IDLE,
+            None => true,
+        };
+        if due {
+            self.written_status = Some((timeless, Instant::now()));
+        }
+        due
+    }
 }
 
 impl Supervisor {
@@ -91,7 +112,9 @@ impl Supervisor {
     /// Status, failures, the checkpoint and pending deletion.
     fn tick(&mut self, progress: &mut Progress, last_checkpoint: &mut Instant) -> anyhow::Result<()> {
         let current = self.status.status(Phase::Ready);
-        write_status(&self.layout, &current);
+        if progress.status_due(&current) {
+            write_status(&self.layout, &current);
+        }
         update_probe(&self.probe, &current);
         if let Some(failure) = self.kafka.as_ref().and_then(|k| k.failure()) {
             anyhow::bail!("{failure}");

@@ -5,19 +5,23 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tribunal_federation::publisher::Publisher;
 
 use super::PublishBatch;
 use crate::log::local::LocalLog;
+use crate::pacing::Pacer;
 use crate::publish::json::OutputJson;
 
 /// Outputs appended per local-log commit at most.
 const MAX_APPEND_RECORDS: usize = 8_192;
+/// Appends to the outputs log start at most this often: each costs two syncs, and what is
+/// certified meanwhile joins the next (publication latency is not a request's).
+const APPEND_INTERVAL: Duration = Duration::from_millis(20);
 
 pub fn outputs_dir(log_dir: &Path) -> PathBuf {
     log_dir.join("outputs")
@@ -76,19 +80,20 @@ fn run(log: &LocalLog, start_end: u64, batches: &Receiver<PublishBatch>, publish
     let mut publisher = Publisher::new(&[start_end]);
     let mut released = Vec::new();
     let mut payloads = Vec::new();
-    loop {
-        match batches.recv_timeout(Duration::from_millis(5)) {
-            Ok(batch) => {
-                take(&mut publisher, batch)?;
-                while let Ok(batch) = batches.try_recv() {
-                    take(&mut publisher, batch)?;
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+    let mut pacer = Pacer::new(APPEND_INTERVAL);
+    // Blocks while nothing is certified: an idle publisher costs nothing.
+    while let Ok(batch) = batches.recv() {
+        take(&mut publisher, batch)?;
+        // spec: Publisher.LocalAppendsPaced — what is certified meanwhile joins this append.
+        std::thread::sleep(pacer.wait(Instant::now()));
+        while let Ok(batch) = batches.try_recv() {
+            take(&mut publisher, batch)?;
         }
         published.store(publisher.published_end(0), Ordering::Release);
         publisher.release(&mut released);
+        if !released.is_empty() {
+            pacer.started(Instant::now());
+        }
         for chunk in released.chunks(MAX_APPEND_RECORDS) {
             payloads.clear();
             for release in chunk {
@@ -101,6 +106,7 @@ fn run(log: &LocalLog, start_end: u64, batches: &Receiver<PublishBatch>, publish
         }
         released.clear();
     }
+    Ok(())
 }
 
 fn take(publisher: &mut Publisher, batch: PublishBatch) -> anyhow::Result<()> {
