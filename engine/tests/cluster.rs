@@ -134,3 +134,42 @@ fn supervisor_restarts_a_killed_instance_and_stops_every_instance_on_sigterm() {
     assert!(after.iter().all(|(pid, _)| pid.is_none()), "cluster.json still lists pids after the stop: {after:?}");
     assert!(after[0].1 >= 1, "instance 1's restarts are recorded: {after:?}");
 }
+
+#[test]
+fn a_clean_run_to_the_end_publishes_each_output_exactly_once() {
+    // spec: Publisher.TakeOverReadsTheSink
+    // The instances stop one after another at --stop-at-end: each stop hands the
+    // publisher role over, and the new publisher must resume where the outputs log ends,
+    // not where the last heartbeat it heard said.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let commands = dir.path().join("commands.jsonl");
+    std::fs::write(&commands, ok(tribunal().args(["sample", "--events", "30000", "--seed", "5"]))).unwrap();
+    ok(tribunal().args(["log", "append", "--log", &format!("local:{}", log.display())]).arg(&commands));
+    let base = dir.path().join("cluster");
+    let status = die_with_parent(
+        tribunal()
+            .args(["cluster", "--instances", "3", "--stop-at-end", "--log", &format!("local:{}", log.display())])
+            .arg("--data-dir")
+            .arg(&base)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .status()
+    .unwrap();
+    assert!(status.success(), "the cluster ran to the end: {status}");
+    let outputs = format!("local:{}", log.join("outputs").display());
+    let lines = ok(tribunal().args(["log", "read", "--log", &outputs]));
+    let keys: Vec<String> = String::from_utf8(lines)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            let payload: serde_json::Value = serde_json::from_str(record["payload"].as_str().unwrap()).unwrap();
+            payload["key"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
+    assert_eq!(distinct.len(), 30_000, "every output is published");
+    assert_eq!(keys.len(), 30_000, "and none twice: {} duplicates", keys.len() - distinct.len());
+}

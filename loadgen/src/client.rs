@@ -26,7 +26,7 @@ pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 pub struct Target {
     pub url: String,
     pub addr: SocketAddr,
-    host_header: String,
+    pub(crate) host_header: String,
 }
 
 impl std::str::FromStr for Target {

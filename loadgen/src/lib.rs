@@ -6,6 +6,7 @@ pub mod chaos;
 pub mod client;
 pub mod cost;
 pub mod ledger;
+pub mod open_loop;
 pub mod report;
 pub mod run;
 pub mod verify;

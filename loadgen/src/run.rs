@@ -2,10 +2,11 @@
 //! read-back and the verdict. Everything runs on one glommio executor thread: the
 //! connections are tasks sharing one `RefCell`ed state, so nothing is locked.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::io::IsTerminal;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -19,6 +20,7 @@ use tribunal_shards::inventory::InventoryCommand;
 use crate::client::{Answer, AttemptError, Connection, Target};
 use crate::cost::{self, Cost, Sample};
 use crate::ledger::{AnswerRecord, Decision, Ledger, LedgerEntry, StockRow, StockTable, Unresolved};
+use crate::open_loop::{self, AnsweredCounter};
 use crate::report::{RunFigures, TimelinePoint};
 use crate::workload::{Generator, WorkloadConfig};
 
@@ -30,9 +32,8 @@ const RECENT_KEYS: usize = 4096;
 /// A duplicate resends only a key answered this recently: well inside the Warden's
 /// 5-minute TTL, past which the cluster rightly treats the key as new.
 const DUPLICATE_MAX_AGE: Duration = Duration::from_secs(120);
-const BACKOFF_INITIAL: Duration = Duration::from_millis(20);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
-const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const BACKOFF_INITIAL: Duration = Duration::from_millis(20);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Without a terminal, a plain progress line this often.
 const PROGRESS_LINE_EVERY: u32 = 5;
 /// io_uring memory of loadgen's executor: the engine's instances need the rest of the
@@ -114,21 +115,12 @@ async fn drive(config: RunConfig) -> anyhow::Result<RunOutcome> {
     let start = Instant::now() + Duration::from_millis(50);
     let schedule =
         Schedule { start, measure_from: start + config.warmup, end: start + config.warmup + config.duration };
-    let drain_deadline = schedule.end + config.drain;
-    let progress = spawn_progress(&config, &state);
-    let cost = spawn_cost_sampler(&config, &state, schedule);
-    let mut tasks = Vec::with_capacity(config.connections);
-    for c in 0..config.connections {
-        let (config, state) = (config.clone(), state.clone());
-        tasks.push(glommio::spawn_local(
-            async move { connection_loop(&config, &state, schedule, drain_deadline, c).await },
-        ));
-    }
-    for task in tasks {
-        task.await;
-    }
-    progress.finish(&state).await;
-    let cost = cost.await;
+    let answered = AnsweredCounter::default();
+    let sampler = spawn_cost_sampler(&config, schedule, answered.clone())?;
+    let mut progress = Progress::new(&config);
+    open_loop::run_schedule(&config, &mut state.borrow_mut(), schedule, &answered, |state| progress.tick(state))?;
+    progress.finish(&state.borrow());
+    let cost = sampler.join().unwrap_or(None);
 
     eprintln!("loadgen: reading stock back from every instance");
     let state = Rc::try_unwrap(state).ok().expect("every task ended").into_inner();
@@ -138,26 +130,26 @@ async fn drive(config: RunConfig) -> anyhow::Result<RunOutcome> {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Schedule {
-    start: Instant,
-    measure_from: Instant,
-    end: Instant,
+pub(crate) struct Schedule {
+    pub(crate) start: Instant,
+    pub(crate) measure_from: Instant,
+    pub(crate) end: Instant,
 }
 
-struct State {
-    ledger: Ledger,
+pub(crate) struct State {
+    pub(crate) ledger: Ledger,
     /// (ledger index, when answered) of the latest answered keys.
-    recent: VecDeque<(usize, Instant)>,
+    pub(crate) recent: VecDeque<(usize, Instant)>,
     /// Final answers to the requests intended in the measured window (µs from intended time).
-    histogram: Histogram<u64>,
+    pub(crate) histogram: Histogram<u64>,
     /// Per second of intended time (measured window): latency and errors.
-    seconds: Vec<(Histogram<u64>, u64)>,
-    status_counts: BTreeMap<String, u64>,
-    retries: u64,
-    duplicates: u64,
-    answered: u64,
-    errors: u64,
-    last_measured_answer: Option<Instant>,
+    pub(crate) seconds: Vec<(Histogram<u64>, u64)>,
+    pub(crate) status_counts: BTreeMap<String, u64>,
+    pub(crate) retries: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) answered: u64,
+    pub(crate) errors: u64,
+    pub(crate) last_measured_answer: Option<Instant>,
 }
 
 impl State {
@@ -185,7 +177,7 @@ impl State {
         }
     }
 
-    fn record_entry(&mut self, key: String, command: InventoryCommand, answer: AnswerRecord) {
+    pub(crate) fn record_entry(&mut self, key: String, command: InventoryCommand, answer: AnswerRecord) {
         let index = self.ledger.entries.len();
         self.ledger.entries.push(LedgerEntry { key, command, answer, duplicates: Vec::new() });
         if self.recent.len() == RECENT_KEYS {
@@ -234,35 +226,45 @@ impl State {
     }
 }
 
-/// Takes a cost sample at the start and at the end of the measured window; the cost of
-/// the answers received between them (spec: Loadgen.CostPerRequest).
+/// Takes a cost sample at the start and at the end of the measured window, on its own
+/// thread so the load's loop never waits for it; the cost of the answers received between
+/// them (spec: Loadgen.CostPerRequest).
 fn spawn_cost_sampler(
     config: &RunConfig,
-    state: &Rc<RefCell<State>>,
     schedule: Schedule,
-) -> glommio::Task<Option<Cost>> {
-    let (targets, state) = (config.targets.clone(), state.clone());
-    glommio::spawn_local(async move {
-        glommio::timer::sleep(schedule.measure_from.saturating_duration_since(Instant::now())).await;
-        let (before, answered_before) = (cost_sample(&targets).await, state.borrow().answered);
-        glommio::timer::sleep(schedule.end.saturating_duration_since(Instant::now())).await;
-        let (after, answered_after) = (cost_sample(&targets).await, state.borrow().answered);
+    answered: AnsweredCounter,
+) -> anyhow::Result<std::thread::JoinHandle<Option<Cost>>> {
+    let targets = config.targets.clone();
+    let sampler = std::thread::Builder::new().name("loadgen-cost".into()).spawn(move || {
+        std::thread::sleep(schedule.measure_from.saturating_duration_since(Instant::now()));
+        let (before, answered_before) = (cost_sample(&targets), answered.load(Ordering::Relaxed));
+        std::thread::sleep(schedule.end.saturating_duration_since(Instant::now()));
+        let (after, answered_after) = (cost_sample(&targets), answered.load(Ordering::Relaxed));
         let requests = answered_after.saturating_sub(answered_before);
         (requests > 0).then(|| Cost::between(&before, &after, requests))
-    })
+    });
+    sampler.context("starting the cost sampler")
 }
 
 /// Every instance's counters (from `/metrics`), loadgen's and the box's, now.
-async fn cost_sample(targets: &[Target]) -> Sample {
-    let mut instances = Vec::with_capacity(targets.len());
-    for target in targets {
-        let mut connection = Connection::new(target.clone());
-        let answer = connection.request(Method::GET, "/metrics", &[], Bytes::new(), Duration::from_secs(2)).await;
-        let text =
-            answer.ok().filter(|a| a.status == StatusCode::OK).map(|a| String::from_utf8_lossy(&a.body).into_owned());
-        instances.push(text.as_deref().and_then(cost::parse_metrics));
-    }
+fn cost_sample(targets: &[Target]) -> Sample {
+    let instances = targets.iter().map(|t| scrape(t, "/metrics").and_then(|text| cost::parse_metrics(&text))).collect();
     Sample { instances, loadgen: cost::this_process(), machine: cost::whole_box() }
+}
+
+/// A plain blocking GET, for the sampler's thread; None on any failure.
+fn scrape(target: &Target, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let timeout = Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&target.addr, timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n", target.host_header);
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).ok()?;
+    let text = String::from_utf8(answer).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
 /// Waits for `/healthz` to answer 200 on every target; returns the partition count.
@@ -320,8 +322,7 @@ async fn open_stock(config: &RunConfig, state: &Rc<RefCell<State>>) -> anyhow::R
                 let Some((i, command)) = queue.borrow_mut().pop_front() else { return Ok(()) };
                 let key = format!("{}-open-{i}", config.workload.run_prefix);
                 let body = Bytes::from(serde_json::to_vec(&command).expect("commands serialise"));
-                let submitted =
-                    submit(&mut connection, &config.targets, &key, &body, config.request_timeout, deadline, None);
+                let submitted = submit(&mut connection, &config.targets, &key, &body, config.request_timeout, deadline);
                 match submitted.await.map(|answer| answer.record) {
                     Ok(answer) if answer.decision == Some(Decision::Accepted) => {
                         state.borrow_mut().record_entry(key, command, answer)
@@ -338,51 +339,16 @@ async fn open_stock(config: &RunConfig, state: &Rc<RefCell<State>>) -> anyhow::R
     Ok(())
 }
 
-/// One connection's share of the schedule: request n is intended at
-/// start + (n * C + c) / rate (spec: Loadgen.OpenLoopSchedule).
-async fn connection_loop(
-    config: &RunConfig,
-    state: &Rc<RefCell<State>>,
-    schedule: Schedule,
-    drain_deadline: Instant,
-    c: usize,
-) {
-    let mut generator = Generator::new(&config.workload, c as u64 + 1);
-    let mut connection = Connection::new(config.targets[c % config.targets.len()].clone());
-    let stride_ns = 1e9 / config.rate_per_s;
-    for n in 0u64.. {
-        let slot = (n * config.connections as u64 + c as u64) as f64;
-        let intended = schedule.start + Duration::from_nanos((slot * stride_ns) as u64);
-        if intended >= schedule.end {
-            return;
-        }
-        let now = Instant::now();
-        if intended > now {
-            glommio::timer::sleep(intended - now).await;
-        }
-        let (duplicate_of, key, command) = next_request(config, state, &mut generator, c, n);
-        let body = Bytes::from(serde_json::to_vec(&command).expect("commands serialise"));
-        let measured = intended >= schedule.measure_from;
-        let second = measured.then(|| (intended - schedule.measure_from).as_secs() as usize);
-        let counting = Some((state, second));
-        let submitted =
-            submit(&mut connection, &config.targets, &key, &body, config.request_timeout, drain_deadline, counting);
-        let result = submitted.await;
-        record_result(state, intended, second, key, command, duplicate_of, result);
-    }
-}
-
 /// spec: Loadgen.UniqueKeys — request n of connection c: a fresh key and command, or
 /// an answered key resent with its body; (the resent ledger entry, key, command).
-fn next_request(
+pub(crate) fn next_request(
     config: &RunConfig,
-    state: &Rc<RefCell<State>>,
+    state: &State,
     generator: &mut Generator,
     c: usize,
     n: u64,
 ) -> (Option<usize>, String, InventoryCommand) {
     let duplicate_of = if generator.wants_duplicate() {
-        let state = state.borrow();
         let pick = generator.pick(state.recent.len());
         let fresh = state.recent.get(pick).filter(|(_, answered_at)| answered_at.elapsed() < DUPLICATE_MAX_AGE);
         fresh.map(|(index, _)| *index)
@@ -391,7 +357,7 @@ fn next_request(
     };
     let (key, command) = match duplicate_of {
         Some(index) => {
-            let entry = &state.borrow().ledger.entries[index];
+            let entry = &state.ledger.entries[index];
             (entry.key.clone(), entry.command.clone())
         }
         None => (format!("{}-{c}-{n}", config.workload.run_prefix), generator.next_command()),
@@ -399,22 +365,24 @@ fn next_request(
     (duplicate_of, key, command)
 }
 
+/// A scheduled request's identity, for its result.
+pub(crate) struct Scheduled {
+    pub(crate) intended: Instant,
+    /// Its second of the measured window; None in the warm-up.
+    pub(crate) second: Option<usize>,
+    pub(crate) key: String,
+    pub(crate) command: InventoryCommand,
+    pub(crate) duplicate_of: Option<usize>,
+}
+
 /// Records a scheduled request's result: its latency if it is measured and final, and
 /// its answer in the ledger (as an entry, a duplicate's answer, or unresolved).
-fn record_result(
-    state: &Rc<RefCell<State>>,
-    intended: Instant,
-    second: Option<usize>,
-    key: String,
-    command: InventoryCommand,
-    duplicate_of: Option<usize>,
-    result: Result<Submitted, String>,
-) {
+pub(crate) fn record_result(state: &mut State, request: Scheduled, result: Result<Submitted, String>) {
+    let Scheduled { intended, second, key, command, duplicate_of } = request;
     // spec: Loadgen.LatencyFromIntendedTime, Loadgen.WarmupExcluded — final answers only:
     // a command given up on is a violation, not a latency sample.
     let answered_at = Instant::now();
     let latency_us = (answered_at - intended).as_micros().min(u128::from(HISTOGRAM_MAX_US)) as u64;
-    let mut state = state.borrow_mut();
     if let (Some(second), Ok(_)) = (second, &result) {
         state.histogram.saturating_record(latency_us.max(1));
         if let Some((h, _)) = state.seconds.get_mut(second) {
@@ -441,14 +409,10 @@ fn record_result(
     }
 }
 
-/// The run's state and a request's second of the measured window, for the figures;
-/// None for the opening stock.
-type Counting<'a> = Option<(&'a Rc<RefCell<State>>, Option<usize>)>;
-
 /// Sends one command until it gets a final answer, retrying the same key and body after a
-/// timeout, a lost connection, a 5xx or a 408 (spec: Loadgen.RetrySameKey). `counting`
-/// (the run's state and the request's second) is None for the opening stock, which is
-/// not part of the figures.
+/// timeout, a lost connection, a 5xx or a 408 (spec: Loadgen.RetrySameKey). For the opening
+/// stock, which is not part of the figures (the schedule's requests go through the open
+/// loop, `open_loop.rs`, with the same rules).
 async fn submit(
     connection: &mut Connection,
     targets: &[Target],
@@ -456,19 +420,17 @@ async fn submit(
     body: &Bytes,
     timeout: Duration,
     drain_deadline: Instant,
-    counting: Counting<'_>,
 ) -> Result<Submitted, String> {
     let mut backoff = BACKOFF_INITIAL;
     for attempt in 0u32.. {
         let result =
             connection.request(Method::POST, "/v1/movements", &[("idempotency-key", key)], body.clone(), timeout).await;
-        let (label, outcome) = attempt_outcome(result, key, counting)?;
+        let Attempt { label, outcome, .. } = attempt_outcome(result, key)?;
         // A lost or silent instance: the same key is safe on any other (Gateway.ReplayReturnsOriginal).
-        if matches!(label.as_str(), "timeout" | "connection_error") && targets.len() > 1 {
+        if matches!(label.as_ref(), "timeout" | "connection_error") && targets.len() > 1 {
             let next = targets.iter().position(|t| t == connection.target()).map_or(0, |i| (i + 1) % targets.len());
             *connection = Connection::new(targets[next].clone());
         }
-        count_attempt(counting, label, outcome.is_err(), attempt);
         let last_error = match outcome {
             Ok(record) => return Ok(Submitted { record, first_attempt: attempt == 0 }),
             Err(e) => e,
@@ -476,37 +438,34 @@ async fn submit(
         if Instant::now() + backoff > drain_deadline {
             return Err(last_error);
         }
-        // Jitter (up to half the backoff, from the key), so connections refused together do
-        // not retry together.
-        let spread = key.bytes().fold(u64::from(attempt), |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-        let jitter = Duration::from_nanos(spread % (backoff.as_nanos() as u64 / 2 + 1));
-        glommio::timer::sleep(backoff + jitter).await;
+        glommio::timer::sleep(backoff + retry_jitter(key, attempt, backoff)).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
     unreachable!("the loop returns")
 }
 
-/// One attempt's label for the status counts and its outcome: the final answer's
-/// record, or the error to retry after. Err: a refusal that is final and not retried.
-fn attempt_outcome(
-    result: Result<Answer, AttemptError>,
-    key: &str,
-    counting: Counting<'_>,
-) -> Result<(String, Result<AnswerRecord, String>), String> {
+/// Jitter (up to half the backoff, from the key), so connections refused together do not
+/// retry together.
+pub(crate) fn retry_jitter(key: &str, attempt: u32, backoff: Duration) -> Duration {
+    let spread = key.bytes().fold(u64::from(attempt), |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    Duration::from_nanos(spread % (backoff.as_nanos() as u64 / 2 + 1))
+}
+
+/// One attempt's label for the status counts, its outcome (the final answer's record, or
+/// the error to retry after) and, for an unreadable final answer, the violation to record.
+/// Err: a refusal that is final and not retried.
+pub(crate) fn attempt_outcome(result: Result<Answer, AttemptError>, key: &str) -> Result<Attempt, String> {
     Ok(match result {
         Ok(answer) => {
-            let label = answer.status.as_str().to_owned();
+            let label = status_label(answer.status);
             let final_answer = matches!(answer.status.as_u16(), 200 | 400 | 409 | 422);
             if final_answer {
                 match parse_answer(answer.status, &answer.body) {
-                    Ok(record) => (label, Ok(record)),
+                    Ok(record) => Attempt { label, outcome: Ok(record), bad: None },
+                    // spec: Loadgen.AnswersWellFormed — retried, and still a violation.
                     Err(e) => {
-                        // spec: Loadgen.AnswersWellFormed — retried, and still a violation.
                         let bad = format!("key {key}: {label} with an unreadable body: {e}");
-                        if let Some((state, _)) = counting {
-                            state.borrow_mut().ledger.bad_answers.push(bad.clone());
-                        }
-                        ("bad_answer".to_owned(), Err(bad))
+                        Attempt { label: Label::Borrowed("bad_answer"), outcome: Err(bad.clone()), bad: Some(bad) }
                     }
                 }
             } else {
@@ -516,35 +475,63 @@ fn attempt_outcome(
                     return Err(format!("{label}: {detail}"));
                 }
                 let error = format!("{label}: {detail}");
-                (label, Err(error))
+                Attempt { label, outcome: Err(error), bad: None }
             }
         }
-        Err(AttemptError::Timeout(t)) => ("timeout".to_owned(), Err(format!("no answer within {t:?}"))),
-        Err(e @ AttemptError::Connection(_)) => ("connection_error".to_owned(), Err(e.to_string())),
+        Err(AttemptError::Timeout(t)) => {
+            Attempt { label: Label::Borrowed("timeout"), outcome: Err(format!("no answer within {t:?}")), bad: None }
+        }
+        Err(e @ AttemptError::Connection(_)) => {
+            Attempt { label: Label::Borrowed("connection_error"), outcome: Err(e.to_string()), bad: None }
+        }
     })
 }
 
+/// One attempt, judged.
+pub(crate) struct Attempt {
+    /// Its label in the status counts.
+    pub(crate) label: Label,
+    /// The final answer's record, or the error to retry after.
+    pub(crate) outcome: Result<AnswerRecord, String>,
+    /// An unreadable final answer: the violation to record.
+    pub(crate) bad: Option<String>,
+}
+
+/// An attempt's label in the status counts.
+pub(crate) type Label = std::borrow::Cow<'static, str>;
+
+/// The status counts' label of an HTTP status, without allocating for the usual ones.
+fn status_label(status: StatusCode) -> Label {
+    const USUAL: [&str; 9] = ["200", "400", "408", "409", "413", "422", "500", "503", "504"];
+    match USUAL.iter().find(|s| **s == status.as_str()) {
+        Some(usual) => Label::Borrowed(usual),
+        None => Label::Owned(status.as_str().to_owned()),
+    }
+}
+
 /// Counts an attempt in the figures: its label, an error (in its second too) and a retry.
-fn count_attempt(counting: Counting<'_>, label: String, failed: bool, attempt: u32) {
-    if let Some((state, second)) = counting {
-        let mut state = state.borrow_mut();
-        *state.status_counts.entry(label).or_default() += 1;
-        if failed {
-            state.errors += 1;
-            if let Some((_, errors)) = second.and_then(|s| state.seconds.get_mut(s)) {
-                *errors += 1;
-            }
+pub(crate) fn count_attempt(state: &mut State, label: &str, failed: bool, attempt: u32, second: Option<usize>) {
+    match state.status_counts.get_mut(label) {
+        Some(count) => *count += 1,
+        None => {
+            state.status_counts.insert(label.to_owned(), 1);
         }
-        if attempt > 0 {
-            state.retries += 1;
+    }
+    if failed {
+        state.errors += 1;
+        if let Some((_, errors)) = second.and_then(|s| state.seconds.get_mut(s)) {
+            *errors += 1;
         }
+    }
+    if attempt > 0 {
+        state.retries += 1;
     }
 }
 
 /// A final answer, and whether the very first attempt got it.
-struct Submitted {
-    record: AnswerRecord,
-    first_attempt: bool,
+pub(crate) struct Submitted {
+    pub(crate) record: AnswerRecord,
+    pub(crate) first_attempt: bool,
 }
 
 /// The parts of a movement answer loadgen keeps.
@@ -684,24 +671,58 @@ async fn read_table(
     table
 }
 
-/// The live progress bar (or plain lines without a terminal).
+/// The live progress bar (or plain lines without a terminal), ticked by the load's loop.
 struct Progress {
     bar: Option<ProgressBar>,
-    /// Set once every connection is done; the ticking task then ends within a tick.
-    done: Rc<Cell<bool>>,
-    task: glommio::task::JoinHandle<()>,
+    total: u64,
+    last_answered: u64,
+    ticks: u32,
 }
 
 impl Progress {
+    fn new(config: &RunConfig) -> Self {
+        let total = config.scheduled_requests();
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar
+        });
+        Self { bar, total, last_answered: 0, ticks: 0 }
+    }
+
+    /// About once a second.
+    fn tick(&mut self, state: &State) {
+        self.ticks += 1;
+        let rate = state.answered - self.last_answered;
+        self.last_answered = state.answered;
+        let message = format!(
+            "{rate} answers/s, errors {}, retries {}, p99 so far {:.1} ms",
+            state.errors,
+            state.retries,
+            state.histogram.value_at_quantile(0.99) as f64 / 1000.0
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(state.answered);
+                bar.set_message(message);
+            }
+            None if self.ticks % PROGRESS_LINE_EVERY == 0 => {
+                eprintln!("loadgen: {}/{} {message}", state.answered, self.total)
+            }
+            None => {}
+        }
+    }
+
     /// After every connection is done (an overloaded cluster answers the schedule's last
-    /// requests well after its end); waits for the ticking task, which shares the state.
-    async fn finish(self, state: &Rc<RefCell<State>>) {
-        self.done.set(true);
-        self.task.await;
+    /// requests well after its end).
+    fn finish(self, state: &State) {
         if let Some(bar) = self.bar {
             bar.finish_and_clear();
         }
-        let state = state.borrow();
         eprintln!(
             "loadgen: schedule done: {} answered, {} errors, {} retries, {} unresolved",
             state.answered,
@@ -710,47 +731,6 @@ impl Progress {
             state.ledger.unresolved.len()
         );
     }
-}
-
-fn spawn_progress(config: &RunConfig, state: &Rc<RefCell<State>>) -> Progress {
-    let total = config.scheduled_requests();
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar
-    });
-    let done = Rc::new(Cell::new(false));
-    let (task_bar, state, task_done) = (bar.clone(), state.clone(), done.clone());
-    let task = glommio::spawn_local(async move {
-        let (mut last_answered, mut ticks) = (0u64, 0u32);
-        while !task_done.get() {
-            glommio::timer::sleep(PROGRESS_INTERVAL).await;
-            ticks += 1;
-            let state = state.borrow();
-            let rate = state.answered - last_answered;
-            last_answered = state.answered;
-            let message = format!(
-                "{rate} answers/s, errors {}, retries {}, p99 so far {:.1} ms",
-                state.errors,
-                state.retries,
-                state.histogram.value_at_quantile(0.99) as f64 / 1000.0
-            );
-            match &task_bar {
-                Some(bar) => {
-                    bar.set_position(state.answered);
-                    bar.set_message(message);
-                }
-                None if ticks % PROGRESS_LINE_EVERY == 0 => eprintln!("loadgen: {}/{total} {message}", state.answered),
-                None => {}
-            }
-        }
-    })
-    .detach();
-    Progress { bar, done, task }
 }
 
 #[cfg(test)]

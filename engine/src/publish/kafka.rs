@@ -68,16 +68,18 @@ pub fn spawn_publisher(
             .context("creating the Kafka producer")?;
     let publisher = Publisher::new(published_ends);
     let topic: Arc<str> = config.outputs_topic.as_str().into();
+    let config = config.clone();
     std::thread::Builder::new()
         .name("kafka-publisher".into())
         .spawn(move || {
-            let mut shell = PublisherShell { producer, publisher, topic, shared: shared.clone() };
+            let mut shell = PublisherShell { config, producer, publisher, topic, shared: shared.clone() };
             shared.run_thread("publisher", || shell.run(outputs))
         })
         .context("starting the Kafka publisher thread")
 }
 
 struct PublisherShell {
+    config: KafkaConfig,
     producer: BaseProducer<PublisherHooks>,
     publisher: Publisher,
     topic: Arc<str>,
@@ -111,7 +113,15 @@ impl PublisherShell {
     }
 
     fn take(&mut self, batch: PublishBatch) -> anyhow::Result<()> {
-        // spec: Clerk.PublisherHandOver
+        // spec: Clerk.PublisherHandOver, Publisher.TakeOverReadsTheSink — the topic says
+        // exactly how far publication got; the heartbeats may be a beat behind.
+        if !batch.skip_to.is_empty() {
+            let written = read_published_ends(&self.config, self.shared.published_end.len() as u32)
+                .context("reading the outputs topic at a take-over")?;
+            for (partition, end) in written.into_iter().enumerate() {
+                self.publisher.skip_to(partition as u32, end);
+            }
+        }
         for (partition, end) in batch.skip_to {
             self.publisher.skip_to(partition, end);
             if let Some(published) = self.shared.published_end.get(partition as usize) {

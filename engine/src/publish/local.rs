@@ -83,11 +83,11 @@ fn run(log: &LocalLog, start_end: u64, batches: &Receiver<PublishBatch>, publish
     let mut pacer = Pacer::new(APPEND_INTERVAL);
     // Blocks while nothing is certified: an idle publisher costs nothing.
     while let Ok(batch) = batches.recv() {
-        take(&mut publisher, batch)?;
+        take(log, &mut publisher, batch)?;
         // spec: Publisher.LocalAppendsPaced — what is certified meanwhile joins this append.
         std::thread::sleep(pacer.wait(Instant::now()));
         while let Ok(batch) = batches.try_recv() {
-            take(&mut publisher, batch)?;
+            take(log, &mut publisher, batch)?;
         }
         published.store(publisher.published_end(0), Ordering::Release);
         publisher.release(&mut released);
@@ -109,7 +109,13 @@ fn run(log: &LocalLog, start_end: u64, batches: &Receiver<PublishBatch>, publish
     Ok(())
 }
 
-fn take(publisher: &mut Publisher, batch: PublishBatch) -> anyhow::Result<()> {
+fn take(log: &LocalLog, publisher: &mut Publisher, batch: PublishBatch) -> anyhow::Result<()> {
+    if !batch.skip_to.is_empty() {
+        // spec: Publisher.TakeOverReadsTheSink — the log says exactly how far publication
+        // got; the heartbeats the hand-over point came from may be a beat behind.
+        let written = published_end(log).context("reading the outputs log at a take-over")?;
+        publisher.skip_to(0, written);
+    }
     for (partition, end) in batch.skip_to {
         publisher.skip_to(partition, end);
     }
