@@ -1,4 +1,4 @@
-//! The Clerk's IO shell: one glommio executor (thread `clerk`) that drives the sans-IO
+//! The Clerk's IO shell: tasks on shard 0's executor (no thread of its own) that drive the sans-IO
 //! [`Clerk`](tribunal_federation::clerk::Clerk), the peer links and the fault injection
 //! (spec: specs/clerk.allium, specs/federation.allium). The Clerk decides (certification,
 //! heartbeats, the hand-over buffer, take-over, the stop-at-end grace); the shell
@@ -24,7 +24,6 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use glommio::channels::shared_channel::SharedReceiver;
-use glommio::{LocalExecutorBuilder, Placement};
 use peer_links::LinksConfig;
 pub use status::{FederationStatus, InjectedFaultsStatus, LinksStatus, PartitionStatus, PeerStatus};
 use tribunal_federation::clerk::ClerkConfig;
@@ -151,30 +150,29 @@ pub struct ClerkSetup {
 }
 
 /// Starts the `clerk` executor; returns once the listener is bound (or failed to).
-pub fn spawn(
+/// The Clerk, ready to run on the executor that hosts it (shard 0's): no thread of its
+/// own, so own outputs, certified answers and waiting requests meet without a cross-thread
+/// wake-up where they share that executor.
+pub struct ClerkStarter {
     setup: ClerkSetup,
     own_outputs: Vec<SharedReceiver<Vec<DurableOutput>>>,
     shared: Arc<ClerkShared>,
     durable_end: Arc<dyn Fn(u32) -> u64 + Send + Sync>,
-    io_memory_bytes: usize,
-) -> anyhow::Result<()> {
-    let (started_tx, started_rx) = mpsc::channel::<Result<(), String>>();
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .name("clerk")
-        .io_memory(io_memory_bytes)
-        .spawn(move || async move {
-            let failed = started_tx.clone();
-            let result = shell::clerk_main(setup, own_outputs, shared.clone(), durable_end, started_tx).await;
-            if let Err(error) = result {
-                let message = format!("{error:#}");
-                let _ = failed.send(Err(message.clone()));
-                *shared.failure.lock().expect("not poisoned") = Some(message);
-            }
-        })
-        .map_err(|e| anyhow::anyhow!("starting the clerk executor: {e}"))?;
-    match started_rx.recv() {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => anyhow::bail!("{error}"),
-        Err(_) => anyhow::bail!("the clerk executor stopped during start-up"),
+}
+
+impl ClerkStarter {
+    pub fn new(
+        setup: ClerkSetup,
+        own_outputs: Vec<SharedReceiver<Vec<DurableOutput>>>,
+        shared: Arc<ClerkShared>,
+        durable_end: Arc<dyn Fn(u32) -> u64 + Send + Sync>,
+    ) -> Self {
+        Self { setup, own_outputs, shared, durable_end }
+    }
+
+    /// On the hosting executor: binds the federation listener (an address in use is an
+    /// error of the start-up) and starts the Clerk's tasks.
+    pub fn start(self) -> anyhow::Result<()> {
+        shell::start_shell(self.setup, self.own_outputs, self.shared, self.durable_end)
     }
 }

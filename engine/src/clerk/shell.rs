@@ -514,31 +514,35 @@ fn to_frame(message: Outgoing) -> Frame {
     }
 }
 
-pub(super) async fn clerk_main(
+/// Starts the shell on the current executor: binds the federation listener (an error
+/// here is a start-up error), then runs the Clerk's tasks in the background.
+pub(super) fn start_shell(
     setup: ClerkSetup,
     own_outputs: Vec<SharedReceiver<Vec<DurableOutput>>>,
     shared: Arc<ClerkShared>,
     durable_end: Arc<dyn Fn(u32) -> u64 + Send + Sync>,
-    started: mpsc::Sender<Result<(), String>>,
 ) -> anyhow::Result<()> {
     let (events_tx, events_rx) = local_channel::new_bounded::<LinkEvent>(LINK_EVENTS);
     let shell = Rc::new(RefCell::new(Shell::start(setup, shared, events_tx)?));
     shell.borrow_mut().apply();
-    let _ = started.send(Ok(()));
     for receiver in own_outputs {
         spawn_own_outputs(shell.clone(), receiver);
     }
     spawn_link_events(shell.clone(), events_rx);
-    loop {
-        let wait = shell.borrow().wait();
-        glommio::timer::sleep(wait).await;
-        let mut sh = shell.borrow_mut();
-        sh.take_injected_faults();
-        sh.tick(durable_end.as_ref());
-        let _ = sh.persist_quarantine();
-        sh.faults.flush();
-        sh.maybe_status();
-    }
+    glommio::spawn_local(async move {
+        loop {
+            let wait = shell.borrow().wait();
+            glommio::timer::sleep(wait).await;
+            let mut sh = shell.borrow_mut();
+            sh.take_injected_faults();
+            sh.tick(durable_end.as_ref());
+            let _ = sh.persist_quarantine();
+            sh.faults.flush();
+            sh.maybe_status();
+        }
+    })
+    .detach();
+    Ok(())
 }
 
 /// One shard's own outputs, durable, into the Clerk (delayed when that is injected).

@@ -116,8 +116,7 @@ pub struct NodeConfig {
 pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let shard_count = config.cores.len() as u16;
-    // One more executor: the Clerk's.
-    cores::check_memlock(config.cores.len() + 1)?;
+    cores::check_memlock(config.cores.len())?;
     let layout = Layout::new(&config.data_dir);
     layout.prepare(shard_count)?;
     status::write_status(&layout, &NodeStatus::recovering(shard_count));

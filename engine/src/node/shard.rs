@@ -30,6 +30,7 @@ use tribunal_shards::usher::Usher;
 use super::shared::{Event, Shared};
 use super::usher::{self, ReaderTask, SourceSpec, UsherOptions};
 use super::{Message, Wire, D};
+use crate::clerk::ClerkStarter;
 use crate::gateway::{self, GatewayShared};
 use crate::pacing::Pacer;
 use crate::publish::DurableOutput;
@@ -58,6 +59,8 @@ pub(super) struct ShardContext {
     pub events: mpsc::Sender<Event>,
     pub usher_options: UsherOptions,
     pub gateway: Option<Arc<GatewayShared>>,
+    /// On shard 0: the Clerk, which runs on this executor.
+    pub clerk: Option<ClerkStarter>,
 }
 
 /// A shard's state on its executor: the core, and how its effects leave.
@@ -151,6 +154,10 @@ pub(super) async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     let ledger = ShardLedger { writer, layout: context.layout.clone(), shard, events: context.events.clone() };
     glommio::spawn_local(ledger_task(ledger, doorbell_rx, state.clone(), context.shared.clone(), context.outputs))
         .detach();
+    // The Clerk before the Gateway: a federation address in use stops the start-up.
+    if let Some(clerk) = context.clerk {
+        clerk.start().context("starting the Clerk")?;
+    }
     // spec: Gateway — every shard accepts; an address in use stops the start-up.
     if let Some(gateway) = context.gateway {
         let listener = gateway::bind(&gateway.config)?;

@@ -17,9 +17,9 @@ use super::resume::ResumePlan;
 use super::shard::ShardContext;
 use super::shared::{Event, Shared};
 use super::usher::{watch_local_log, ReaderTask, SourceSpec, UsherOptions};
-use super::{cores, NodeConfig, Wire, CHANNEL_CAPACITY, D, IDLE_WAIT};
+use super::{NodeConfig, Wire, CHANNEL_CAPACITY, D, IDLE_WAIT};
 use crate::clerk::peer_links::LinksConfig;
-use crate::clerk::{self, ClerkSetup, ClerkShared, FaultControl};
+use crate::clerk::{ClerkSetup, ClerkShared, ClerkStarter, FaultControl};
 use crate::gateway::certified_view::CertifiedView;
 use crate::gateway::metrics::{Figures, Metrics, ProcessFigures};
 use crate::gateway::{GatewayShared, NodeProbe};
@@ -84,11 +84,11 @@ pub(super) fn wire(config: &NodeConfig, layout: &Layout, log: OpenedLog, recover
     let gateway = gateway(config, &log.local, log.kafka.as_ref(), &arbiters, &plan, &commons, figures)?;
     let (output_senders, output_receivers) = output_channels(config.cores.len());
     let view = gateway.as_ref().map(|g| g.view.clone() as Arc<dyn CertifiedSink>);
-    start_clerk(config, &mut plan, &commons, (sink.published, sink_tx), view, output_receivers)?;
+    let clerk = clerk_starter(config, &mut plan, &commons, (sink.published, sink_tx), view, output_receivers)?;
     let (sources, reader, feeds) = usher_sources(config, &log.local, ushers, &plan.resume)?;
     let (events_tx, events) = mpsc::channel::<Event>();
     let options = UsherOptions { stop_at_end: config.stop_at_end, snapshot_every: config.snapshot_every };
-    let links = ShardLinks { sources, reader, outputs: output_senders, events: events_tx, options, gateway };
+    let links = ShardLinks { sources, reader, outputs: output_senders, events: events_tx, options, gateway, clerk };
     let contexts = shard_contexts(config, layout, arbiters, &commons.shared, links);
     let Commons { shared, clerk, probe, .. } = commons;
     let kafka = log.kafka.zip(kafka_shared);
@@ -108,16 +108,16 @@ pub(super) fn wire(config: &NodeConfig, layout: &Layout, log: OpenedLog, recover
     })
 }
 
-/// Starts the Clerk's executor, before the shards: a federation address in use is a
-/// start-up error. It takes the outputs to compare and republish from the plan.
-fn start_clerk(
+/// The Clerk, to run on shard 0's executor; it takes the outputs to compare and
+/// republish from the plan.
+fn clerk_starter(
     config: &NodeConfig,
     plan: &mut ResumePlan,
     commons: &Commons,
     (sink_published, sink_tx): (Arc<dyn Fn(u32) -> u64 + Send + Sync>, mpsc::Sender<PublishBatch>),
     view: Option<Arc<dyn CertifiedSink>>,
     own_outputs: Vec<OutputsRx>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ClerkStarter> {
     let setup = ClerkSetup {
         config: clerk_config(config, commons.shared.partitions, commons.shared.copy_window)?,
         links: links_config(config),
@@ -134,7 +134,7 @@ fn start_clerk(
     };
     let durable_view = commons.shared.clone();
     let durable_end = Arc::new(move |p| durable_view.durable_end(p));
-    clerk::spawn(setup, own_outputs, commons.clerk.clone(), durable_end, cores::IO_MEMORY_PER_SHARD_BYTES)
+    Ok(ClerkStarter::new(setup, own_outputs, commons.clerk.clone(), durable_end))
 }
 
 fn shared_state(
@@ -380,6 +380,8 @@ struct ShardLinks {
     events: mpsc::Sender<Event>,
     options: UsherOptions,
     gateway: Option<Arc<GatewayShared>>,
+    /// Runs on shard 0.
+    clerk: ClerkStarter,
 }
 
 /// Channels for every ordered pair of distinct shards, and each shard's context.
@@ -402,7 +404,8 @@ fn shard_contexts(
             }
         }
     }
-    let ShardLinks { mut sources, mut reader, outputs, events, options, gateway } = links;
+    let ShardLinks { mut sources, mut reader, outputs, events, options, gateway, clerk } = links;
+    let mut clerk = Some(clerk);
     let reader_shard = n - 1;
     let parts = arbiters.into_iter().zip(senders).zip(receivers).zip(outputs).enumerate();
     parts
@@ -420,6 +423,7 @@ fn shard_contexts(
             events: events.clone(),
             usher_options: options,
             gateway: gateway.clone(),
+            clerk: if shard == 0 { clerk.take() } else { None },
         })
         .collect()
 }
