@@ -55,6 +55,8 @@ const STATUS_REWRITE_IDLE: Duration = Duration::from_secs(1);
 struct Progress {
     /// The last status written, its clocks zeroed, and when.
     written_status: Option<(NodeStatus, Instant)>,
+    /// Since when the status has not changed (an idle instance looks less often).
+    unchanged_since: Option<Instant>,
     snapshot_parts: BTreeMap<(u32, u64), Parts>,
     finished: BTreeSet<u32>,
     /// Deletion waits for certification and publication, so it is retried until nothing
@@ -63,13 +65,29 @@ struct Progress {
 }
 
 impl Progress {
+    /// How often the status is looked at: every `STATUS_INTERVAL`, and every
+    /// `STATUS_REWRITE_IDLE` once nothing has changed for that long.
+    fn status_interval(&self) -> Duration {
+        match self.unchanged_since {
+            Some(since) if since.elapsed() >= STATUS_REWRITE_IDLE => STATUS_REWRITE_IDLE,
+            _ => STATUS_INTERVAL,
+        }
+    }
+
     /// Whether `status` should be written now; if so, it counts as written.
     fn status_due(&mut self, status: &NodeStatus) -> bool {
-        let timeless = NodeStatus { uptime_ms: 0, processing_ms: 0, ..status.clone() };
-        let due = match &self.written_status {
-            Some((last, at)) => *last != timeless || at.elapsed() >= STATUS_REWRITE_IDLE,
-            None => true,
-        };
+        let mut timeless = NodeStatus { uptime_ms: 0, processing_ms: 0, ..status.clone() };
+        // Heartbeats move the link counters even when nothing else happens.
+        if let Some(links) = timeless.federation.as_mut().and_then(|f| f.links.as_mut()) {
+            *links = crate::clerk::LinksStatus::default();
+        }
+        let changed = self.written_status.as_ref().is_none_or(|(last, _)| *last != timeless);
+        let due = changed || self.written_status.as_ref().is_some_and(|(_, at)| at.elapsed() >= STATUS_REWRITE_IDLE);
+        if changed {
+            self.unchanged_since = None;
+        } else if self.unchanged_since.is_none() {
+            self.unchanged_since = Some(Instant::now());
+        }
         if due {
             self.written_status = Some((timeless, Instant::now()));
         }
@@ -86,7 +104,7 @@ impl Supervisor {
         let (mut last_status, mut last_checkpoint) = (Instant::now() - STATUS_INTERVAL, Instant::now());
         let partitions = self.shared.partitions as usize;
         loop {
-            if last_status.elapsed() >= STATUS_INTERVAL {
+            if last_status.elapsed() >= progress.status_interval() {
                 last_status = Instant::now();
                 self.tick(&mut progress, &mut last_checkpoint)?;
             }
@@ -95,7 +113,7 @@ impl Supervisor {
             if all_finished && progress.snapshot_parts.is_empty() && self.shared.all_settled() {
                 break;
             }
-            let wait = if all_finished { SETTLE_POLL } else { STATUS_INTERVAL };
+            let wait = if all_finished { SETTLE_POLL } else { progress.status_interval() };
             let event = match early.next() {
                 Some(event) => Ok(event),
                 None => events.recv_timeout(wait),
