@@ -108,6 +108,8 @@ pub struct ShardCore<D: Domain> {
     staged: Vec<Vec<ShardMessage<D>>>,
     staged_count: usize,
     pending: Unsynced<D>,
+    /// The buffer the next commit's records go into: a persisted commit's, given back.
+    spare: Vec<u8>,
     effects: Vec<ShardEffect<D>>,
 }
 
@@ -119,6 +121,7 @@ impl<D: Domain> ShardCore<D> {
             staged: (0..shard_count).map(|_| Vec::new()).collect(),
             staged_count: 0,
             pending: Unsynced::new(Vec::with_capacity(PENDING_BYTES_CAPACITY)),
+            spare: Vec::with_capacity(PENDING_BYTES_CAPACITY),
             effects: Vec::new(),
         }
     }
@@ -206,15 +209,16 @@ impl<D: Domain> ShardCore<D> {
 
     /// Takes everything appended since the last commit.
     pub fn take_commit(&mut self) -> Unsynced<D> {
-        let fresh = Unsynced::new(Vec::new());
+        let fresh = Unsynced::new(std::mem::take(&mut self.spare));
         std::mem::replace(&mut self.pending, fresh)
     }
 
-    /// Gives a persisted commit's buffer back, so the next one allocates nothing.
+    /// Gives a persisted commit's buffer back: the commit after next writes into it, so
+    /// records are never copied into a buffer that grows from nothing.
     pub fn recycle(&mut self, buffer: Vec<u8>) {
         debug_assert!(buffer.is_empty(), "a recycled buffer is empty");
-        if self.pending.bytes.is_empty() && self.pending.bytes.capacity() < buffer.capacity() {
-            self.pending.bytes = buffer;
+        if self.spare.capacity() < buffer.capacity() {
+            self.spare = buffer;
         }
     }
 

@@ -1,4 +1,4 @@
-//! The Clerk's IO shell: tasks on shard 0's executor (no thread of its own) that drive the sans-IO
+//! The Clerk's IO shell: tasks on the last shard's executor (no thread of its own) that drive the sans-IO
 //! [`Clerk`](tribunal_federation::clerk::Clerk), the peer links and the fault injection
 //! (spec: specs/clerk.allium, specs/federation.allium). The Clerk decides (certification,
 //! heartbeats, the hand-over buffer, take-over, the stop-at-end grace); the shell
@@ -150,7 +150,7 @@ pub struct ClerkSetup {
 }
 
 /// Starts the `clerk` executor; returns once the listener is bound (or failed to).
-/// The Clerk, ready to run on the executor that hosts it (shard 0's): no thread of its
+/// The Clerk, ready to run on the executor that hosts it (the last shard's): no thread of its
 /// own, so own outputs, certified answers and waiting requests meet without a cross-thread
 /// wake-up where they share that executor.
 pub struct ClerkStarter {

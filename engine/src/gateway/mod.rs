@@ -89,7 +89,7 @@ impl GatewayConfig {
     }
 }
 
-/// The view as the Clerk (on shard 0) and every shard share it.
+/// The view as the Clerk (on the last shard) and every shard share it.
 pub type SharedView = Mutex<CertifiedView<oneshot::Sender<Answer>>>;
 
 /// Hands certified outputs to the view, then wakes their waiters outside the lock.

@@ -59,7 +59,7 @@ pub(super) struct ShardContext {
     pub events: mpsc::Sender<Event>,
     pub usher_options: UsherOptions,
     pub gateway: Option<Arc<GatewayShared>>,
-    /// On shard 0: the Clerk, which runs on this executor.
+    /// On the last shard: the Clerk, which runs on this executor.
     pub clerk: Option<ClerkStarter>,
 }
 

@@ -1,4 +1,4 @@
-//! What the shard executors (the Clerk runs on shard 0's) and the main thread share, and the
+//! What the shard executors (the Clerk runs on the last one's) and the main thread share, and the
 //! events the shards send the main thread.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

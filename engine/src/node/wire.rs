@@ -108,8 +108,8 @@ pub(super) fn wire(config: &NodeConfig, layout: &Layout, log: OpenedLog, recover
     })
 }
 
-/// The Clerk, to run on shard 0's executor; it takes the outputs to compare and
-/// republish from the plan.
+/// The Clerk, to run on the last shard's executor (shard 0, which plans, is the busiest);
+/// it takes the outputs to compare and republish from the plan.
 fn clerk_starter(
     config: &NodeConfig,
     plan: &mut ResumePlan,
@@ -380,7 +380,7 @@ struct ShardLinks {
     events: mpsc::Sender<Event>,
     options: UsherOptions,
     gateway: Option<Arc<GatewayShared>>,
-    /// Runs on shard 0.
+    /// Runs on the last shard.
     clerk: ClerkStarter,
 }
 
@@ -423,7 +423,7 @@ fn shard_contexts(
             events: events.clone(),
             usher_options: options,
             gateway: gateway.clone(),
-            clerk: if shard == 0 { clerk.take() } else { None },
+            clerk: if shard == reader_shard { clerk.take() } else { None },
         })
         .collect()
 }
