@@ -119,9 +119,20 @@ pub struct WardenSnapshot {
     pub last_offset: Option<u64>,
 }
 
+/// The table is this many parts, each grown and swept on its own, so that no check moves
+/// more than 1/64 of the entries (spec: Warden.BoundedPause).
+const TABLE_PARTS: usize = 64;
+
+/// The placement-hash bits that choose a part: below hashbrown's control byte (the top 7
+/// bits) and above any bucket index a part reaches (2^16 buckets at 3,500,000 keys).
+fn part_of(hash: u64) -> usize {
+    (hash >> 51) as usize % TABLE_PARTS
+}
+
 pub struct Warden {
     config: WardenConfig,
-    table: HashTable<Entry>,
+    /// The table of entries, in `TABLE_PARTS` parts chosen by [`part_of`].
+    parts: Box<[HashTable<Entry>]>,
     /// Per-process random seed for table placement. Keys are chosen by clients, and
     /// placing by their unkeyed fingerprint would let a client pick keys that share a
     /// probe chain (measured: quadratic inserts). Placement never reaches an answer,
@@ -138,7 +149,7 @@ impl Warden {
         assert!(config.max_entries > 0);
         Self {
             config,
-            table: HashTable::new(),
+            parts: (0..TABLE_PARTS).map(|_| HashTable::new()).collect(),
             placement: hashbrown::DefaultHashBuilder::default(),
             points: VecDeque::new(),
             inserted_total: 0,
@@ -159,8 +170,9 @@ impl Warden {
     pub fn snapshot(&self) -> WardenSnapshot {
         let cutoff = self.points.front().map_or(0, |p| p.first_offset);
         let mut entries: Vec<_> = self
-            .table
+            .parts
             .iter()
+            .flat_map(HashTable::iter)
             .filter(|e| e.original_offset() >= cutoff)
             .map(|e| (e.key, e.payload_digest(), e.original_offset()))
             .collect();
@@ -190,12 +202,13 @@ impl Warden {
                 return Err(WardenSnapshotError::EntryOutsideWindow { offset });
             }
             let hash = warden.place(&key);
-            if warden.table.find(hash, |e| e.key == key).is_some() {
+            let part = &mut warden.parts[part_of(hash)];
+            if part.find(hash, |e| e.key == key).is_some() {
                 return Err(WardenSnapshotError::KeyListedTwice { offset });
             }
             let entry = Entry { key, payload_digest: split64(payload_digest), original_offset: split64(offset) };
             let placement = &warden.placement;
-            warden.table.insert_unique(hash, entry, |e| placement.hash_one(e.key));
+            part.insert_unique(hash, entry, |e| placement.hash_one(e.key));
         }
         warden.points = snapshot
             .points
@@ -275,7 +288,8 @@ impl Warden {
         let hash = self.place(&key);
         let at_capacity = self.live_entries() >= self.config.max_entries;
         let fresh = Entry { key, payload_digest: split64(payload_digest), original_offset: split64(offset) };
-        if let Some(entry) = self.table.find_mut(hash, |e| e.key == key) {
+        let part = part_of(hash);
+        if let Some(entry) = self.parts[part].find_mut(hash, |e| e.key == key) {
             let original_offset = entry.original_offset();
             if original_offset >= cutoff {
                 if entry.payload_digest() == payload_digest {
@@ -298,40 +312,54 @@ impl Warden {
             // spec: Warden.CapacityBound
             return WardenCheck::Full;
         }
-        self.sweep_if_growing(cutoff);
+        self.sweep_if_growing(part, cutoff);
         // spec: Warden.KeyRecorded
         let placement = &self.placement;
-        self.table.insert_unique(hash, fresh, |e| placement.hash_one(e.key));
+        self.parts[part].insert_unique(hash, fresh, |e| placement.hash_one(e.key));
         self.inserted_total += 1;
         WardenCheck::New
     }
 
-    /// Removes expired entries when the table is about to grow and at least an eighth of
-    /// it is expired, so each sweep pays for itself: amortised O(1) per insert.
+    /// Entries held, live or stale.
+    fn stored_entries(&self) -> u64 {
+        self.parts.iter().map(|part| part.len() as u64).sum()
+    }
+
+    /// Removes a part's expired entries when the part is about to grow, and lets it grow
+    /// only if that frees less than an eighth of it, so each sweep or growth pays for
+    /// itself: amortised O(1) per insert. (Deciding by the share of expired entries in
+    /// the whole table misleads: parts fill at about the same time, and the first to sweep
+    /// lower the share the last ones see, which then double; measured 71 bytes/live
+    /// entry in steady state instead of 45.)
     ///
-    /// The sweep drains the table and re-inserts the live entries. `retain` would be
+    /// The sweep drains the part and re-inserts the live entries. `retain` would be
     /// cheaper in memory for a moment, but hashbrown's erase leaves a tombstone wherever
     /// the slot sits in a run of 16 full slots, which at this load is a large share of
     /// erasures; tombstones do not count as room, so the table doubles soon after
     /// (measured: 85-96 bytes per live entry in steady state). Draining leaves a clean
-    /// table of the same size, at the cost of a transient buffer of the live entries
-    /// (28 bytes each) while the sweep runs. Both figures are in `benches/warden_memory.rs`.
-    fn sweep_if_growing(&mut self, cutoff: u64) {
-        let len = self.table.len() as u64;
-        if len == 0 || self.table.len() < self.table.capacity() {
+    /// part of the same size, at the cost of a transient buffer of the part's live
+    /// entries (28 bytes each) while the sweep runs. Both figures are in
+    /// `benches/warden_memory.rs`. A sweep and a growth each move one part: about 1/64 of
+    /// the entries (spec: Warden.BoundedPause).
+    fn sweep_if_growing(&mut self, part: usize, cutoff: u64) {
+        let table = &mut self.parts[part];
+        let (len, capacity) = (table.len(), table.capacity());
+        if len == 0 || len < capacity {
             return;
         }
-        let live = self.live_entries();
-        if len - live >= len / 8 {
-            let mut kept = Vec::with_capacity(live as usize);
-            kept.extend(self.table.drain().filter(|e| e.original_offset() >= cutoff));
-            let placement = &self.placement;
-            for entry in kept {
-                let hash = placement.hash_one(entry.key);
-                self.table.insert_unique(hash, entry, |e| placement.hash_one(e.key));
-            }
-            debug_assert_eq!(self.table.len() as u64, live);
+        let mut kept = Vec::with_capacity(len);
+        kept.extend(table.drain().filter(|e| e.original_offset() >= cutoff));
+        let placement = &self.placement;
+        if len - kept.len() < capacity.div_ceil(8) {
+            // Mostly live: double now rather than sweep again soon.
+            table.reserve(capacity + 1, |e| placement.hash_one(e.key));
         }
+        for entry in kept {
+            let hash = placement.hash_one(entry.key);
+            table.insert_unique(hash, entry, |e| placement.hash_one(e.key));
+        }
+        debug_assert!(table.len() < table.capacity(), "a sweep or a growth leaves room");
+        debug_assert!(self.stored_entries() >= self.live_entries());
     }
 }
 
@@ -407,8 +435,47 @@ mod tests {
             assert_eq!(at(&mut w, offset, offset / 10, key, 0), WardenCheck::New);
         }
         assert_eq!(w.live_entries(), 1_000);
-        assert!(w.table.len() <= 2_048, "expired entries are swept: {}", w.table.len());
+        // 64 small parts (hashbrown capacities 14, 28, 56 at ~16 live keys each): room for
+        // a few times the live keys, never the 200,000 recorded.
+        assert!(w.stored_entries() <= 4_000, "expired entries are swept: {}", w.stored_entries());
         assert!(w.points.len() <= 101);
+    }
+
+    /// Entries a check moved to grow or sweep the table: every entry of each part whose
+    /// allocation changed (a growth) or that lost more than the one entry a check can
+    /// replace (a sweep).
+    fn moved_entries(before: &[(usize, usize)], w: &Warden) -> usize {
+        before
+            .iter()
+            .zip(w.parts.iter())
+            .filter(|((len, capacity), part)| part.capacity() != *capacity || part.len() + 1 < *len)
+            .map(|((len, _), _)| *len)
+            .sum()
+    }
+
+    // spec: Warden.BoundedPause
+    #[test]
+    fn growing_or_sweeping_moves_one_part_at_a_time() {
+        // 100 keys per ms of stream time and a 2 s TTL: the table grows to about 200,000
+        // keys, then expired keys are swept as new ones arrive.
+        let mut w = warden(2_000, 1_000_000);
+        let (mut growths, mut largest_move) = (0, 0);
+        let mut before = Vec::with_capacity(TABLE_PARTS);
+        for offset in 0..600_000u64 {
+            before.clear();
+            before.extend(w.parts.iter().map(|part| (part.len(), part.capacity())));
+            let stored = w.stored_entries() as usize;
+            let key = crate::digest::key_fingerprint(&offset.to_string());
+            assert_eq!(at(&mut w, offset, offset / 100, key, 0), WardenCheck::New);
+            let moved = moved_entries(&before, &w);
+            growths += usize::from(moved > 0);
+            largest_move = largest_move.max(moved);
+            // One part holds about 1/64 of the entries, up to twice that while it fills
+            // with expired ones that others have already swept.
+            assert!(moved <= 64.max(stored / 16), "offset {offset}: one check moved {moved} of {stored} entries");
+        }
+        assert!(growths > TABLE_PARTS, "the run grows and sweeps every part: {growths}");
+        assert!(largest_move > 1_000, "and the moves are real: {largest_move}");
     }
 
     #[test]
@@ -417,7 +484,7 @@ mod tests {
         at(&mut w, 0, 0, 1, 1);
         at(&mut w, 1, 20, 1, 2);
         assert_eq!(w.live_entries(), 1);
-        assert_eq!(w.table.len(), 1);
+        assert_eq!(w.stored_entries(), 1);
     }
 
     #[test]
