@@ -330,6 +330,59 @@ fn slow_clients_get_408_while_others_are_served_and_keep_alive_works() {
     assert!(answer.contains("\"body_too_large\""), "{answer}");
 }
 
+/// Starts a second `tribunal run` with `extra` and waits for it to exit: its exit status
+/// and stderr (None if it was still running after a while, and was killed).
+fn second_process(cluster: &Federation, data: &str, extra: &[&str]) -> Option<(bool, String)> {
+    let stderr = cluster.tmp.path().join(format!("{data}.log"));
+    let mut command = tribunal();
+    command
+        .args(["run", "--log", &cluster.log_arg(), "--cores", "0", "--instance-id", "2", "--expected-copies", "1"])
+        .arg("--data-dir")
+        .arg(cluster.tmp.path().join(data))
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap());
+    let mut child = support::die_with_parent(&mut command).spawn().unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some((status.success(), std::fs::read_to_string(&stderr).unwrap()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    None
+}
+
+// spec: Gateway.SoleListener, PeerWire.SoleListener — SO_REUSEPORT would let a second
+// process bind a served address and silently answer a share of its clients.
+#[test]
+fn a_second_process_on_a_served_address_refuses_to_start() {
+    let mut cluster = Federation::new(2, 1).with_http();
+    start(&mut cluster, 1);
+    let http = cluster.url(1).trim_start_matches("http://").to_owned();
+    let federation = format!("127.0.0.1:{}", cluster.ports[0]);
+    let psk = cluster.tmp.path().join("psk");
+    let psk = psk.to_str().unwrap();
+    let peers = format!("1@{federation}");
+    let attempts = [
+        ("same-http", vec!["--http", &http]),
+        ("same-federation", vec!["--listen", &federation, "--peers", &peers, "--psk-file", psk]),
+    ];
+    for (data, extra) in attempts {
+        let exited = second_process(&cluster, data, &extra);
+        let (success, stderr) = exited.unwrap_or_else(|| panic!("{data}: a second process started and kept running"));
+        assert!(!success, "{data}: {stderr}");
+        assert!(stderr.contains("is also listened on by another process"), "{data}: {stderr}");
+    }
+    // The first instance still holds its addresses alone: every connection reaches it.
+    for _ in 0..20 {
+        let (status, body) = get(&format!("{}/v1/cluster", cluster.url(1)));
+        assert_eq!((status, body["instance_id"].as_u64()), (200, Some(1)), "{body}");
+    }
+}
+
 #[test]
 fn schemathesis_finds_no_server_error_and_every_answer_matches_the_document() {
     let mut cluster = Federation::new(3, 2).with_http();

@@ -2,7 +2,8 @@
 //!
 //! hyper 1 serves HTTP/1.1 from every shard's glommio executor: each shard binds the
 //! address with SO_REUSEPORT and the kernel spreads connections over them, so no core is
-//! the funnel and no second runtime runs. A connection is a task; a request waiting for
+//! the funnel and no second runtime runs (start-up then checks that no other process
+//! joined the address: spec Gateway.SoleListener). A connection is a task; a request waiting for
 //! certification awaits a oneshot channel, so a slow request never blocks a shard.
 //!
 //! - [`certified_view`] holds the certified stock view, the recent answers and the
@@ -143,7 +144,8 @@ pub struct GatewayShared {
     pub in_flight: AtomicUsize,
 }
 
-/// Binds this shard's listener (a start-up error if the address is taken).
+/// Binds this shard's listener (a start-up error if the address is taken; shared through
+/// SO_REUSEPORT, it is caught once every shard has bound: spec Gateway.SoleListener).
 pub fn bind(config: &GatewayConfig) -> anyhow::Result<TcpListener> {
     TcpListener::bind(config.listen).map_err(|e| anyhow::anyhow!("binding the HTTP address {}: {e}", config.listen))
 }

@@ -1,10 +1,11 @@
 //! A federation of real `tribunal run` processes on loopback, for the integration tests:
 //! start, SIGKILL and restart instances, and read their status.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -23,8 +24,18 @@ pub struct Federation {
     pub http_ports: Option<Vec<u16>>,
 }
 
+/// A port nothing listens on, and that no other test of this process was given: the
+/// tests of one file run in parallel, and the port is free again between this call and
+/// the instance's bind, when the kernel could hand it to another test's `bind(0)`.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 impl Federation {
