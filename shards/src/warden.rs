@@ -4,7 +4,7 @@
 //! record's idempotency key: new, replay of the original, conflicting reuse, or full.
 //!
 //! Memory is the constraint (about 3,000,000 live keys at 10k/s with a 5-minute TTL),
-//! so an entry is 32 bytes and holds no time: stream time never decreases along the
+//! so an entry is 28 bytes and holds no time: stream time never decreases along the
 //! log, so "recorded more than a TTL ago" is the same as "recorded before a cutoff
 //! offset". A short queue of time points (first offset at which stream time took a
 //! value) turns the TTL into that cutoff. An entry is live iff its offset is at or
@@ -444,13 +444,16 @@ mod tests {
     /// Entries a check moved to grow or sweep the table: every entry of each part whose
     /// allocation changed (a growth) or that lost more than the one entry a check can
     /// replace (a sweep).
-    fn moved_entries(before: &[(usize, usize)], w: &Warden) -> usize {
-        before
+    /// The parts a check grew or swept (a sweep frees entries; the check then adds one), and
+    /// the entries they held before it.
+    fn moved_entries(before: &[(usize, usize)], w: &Warden) -> (usize, usize) {
+        let moved: Vec<usize> = before
             .iter()
             .zip(w.parts.iter())
-            .filter(|((len, capacity), part)| part.capacity() != *capacity || part.len() + 1 < *len)
+            .filter(|((len, capacity), part)| part.capacity() != *capacity || part.len() < *len)
             .map(|((len, _), _)| *len)
-            .sum()
+            .collect();
+        (moved.len(), moved.iter().sum())
     }
 
     // spec: Warden.BoundedPause
@@ -467,8 +470,9 @@ mod tests {
             let stored = w.stored_entries() as usize;
             let key = crate::digest::key_fingerprint(&offset.to_string());
             assert_eq!(at(&mut w, offset, offset / 100, key, 0), WardenCheck::New);
-            let moved = moved_entries(&before, &w);
-            growths += usize::from(moved > 0);
+            let (parts, moved) = moved_entries(&before, &w);
+            assert!(parts <= 1, "offset {offset}: one check grew or swept {parts} parts");
+            growths += parts;
             largest_move = largest_move.max(moved);
             // One part holds about 1/64 of the entries, up to twice that while it fills
             // with expired ones that others have already swept.

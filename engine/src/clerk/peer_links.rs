@@ -20,6 +20,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -142,7 +143,12 @@ impl PeerLinks {
     /// Binds the listener (an error if the address is taken) and spawns the dialers and
     /// the acceptor on the current glommio executor.
     pub fn start(config: LinksConfig, events: LocalSender<LinkEvent>) -> std::io::Result<PeerLinks> {
-        let listener = TcpListener::bind(config.listen)?;
+        // spec: PeerWire.SoleListener — one socket, so no SO_REUSEPORT (glommio's `bind`
+        // sets it, and a second process could then share the address): std's bind, which
+        // refuses an address anything listens on.
+        let listener = std::net::TcpListener::bind(config.listen)?;
+        // SAFETY: a bound, listening TCP socket whose ownership `into_raw_fd` gave up.
+        let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
         let counters = Rc::new(LinkCounters::default());
         let events = Rc::new(events);
         let mut outbound = BTreeMap::new();

@@ -2,8 +2,8 @@
 //!
 //! hyper 1 serves HTTP/1.1 from every shard's glommio executor: each shard binds the
 //! address with SO_REUSEPORT and the kernel spreads connections over them, so no core is
-//! the funnel and no second runtime runs (start-up then checks that no other process
-//! joined the address: spec Gateway.SoleListener). A connection is a task; a request waiting for
+//! the funnel and no second runtime runs ([`listeners`] binds them, and refuses an address
+//! another process listens on: spec Gateway.SoleListener). A connection is a task; a request waiting for
 //! certification awaits a oneshot channel, so a slow request never blocks a shard.
 //!
 //! - [`certified_view`] holds the certified stock view, the recent answers and the
@@ -15,11 +15,13 @@
 
 pub mod certified_view;
 pub mod http_io;
+pub mod listeners;
 pub mod metrics;
 pub mod routes;
 
 use std::cell::{Cell, RefCell};
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -144,10 +146,11 @@ pub struct GatewayShared {
     pub in_flight: AtomicUsize,
 }
 
-/// Binds this shard's listener (a start-up error if the address is taken; shared through
-/// SO_REUSEPORT, it is caught once every shard has bound: spec Gateway.SoleListener).
-pub fn bind(config: &GatewayConfig) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(config.listen).map_err(|e| anyhow::anyhow!("binding the HTTP address {}: {e}", config.listen))
+/// This shard's listener, bound and listening by [`listeners::bind`], on this executor.
+pub fn adopt(listener: std::net::TcpListener) -> TcpListener {
+    // SAFETY: the descriptor is a bound, listening TCP socket that nothing else owns:
+    // `into_raw_fd` gave up the std listener's ownership of it.
+    unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) }
 }
 
 /// One shard's accept loop: every connection is its own task.

@@ -30,7 +30,6 @@ mod recover;
 mod resume;
 mod shard;
 mod shared;
-mod sole_listener;
 mod status;
 mod supervisor;
 mod usher;
@@ -183,10 +182,6 @@ fn start(config: &NodeConfig, wired: &mut Wired) -> anyhow::Result<Vec<Event>> {
             Err(_) => anyhow::bail!("the shards stopped during start-up"),
         }
     }
-    // Every listener is bound now (spec: Gateway.SoleListener, PeerWire.SoleListener).
-    let listeners: Vec<_> =
-        config.federation.listen.into_iter().chain(config.gateway.as_ref().map(|g| g.listen)).collect();
-    sole_listener::check(&listeners)?;
     if let Some((start, kafka_shared)) = &wired.kafka {
         if let (Some(_), Some(sink_rx)) = (&start.published_ends, wired.sink_rx.take()) {
             publish::kafka::spawn_publisher(&start.config, &wired.plan.published_start, sink_rx, kafka_shared.clone())?;

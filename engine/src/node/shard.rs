@@ -58,7 +58,8 @@ pub(super) struct ShardContext {
     pub shared: Arc<Shared>,
     pub events: mpsc::Sender<Event>,
     pub usher_options: UsherOptions,
-    pub gateway: Option<Arc<GatewayShared>>,
+    /// The Gateway, and this shard's listener (bound and listening).
+    pub gateway: Option<(Arc<GatewayShared>, std::net::TcpListener)>,
     /// On the last shard: the Clerk, which runs on this executor.
     pub clerk: Option<ClerkStarter>,
 }
@@ -158,10 +159,9 @@ pub(super) async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     if let Some(clerk) = context.clerk {
         clerk.start().context("starting the Clerk")?;
     }
-    // spec: Gateway — every shard accepts; an address in use stops the start-up.
-    if let Some(gateway) = context.gateway {
-        let listener = gateway::bind(&gateway.config)?;
-        glommio::spawn_local(gateway::serve(gateway, listener, shard)).detach();
+    // spec: Gateway — every shard accepts on its own listener (Gateway.SoleListener).
+    if let Some((gateway, listener)) = context.gateway {
+        glommio::spawn_local(gateway::serve(gateway, gateway::adopt(listener), shard)).detach();
     }
     let _ = context.events.send(Event::Started);
     if let Some(reader) = context.reader {

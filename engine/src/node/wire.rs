@@ -22,7 +22,7 @@ use crate::clerk::peer_links::LinksConfig;
 use crate::clerk::{ClerkSetup, ClerkShared, ClerkStarter, FaultControl};
 use crate::gateway::certified_view::CertifiedView;
 use crate::gateway::metrics::{Figures, Metrics, ProcessFigures};
-use crate::gateway::{GatewayShared, NodeProbe};
+use crate::gateway::{listeners, GatewayShared, NodeProbe};
 use crate::log::appender;
 use crate::log::doorbell::doorbell;
 use crate::log::kafka::{self, Feed, FeedSender, KafkaShared};
@@ -83,7 +83,7 @@ pub(super) fn wire(config: &NodeConfig, layout: &Layout, log: OpenedLog, recover
     let commons = Commons { shared, clerk, probe: Arc::default(), faults: Arc::default(), outputs_syncs };
     let gateway = gateway(config, &log.local, log.kafka.as_ref(), &arbiters, &plan, &commons, figures)?;
     let (output_senders, output_receivers) = output_channels(config.cores.len());
-    let view = gateway.as_ref().map(|g| g.view.clone() as Arc<dyn CertifiedSink>);
+    let view = gateway.as_ref().map(|(g, _)| g.view.clone() as Arc<dyn CertifiedSink>);
     let clerk = clerk_starter(config, &mut plan, &commons, (sink.published, sink_tx), view, output_receivers)?;
     let (sources, reader, feeds) = usher_sources(config, &log.local, ushers, &plan.resume)?;
     let (events_tx, events) = mpsc::channel::<Event>();
@@ -240,8 +240,10 @@ fn gateway(
     plan: &ResumePlan,
     commons: &Commons,
     figures: RecoveryFigures,
-) -> anyhow::Result<Option<Arc<GatewayShared>>> {
+) -> anyhow::Result<Option<(Arc<GatewayShared>, Vec<std::net::TcpListener>)>> {
     let Some(gateway_config) = &config.gateway else { return Ok(None) };
+    // spec: Gateway.SoleListener — before anything else starts.
+    let listeners = listeners::bind(gateway_config.listen, config.cores.len())?;
     let partitions = commons.shared.partitions;
     let view = Arc::new(std::sync::Mutex::new(certified_view(gateway_config, arbiters, plan, partitions)));
     let target = match (local, kafka) {
@@ -253,7 +255,7 @@ fn gateway(
         .context("starting the Gateway's log appender")?;
     let log = local.as_ref().map(|(_, dir)| LocalLog::open(dir)).transpose()?;
     let figures = figures_source(commons, &view, &appender, log, figures);
-    Ok(Some(Arc::new(GatewayShared {
+    let shared = Arc::new(GatewayShared {
         config: gateway_config.clone(),
         instance_id: config.instance_id,
         members: std::iter::once(config.instance_id)
@@ -268,7 +270,8 @@ fn gateway(
         faults: commons.faults.clone(),
         data_dir: config.data_dir.clone(),
         in_flight: std::sync::atomic::AtomicUsize::new(0),
-    })))
+    });
+    Ok(Some((shared, listeners)))
 }
 
 /// The view seeded with the recovered state; offsets skipped loudly at recovery were
@@ -379,7 +382,8 @@ struct ShardLinks {
     outputs: Vec<SharedSender<Vec<DurableOutput>>>,
     events: mpsc::Sender<Event>,
     options: UsherOptions,
-    gateway: Option<Arc<GatewayShared>>,
+    /// The Gateway, and one listener per shard.
+    gateway: Option<(Arc<GatewayShared>, Vec<std::net::TcpListener>)>,
     /// Runs on the last shard.
     clerk: ClerkStarter,
 }
@@ -406,6 +410,7 @@ fn shard_contexts(
     }
     let ShardLinks { mut sources, mut reader, outputs, events, options, gateway, clerk } = links;
     let mut clerk = Some(clerk);
+    let mut gateway = gateway.map(|(shared, listeners)| (shared, listeners.into_iter()));
     let reader_shard = n - 1;
     let parts = arbiters.into_iter().zip(senders).zip(receivers).zip(outputs).enumerate();
     parts
@@ -422,7 +427,9 @@ fn shard_contexts(
             shared: shared.clone(),
             events: events.clone(),
             usher_options: options,
-            gateway: gateway.clone(),
+            gateway: gateway
+                .as_mut()
+                .map(|(shared, listeners)| (shared.clone(), listeners.next().expect("one listener per shard"))),
             clerk: if shard == reader_shard { clerk.take() } else { None },
         })
         .collect()
