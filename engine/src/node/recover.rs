@@ -53,7 +53,10 @@ pub(super) fn open_log(config: &NodeConfig) -> anyhow::Result<OpenedLog> {
             info!(brokers = %kafka.brokers, topic = %kafka.commands_topic, "connecting to Kafka");
             let partitions = kafka::ensure_topics(kafka, kafka::Topics::CommandsAndOutputs, None)?;
             let published_ends = if config.publish {
-                Some(publish::kafka::read_published_ends(kafka, partitions).context("reading the outputs topic")?)
+                Some(
+                    publish::kafka::read_published_ends(kafka, partitions, None)
+                        .context("reading the outputs topic")?,
+                )
             } else {
                 None
             };

@@ -116,7 +116,10 @@ impl PublisherShell {
         // spec: Clerk.PublisherHandOver, Publisher.TakeOverReadsTheSink — the topic says
         // exactly how far publication got; the heartbeats may be a beat behind.
         if !batch.skip_to.is_empty() {
-            let written = read_published_ends(&self.config, self.shared.published_end.len() as u32)
+            // Bounded: an error that does not clear (retention took the last record, a
+            // permission) fails the instance, instead of a publisher that silently stops.
+            let partitions = self.shared.published_end.len() as u32;
+            let written = read_published_ends(&self.config, partitions, Some(TAKE_OVER_PATIENCE))
                 .context("reading the outputs topic at a take-over")?;
             for (partition, end) in written.into_iter().enumerate() {
                 self.publisher.skip_to(partition as u32, end);
@@ -189,9 +192,18 @@ impl PublisherShell {
     }
 }
 
+/// How long a take-over retries reading the outputs topic before it fails the instance.
+const TAKE_OVER_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Per partition, one past the input offset of the last output on the outputs topic: how
 /// far publication got, whichever instance published (spec: Publisher.ResumeFromOutputTopic).
-pub fn read_published_ends(config: &KafkaConfig, partitions: u32) -> anyhow::Result<Vec<u64>> {
+/// Retries failed reads for `patience` (None: until the broker answers).
+pub fn read_published_ends(
+    config: &KafkaConfig,
+    partitions: u32,
+    patience: Option<Duration>,
+) -> anyhow::Result<Vec<u64>> {
+    let started = Instant::now();
     let consumer: BaseConsumer = crate::log::kafka::client_config(&config.brokers)
         .set("group.id", "tribunal-publisher-probe")
         .set("enable.auto.commit", "false")
@@ -207,6 +219,9 @@ pub fn read_published_ends(config: &KafkaConfig, partitions: u32) -> anyhow::Res
         let end = loop {
             match last_published(&consumer, &config.outputs_topic, partition) {
                 Ok(end) => break end,
+                Err(error) if patience.is_some_and(|p| started.elapsed() >= p) => {
+                    return Err(error.context(format!("still failing after {:?}", started.elapsed())));
+                }
                 Err(error) => {
                     warn!(topic = %config.outputs_topic, partition, "reading the outputs topic: {error:#}; retrying");
                     std::thread::sleep(backoff);
