@@ -29,6 +29,7 @@ pub mod cores;
 mod recover;
 mod resume;
 mod shard;
+mod shard_state;
 mod shared;
 mod status;
 mod supervisor;

@@ -27,9 +27,10 @@ use tribunal_shards::router::ShardId;
 use tribunal_shards::shard_core::{LedgerStore, ShardCore, SnapshotPoint, Unsynced};
 use tribunal_shards::usher::Usher;
 
+use super::shard_state::ShardState;
 use super::shared::{Event, Shared};
 use super::usher::{self, ReaderTask, SourceSpec, UsherOptions};
-use super::{Message, Wire, D};
+use super::{Wire, D};
 use crate::clerk::ClerkStarter;
 use crate::gateway::{self, GatewayShared};
 use crate::pacing::Pacer;
@@ -62,48 +63,6 @@ pub(super) struct ShardContext {
     pub gateway: Option<(Arc<GatewayShared>, std::net::TcpListener)>,
     /// On the last shard: the Clerk, which runs on this executor.
     pub clerk: Option<ClerkStarter>,
-}
-
-/// A shard's state on its executor: the core, and how its effects leave.
-pub(super) struct ShardState {
-    pub core: ShardCore<D>,
-    /// Local queues to the sender tasks, one per other shard.
-    outbound: Vec<Option<LocalSender<Wire>>>,
-    /// Wakes the Ledger task; rung once per commit.
-    doorbell: LocalSender<()>,
-    doorbell_rung: bool,
-    shared: Arc<Shared>,
-}
-
-impl ShardState {
-    pub fn shard(&self) -> ShardId {
-        self.core.shard()
-    }
-
-    /// A message for shard `to`: handled here when it is this shard, staged otherwise.
-    /// Never awaits, so any task of the shard may call it.
-    pub fn dispatch(&mut self, to: ShardId, message: Message) {
-        self.core.dispatch(to, message);
-        if self.core.commit_due() && !self.doorbell_rung {
-            self.doorbell_rung = true;
-            let _ = self.doorbell.try_send(());
-        }
-    }
-
-    /// Hands every staged message to the sender tasks, one wire per destination.
-    pub fn flush(&mut self) {
-        let staged = self.core.staged_count() as u64;
-        if staged == 0 {
-            return;
-        }
-        self.shared.in_flight.fetch_add(staged, Ordering::Relaxed);
-        for (to, wire) in self.core.drain_staged() {
-            let queue = self.outbound[to as usize].as_ref().expect("a queue to every other shard");
-            if queue.try_send(wire).is_err() {
-                unreachable!("local queues are unbounded and live as long as the shard");
-            }
-        }
-    }
 }
 
 /// The shard's Ledger: the DMA segment writer, and where snapshot parts go.
@@ -144,13 +103,8 @@ pub(super) async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     let writer = SegmentWriter::open(&context.layout, shard).await.context("opening the Ledger segment")?;
     let (doorbell, doorbell_rx) = local_channel::new_unbounded::<()>();
     let outbound = spawn_senders(shard, context.outbound, &context.shared);
-    let state = Rc::new(RefCell::new(ShardState {
-        core: ShardCore::new(context.arbiter, context.shard_count),
-        outbound,
-        doorbell,
-        doorbell_rung: false,
-        shared: context.shared.clone(),
-    }));
+    let core = ShardCore::new(context.arbiter, context.shard_count);
+    let state = Rc::new(RefCell::new(ShardState::new(core, outbound, doorbell, context.shared.clone())));
     spawn_receivers(context.inbound, &state);
     let ledger = ShardLedger { writer, layout: context.layout.clone(), shard, events: context.events.clone() };
     glommio::spawn_local(ledger_task(ledger, doorbell_rx, state.clone(), context.shared.clone(), context.outputs))
@@ -256,11 +210,7 @@ async fn ledger_task(
             glommio::timer::sleep(wait).await;
         }
         pacer.started(Instant::now());
-        let commit: Unsynced<D> = {
-            let mut st = state.borrow_mut();
-            st.doorbell_rung = false;
-            st.core.take_commit()
-        };
+        let commit: Unsynced<D> = state.borrow_mut().take_commit();
         if commit.is_empty() {
             continue;
         }

@@ -17,7 +17,7 @@ use tribunal_shards::envelope::Envelope;
 use tribunal_shards::snapshot_cadence::SnapshotCadence;
 use tribunal_shards::usher::{BatchPlan, Decoded, Record, Usher};
 
-use super::shard::ShardState;
+use super::shard_state::ShardState;
 use super::shared::{Event, Shared};
 use super::{D, MAX_BATCH_RECORDS, MAX_IN_FLIGHT_MESSAGES};
 use crate::log::doorbell::{Door, DoorKey};
