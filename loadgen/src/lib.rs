@@ -8,6 +8,7 @@ pub mod cost;
 pub mod ledger;
 pub mod open_loop;
 pub mod report;
+pub mod requests;
 pub mod run;
 pub mod verify;
 pub mod workload;

@@ -21,7 +21,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::client::{Answer, AttemptError, Target, MAX_ANSWER_BYTES};
-use crate::run::{
+use crate::requests::{
     attempt_outcome, count_attempt, next_request, record_result, retry_jitter, Attempt, RunConfig, Schedule, Scheduled,
     State, Submitted, BACKOFF_INITIAL, BACKOFF_MAX,
 };
