@@ -22,18 +22,24 @@ echo "generating and appending $EVENTS events (twice: one log per run, each with
 
 field() { python3 -c "import json,sys; s=json.load(open(sys.argv[2] + '/status.json')); print(s[sys.argv[1]])" "$1" "$2"; }
 
-# CPU (user + system) of a command and every process it waited for, in µs.
+# CPU (user + system) of a command and every process it waited for, in µs; its output
+# goes to the log file given first, whose end is shown if the command fails.
 cpu_us() {
     python3 - "$@" <<'PY'
 import resource, subprocess, sys
-subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+log, command = sys.argv[1], sys.argv[2:]
+with open(log, "w") as out:
+    code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode
+if code != 0:
+    sys.stderr.write("".join(open(log).readlines()[-30:]))
+    sys.exit(f"{command[0]} {command[1]} failed (exit {code}); its output: {log}")
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(round((usage.ru_utime + usage.ru_stime) * 1e6))
 PY
 }
 
 echo "3 instances, expected_copies 2..."
-cluster_cpu_us=$(cpu_us "$BIN" cluster --instances 3 --log "local:$WORK/log-cluster" --data-dir "$WORK/cluster" \
+cluster_cpu_us=$(cpu_us "$WORK/cluster.out" "$BIN" cluster --instances 3 --log "local:$WORK/log-cluster" --data-dir "$WORK/cluster" \
     --stop-at-end --snapshot-every 0)
 cluster_ms=0
 for i in 1 2 3; do
@@ -41,7 +47,7 @@ for i in 1 2 3; do
     if [ "$ms" -gt "$cluster_ms" ]; then cluster_ms=$ms; fi
 done
 echo "1 instance, expected_copies 1..."
-single_cpu_us=$(cpu_us "$BIN" run --expected-copies 1 --log "local:$WORK/log-single" --data-dir "$WORK/single" \
+single_cpu_us=$(cpu_us "$WORK/single.log" "$BIN" run --expected-copies 1 --log "local:$WORK/log-single" --data-dir "$WORK/single" \
     --stop-at-end --snapshot-every 0)
 single_ms=$(field processing_ms "$WORK/single")
 python3 - "$EVENTS" "$cluster_ms" "$single_ms" "$OUT/federation.json" "$cluster_cpu_us" "$single_cpu_us" <<'PY'

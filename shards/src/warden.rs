@@ -441,11 +441,8 @@ mod tests {
         assert!(w.points.len() <= 101);
     }
 
-    /// Entries a check moved to grow or sweep the table: every entry of each part whose
-    /// allocation changed (a growth) or that lost more than the one entry a check can
-    /// replace (a sweep).
-    /// The parts a check grew or swept (a sweep frees entries; the check then adds one), and
-    /// the entries they held before it.
+    /// The parts a check grew (their allocation changed) or swept (they hold fewer entries:
+    /// a check without a sweep only adds or replaces one), and the entries they held before.
     fn moved_entries(before: &[(usize, usize)], w: &Warden) -> (usize, usize) {
         let moved: Vec<usize> = before
             .iter()

@@ -1,10 +1,11 @@
 //! The Gateway: the REST API (docs/design.md §2, §8; spec: specs/gateway.allium).
 //!
-//! hyper 1 serves HTTP/1.1 from every shard's glommio executor: each shard binds the
-//! address with SO_REUSEPORT and the kernel spreads connections over them, so no core is
-//! the funnel and no second runtime runs ([`listeners`] binds them, and refuses an address
-//! another process listens on: spec Gateway.SoleListener). A connection is a task; a request waiting for
-//! certification awaits a oneshot channel, so a slow request never blocks a shard.
+//! hyper 1 serves HTTP/1.1 from every shard's glommio executor: each shard accepts on a
+//! listener of its own on the address (SO_REUSEPORT) and the kernel spreads connections
+//! over them, so no core is the funnel and no second runtime runs. [`listeners`] binds
+//! them before the shards start and refuses an address another process listens on (spec
+//! Gateway.SoleListener). A connection is a task; a request waiting for certification
+//! awaits a oneshot channel, so a slow request never blocks a shard.
 //!
 //! - [`certified_view`] holds the certified stock view, the recent answers and the
 //!   waiters (sans-IO; fed by the Clerk's shell);
