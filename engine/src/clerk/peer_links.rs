@@ -31,7 +31,7 @@ use tracing::{info, warn};
 
 use tribunal_federation::clerk::InstanceId;
 use tribunal_federation::handshake::{Acceptor, Dialer, HELLO_BYTES, NONCE_BYTES, PROOF_BYTES, REPLY_BYTES};
-use tribunal_federation::wire::{Frame, FrameOpener, FrameSealer, SessionKey};
+use tribunal_federation::wire::{Frame, FrameOpener, FrameSealer, SessionKey, LENGTH_PREFIX_BYTES};
 
 use crate::pacing::Pacer;
 
@@ -39,6 +39,8 @@ use crate::pacing::Pacer;
 /// watermarks) join the next write, so a busy link costs one write and one wake-up on
 /// each side per interval instead of one per batch of outputs.
 const WRITE_INTERVAL: Duration = Duration::from_millis(2);
+/// Bytes a link reads at once; a longer frame grows its buffer, up to the frame bound.
+const READ_BUFFER_BYTES: usize = 1 << 16;
 
 #[derive(Clone, Debug)]
 pub struct LinksConfig {
@@ -445,10 +447,9 @@ impl Reader<'_> {
     ) -> Option<String> {
         let (peer, remote, counters) = (self.peer, self.remote, self.counters);
         let mut opener = FrameOpener::new(key, self.config.max_frame_bytes);
-        let mut buffer: Vec<u8> = Vec::with_capacity(1 << 16);
-        let mut chunk = vec![0u8; 1 << 16];
+        let mut buffer = ReceiveBuffer::new(self.config.max_frame_bytes);
         let reason = 'read: loop {
-            let read = match with_timeout(self.config.heartbeat_timeout, stream.read(&mut chunk)).await {
+            let read = match with_timeout(self.config.heartbeat_timeout, stream.read(buffer.spare())).await {
                 Ok(0) => break 'read "closed by the peer".to_string(),
                 Ok(n) => n,
                 Err(error) => break 'read format!("silent or failed: {error}"),
@@ -456,12 +457,10 @@ impl Reader<'_> {
             if !current() {
                 break 'read "replaced by a newer connection".to_string();
             }
-            buffer.extend_from_slice(&chunk[..read]);
-            let mut consumed = 0;
+            buffer.received(read);
             loop {
-                match opener.open(&buffer[consumed..]) {
-                    Ok(Some((frame, used))) => {
-                        consumed += used;
+                match buffer.next_frame(&mut opener) {
+                    Ok(Some(frame)) => {
                         bump(&counters.frames_received, 1);
                         if self.events.send(LinkEvent::Frame(peer, frame)).await.is_err() {
                             return None;
@@ -476,8 +475,143 @@ impl Reader<'_> {
                     }
                 }
             }
-            buffer.drain(..consumed);
         };
         Some(reason)
+    }
+}
+
+/// Received bytes not yet opened: read into in place and opened from where they lie (no
+/// copy per read). A frame is bounded (the opener refuses a longer length prefix), so the
+/// buffer grows at most to one whole frame, and what is left after the whole frames is
+/// the start of one, moved to the front.
+struct ReceiveBuffer {
+    bytes: Vec<u8>,
+    /// Bytes received.
+    filled: usize,
+    /// Bytes already opened as frames.
+    consumed: usize,
+    largest_frame_bytes: usize,
+}
+
+impl ReceiveBuffer {
+    fn new(max_frame_bytes: usize) -> Self {
+        let largest_frame_bytes = max_frame_bytes + LENGTH_PREFIX_BYTES;
+        ReceiveBuffer {
+            bytes: vec![0u8; READ_BUFFER_BYTES.min(largest_frame_bytes)],
+            filled: 0,
+            consumed: 0,
+            largest_frame_bytes,
+        }
+    }
+
+    /// Where the next read goes; never empty.
+    fn spare(&mut self) -> &mut [u8] {
+        if self.filled == self.bytes.len() {
+            assert!(
+                self.bytes.len() < self.largest_frame_bytes,
+                "a full buffer of the largest size holds a whole frame"
+            );
+            self.bytes.resize((self.bytes.len() * 2).min(self.largest_frame_bytes), 0);
+        }
+        &mut self.bytes[self.filled..]
+    }
+
+    fn received(&mut self, read_bytes: usize) {
+        self.filled += read_bytes;
+        assert!(self.filled <= self.bytes.len());
+    }
+
+    /// The next whole frame; None once only part of one is left (moved to the front).
+    fn next_frame(&mut self, opener: &mut FrameOpener) -> Result<Option<Frame>, tribunal_federation::wire::WireError> {
+        match opener.open(&self.bytes[self.consumed..self.filled])? {
+            Some((frame, used)) => {
+                self.consumed += used;
+                Ok(Some(frame))
+            }
+            None => {
+                if self.consumed > 0 {
+                    self.bytes.copy_within(self.consumed..self.filled, 0);
+                }
+                self.filled -= self.consumed;
+                self.consumed = 0;
+                Ok(None)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: SessionKey = [7u8; 32];
+
+    fn sealed(frames: &[Frame]) -> Vec<u8> {
+        let mut sealer = FrameSealer::new(KEY);
+        let mut out = Vec::new();
+        for frame in frames {
+            sealer.seal(frame, &mut out).unwrap();
+        }
+        out
+    }
+
+    /// Feeds `wire` in reads of at most `read_bytes`, as a socket would, and opens frames.
+    fn receive(wire: &[u8], read_bytes: usize, max_frame_bytes: usize) -> Vec<Frame> {
+        let (mut buffer, mut opener) = (ReceiveBuffer::new(max_frame_bytes), FrameOpener::new(KEY, max_frame_bytes));
+        let (mut at, mut frames) = (0, Vec::new());
+        while at < wire.len() {
+            let spare = buffer.spare();
+            let n = spare.len().min(read_bytes).min(wire.len() - at);
+            spare[..n].copy_from_slice(&wire[at..at + n]);
+            buffer.received(n);
+            at += n;
+            while let Some(frame) = buffer.next_frame(&mut opener).unwrap() {
+                frames.push(frame);
+            }
+        }
+        assert_eq!((buffer.filled, buffer.consumed), (0, 0), "nothing left over");
+        frames
+    }
+
+    #[test]
+    fn frames_longer_than_a_read_and_than_the_first_buffer_arrive_whole() {
+        let max = tribunal_federation::wire::MAX_FRAME_BYTES;
+        let frames = vec![
+            Frame::Copy { partition: 0, offset: 1, output: vec![1; 10] },
+            Frame::Copy { partition: 0, offset: 2, output: vec![2; 3 * READ_BUFFER_BYTES] },
+            Frame::Watermark { partition: 0, durable_end: 3, certified_end: 2 },
+            Frame::Copy { partition: 0, offset: 3, output: vec![3; max - 200] },
+        ];
+        let wire = sealed(&frames);
+        for read_bytes in [1, 7_001, READ_BUFFER_BYTES, usize::MAX] {
+            assert_eq!(receive(&wire, read_bytes, max), frames, "in reads of {read_bytes} bytes");
+        }
+    }
+
+    #[test]
+    fn a_frame_of_exactly_the_bound_fills_the_largest_buffer_and_the_next_one_follows() {
+        let max = 100_000;
+        let copy = |output_bytes| Frame::Copy { partition: 0, offset: 1, output: vec![9; output_bytes] };
+        let prefix = |wire: &[u8]| u32::from_le_bytes(wire[..4].try_into().unwrap()) as usize;
+        let short = max - 200;
+        let frame = copy(short + max - prefix(&sealed(&[copy(short)])));
+        let wire = sealed(&[frame.clone(), frame.clone()]);
+        assert_eq!(prefix(&wire), max, "the frame is exactly at the bound");
+        let (mut buffer, mut opener) = (ReceiveBuffer::new(max), FrameOpener::new(KEY, max));
+        let mut at = 0;
+        let mut frames = Vec::new();
+        while at < wire.len() {
+            let spare = buffer.spare();
+            let n = spare.len().min(wire.len() - at);
+            spare[..n].copy_from_slice(&wire[at..at + n]);
+            buffer.received(n);
+            at += n;
+            assert!(buffer.bytes.len() <= max + LENGTH_PREFIX_BYTES, "never more than one frame");
+            while let Some(frame) = buffer.next_frame(&mut opener).unwrap() {
+                frames.push(frame);
+            }
+        }
+        assert_eq!(buffer.bytes.len(), max + LENGTH_PREFIX_BYTES, "grown to the largest frame");
+        assert_eq!(frames, vec![frame.clone(), frame]);
     }
 }

@@ -119,7 +119,8 @@ pub(super) async fn shard_main(context: ShardContext) -> anyhow::Result<()> {
     }
     let _ = context.events.send(Event::Started);
     if let Some(reader) = context.reader {
-        usher::spawn_reader(reader, shard, context.shared.clone(), context.events.clone());
+        let stop_at_end = context.usher_options.stop_at_end;
+        usher::spawn_reader(reader, shard, context.shared.clone(), context.events.clone(), stop_at_end);
     }
     let tasks = usher::spawn_ushers(
         context.ushers,

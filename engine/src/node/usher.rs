@@ -28,6 +28,9 @@ use crate::storage::{self, Layout};
 
 /// How long an Usher waits before looking again while backpressure holds it.
 const BACKPRESSURE_WAIT: Duration = Duration::from_micros(200);
+/// With `--stop-at-end`, how often a reader at the log's end looks whether what it read
+/// is durable yet: nothing rings when it becomes so, and an idle wait is up to a second.
+const SETTLE_WAIT: Duration = Duration::from_millis(2);
 
 /// Where an Usher will read, as handed to its shard.
 pub(super) enum SourceSpec {
@@ -126,6 +129,7 @@ async fn read_and_decode(
     mut tail: TailWait,
     tx: SharedSender<Vec<Decoded<D>>>,
     shared: Arc<Shared>,
+    stop_at_end: bool,
 ) -> anyhow::Result<()> {
     let tx = tx.connect().await;
     let mut records = Vec::with_capacity(MAX_BATCH_RECORDS);
@@ -136,7 +140,13 @@ async fn read_and_decode(
             return Ok(());
         }
         if read == 0 {
-            tail.after_empty_poll().await;
+            // The local log has one partition.
+            let settling = shared.durable_end(0) < shared.next_offset[0].load(Ordering::Acquire);
+            if stop_at_end && settling {
+                glommio::timer::sleep(SETTLE_WAIT).await;
+            } else {
+                tail.after_empty_poll().await;
+            }
         } else {
             tail.found_records();
         }
@@ -156,10 +166,16 @@ pub(super) struct UsherOptions {
 }
 
 /// On the reader shard: tails the local log and feeds the Usher's shard.
-pub(super) fn spawn_reader(reader: ReaderTask, shard: u16, shared: Arc<Shared>, events: mpsc::Sender<Event>) {
+pub(super) fn spawn_reader(
+    reader: ReaderTask,
+    shard: u16,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    stop_at_end: bool,
+) {
     let (reader, tail, tx) = reader;
     glommio::spawn_local(async move {
-        if let Err(error) = read_and_decode(reader, tail.open(), tx, shared).await {
+        if let Err(error) = read_and_decode(reader, tail.open(), tx, shared, stop_at_end).await {
             let _ = events.send(Event::Failed(shard, format!("{error:#}")));
         }
     })
@@ -234,7 +250,11 @@ impl UsherShell {
                     let _ = self.events.send(Event::Finished(partition));
                     return Ok(());
                 }
-                self.source.idle().await;
+                if self.settling() {
+                    glommio::timer::sleep(SETTLE_WAIT).await;
+                } else {
+                    self.source.idle().await;
+                }
                 continue;
             }
             self.plan_and_dispatch(batch, &mut cadence)?;
@@ -259,6 +279,15 @@ impl UsherShell {
             backlog_full: shared.clerk.backlog_full.load(Ordering::Relaxed),
         };
         gate.holds()
+    }
+
+    /// `--stop-at-end`: the input is at its end and what was read is not durable yet, so
+    /// no append will wake the Usher when it is.
+    fn settling(&self) -> bool {
+        let partition = self.usher.partition();
+        self.options.stop_at_end
+            && self.source.at_end()
+            && self.shared.durable_end(partition) < self.usher.next_offset()
     }
 
     /// `--stop-at-end`: the input is at its end and everything read is durable.

@@ -24,18 +24,18 @@ pub(super) struct SegmentWriter<'a> {
 }
 
 impl<'a> SegmentWriter<'a> {
-    pub(super) fn open(dir: &'a Path, head: Head) -> Result<Self> {
-        let path = segment_path(dir, head.segment_base_offset);
-        let file = OpenOptions::new().write(true).open(&path).map_err(io_error("opening", &path))?;
-        Ok(SegmentWriter {
+    /// A writer after `head`, on its segment `file` (opened for writing by the repair),
+    /// buffering at most `buffer_bytes` (the batch's size, up to the write buffer's).
+    pub(super) fn new(dir: &'a Path, head: Head, file: File, buffer_bytes: usize) -> Self {
+        SegmentWriter {
             dir,
-            path,
+            path: segment_path(dir, head.segment_base_offset),
             file,
             head,
-            buffer: Vec::with_capacity(WRITE_BUFFER_SIZE_BYTES),
+            buffer: Vec::with_capacity(buffer_bytes),
             created_segment: false,
             syncs: 0,
-        })
+        }
     }
 
     pub(super) fn push(&mut self, payload: &[u8], timestamp_ms: u64, segment_max_size_bytes: u64) -> Result<()> {

@@ -143,6 +143,25 @@ pub(super) fn open_head<'a>(file: &'a mut Option<File>, path: &Path, writable: b
     Ok(file.as_ref().expect("opened above"))
 }
 
+/// Reads the head file from its start into `buffer`: one pread for a file of a known size
+/// (the first format's, this one's, or longer), otherwise until the end of the file (a
+/// short read), retrying an interrupted one.
+fn read_head_bytes(file: &File, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut read_bytes = 0;
+    loop {
+        match file.read_at(&mut buffer[read_bytes..], read_bytes as u64) {
+            Ok(0) => return Ok(read_bytes),
+            Ok(n) => read_bytes += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        let known = [HEAD_V1_SIZE_BYTES, HEAD_FILE_SIZE_BYTES as usize, buffer.len()];
+        if known.contains(&read_bytes) {
+            return Ok(read_bytes);
+        }
+    }
+}
+
 /// What one read of the head file found.
 pub(super) enum HeadRead {
     Current(Head),
@@ -172,27 +191,32 @@ impl HeadFile {
         LocalLogError::CorruptHead { path: self.path.clone(), reason }
     }
 
+    /// One read of the head: a single pread of the whole file (and one byte more, so a
+    /// longer file shows), since every poll of every reader reads it. A read of another
+    /// length (a file of another size) is looked at with its metadata, for the error.
     pub(super) fn read_once(&mut self) -> Result<HeadRead> {
         let file = open_head(&mut self.file, &self.path, self.writable)?;
-        let size_bytes = file.metadata().map_err(io_error("reading metadata of", &self.path))?.len();
-        if size_bytes == HEAD_V1_SIZE_BYTES as u64 {
-            let mut bytes = [0u8; HEAD_V1_SIZE_BYTES];
-            file.read_exact_at(&mut bytes, 0).map_err(io_error("reading", &self.path))?;
+        let mut whole = [0u8; HEAD_FILE_SIZE_BYTES as usize + 1];
+        let read_bytes = read_head_bytes(file, &mut whole).map_err(io_error("reading", &self.path))?;
+        if read_bytes == HEAD_V1_SIZE_BYTES {
             // The upgrade replaces the file: read the new one next time.
             self.file = None;
-            let head = Head::decode_v1(&bytes).map_err(|reason| self.corrupt(reason))?;
+            let v1: &[u8; HEAD_V1_SIZE_BYTES] = whole[..HEAD_V1_SIZE_BYTES].try_into().expect("read");
+            let head = Head::decode_v1(v1).map_err(|reason| self.corrupt(reason))?;
             return Ok(HeadRead::FirstFormat(head));
         }
-        if size_bytes != HEAD_FILE_SIZE_BYTES {
+        if read_bytes != HEAD_FILE_SIZE_BYTES as usize {
+            let size_bytes = file.metadata().map_err(io_error("reading metadata of", &self.path))?.len();
             return Err(self.corrupt(format!("{size_bytes} bytes, expected {HEAD_FILE_SIZE_BYTES}")));
         }
         let mut newest: Option<Head> = None;
         let mut reasons = Vec::new();
         let mut never_written_slots = 0;
         for slot in 0..2 {
-            let mut bytes = [0u8; HEAD_SLOT_USED_BYTES];
-            file.read_exact_at(&mut bytes, slot * HEAD_SLOT_SIZE_BYTES).map_err(io_error("reading", &self.path))?;
-            match Head::decode_slot(&bytes, slot) {
+            let at = (slot * HEAD_SLOT_SIZE_BYTES) as usize;
+            let bytes: &[u8; HEAD_SLOT_USED_BYTES] =
+                whole[at..at + HEAD_SLOT_USED_BYTES].try_into().expect("in the file");
+            match Head::decode_slot(bytes, slot) {
                 Ok(head) if newest.is_none_or(|newest| head.sequence > newest.sequence) => newest = Some(head),
                 Ok(_) => {}
                 Err(reason) => {

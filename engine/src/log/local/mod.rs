@@ -269,9 +269,10 @@ impl LocalLog {
                     head
                 }
             };
-            self.repair(&head)?;
+            let segment = self.repair(&head)?;
             let timestamp_ms = head.last_timestamp_ms.max(wall_clock_ms());
-            let mut writer = SegmentWriter::open(&self.dir, head)?;
+            let buffer_bytes = (batch_size_bytes as usize).min(WRITE_BUFFER_SIZE_BYTES);
+            let mut writer = SegmentWriter::new(&self.dir, head, segment, buffer_bytes);
             for payload in payloads {
                 writer.push(payload, timestamp_ms, self.segment_max_size_bytes)?;
             }
@@ -350,7 +351,8 @@ impl LocalLog {
     }
 
     /// Under the lock: undoes whatever a crashed appender left past the commit point.
-    fn repair(&self, head: &Head) -> Result<()> {
+    /// Returns the head segment, opened for writing, for the batch to go on with.
+    fn repair(&self, head: &Head) -> Result<File> {
         let path = segment_path(&self.dir, head.segment_base_offset);
         let file = OpenOptions::new().write(true).open(&path).map_err(io_error("opening", &path))?;
         let size_bytes = file.metadata().map_err(io_error("reading metadata of", &path))?.len();
@@ -375,7 +377,7 @@ impl LocalLog {
         if removed {
             sync_dir(&self.dir)?;
         }
-        Ok(())
+        Ok(file)
     }
 }
 

@@ -32,7 +32,7 @@ const ARMS_IN_FLIGHT: usize = 2;
 const BUSY_POLL: Duration = Duration::from_millis(1);
 const BUSY_POLLS: u32 = 10;
 /// A waiting reader polls again this soon at the latest.
-pub const IDLE_WAIT: Duration = Duration::from_millis(250);
+pub const IDLE_WAIT: Duration = Duration::from_secs(1);
 
 /// The reader's side of its watch thread.
 struct Watcher {
