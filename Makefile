@@ -93,7 +93,8 @@ chaos-ci: tools
 ## for 60 s (open loop, latency from the intended send time), invariants checked at the end;
 ## report in target/bench/loadgen/ (scripts/bench-loadgen.sh; RATE, DURATION, CONNECTIONS
 ## override). `make bench KAFKA=1`: the same through a Kafka broker it starts
-## (target/bench/loadgen-kafka/).
+## (target/bench/loadgen-kafka/). `make bench PROFILE=1`: also where the box's CPU went,
+## from `perf record -a -g` inside the measured window (profile.txt in the report).
 bench:
 ifeq ($(KAFKA),1)
 	$(MAKE) --no-print-directory tools

@@ -4,6 +4,8 @@
 # invariants checked at the end. The report (summary.json, latency.hgrm, latency.svg,
 # ledger.json, stock.json) and each instance's /metrics go to $OUT.
 # KAFKA=1: the same through a tansu broker started here (one partition).
+# PROFILE=1: also `perf record -a -g` for $PROFILE_S s inside the measured window, and
+# where the box's CPU went (scripts/perf-breakdown.py) in $OUT/profile.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE=${RATE:-10000}
@@ -50,11 +52,24 @@ targets=()
 for i in $(seq 0 $((INSTANCES - 1))); do targets+=(--target "http://127.0.0.1:$((http + i))"); done
 
 echo "== loadgen: $RATE requests/s for $DURATION s after $WARMUP s of warm-up, $CONNECTIONS connections"
+profile_pid=
+if [ "${PROFILE:-0}" = 1 ]; then
+    command -v perf > /dev/null || { echo "PROFILE=1 needs perf (Debian: linux-perf)" >&2; exit 1; }
+    PROFILE_S=${PROFILE_S:-10}
+    # The opening stock takes a few seconds before the warm-up starts.
+    ( sleep $((WARMUP + 5)) && perf record -a -g -F 499 -o "$OUT/perf.data" -- sleep "$PROFILE_S" \
+        > "$OUT/perf-record.log" 2>&1 ) &
+    profile_pid=$!
+fi
 status=0
 "$BIN/loadgen" run "${targets[@]}" --rate "$RATE" --duration-s "$DURATION" --warmup-s "$WARMUP" \
     --connections "$CONNECTIONS" --out-dir "$OUT" ${LOADGEN_ARGS:-} || status=$?
 for i in $(seq 0 $((INSTANCES - 1))); do
     curl -s "http://127.0.0.1:$((http + i))/metrics" > "$OUT/metrics-instance-$((i + 1)).txt" || true
 done
+if [ -n "$profile_pid" ]; then
+    wait "$profile_pid" || { echo "perf record failed:" >&2; cat "$OUT/perf-record.log" >&2; exit 1; }
+    scripts/perf-breakdown.py "$OUT/perf.data" | tee "$OUT/profile.txt"
+fi
 echo "== report in $OUT (summary.json, latency.hgrm, latency.svg; server-side histograms in metrics-instance-*.txt)"
 exit "$status"
