@@ -555,8 +555,9 @@ mod tests {
         out
     }
 
-    /// Feeds `wire` in reads of at most `read_bytes`, as a socket would, and opens frames.
-    fn receive(wire: &[u8], read_bytes: usize, max_frame_bytes: usize) -> Vec<Frame> {
+    /// Feeds `wire` in reads of at most `read_bytes`, as a socket would, and opens frames;
+    /// also says how large the buffer grew.
+    fn receive(wire: &[u8], read_bytes: usize, max_frame_bytes: usize) -> (Vec<Frame>, usize) {
         let (mut buffer, mut opener) = (ReceiveBuffer::new(max_frame_bytes), FrameOpener::new(KEY, max_frame_bytes));
         let (mut at, mut frames) = (0, Vec::new());
         while at < wire.len() {
@@ -570,7 +571,7 @@ mod tests {
             }
         }
         assert_eq!((buffer.filled, buffer.consumed), (0, 0), "nothing left over");
-        frames
+        (frames, buffer.bytes.len())
     }
 
     #[test]
@@ -584,7 +585,7 @@ mod tests {
         ];
         let wire = sealed(&frames);
         for read_bytes in [1, 7_001, READ_BUFFER_BYTES, usize::MAX] {
-            assert_eq!(receive(&wire, read_bytes, max), frames, "in reads of {read_bytes} bytes");
+            assert_eq!(receive(&wire, read_bytes, max).0, frames, "in reads of {read_bytes} bytes");
         }
     }
 
@@ -597,21 +598,9 @@ mod tests {
         let frame = copy(short + max - prefix(&sealed(&[copy(short)])));
         let wire = sealed(&[frame.clone(), frame.clone()]);
         assert_eq!(prefix(&wire), max, "the frame is exactly at the bound");
-        let (mut buffer, mut opener) = (ReceiveBuffer::new(max), FrameOpener::new(KEY, max));
-        let mut at = 0;
-        let mut frames = Vec::new();
-        while at < wire.len() {
-            let spare = buffer.spare();
-            let n = spare.len().min(wire.len() - at);
-            spare[..n].copy_from_slice(&wire[at..at + n]);
-            buffer.received(n);
-            at += n;
-            assert!(buffer.bytes.len() <= max + LENGTH_PREFIX_BYTES, "never more than one frame");
-            while let Some(frame) = buffer.next_frame(&mut opener).unwrap() {
-                frames.push(frame);
-            }
-        }
-        assert_eq!(buffer.bytes.len(), max + LENGTH_PREFIX_BYTES, "grown to the largest frame");
+        // The buffer is never larger than one frame (`spare` asserts it), and this one fills it.
+        let (frames, buffer_bytes) = receive(&wire, usize::MAX, max);
+        assert_eq!(buffer_bytes, max + LENGTH_PREFIX_BYTES, "grown to the largest frame");
         assert_eq!(frames, vec![frame.clone(), frame]);
     }
 }

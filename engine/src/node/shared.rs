@@ -43,6 +43,11 @@ impl Shared {
         self.durable[index].store(end, Ordering::Release);
     }
 
+    /// Whether everything the Usher of `partition` has read is durable.
+    pub fn reads_durable(&self, partition: u32) -> bool {
+        self.durable_end(partition) >= self.next_offset[partition as usize].load(Ordering::Acquire)
+    }
+
     pub fn next_offsets(&self) -> Vec<u64> {
         self.next_offset.iter().map(|n| n.load(Ordering::Acquire)).collect()
     }

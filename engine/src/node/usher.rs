@@ -141,8 +141,7 @@ async fn read_and_decode(
         }
         if read == 0 {
             // The local log has one partition.
-            let settling = shared.durable_end(0) < shared.next_offset[0].load(Ordering::Acquire);
-            if stop_at_end && settling {
+            if stop_at_end && !shared.reads_durable(0) {
                 glommio::timer::sleep(SETTLE_WAIT).await;
             } else {
                 tail.after_empty_poll().await;
@@ -284,18 +283,12 @@ impl UsherShell {
     /// `--stop-at-end`: the input is at its end and what was read is not durable yet, so
     /// no append will wake the Usher when it is.
     fn settling(&self) -> bool {
-        let partition = self.usher.partition();
-        self.options.stop_at_end
-            && self.source.at_end()
-            && self.shared.durable_end(partition) < self.usher.next_offset()
+        self.options.stop_at_end && self.source.at_end() && !self.shared.reads_durable(self.usher.partition())
     }
 
     /// `--stop-at-end`: the input is at its end and everything read is durable.
     fn finished(&self) -> bool {
-        let partition = self.usher.partition();
-        self.options.stop_at_end
-            && self.source.at_end()
-            && self.shared.durable_end(partition) >= self.usher.next_offset()
+        self.options.stop_at_end && self.source.at_end() && self.shared.reads_durable(self.usher.partition())
     }
 
     /// Plans one batch (with a snapshot when due) and hands its messages to the shards.
