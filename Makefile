@@ -95,11 +95,12 @@ chaos-ci: tools
 ## override). `make bench KAFKA=1`: the same through a Kafka broker it starts
 ## (target/bench/loadgen-kafka/). `make bench PROFILE=1`: also where the box's CPU went,
 ## from `perf record -a -g` inside the measured window (profile.txt in the report).
+## `make bench BIN=DIR`: the binaries in DIR instead (another build, to compare).
 bench:
 ifeq ($(KAFKA),1)
 	$(MAKE) --no-print-directory tools
 endif
-	KAFKA=$(KAFKA) scripts/bench-loadgen.sh
+	KAFKA=$(KAFKA) $(if $(BIN),BIN=$(BIN)) scripts/bench-loadgen.sh
 
 ## bench-bulk: `loadgen bulk`, the end-to-end certified events/s of a 3-instance cluster on a
 ## log pre-filled with $(EVENTS) loadgen commands, without HTTP (target/bench/bulk.json).

@@ -15,7 +15,7 @@ CONNECTIONS=${CONNECTIONS:-256}
 INSTANCES=3
 KAFKA=${KAFKA:-0}
 if [ "$KAFKA" = 1 ]; then OUT=${OUT:-target/bench/loadgen-kafka}; else OUT=${OUT:-target/bench/loadgen}; fi
-BIN=target/release
+BIN=${BIN:-target/release}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tribunal-bench-loadgen.XXXXXX")
 cluster_pid=
 cleanup() {
@@ -25,7 +25,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release -p tribunal -p tribunal-loadgen
+# BIN=DIR: run the tribunal and loadgen binaries in DIR (another build, to compare)
+# instead of building target/release.
+[ "$BIN" != target/release ] || cargo build --release -p tribunal -p tribunal-loadgen
 rm -rf "$OUT" && mkdir -p "$OUT"
 if [ "$KAFKA" = 1 ]; then
     port=$(scripts/kafka-broker.sh start "$WORK/broker")

@@ -288,3 +288,52 @@ fn a_log_argument_that_is_neither_local_nor_kafka_is_refused_with_the_forms_it_t
         );
     }
 }
+
+/// An empty log as a release before format 3 made it: segment 0 empty, and a format 2
+/// head (`TRBHEAD2`, commit 0 in slot 0, the CRC over its first 48 bytes).
+fn format_2_log(dir: &Path) {
+    std::fs::write(segment(dir, 0), b"").unwrap();
+    let mut head = vec![0u8; 8192];
+    head[0..8].copy_from_slice(b"TRBHEAD2");
+    let crc = crc32c::crc32c(&head[..48]);
+    head[48..52].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(dir.join("head"), head).unwrap();
+}
+
+fn upgrade(dir: &Path) -> String {
+    let out = tribunal().args(["log", "upgrade", "--log", &log_arg(dir)]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+// spec: LocalLog.LogUpgraded (an older release's log is read, appended to in its own format, then upgraded on request)
+#[test]
+fn a_format_2_log_is_kept_until_upgraded_and_reads_through_the_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    format_2_log(dir.path());
+    assert_eq!(append(dir.path(), &lines(&keys("a", 3)), &[]), vec![0, 1, 2]);
+    let head = std::fs::read(dir.path().join("head")).unwrap();
+    assert_eq!(&head[4096..4104], b"TRBHEAD2", "appending keeps format 2: commit 1 in slot 1");
+
+    assert!(upgrade(dir.path()).contains("upgraded"));
+    let head = std::fs::read(dir.path().join("head")).unwrap();
+    assert_eq!((&head[0..8], &head[4096..4104]), (&b"TRBHEAD3"[..], &b"TRBHEAD3"[..]), "no format 2 slot is left");
+    assert!(upgrade(dir.path()).contains("already in format 3"));
+    assert_eq!(append(dir.path(), &lines(&keys("b", 2)), &[]), vec![3, 4]);
+    assert!(segment(dir.path(), 3).exists(), "format 3 starts in a segment of its own");
+    let read_back: Vec<String> = read(dir.path(), 0).into_iter().map(|(_, _, payload)| payload).collect();
+    assert_eq!(read_back.len(), 5);
+    assert!(read_back[0].contains("\"a-0\"") && read_back[4].contains("\"b-1\""), "{read_back:?}");
+}
+
+#[test]
+fn upgrade_refuses_kafka_and_a_directory_without_a_log_and_creates_nothing() {
+    let out = tribunal().args(["log", "upgrade", "--log", "kafka:localhost:9092"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upgrade is for the local log"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = tribunal().args(["log", "upgrade", "--log", &log_arg(dir.path())]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no log at"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing was created");
+}

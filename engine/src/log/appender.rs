@@ -31,8 +31,8 @@ const MAX_APPEND_BATCH: usize = 1_024;
 /// The bytes librdkafka may hold for the Gateway (its default is 1 GiB): records are kept
 /// through an outage, so this is what an outage costs at most.
 const KAFKA_QUEUE_KBYTES: usize = 64 * 1024;
-/// Appends to the local log start at most this often: each is a lock and two syncs, and
-/// the requests that arrive meanwhile join the next one.
+/// Appends to the local log start at most this often: each is a lock and a sync (two on a
+/// log not yet upgraded to format 3), and the requests that arrive meanwhile join the next.
 const LOCAL_APPEND_INTERVAL: Duration = Duration::from_millis(4);
 /// What the process exits with when librdkafka gives up on the idempotent producer.
 const EXIT_PRODUCER_FATAL: i32 = 70;

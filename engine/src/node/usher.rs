@@ -35,7 +35,7 @@ const SETTLE_WAIT: Duration = Duration::from_millis(2);
 /// Where an Usher will read, as handed to its shard.
 pub(super) enum SourceSpec {
     /// The local log, read and decoded on the Usher's own shard.
-    Local(LocalLogReader, TailWaitKey),
+    Local(Box<LocalLogReader>, TailWaitKey),
     /// The local log, read and decoded on the reader shard.
     Remote(SharedReceiver<Vec<Decoded<D>>>),
     /// A Kafka partition, fed by the source thread (spec: KafkaLog.BridgeNeverBlocksExecutor).
@@ -49,7 +49,7 @@ pub(super) type ReaderTask = (LocalLogReader, TailWaitKey, SharedSender<Vec<Deco
 /// Where the Usher's records come from.
 enum Source {
     /// Woken by the log's watch when idle (spec: LocalLog.AppendWakesReaders).
-    Local(LocalLogReader, Box<TailWait>),
+    Local(Box<LocalLogReader>, Box<TailWait>),
     Remote(ConnectedReceiver<Vec<Decoded<D>>>),
     Kafka {
         rx: mpsc::Receiver<Feed>,

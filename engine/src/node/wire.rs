@@ -356,7 +356,7 @@ fn usher_sources(
         let home = home_shard(partition as u32, shard_count);
         let spec = match local {
             Some((log, dir)) if reader_shard == home => {
-                SourceSpec::Local(log.reader(resume[partition])?, watch_local_log(dir)?)
+                SourceSpec::Local(Box::new(log.reader(resume[partition])?), watch_local_log(dir)?)
             }
             Some((log, dir)) => {
                 let (tx, rx) = shared_channel::new_bounded::<Vec<Decoded<D>>>(DECODED_BATCHES_IN_FLIGHT);

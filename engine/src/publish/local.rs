@@ -19,8 +19,9 @@ use crate::publish::json::OutputJson;
 
 /// Outputs appended per local-log commit at most.
 const MAX_APPEND_RECORDS: usize = 8_192;
-/// Appends to the outputs log start at most this often: each costs two syncs, and what is
-/// certified meanwhile joins the next (publication latency is not a request's).
+/// Appends to the outputs log start at most this often: each costs a sync (two before
+/// format 3), and what is certified meanwhile joins the next (publication latency is not a
+/// request's).
 const APPEND_INTERVAL: Duration = Duration::from_millis(20);
 
 pub fn outputs_dir(log_dir: &Path) -> PathBuf {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use tribunal_shards::envelope::MAX_RECORD_BYTES;
 
+use super::format::Format;
 use super::*;
 
 /// Writes one batch after the committed end, rolling segments as it goes.
@@ -38,18 +39,24 @@ impl<'a> SegmentWriter<'a> {
         }
     }
 
-    pub(super) fn push(&mut self, payload: &[u8], timestamp_ms: u64, segment_max_size_bytes: u64) -> Result<()> {
+    /// Buffers one record; `batch_end` on the batch's last one, which format 3 marks.
+    pub(super) fn push(
+        &mut self,
+        payload: &[u8],
+        timestamp_ms: u64,
+        segment_max_size_bytes: u64,
+        batch_end: bool,
+    ) -> Result<()> {
         assert!(payload.len() <= MAX_RECORD_BYTES);
         let record_size_bytes = RECORD_HEADER_SIZE_BYTES + payload.len() as u64;
-        if self.head.segment_size_bytes > 0 && self.head.segment_size_bytes + record_size_bytes > segment_max_size_bytes
-        {
+        // After an upgrade to format 3, a segment of the old framing is not written again.
+        let framed_other_way = self.head.format == Format::Marked && !self.head.marks(self.head.segment_base_offset);
+        let full = self.head.segment_size_bytes + record_size_bytes > segment_max_size_bytes;
+        if self.head.segment_size_bytes > 0 && (full || framed_other_way) {
             self.roll()?;
         }
-        let len = u32::try_from(payload.len()).expect("bounded by MAX_RECORD_BYTES");
-        self.buffer.extend_from_slice(&len.to_le_bytes());
-        self.buffer.extend_from_slice(&record_crc(timestamp_ms, payload).to_le_bytes());
-        self.buffer.extend_from_slice(&timestamp_ms.to_le_bytes());
-        self.buffer.extend_from_slice(payload);
+        let marked = self.head.marks(self.head.segment_base_offset);
+        encode_record(&mut self.buffer, payload, timestamp_ms, marked.then_some(batch_end));
         self.head.segment_size_bytes += record_size_bytes;
         self.head.next_offset += 1;
         if self.buffer.len() >= WRITE_BUFFER_SIZE_BYTES {

@@ -32,6 +32,8 @@ pub struct LocalLogReader {
     /// time went to per-record preads).
     pub(super) window: Vec<u8>,
     pub(super) window_start_bytes: u64,
+    /// The current segment marks batch ends (format 3), per the last head read.
+    pub(super) marked: bool,
 }
 
 /// Largest read-ahead.
@@ -59,6 +61,7 @@ impl LocalLogReader {
             previous_timestamp_ms: 0,
             window: Vec::new(),
             window_start_bytes: 0,
+            marked: false,
         })
     }
 
@@ -112,6 +115,9 @@ impl LocalLogReader {
     /// the end of what `head` commits.
     pub(super) fn readable_limit_bytes(&mut self, head: &Head) -> Result<Option<u64>> {
         loop {
+            // A segment's framing never changes once it holds a record: an upgrade marks
+            // only segments from the next offset on.
+            self.marked = head.marks(self.segment_base_offset);
             let limit_bytes = self.limit_bytes(head)?;
             if self.position_bytes < limit_bytes {
                 return Ok(Some(limit_bytes));
@@ -181,12 +187,9 @@ impl LocalLogReader {
             let reason = format!("{remaining_bytes} bytes before the end, too few for a record header");
             return Err(self.corrupt(position_bytes, reason));
         }
+        let marked = self.marked;
         let bytes = self.read_window(position_bytes, RECORD_HEADER_SIZE_BYTES, limit_bytes)?;
-        let header = RecordHeader {
-            len: u32::from_le_bytes(bytes[0..4].try_into().expect("4-byte slice")),
-            crc: u32::from_le_bytes(bytes[4..8].try_into().expect("4-byte slice")),
-            timestamp_ms: u64::from_le_bytes(bytes[8..16].try_into().expect("8-byte slice")),
-        };
+        let header = RecordHeader::decode(bytes.try_into().expect("16-byte slice"), marked);
         if header.len as usize > MAX_RECORD_BYTES {
             let reason = format!("length {} is more than the {MAX_RECORD_BYTES}-byte limit", header.len);
             return Err(self.corrupt(position_bytes, reason));
@@ -207,7 +210,7 @@ impl LocalLogReader {
         let (header, record_size_bytes) = self.read_header(limit_bytes)?;
         let payload =
             self.read_window(position_bytes + RECORD_HEADER_SIZE_BYTES, u64::from(header.len), limit_bytes)?.to_vec();
-        let computed_crc = record_crc(header.timestamp_ms, &payload);
+        let computed_crc = record_crc(header.len_field, header.timestamp_ms, &payload);
         if computed_crc != header.crc {
             let reason = format!("checksum mismatch (stored {:#010x}, computed {computed_crc:#010x})", header.crc);
             return Err(self.corrupt(position_bytes, reason));
@@ -228,7 +231,27 @@ impl LocalLogReader {
 }
 
 pub(super) struct RecordHeader {
+    /// The payload's length, without the mark.
     pub(super) len: u32,
+    /// Marked framing: the length field as written, which the CRC covers.
+    pub(super) len_field: Option<u32>,
     pub(super) crc: u32,
     pub(super) timestamp_ms: u64,
+}
+
+impl RecordHeader {
+    pub(super) fn decode(bytes: &[u8; RECORD_HEADER_SIZE_BYTES as usize], marked: bool) -> RecordHeader {
+        let field = u32::from_le_bytes(bytes[0..4].try_into().expect("4-byte slice"));
+        RecordHeader {
+            len: if marked { field & !BATCH_END_MARK } else { field },
+            len_field: marked.then_some(field),
+            crc: u32::from_le_bytes(bytes[4..8].try_into().expect("4-byte slice")),
+            timestamp_ms: u64::from_le_bytes(bytes[8..16].try_into().expect("8-byte slice")),
+        }
+    }
+
+    /// The last record of its batch (marked framing only).
+    pub(super) fn batch_end(&self) -> bool {
+        self.len_field.is_some_and(|field| field & BATCH_END_MARK != 0)
+    }
 }
