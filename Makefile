@@ -13,7 +13,7 @@ KAFKA ?= 0
 EVENTS ?= 100000
 RUN_DIR ?= target/run
 
-.PHONY: run test lint test-rust specs chaos-ci chaos tools bench bench-core bench-bulk bench-engine bench-kafka bench-federation clean
+.PHONY: run test lint test-rust specs chaos-ci docker-ci chaos tools bench bench-core bench-bulk bench-engine bench-kafka bench-federation docker docker-test clean
 
 ## run: the main job on the embedded default. A sample workload is appended to a local
 ## log in $(RUN_DIR), a 3-instance federation (`tribunal cluster`) processes it until every
@@ -31,7 +31,7 @@ endif
 
 ## test: install missing tools, then formatting, clippy (warnings denied), every Rust test,
 ## the specs, and the resilience suite at CI size.
-test: tools lint test-rust specs chaos-ci
+test: tools lint test-rust specs chaos-ci docker-ci
 
 ## tools: allium-cli for the specs, tansu, the Kafka broker the tests start (about
 ## 21 minutes to build cold; cached in ~/.cargo/bin afterwards), and schemathesis (PyPI,
@@ -128,6 +128,22 @@ bench-kafka: tools
 ## expected_copies 1, on the same pre-filled log (target/bench/federation.json).
 bench-federation:
 	scripts/bench-federation.sh
+
+## docker: the tribunal image (tribunal:latest, with loadgen), from a base image built here
+## when missing (scripts/docker-base.sh: debootstrap + docker import; no registry needed).
+docker:
+	scripts/docker.sh
+
+## docker-ci: `make test`'s Docker tests (docker-test on the local log and on Kafka) when a
+## Docker engine answers; with CI=true and no engine a failure, elsewhere a loud skip.
+docker-ci:
+	@if docker info > /dev/null 2>&1; then 		scripts/docker-test.sh && KAFKA=1 scripts/docker-test.sh; 	elif [ "$${CI:-}" = true ]; then 		echo "make test: CI=true, but no Docker engine answers: the Docker tests cannot run" >&2; exit 1; 	else 		echo "################ make test: NO DOCKER ENGINE ANSWERS: THE DOCKER TESTS WERE SKIPPED ################"; 	fi
+
+## docker-test: the compose cluster (docker/compose.yaml) up, healthy, loaded by loadgen
+## from inside its network with the invariants checked, then removed (scripts/docker-test.sh).
+## `make docker-test KAFKA=1`: the same on a tansu broker (docker/compose.kafka.yaml).
+docker-test:
+	KAFKA=$(KAFKA) scripts/docker-test.sh
 
 clean:
 	$(CARGO) clean

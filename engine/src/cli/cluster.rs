@@ -50,6 +50,7 @@ const MAX_INSTANCES: u32 = 100;
 /// may not appear after `--`.
 const RESERVED_RUN_FLAGS: &[(&str, &str)] = &[
     ("--log", "use tribunal cluster --log"),
+    ("--config", "an instance's settings are flags; give them after `--`"),
     ("--data-dir", "each instance gets BASE/instance-<i>; use tribunal cluster --data-dir"),
     ("--instance-id", "instances are numbered 1..=N"),
     ("--listen", "each instance gets its own port; use tribunal cluster --base-port"),
@@ -111,6 +112,12 @@ pub struct Args {
     /// Further `run` options for every instance, after `--`.
     #[arg(last = true, value_name = "RUN_ARGS")]
     extra: Vec<String>,
+    /// A TOML file of settings, keyed by the flags' long names (`instances = 3`). Flags win
+    /// over TRIBUNAL_* variables, which win over the file. The instances get their
+    /// settings as flags, never from this file or those variables.
+    #[arg(long, value_name = "FILE")]
+    #[allow(dead_code)] // read by cli::config, before clap parses the rest
+    config: Option<PathBuf>,
 }
 
 /// Signals (SIGINT, SIGTERM) received so far; the handler only counts.
@@ -196,6 +203,14 @@ impl Instance {
         let mut command = Command::new(exe);
         // The output goes to a file: no terminal colours in it.
         command.args(&self.args).env("NO_COLOR", "1").stdin(Stdio::null()).stdout(log).stderr(stderr);
+        // The cluster's own settings are not the instances': they get theirs as flags.
+        for (name, _) in std::env::vars_os() {
+            let is_setting =
+                name.to_str().is_some_and(|name| name.starts_with("TRIBUNAL_") && name != "TRIBUNAL_ADMIN_TOKEN");
+            if is_setting {
+                command.env_remove(&name);
+            }
+        }
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: setpgid, prctl and getppid are async-signal-safe, and the closure
         // allocates nothing (the errors are raw OS errors).
@@ -260,6 +275,8 @@ struct Cluster {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     validate(&args)?;
+    // spec: Configuration.EffectiveConfigurationLogged
+    eprintln!("tribunal cluster: settings: {}", super::config::describe(super::config::effective()));
     let (base, lock) = lock_base(&args)?;
 
     let psk_file = base.join("psk");

@@ -8,6 +8,7 @@
 //! quarantine. `run --http` serves the REST API (the Gateway).
 
 pub mod cluster;
+pub mod config;
 pub mod evaluate;
 pub mod federation_args;
 pub mod inspect;
@@ -20,7 +21,7 @@ pub mod stock_table;
 use std::process::ExitCode;
 
 use crate::log::kafka;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -98,7 +99,16 @@ pub fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let parsed = config::parse(Cli::command(), std::env::args_os().collect())
+        .and_then(|matches| Cli::from_arg_matches(&matches).map_err(config::Failure::Clap));
+    let cli = match parsed {
+        Ok(cli) => cli,
+        Err(config::Failure::Clap(error)) => error.exit(),
+        Err(config::Failure::Config(message)) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Evaluate(args) => evaluate::run(args),
         Command::Sample(args) => sample::run(args),
@@ -111,7 +121,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("tribunal: error: {error:#}");
+            eprintln!("tribunal: error: {}", config::annotate(&format!("{error:#}")));
             ExitCode::from(2)
         }
     }

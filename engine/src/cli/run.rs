@@ -44,6 +44,11 @@ pub struct RunArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// A TOML file of settings, keyed by the flags' long names (`data-dir = "/data"`).
+    /// Flags win over TRIBUNAL_* variables, which win over the file.
+    #[arg(long, value_name = "FILE")]
+    #[allow(dead_code)] // read by cli::config, before clap parses the rest
+    config: Option<std::path::PathBuf>,
     #[command(flatten)]
     http: HttpArgs,
 }
@@ -131,6 +136,8 @@ pub fn run_node(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         subscriber.init();
     }
+    // spec: Configuration.EffectiveConfigurationLogged
+    tracing::info!(settings = %super::config::describe(super::config::effective()), "effective configuration");
     let log = match args.log.strip_prefix("local:") {
         Some(dir) if !dir.is_empty() => node::LogSource::Local(dir.into()),
         _ => node::LogSource::Kafka(args.kafka.config(&args.log)?),

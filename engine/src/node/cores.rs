@@ -20,9 +20,17 @@ pub enum CoreError {
     Affinity(std::io::Error),
     #[error(
         "RLIMIT_MEMLOCK is {limit_bytes} bytes; {shards} shard(s) need at least {needed_bytes} \
-         (raise it with `ulimit -l` or run fewer cores)"
+         (raise it with `ulimit -l`, in a container with `ulimits: memlock` in its compose file or \
+         `docker run --ulimit memlock=BYTES`, or run fewer cores)"
     )]
     Memlock { limit_bytes: u64, shards: usize, needed_bytes: u64 },
+    #[error(
+        "io_uring is not available to this process (io_uring_setup: {0}). The shards run on io_uring: \
+         on Linux 5.8 or later it must be allowed; in a container, allow io_uring_setup, io_uring_enter \
+         and io_uring_register in its seccomp profile (`security_opt: [seccomp=docker/seccomp-io_uring.json]` \
+         in a compose file, or `docker run --security-opt seccomp=...`)"
+    )]
+    IoUring(std::io::Error),
     #[error("{0} cores requested; at most {max} shards per instance", max = tribunal_shards::router::MAX_SHARDS)]
     TooMany(usize),
 }
@@ -77,6 +85,23 @@ fn check_count(cores: Vec<usize>) -> Result<Vec<usize>, CoreError> {
         return Err(CoreError::TooMany(cores.len()));
     }
     Ok(cores)
+}
+
+/// Checks that this process may set up an io_uring (a seccomp profile, such as newer Docker
+/// versions' default, can forbid it), so that this is a clear start-up error rather than a
+/// panic inside an executor.
+pub fn check_io_uring() -> Result<(), CoreError> {
+    // struct io_uring_params is 120 bytes; zeroed asks for nothing special.
+    let mut params = [0u64; 15];
+    // SAFETY: io_uring_setup writes at most sizeof(struct io_uring_params) into `params`,
+    // which this frame owns; the fd it returns is closed at once.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        return Err(CoreError::IoUring(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is the ring this call created, owned by nothing else.
+    unsafe { libc::close(fd as libc::c_int) };
+    Ok(())
 }
 
 /// Checks RLIMIT_MEMLOCK against what `shards` executors need.

@@ -117,6 +117,7 @@ pub struct NodeConfig {
 pub fn run(config: NodeConfig) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let shard_count = config.cores.len() as u16;
+    cores::check_io_uring()?;
     cores::check_memlock(config.cores.len())?;
     let layout = Layout::new(&config.data_dir);
     layout.prepare(shard_count)?;
