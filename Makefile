@@ -70,6 +70,8 @@ specs: tools
 ## SIGKILL at a seeded random moment, then loadgen's verifier, `tribunal inspect` and the
 ## published outputs. The kills run on the local log and broker-restart on a tansu broker;
 ## KAFKA=1 runs every scenario on Kafka. Table on stdout, rows in target/chaos/summary.json.
+## Then, when a Docker engine answers, the partition scenarios on the compose cluster
+## (scripts/docker-partition.sh) for 60 s each, with a 20 s partition.
 CHAOS_EVENTS ?= 100000
 CHAOS_RATE ?= 2000
 ifeq ($(KAFKA),1)
@@ -81,6 +83,14 @@ chaos: tools
 	$(CARGO) build --release -p tribunal -p tribunal-loadgen
 	target/release/loadgen chaos --events $(CHAOS_EVENTS) --rate $(CHAOS_RATE) $(CHAOS_LOGS) \
 		--out-dir target/chaos $(if $(SEED),--seed $(SEED))
+	@if docker info > /dev/null 2>&1; then \
+		for scenario in partition-one partition-publisher; do \
+			SCENARIO=$$scenario LOADGEN_RATE=$(CHAOS_RATE) LOADGEN_DURATION_S=60 PARTITION_S=20 \
+				scripts/docker-test.sh || exit 1; \
+		done; \
+	else \
+		echo "make chaos: no Docker engine answers: the partition scenarios were skipped"; \
+	fi
 
 ## chaos-ci: the same scenarios at CI size (5,000 commands at 1,000 requests/s each);
 ## any violation fails `make test`.
@@ -134,10 +144,20 @@ bench-federation:
 docker:
 	scripts/docker.sh
 
-## docker-ci: `make test`'s Docker tests (docker-test on the local log and on Kafka) when a
-## Docker engine answers; with CI=true and no engine a failure, elsewhere a loud skip.
+## docker-ci: `make test`'s Docker tests when a Docker engine answers: docker-test on the
+## local log and on Kafka, and the partition scenarios (partition-one, partition-publisher)
+## at CI size; with CI=true and no engine a failure, elsewhere a loud skip.
 docker-ci:
-	@if docker info > /dev/null 2>&1; then 		scripts/docker-test.sh && KAFKA=1 scripts/docker-test.sh; 	elif [ "$${CI:-}" = true ]; then 		echo "make test: CI=true, but no Docker engine answers: the Docker tests cannot run" >&2; exit 1; 	else 		echo "################ make test: NO DOCKER ENGINE ANSWERS: THE DOCKER TESTS WERE SKIPPED ################"; 	fi
+	@if docker info > /dev/null 2>&1; then \
+		scripts/docker-test.sh && KAFKA=1 scripts/docker-test.sh && \
+		for scenario in partition-one partition-publisher; do \
+			SCENARIO=$$scenario LOADGEN_DURATION_S=20 PARTITION_S=5 scripts/docker-test.sh || exit 1; \
+		done; \
+	elif [ "$${CI:-}" = true ]; then \
+		echo "make test: CI=true, but no Docker engine answers: the Docker tests cannot run" >&2; exit 1; \
+	else \
+		echo "################ make test: NO DOCKER ENGINE ANSWERS: THE DOCKER TESTS WERE SKIPPED ################"; \
+	fi
 
 ## docker-test: the compose cluster (docker/compose.yaml) up, healthy, loaded by loadgen
 ## from inside its network with the invariants checked, then removed (scripts/docker-test.sh).
