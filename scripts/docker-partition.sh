@@ -68,6 +68,6 @@ partition() {
     local code
     code=$(docker wait "$loadgen_name")
     docker logs "$loadgen_name" > "$work/loadgen.log" 2>&1
-    docker rm "$loadgen_name" > /dev/null
+    docker rm -v "$loadgen_name" > /dev/null
     [ "$code" = 0 ] || { tail -40 "$work/loadgen.log" >&2; exit 1; }
 }

@@ -32,7 +32,7 @@ export TRIBUNAL_PORT_1=$(free_port) TRIBUNAL_PORT_2=$(free_port) TRIBUNAL_PORT_3
 export LOADGEN_RATE=${LOADGEN_RATE:-500} LOADGEN_DURATION_S=${LOADGEN_DURATION_S:-15} LOADGEN_WARMUP_S=${LOADGEN_WARMUP_S:-5}
 
 cleanup() {
-    docker rm -f "$project-loadgen" > /dev/null 2>&1 || true
+    docker rm -fv "$project-loadgen" > /dev/null 2>&1 || true
     compose logs --no-color > "$work/compose.log" 2>&1 || true
     compose down --volumes --remove-orphans > /dev/null 2>&1 || true
 }
