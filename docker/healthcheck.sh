@@ -5,4 +5,4 @@ port=${TRIBUNAL_HTTP##*:}
 exec 3<>"/dev/tcp/127.0.0.1/${port:-8080}" || exit 1
 printf 'GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' >&3
 read -r -t 2 _ status _ <&3 || exit 1
-[ "$status" = 200 ]
+[ "${status%$'\r'}" = 200 ]

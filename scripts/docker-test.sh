@@ -37,6 +37,7 @@ export TRIBUNAL_PORT_1=$(free_port) TRIBUNAL_PORT_2=$(free_port) TRIBUNAL_PORT_3
 export LOADGEN_RATE=${LOADGEN_RATE:-500} LOADGEN_DURATION_S=${LOADGEN_DURATION_S:-15} LOADGEN_WARMUP_S=${LOADGEN_WARMUP_S:-5}
 
 cleanup() {
+    trap '' INT TERM # a second Ctrl-C must not leave the cluster behind
     docker rm -fv "$project-loadgen" > /dev/null 2>&1 || true
     compose logs --no-color > "$work/compose.log" 2>&1 || true
     compose down --volumes --remove-orphans > /dev/null 2>&1 || true
@@ -49,7 +50,8 @@ compose up -d tribunal-1 tribunal-2 tribunal-3 # and the broker, with KAFKA=1
 deadline=$((SECONDS + 180))
 while :; do
     states=$(for service in tribunal-1 tribunal-2 tribunal-3; do
-        docker inspect --format '{{.State.Health.Status}}' "$(compose ps -q "$service")"; done | sort | uniq -c | tr '\n' ' ')
+        docker inspect --format '{{.State.Health.Status}}' "$(compose ps -q "$service")" 2> /dev/null || echo missing
+        done | sort | uniq -c | tr '\n' ' ')
     [ "$states" = "      3 healthy " ] && break
     if [ $SECONDS -ge $deadline ]; then
         echo "docker-test: the instances are not healthy after 180 s: $states" >&2

@@ -16,6 +16,7 @@ done
 cp docker/healthcheck.sh "$context/"
 docker build --quiet -f docker/Dockerfile -t "$IMAGE" "$context" > /dev/null
 size_of() { docker image inspect "$1" --format '{{.Size}}' | awk '{printf "%.1f MB", $1/1e6}'; }
+docker run --rm "$IMAGE" --version > /dev/null || { echo "the binaries do not run in $IMAGE" >&2; exit 1; }
 echo "image $IMAGE: $(size_of "$IMAGE")"
 # The Kafka variant's broker, from the tansu that `make tools` installs.
 tansu=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
