@@ -413,8 +413,10 @@ fn validate(args: &Args) -> anyhow::Result<()> {
     }
     for extra in &args.extra {
         for (flag, hint) in RESERVED_RUN_FLAGS {
-            let same = extra == flag || extra.strip_prefix(flag).is_some_and(|rest| rest.starts_with('='));
-            anyhow::ensure!(!same, "`-- {extra}`: tribunal cluster sets {flag} itself ({hint})");
+            anyhow::ensure!(
+                !super::config::names_flag(extra, flag),
+                "`-- {extra}`: tribunal cluster sets {flag} itself ({hint})"
+            );
         }
     }
     if let Some(cores) = &args.cores {

@@ -129,14 +129,16 @@ fn with_env_names(mut cmd: Command) -> Command {
     cmd
 }
 
+/// Whether the argument `arg` gives the flag `flag` (`--name`): as `--name` or `--name=VALUE`.
+pub fn names_flag(arg: &str, flag: &str) -> bool {
+    arg == flag || arg.strip_prefix(flag).is_some_and(|rest| rest.starts_with('='))
+}
+
 /// Whether `--long` is among the subcommand's arguments (before `--`): then it wins, and
 /// the variable and the file are not looked at for it.
 fn on_command_line(args: &[OsString], long: &str) -> bool {
     let flag = format!("--{long}");
-    args.iter().take_while(|arg| *arg != "--").any(|arg| {
-        let text = arg.to_string_lossy();
-        text == flag || text.strip_prefix(&flag).is_some_and(|rest| rest.starts_with('='))
-    })
+    args.iter().take_while(|arg| *arg != "--").any(|arg| names_flag(&arg.to_string_lossy(), &flag))
 }
 
 /// Checks every `TRIBUNAL_*` variable that sets a flag of `sub` with that flag's parser (a
